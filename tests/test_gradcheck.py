@@ -1,0 +1,126 @@
+"""Gradient checks: every activation, both losses, L2, dropout, logistic and deep networks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamnn.activations import ACTIVATIONS
+from streamnn.gradcheck import gradient_check, gradient_errors, relative_error
+from streamnn.models import DeepNetwork, LogisticRegression
+
+TOL = 1e-6
+
+
+def randomized(model, seed: int = 0):
+    """Random biases too, so that no pre-activation sits exactly on a ReLU kink."""
+    rng = np.random.default_rng(seed)
+    for p in model.params.values():
+        p[...] = rng.normal(0, 0.8, p.shape)
+    return model
+
+
+def data(n_features: int, n_classes: int, m: int = 6, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_features, m))
+    k = rng.integers(0, max(n_classes, 2), m)
+    Y = k[None, :].astype(float) if n_classes == 1 else np.eye(n_classes)[k].T
+    return X, Y
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("output,n_out", [("sigmoid", 1), ("softmax", 4)])
+def test_every_activation_with_both_losses(act, output, n_out):
+    model = randomized(DeepNetwork([5, 4, 3, n_out], [act, act, output], dtype=np.float64))
+    X, Y = data(5, n_out)
+    assert gradient_check(model, X, Y) < TOL
+
+
+@pytest.mark.parametrize("output,n_out", [("sigmoid", 1), ("softmax", 3)])
+def test_weight_decay(output, n_out):
+    model = randomized(DeepNetwork([5, 4, n_out], ["tanh", output], dtype=np.float64,
+                                   weight_decay=0.9))
+    assert gradient_check(model, *data(5, n_out)) < TOL
+
+
+@pytest.mark.parametrize("act", ["relu", "sigmoid"])
+def test_dropout_with_a_fixed_mask(act):
+    model = randomized(DeepNetwork([5, 6, 6, 3], [act, act, "softmax"], dtype=np.float64,
+                                   dropout=0.4, weight_decay=0.1, seed=2))
+    X, Y = data(5, 3)
+    assert gradient_check(model, X, Y) < TOL
+    model.forward(X)
+    assert any((mask == 0).any() for mask in model._cache.masks)  # dropout was active
+
+
+def test_logistic_regression():
+    model = LogisticRegression(6, dtype=np.float64, weight_decay=0.3)
+    X, Y = data(6, 1, m=7)  # unbalanced labels: at the zero start db = mean(1/2 - y) != 0
+    assert gradient_check(model, X, Y) < TOL
+    assert gradient_check(randomized(model), X, Y) < TOL
+
+
+def test_deep_network_of_the_tutorial_shape():
+    model = randomized(DeepNetwork([12, 8, 4, 1], ["relu", "relu", "sigmoid"],
+                                   dtype=np.float64))
+    assert gradient_check(model, *data(12, 1, m=10)) < TOL
+
+
+@settings(max_examples=15, deadline=None)
+@given(sizes=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+       acts=st.lists(st.sampled_from(["tanh", "sigmoid"]), min_size=3, max_size=3),
+       n_out=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_smooth_networks_of_any_shape(sizes, acts, n_out, seed):
+    output = "sigmoid" if n_out == 1 else "softmax"
+    model = randomized(DeepNetwork([3, *sizes, n_out], acts[:len(sizes)] + [output],
+                                   dtype=np.float64, weight_decay=0.05), seed)
+    assert gradient_check(model, *data(3, n_out, m=4, seed=seed)) < TOL
+
+
+def test_float32_models_are_checked_through_a_float64_copy():
+    model = randomized(DeepNetwork([5, 4, 3], ["tanh", "softmax"], dropout=0.3))
+    before = model.state_dict()
+    X, Y = data(5, 3)
+    assert gradient_check(model, X, Y) < TOL
+    after = model.state_dict()
+    assert after["rng"] == before["rng"]
+    for name in model.params:
+        np.testing.assert_array_equal(after[name], before[name])
+
+
+def test_float64_model_is_left_as_it_was():
+    model = randomized(DeepNetwork([5, 4, 1], ["relu", "sigmoid"], dtype=np.float64,
+                                   dropout=0.2))
+    before = model.state_dict()
+    gradient_check(model, *data(5, 1))
+    after = model.state_dict()
+    assert after["rng"] == before["rng"]
+    for name in model.params:
+        np.testing.assert_array_equal(after[name], before[name])
+
+
+def test_a_wrong_gradient_is_caught():
+    model = randomized(DeepNetwork([4, 3, 1], ["tanh", "sigmoid"], dtype=np.float64))
+    X, Y = data(4, 1)
+    backward = model.backward
+
+    def off_by_a_factor(Y):
+        backward(Y)
+        model.grads["W0"] *= 1.01
+
+    model.backward = off_by_a_factor
+    errors = gradient_errors(model, X, Y)
+    assert errors["W0"] > 1e-3 and max(v for k, v in errors.items() if k != "W0") < TOL
+    assert gradient_check(model, X, Y) == errors["W0"]
+
+
+def test_subsampled_entries():
+    model = randomized(DeepNetwork([30, 20, 1], ["tanh", "sigmoid"], dtype=np.float64))
+    assert gradient_check(model, *data(30, 1), max_entries=10) < TOL
+
+
+def test_relative_error():
+    assert relative_error(np.zeros(3), np.zeros(3)) == 0
+    assert relative_error(np.array([1.0, 0]), np.array([1.0, 0])) == 0
+    assert relative_error(np.array([3.0, 0]), np.array([0, 4.0])) == pytest.approx(5 / 7)
