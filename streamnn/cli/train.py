@@ -1,0 +1,182 @@
+"""``streamnn-train``: train a model on a store, resumably (see :mod:`streamnn.train`)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from ..errors import StreamnnError
+from ..train import (BEST, DEFAULTS, LATEST, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES, Trainer,
+                     TrainingInterrupted, resolve_config)
+
+# configuration keys set by differently named options
+_SOURCES = {"schedule_params": ("lr_decay", "lr_factor", "lr_every", "lr_min", "lr_param"),
+            "optimizer_params": ("opt_param",)}
+
+
+def _parse_hidden(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give layer sizes like 128,32") from None
+
+
+def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r}: expected NAME=VALUE", param_hint=option)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("store", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", type=click.Choice(MODELS), default=DEFAULTS["model"], show_default=True,
+              help="logistic: logistic regression; mlp: fully connected network.")
+@click.option("--hidden", default=",".join(map(str, DEFAULTS["hidden"])), show_default=True,
+              help="Hidden layer sizes of the mlp, comma separated ('' for none).")
+@click.option("--activation", default=DEFAULTS["activation"], show_default=True,
+              help="Hidden-layer activation of the mlp (e.g. relu, tanh, sigmoid).")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS["optimizer"], show_default=True)
+@click.option("--opt-param", multiple=True, metavar="NAME=VALUE",
+              help="Optimizer parameter, repeatable: beta (momentum, rmsprop), beta1, beta2, eps, "
+                   "bias_correction, weight_decay (decoupled, AdamW-style).")
+@click.option("--lr", type=float, default=DEFAULTS["lr"], show_default=True, help="Initial learning rate.")
+@click.option("--lr-schedule", type=click.Choice(SCHEDULES), default=DEFAULTS["lr_schedule"], show_default=True,
+              help="Learning rate as a function of the epoch (set at each epoch start).")
+@click.option("--lr-decay", type=float, default=None,
+              help="hyperbolic: lr = lr0 / (1 + decay * epoch)  [default: 1].")
+@click.option("--lr-factor", type=float, default=None,
+              help="step: lr0 * factor^floor(epoch/every) [0.1]; exponential: lr0 * factor^epoch [0.95].")
+@click.option("--lr-every", type=float, default=None, help="step: epochs between drops [default: 10].")
+@click.option("--lr-min", type=float, default=None, help="cosine: final learning rate [default: 0].")
+@click.option("--lr-param", multiple=True, metavar="NAME=VALUE",
+              help="Any schedule parameter, repeatable (e.g. total_epochs=30 for cosine).")
+@click.option("--epochs", type=int, default=DEFAULTS["epochs"], show_default=True)
+@click.option("--batch-size", type=int, default=DEFAULTS["batch_size"], show_default=True)
+@click.option("--weight-decay", type=float, default=DEFAULTS["weight_decay"], show_default=True,
+              help="L2 regularization strength.")
+@click.option("--dropout", type=float, default=DEFAULTS["dropout"], show_default=True,
+              help="Dropout rate of hidden layers (mlp).")
+@click.option("--standardize/--no-standardize", default=DEFAULTS["standardize"], show_default=True,
+              help="Standardize inputs with the store's per-pixel training mean/std.")
+@click.option("--augment", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="Training augmentation: random horizontal flips.")
+@click.option("--val-fraction", type=float, default=DEFAULTS["val_fraction"], show_default=True,
+              help="Seeded, stratified part of the training split held out to select checkpoint-best.h5.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=DEFAULTS["dtype"], show_default=True)
+@click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True)
+@click.option("--eval-split", default="auto", show_default=True,
+              help="Split evaluated after every epoch: 'auto' = test when the store has it; 'none' to skip.")
+@click.option("--order", type=click.Choice(["exact", "block"]), default=DEFAULTS["order"], show_default=True,
+              help="Shuffle order: exact permutation, or contiguous blocks (faster on slow disks).")
+@click.option("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"], show_default=True,
+              metavar="N", help="Also write checkpoint-latest.h5 every N steps (0: only at epoch ends).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder [default: runs/<store name>].")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its checkpoint-latest.h5, with its saved configuration.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.pass_context
+def main(ctx: click.Context, store: str | None, out: str | None, resume: bool, quiet: bool,
+         progress: bool | None, **options: Any) -> None:
+    """Train a model on STORE (made by streamnn-pack), writing into --out: checkpoint-latest.h5,
+    checkpoint-best.h5, metrics.csv, steps.csv (loss of every step), curves.png, config.json.
+
+    Ctrl-C or SIGTERM saves a checkpoint after the current step and exits with 130 / 143;
+    `--resume` continues it exactly. When resuming, options given on the command line must
+    match the saved configuration (only --epochs may change).
+    """
+    explicit = {name for name in ctx.params
+                if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    config = _config_from_options(options)
+    given = {k: v for k, v in config.items() if explicit & set(_SOURCES.get(k, (k,)))}
+    if out is None:
+        if store is None:
+            raise click.UsageError("give a STORE (or --out DIR with --resume)")
+        out = str(Path("runs") / Path(store).stem)
+    try:
+        if resume:
+            trainer = _resume(out, store, given, quiet, progress)
+        else:
+            if store is None:
+                raise click.UsageError("missing argument STORE")
+            if (Path(out) / LATEST).exists():
+                raise StreamnnError(f"already holds a run ({LATEST}): add --resume to continue it, "
+                                    "or choose another --out", out)
+            trainer = Trainer({**config, "store": store}, out, verbose=not quiet, echo=click.echo,
+                              progress=progress)
+        history = trainer.fit()
+    except TrainingInterrupted as exc:
+        click.echo(f"{exc}\nresume with: streamnn-train --resume --out {out}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo(f"\naborted without saving; {Path(out) / LATEST} holds the last saved state", err=True)
+        sys.exit(130)
+    except StreamnnError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not quiet:
+        click.echo(_final_summary(trainer, history))
+
+
+def _config_from_options(options: dict[str, Any]) -> dict[str, Any]:
+    cfg = {k: v for k, v in options.items() if k in DEFAULTS}
+    cfg["hidden"] = _parse_hidden(options["hidden"])
+    cfg["augment"] = None if options["augment"] == "none" else options["augment"]
+    schedule = _parse_pairs(options["lr_param"], "--lr-param")
+    for option, key in (("lr_decay", "decay"), ("lr_factor", "factor"), ("lr_every", "every"), ("lr_min", "min_lr")):
+        if options.get(option) is not None:
+            schedule[key] = options[option]
+    cfg["schedule_params"] = schedule
+    cfg["optimizer_params"] = _parse_pairs(options["opt_param"], "--opt-param")
+    return cfg
+
+
+def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, progress: bool | None) -> Trainer:
+    """Resume, refusing command-line options that contradict the saved configuration."""
+    from ..checkpoint import get, load_checkpoint
+    from ..store import open_store
+
+    path = Path(out) / LATEST
+    if not path.is_file():
+        raise StreamnnError(f"nothing to resume: no {LATEST} here", out)
+    saved = json.loads(get(load_checkpoint(path), "config", path))
+    with open_store(store or saved["store"]) as s:
+        wanted = resolve_config({**saved, **given, "store": saved["store"]}, s)
+    conflicts = [k for k in given if wanted.get(k) != saved.get(k) and k not in RESUMABLE]
+    if conflicts:
+        names = {"schedule_params": "the schedule parameters", "optimizer_params": "--opt-param"}
+        listing = ", ".join(f"{names.get(k, '--' + k.replace('_', '-'))} {given[k]!r} (saved: {saved.get(k)!r})"
+                            for k in conflicts)
+        raise StreamnnError(f"cannot change {listing} when resuming; drop these options or start a new --out")
+    changes = {k: wanted[k] for k in RESUMABLE if k in given and wanted[k] != saved.get(k)}
+    if changes and not quiet:
+        click.echo(f"resuming with {', '.join(f'{k} {saved.get(k)} -> {v}' for k, v in changes.items())}")
+    return Trainer.resume(out, store=store, changes=changes, verbose=not quiet, echo=click.echo, progress=progress)
+
+
+def _final_summary(trainer: Trainer, history: dict[str, list[float]]) -> str:
+    cfg, sel = trainer.config, trainer.selection
+    if not history["epoch"]:
+        return f"outputs in {trainer.out}"
+    i = trainer.best_epoch - 1
+    name = {"val": "validation", "eval": cfg["eval_split"], "train": "train"}[sel]
+    text = f"{BEST}: epoch {trainer.best_epoch}, {name} accuracy {trainer.best:.4f}"
+    if sel == "val" and cfg["eval_split"] and i >= 0 and not math.isnan(history["eval_accuracy"][i]):
+        text += f", {cfg['eval_split']} accuracy {history['eval_accuracy'][i]:.4f} (not used for selection)"
+    return text + f"\noutputs in {trainer.out}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,291 @@
+"""Inference: evaluate a checkpoint on a store split, and predict classes of image files.
+
+Design. A checkpoint records everything inference needs (see :mod:`streamnn.train`): the
+model (config and parameters), the class names and image shape, the packing options that
+turned a photo into a stored row, and the standardization mean/std when training used it.
+:class:`Preprocess` is the one place where normalized rows (values in [0, 1], HWC order,
+one column per image) become model inputs: optional horizontal flip, then standardization.
+The trainer's per-epoch evaluation, ``streamnn-eval`` and ``streamnn-predict`` all go through
+it and through :func:`evaluate_batches`, so their numbers agree exactly.
+
+Evaluation streams: an unshuffled loader feeds batches, :class:`streamnn.metrics.Metrics`
+keeps running sums, and at most ``max_errors`` misclassified images are kept for the
+``--errors`` grid. Prediction reads images in small batches with
+:func:`streamnn.decode.load_image`, the function packing used; an unreadable file yields an
+error entry and the others continue.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import get, load_checkpoint
+from .errors import StreamnnError
+from .metrics import Metrics
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+STD_FLOOR = 1e-8
+
+
+def standardization(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, 1/std) as float32 columns (D, 1); constant features (std ~ 0) are only centred."""
+    std = np.asarray(std, np.float64)
+    inv = np.where(std > STD_FLOOR, 1.0 / np.maximum(std, STD_FLOOR), 1.0)
+    return (np.asarray(mean, np.float64).astype(np.float32).reshape(-1, 1),
+            inv.astype(np.float32).reshape(-1, 1))
+
+
+def flip_columns(X: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
+    """Mirror every image (a column of HWC-flattened pixels) left to right."""
+    h, w, c = image_shape
+    return np.ascontiguousarray(X.reshape(h, w, c, -1)[:, ::-1]).reshape(X.shape)
+
+
+@dataclass
+class Preprocess:
+    """Normalized rows to model inputs: optional flip, then optional standardization."""
+
+    image_shape: tuple[int, int, int]
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    dtype: Any = np.float32
+    _mean32: np.ndarray | None = field(default=None, init=False, repr=False)
+    _inv32: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.mean is not None:
+            self._mean32, self._inv32 = standardization(self.mean, self.std)
+
+    @property
+    def standardize(self) -> bool:
+        return self.mean is not None
+
+    def __call__(self, X: np.ndarray, flip: bool = False) -> np.ndarray:
+        """X (D, B) float32 in [0, 1] -> model input (D, B) of the model's dtype."""
+        if flip:
+            X = flip_columns(X, self.image_shape)
+        if self._mean32 is not None:
+            X = (X - self._mean32) * self._inv32
+        return X.astype(self.dtype, copy=False)
+
+    def rows_from_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (B, H, W, C) -> normalized columns (D, B) float32, as a store holds them."""
+        return (images.reshape(len(images), -1).astype(np.float32) * np.float32(1 / 255)).T.copy()
+
+
+def model_dtype(model: Any) -> np.dtype:
+    """The floating dtype of a model's parameters."""
+    return next(iter(model.params.values())).dtype
+
+
+def predict_proba(model: Any, prep: Preprocess, X: np.ndarray, tta: bool = False) -> np.ndarray:
+    """Probabilities (1, B) or (K, B) for normalized columns X; ``tta`` averages with the mirror image."""
+    P = model.predict_proba(prep(X))
+    if tta:
+        P = (P + model.predict_proba(prep(X, flip=True))) / 2
+    return P
+
+
+class EvaluationStopped(Exception):
+    """Raised by :func:`evaluate_batches` when its ``stop()`` callback returns true."""
+
+
+@dataclass
+class Misclassified:
+    """Up to ``limit`` misclassified images, kept while streaming."""
+
+    limit: int
+    images: list[np.ndarray] = field(default_factory=list)
+    titles: list[str] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    total: int = 0
+
+
+def evaluate_batches(model: Any, prep: Preprocess, batches: Iterable[tuple[np.ndarray, np.ndarray]],
+                     n_classes: int, *, tta: bool = False, errors: Misclassified | None = None,
+                     class_names: Sequence[str] | None = None, image_shape: Sequence[int] | None = None,
+                     stop: Callable[[], bool] | None = None) -> Metrics:
+    """Stream (X normalized, Y) batches through the model; ``stop()`` true raises EvaluationStopped.
+
+    With ``errors``, the first misclassified images (rows counted in batch order) are kept.
+    """
+    metrics, seen = Metrics(n_classes), 0
+    for X, Y in batches:
+        if stop is not None and stop():
+            raise EvaluationStopped("evaluation interrupted")
+        P = predict_proba(model, prep, X, tta)
+        predicted = metrics.update(P, Y)
+        if errors is not None:
+            _keep_errors(errors, X, Y, P, predicted, seen, class_names, image_shape or prep.image_shape)
+        seen += X.shape[1]
+    return metrics
+
+
+def _keep_errors(errors: Misclassified, X: np.ndarray, Y: np.ndarray, P: np.ndarray, predicted: np.ndarray,
+                 offset: int, class_names: Sequence[str] | None, image_shape: Sequence[int]) -> None:
+    from .metrics import class_probabilities, true_labels
+
+    labels = true_labels(Y)
+    wrong = np.flatnonzero(labels != predicted)
+    errors.total += len(wrong)
+    probs = class_probabilities(P)
+    names = class_names or [str(i) for i in range(probs.shape[0])]
+    for j in wrong[: max(0, errors.limit - len(errors.images))]:
+        img = np.clip(np.rint(X[:, j] * 255.0), 0, 255).astype(np.uint8).reshape(image_shape)
+        errors.images.append(img)
+        errors.rows.append(offset + int(j))
+        errors.titles.append(f"{names[labels[j]]}->{names[predicted[j]]} {probs[predicted[j], j]:.2f}")
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+@dataclass
+class Predictor:
+    """A trained model with the preprocessing and metadata its checkpoint recorded."""
+
+    model: Any
+    prep: Preprocess
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+    options: dict[str, Any]
+    channel_order: str
+    fingerprint: str
+    path: Path | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
+def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | None = None) -> Predictor:
+    """Rebuild the model and preprocessing from loaded checkpoint content."""
+    from . import models
+
+    model = models.from_config(json.loads(get(content, "model.config", path)))
+    model.load_state_dict(get(content, "model.state", path))
+    data = get(content, "data", path)
+    shape = tuple(int(s) for s in np.asarray(data["image_shape"]).tolist())
+    mean = data.get("mean") if data.get("standardize") else None
+    std = data.get("std") if data.get("standardize") else None
+    prep = Preprocess(shape, mean, std, dtype=model_dtype(model))  # type: ignore[arg-type]
+    options = json.loads(data.get("options", "{}"))
+    return Predictor(model, prep, list(data["class_names"]), shape, options,  # type: ignore[arg-type]
+                     str(data.get("channel_order", "BGR")), str(data["fingerprint"]),
+                     Path(path) if path is not None else None)
+
+
+def load_predictor(path: str | os.PathLike) -> Predictor:
+    """Load a checkpoint file for inference (one-line StreamnnError if unusable)."""
+    content = load_checkpoint(path)
+    try:
+        return predictor_from_content(content, path)
+    except StreamnnError as exc:
+        if str(path) in str(exc):
+            raise
+        raise StreamnnError(str(exc), path) from None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise StreamnnError(f"checkpoint cannot be used for inference ({exc.__class__.__name__}: {exc})",
+                            path) from None
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.PathLike, split: str = "test", *,
+                        tta: bool = False, batch_size: int = 256, max_errors: int = 0) -> tuple[dict, Misclassified]:
+    """Evaluate a checkpoint on ``split`` of a store; returns (summary dict, misclassified images)."""
+    from .loader import Loader
+    from .store import open_store
+
+    pred = load_predictor(checkpoint)
+    with open_store(store_path) as store:
+        if list(store.class_names) != pred.class_names or tuple(store.image_shape) != pred.image_shape:
+            raise StreamnnError(f"store has classes {store.class_names} and images {store.image_shape}, the "
+                                f"checkpoint {pred.class_names} and {pred.image_shape}", store_path)
+        store.dataset(split)  # unknown split: clear error
+        same_store = store.fingerprint == pred.fingerprint
+    errors = Misclassified(max_errors)
+    loader = Loader(store_path, split, batch_size=batch_size, shuffle=False, one_hot=pred.n_classes > 2)
+    try:
+        metrics = evaluate_batches(pred.model, pred.prep, loader, pred.n_classes, tta=tta,
+                                   errors=errors if max_errors else None, class_names=pred.class_names)
+    finally:
+        loader.close()
+    if errors.rows:
+        with open_store(store_path) as store:
+            order = np.argsort(errors.rows)
+            names = store.dataset(split, "paths")[np.asarray(errors.rows)[order]]
+        for i, name in zip(order, names):
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            errors.titles[i] = f"{Path(name).name}\n{errors.titles[i]}"
+    summary = metrics.summary(pred.class_names)
+    summary.update(checkpoint=str(checkpoint), store=str(store_path), split=split, tta="flip" if tta else None,
+                   same_store_as_training=same_store, misclassified=errors.total if max_errors else None,
+                   channel_order=pred.channel_order)
+    return summary, errors
+
+
+def iter_image_files(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:
+    """Files given directly, and image files found (sorted, recursively) under folders given."""
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
+                    yield f
+        else:
+            yield p
+
+
+def predict_files(pred: Predictor, files: Iterable[Path], *, tta: bool = False,
+                  batch_size: int = 64) -> Iterator[tuple[Path, dict[str, Any] | None, str | None]]:
+    """For each file: (path, {"class", "probability", "probabilities"}, None) or (path, None, error)."""
+    from .decode import load_image
+
+    def flush(batch: list[tuple[Path, np.ndarray]]) -> Iterator[tuple[Path, dict[str, Any], None]]:
+        X = pred.prep.rows_from_images(np.stack([img for _, img in batch]))
+        from .metrics import class_probabilities
+
+        probs = class_probabilities(predict_proba(pred.model, pred.prep, X, tta))
+        for (path, _), col in zip(batch, probs.T):
+            k = int(np.argmax(col)) if len(col) > 2 else int(col[1] > 0.5)
+            yield path, {"class": pred.class_names[k], "probability": float(col[k]),
+                         "probabilities": {n: float(p) for n, p in zip(pred.class_names, col)}}, None
+
+    batch: list[tuple[Path, np.ndarray]] = []
+    for path in files:
+        try:
+            img = load_image_as_packed(load_image, path, pred)
+        except StreamnnError as exc:
+            yield path, None, str(exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is reported per file
+            yield path, None, f"{path}: cannot read image ({exc.__class__.__name__}: {' '.join(str(exc).split())})"
+            continue
+        batch.append((path, img))
+        if len(batch) == batch_size:
+            yield from flush(batch)
+            batch = []
+    if batch:
+        yield from flush(batch)
+
+
+def load_image_as_packed(load_image: Callable[..., np.ndarray], path: Path, pred: Predictor) -> np.ndarray:
+    """Decode one file exactly as packing did; uint8 (H, W, C) in the store's channel order."""
+    from .decode import decode_kwargs
+
+    h, w, c = pred.image_shape
+    kwargs = {**decode_kwargs(pred.options), "size": (h, w)}
+    if "grayscale" not in pred.options:
+        kwargs["grayscale"] = pred.channel_order == "GRAY"
+    img = np.asarray(load_image(path, **kwargs))
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.shape != (h, w, c) or img.dtype != np.uint8:
+        raise StreamnnError(f"decoded to {img.dtype} {img.shape}, the model expects uint8 {(h, w, c)}", path)
+    return img
