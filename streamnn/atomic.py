@@ -15,6 +15,16 @@ from pathlib import Path
 TMP_PREFIX = ".streamnn-tmp-"
 
 
+def _default_mode() -> int:
+    """Permissions a plain ``open(path, "w")`` would give (mkstemp would give 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_mode()
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a file's (or a folder's) data to disk."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else os.O_RDONLY
@@ -37,6 +47,7 @@ def atomic_output(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]
     fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", suffix=suffix, dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, _FILE_MODE)
     try:
         yield tmp
         fsync_path(tmp)
