@@ -64,6 +64,7 @@ from .metrics import Metrics
 
 LATEST, BEST = "checkpoint-latest.h5", "checkpoint-best.h5"
 METRICS_CSV, STEPS_CSV, CURVES_PNG, CONFIG_JSON = "metrics.csv", "steps.csv", "curves.png", "config.json"
+RUN_FILES = (LATEST, BEST, METRICS_CSV, STEPS_CSV, CURVES_PNG, CONFIG_JSON)
 MODELS = ("logistic", "mlp")
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
 SCHEDULES = ("constant", "hyperbolic", "step", "exponential", "cosine")
@@ -610,9 +611,8 @@ class Trainer:
         """Temporary files a killed run left behind (never a complete output)."""
         from .atomic import TMP_PREFIX
 
-        ours = (LATEST, BEST, METRICS_CSV, STEPS_CSV, CURVES_PNG, CONFIG_JSON)
         for tmp in self.out.glob(TMP_PREFIX + "*"):
-            if any(tmp.name.startswith(f"{TMP_PREFIX}{name}.") for name in ours):
+            if any(tmp.name.startswith(f"{TMP_PREFIX}{name}.") for name in RUN_FILES):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
                     self.say(f"removed {tmp.name}, left by an interrupted write")

@@ -290,6 +290,19 @@ def test_cli_trains_refuses_overwrite_and_checks_resume_options(store, tmp_path)
     assert r.exit_code == 1 and "no 'valid' split" in r.output
 
 
+def test_cli_force_starts_a_new_run_from_scratch(store, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(train_main, [str(store), *CLI_ARGS, "--epochs", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    (out / "steps.csv").write_text("step,epoch,loss\n999,9,0.1\n")  # would survive if not replaced
+    r = CliRunner().invoke(train_main, [str(store), *CLI_ARGS, "--epochs", "1", "--out", str(out), "--force"])
+    assert r.exit_code == 0, r.output
+    assert "999," not in (out / "steps.csv").read_text()
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2  # header + the one new epoch
+    r = CliRunner().invoke(train_main, [str(store), "--out", str(out), "--force", "--resume"])
+    assert r.exit_code == 2 and "exclude each other" in r.output
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "streamnn.cli.train", *args]
 

@@ -11,7 +11,7 @@ import click
 from click.core import ParameterSource
 
 from ..errors import StreamnnError
-from ..train import (BEST, DEFAULTS, LATEST, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES, Trainer,
+from ..train import (BEST, DEFAULTS, LATEST, MODELS, OPTIMIZERS, RESUMABLE, RUN_FILES, SCHEDULES, Trainer,
                      TrainingInterrupted, resolve_config)
 
 # configuration keys set by differently named options
@@ -84,12 +84,14 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
               metavar="N", help="Also write checkpoint-latest.h5 every N steps (0: only at epoch ends).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: runs/<store name>].")
+@click.option("--force", is_flag=True,
+              help="Start a new run even if --out holds one (its run files are deleted first).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its checkpoint-latest.h5, with its saved configuration.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.pass_context
-def main(ctx: click.Context, store: str | None, out: str | None, resume: bool, quiet: bool,
+def main(ctx: click.Context, store: str | None, out: str | None, force: bool, resume: bool, quiet: bool,
          progress: bool | None, **options: Any) -> None:
     """Train a model on STORE (made by streamnn-pack), writing into --out: checkpoint-latest.h5,
     checkpoint-best.h5, metrics.csv, steps.csv (loss of every step), curves.png, config.json.
@@ -106,15 +108,20 @@ def main(ctx: click.Context, store: str | None, out: str | None, resume: bool, q
         if store is None:
             raise click.UsageError("give a STORE (or --out DIR with --resume)")
         out = str(Path("runs") / Path(store).stem)
+    if force and resume:
+        raise click.UsageError("--force and --resume exclude each other")
     try:
         if resume:
             trainer = _resume(out, store, given, quiet, progress)
         else:
             if store is None:
                 raise click.UsageError("missing argument STORE")
+            if force:
+                for name in RUN_FILES:
+                    (Path(out) / name).unlink(missing_ok=True)
             if (Path(out) / LATEST).exists():
                 raise StreamnnError(f"already holds a run ({LATEST}): add --resume to continue it, "
-                                    "or choose another --out", out)
+                                    "--force to start over, or choose another --out", out)
             trainer = Trainer({**config, "store": store}, out, verbose=not quiet, echo=click.echo,
                               progress=progress)
         history = trainer.fit()
