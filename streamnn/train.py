@@ -567,6 +567,8 @@ class Trainer:
             return
         self._curves_drawn = now
         try:
+            from .plots import save_curves  # lazily: matplotlib is only needed here
+
             save_curves(self.history, self.out / CURVES_PNG, eval_name=self.config["eval_split"] or "eval")
         except Exception as exc:  # noqa: BLE001 - a plotting problem must not stop training
             self.say(f"warning: could not draw {CURVES_PNG} ({exc.__class__.__name__}: {exc})")
@@ -703,32 +705,3 @@ def read_metrics_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
-
-def save_curves(history: dict[str, list[float]], path: str | os.PathLike, eval_name: str = "eval") -> None:
-    """Loss and accuracy per epoch for train, validation and evaluation data (Agg, no display).
-
-    Temporary home: moves to :mod:`streamnn.plots` once that module exists.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(10, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    epochs = history["epoch"]
-    best = [e for e, b in zip(epochs, history["best"]) if b == 1.0]
-    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
-        if best:
-            ax.axvline(best[-1], color="0.6", linestyle="--", linewidth=1, label="best checkpoint")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for prefix, label in (("train", "train"), ("val", "validation"), ("eval", eval_name)):
-            values = np.array(history[f"{prefix}_{metric}"], float)
-            if len(values) and not np.all(np.isnan(values)):
-                ax.plot(epochs, values, marker="o" if len(values) < 30 else None, markersize=3, label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.95, wspace=0.25)
-    with atomic_output(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")

@@ -40,7 +40,8 @@ def _save_errors(path: str, errors: Any, channel_order: str) -> str | None:
     if not errors.images:
         click.echo(f"no misclassified image: {path} not written", err=True)
         return None
-    save_image_grid(errors.images, errors.titles, path, channel_order="RGB" if channel_order == "RGB" else "BGR")
+    save_image_grid(errors.images, errors.titles, path, channel_order="RGB" if channel_order == "RGB" else "BGR",
+                    title="misclassified: true -> predicted (probability)")
     return path
 
 
