@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .activations import ACTIVATIONS
-from .errors import StreamnnError
+from .errors import StreamnnError, check_array_like
 from .losses import LOSSES
 from .rng import make_rng, rng_state, set_rng_state
 
@@ -248,13 +248,7 @@ class DeepNetwork:
             raise StreamnnError(f"model state does not match the model: missing {missing}, "
                                 f"unexpected {unexpected}")
         for name, p in self.params.items():
-            value = state[name]
-            if not isinstance(value, np.ndarray) or value.shape != p.shape \
-                    or value.dtype != p.dtype:
-                got = (f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray)
-                       else type(value).__name__)
-                raise StreamnnError(f"model state {name!r} must be {p.dtype} {p.shape}, "
-                                    f"got {got}")
+            check_array_like(f"model state {name!r}", state[name], p)
         probe = make_rng(0)
         try:
             set_rng_state(probe, state["rng"])

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import StreamnnError
+from .errors import StreamnnError, check_array_like
 
 # Entries updated at a time: an update makes about a dozen passes over its arrays, and
 # chunks this size keep them in cache between passes (bit-identical to whole arrays).
@@ -123,13 +123,7 @@ class Optimizer:
         except StreamnnError as exc:
             raise StreamnnError(f"optimizer state: {exc}") from None
         for key, buf in self.state.items():
-            value = state[key]
-            if not isinstance(value, np.ndarray) or value.shape != buf.shape \
-                    or value.dtype != buf.dtype:
-                got = (f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray)
-                       else type(value).__name__)
-                raise StreamnnError(f"optimizer state {key!r} must be {buf.dtype} {buf.shape}, "
-                                    f"got {got}")
+            check_array_like(f"optimizer state {key!r}", state[key], buf)
         for key, buf in self.state.items():
             np.copyto(buf, state[key])
         self.t = int(t)

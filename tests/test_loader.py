@@ -499,6 +499,20 @@ def test_two_loops_at_once_is_an_error(store50):
 
 
 # -- processes --------------------------------------------------------------------------------------
+def _in_child(method: str, target, arg):
+    """What ``target(arg, queue)`` puts on the queue, run in a child process started by ``method``."""
+    ctx = multiprocessing.get_context(method)
+    queue = ctx.Queue()
+    child = ctx.Process(target=target, args=(arg, queue))
+    child.start()
+    try:
+        got = queue.get(timeout=120)
+    finally:
+        child.join(timeout=60)
+    assert child.exitcode == 0
+    return got
+
+
 def _rest_of_epoch(loader, queue):
     ids = []
     for X, _ in loader:
@@ -522,15 +536,7 @@ def test_loader_in_a_child_process(tmp_path, threaded, method, compression):
         expected = (sum((row_ids(X, px) for X, _ in it), []), 1)
     with Loader(path, "train", 7, seed=4, prefetch=2) as L:
         next(iter(L))  # the parent has opened its reader (and started its prefetch thread)
-        ctx = multiprocessing.get_context(method)
-        queue = ctx.Queue()
-        child = ctx.Process(target=_rest_of_epoch, args=(L, queue))  # fork: inherited, else pickled
-        child.start()
-        try:
-            got = queue.get(timeout=120)
-        finally:
-            child.join(timeout=60)
-        assert child.exitcode == 0
+        got = _in_child(method, _rest_of_epoch, L)  # fork: inherited, else pickled
         assert tuple(got) == expected
         assert sum(epoch_rows(L, px), []) == expected[0]  # the parent carries on untouched
 
@@ -548,15 +554,7 @@ def test_forked_child_continues_a_running_loop(tmp_path, threaded):
     with Loader(path, "train", 7, seed=4) as L:
         it = iter(L)
         next(it)
-        ctx = multiprocessing.get_context("fork")
-        queue = ctx.Queue()
-        child = ctx.Process(target=_continue_loop, args=(it, queue))  # the parent's prefetches are pending
-        child.start()
-        try:
-            got = queue.get(timeout=120)
-        finally:
-            child.join(timeout=60)
-        assert child.exitcode == 0
+        got = _in_child("fork", _continue_loop, it)  # the parent's prefetches are pending
         assert got == sum((row_ids(X, PX60) for X, _ in it), [])
         L.close()
         assert sum(epoch_rows(L, PX60), []) != got  # the next epoch (reopened after close)
