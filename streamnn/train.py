@@ -32,6 +32,9 @@ It holds no wall-clock time, so a run interrupted anywhere and resumed ends bit-
 to an uninterrupted one: parameters, optimizer state, ``checkpoint-latest.h5``,
 ``metrics.csv`` and ``steps.csv``. Times are only printed.
 
+While :meth:`Trainer.fit` runs it holds an exclusive lock on the folder (:func:`run_lock`),
+so two trainers never write into one folder.
+
 Loading (:meth:`Trainer.load`) reads and verifies the file, checks store fingerprint and
 architecture, builds *new* model, optimizer and loader objects and loads their states; only
 when every check passed does it swap them in, so a bad checkpoint leaves the trainer as it was.
@@ -65,6 +68,7 @@ from .metrics import Metrics
 LATEST, BEST = "checkpoint-latest.h5", "checkpoint-best.h5"
 METRICS_CSV, STEPS_CSV, CURVES_PNG, CONFIG_JSON = "metrics.csv", "steps.csv", "curves.png", "config.json"
 RUN_FILES = (LATEST, BEST, METRICS_CSV, STEPS_CSV, CURVES_PNG, CONFIG_JSON)
+LOCK_FILE = ".streamnn-train.lock"  # holds the pid of the run using the folder
 MODELS = ("logistic", "mlp")
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
 SCHEDULES = ("constant", "hyperbolic", "step", "exponential", "cosine")
@@ -123,6 +127,35 @@ class _Stop(Exception):
 
 
 # -- configuration -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder ``out`` (created if needed): a second trainer
+    in the same folder fails at once instead of interleaving checkpoints. POSIX ``flock``, so
+    the lock dies with its process; where ``fcntl`` does not exist, nothing is locked.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(out / LOCK_FILE, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            raise StreamnnError("another training run is using this folder"
+                                + (f" (pid {holder})" if holder.isdigit() else ""), out) from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+
+
 def derive_seed(seed: int, purpose: str) -> int:
     """An independent 63-bit seed for one purpose ("model", "loader", "split") of a run's seed."""
     words = [int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF] + [ord(ch) for ch in purpose]
@@ -445,21 +478,21 @@ class Trainer:
             self.say(f"nothing to do: all {self.config['epochs']} epochs are done (resume with a larger "
                      "--epochs to train longer)")
             return self.history
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temporaries()
-        self._write_config()
-        self._open_steps_log()
-        if self.history["epoch"]:  # outputs as of the checkpoint (a crash may have left them ahead or behind)
-            write_metrics_csv(self.out / METRICS_CSV, self.history)
-        try:
-            with self._signal_handlers():
-                self._say_selection()
-                while self.epoch < self.config["epochs"]:
-                    self._run_epoch(on_step)
-        finally:
-            if self._steps_file is not None:
-                self._steps_file.close()
-                self._steps_file = None
+        with run_lock(self.out):
+            self._remove_stale_temporaries()
+            self._write_config()
+            self._open_steps_log()
+            if self.history["epoch"]:  # outputs as of the checkpoint (a crash may have left them ahead or behind)
+                write_metrics_csv(self.out / METRICS_CSV, self.history)
+            try:
+                with self._signal_handlers():
+                    self._say_selection()
+                    while self.epoch < self.config["epochs"]:
+                        self._run_epoch(on_step)
+            finally:
+                if self._steps_file is not None:
+                    self._steps_file.close()
+                    self._steps_file = None
         return self.history
 
     def _run_epoch(self, on_step: Callable[[Trainer], None] | None) -> None:

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from streamnn import StoreWriter, StreamnnError
 from streamnn.checkpoint import differences, digest, load_checkpoint, save_checkpoint
 from streamnn.cli.train import main as train_main
-from streamnn.train import BEST, LATEST, Trainer, TrainingInterrupted, split_validation
+from streamnn.train import BEST, LATEST, LOCK_FILE, Trainer, TrainingInterrupted, run_lock, split_validation
 
 SHAPE = (6, 6, 3)
 
@@ -87,7 +87,7 @@ def straight(store, tmp_path_factory) -> Path:
 
 def test_end_to_end_outputs(straight):
     assert sorted(os.listdir(straight)) == sorted([LATEST, BEST, "metrics.csv", "steps.csv", "curves.png",
-                                                   "config.json"])
+                                                   "config.json", LOCK_FILE])
     rows = list(csv.DictReader(open(straight / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[-1]["step"] == "9"  # 48 train rows / 16
     assert all(r["val_accuracy"] and r["eval_accuracy"] and r["train_loss"] for r in rows)
@@ -301,6 +301,26 @@ def test_cli_force_starts_a_new_run_from_scratch(store, tmp_path):
     assert len((out / "metrics.csv").read_text().splitlines()) == 2  # header + the one new epoch
     r = CliRunner().invoke(train_main, [str(store), "--out", str(out), "--force", "--resume"])
     assert r.exit_code == 2 and "exclude each other" in r.output
+
+
+def test_a_folder_in_use_by_another_run_is_refused_untouched(store, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(train_main, [str(store), *CLI_ARGS, "--epochs", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    def files():
+        return {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK_FILE}
+
+    before = files()
+    with run_lock(out):  # as if another streamnn-train were running there
+        for args in ([str(store), *CLI_ARGS, "--out", str(out), "--force"],
+                     ["--out", str(out), "--resume", "--epochs", "2"]):
+            r = CliRunner().invoke(train_main, args)
+            assert r.exit_code == 1 and f"another training run is using this folder (pid {os.getpid()})" in r.output
+        with pytest.raises(StreamnnError, match="another training run"):
+            Trainer(cfg(store), tmp_path / "run", verbose=False).fit()
+        assert files() == before
+    r = CliRunner().invoke(train_main, [str(store), *CLI_ARGS, "--epochs", "2", "--out", str(out), "--resume"])
+    assert r.exit_code == 0 and "epoch 2/2" in r.output, r.output  # released with its holder
 
 
 def _cli(*args: str) -> list[str]:

@@ -12,7 +12,7 @@ from click.core import ParameterSource
 
 from ..errors import StreamnnError
 from ..train import (BEST, DEFAULTS, LATEST, MODELS, OPTIMIZERS, RESUMABLE, RUN_FILES, SCHEDULES, Trainer,
-                     TrainingInterrupted, resolve_config)
+                     TrainingInterrupted, resolve_config, run_lock)
 
 # configuration keys set by differently named options
 _SOURCES = {"schedule_params": ("lr_decay", "lr_factor", "lr_every", "lr_min", "lr_param"),
@@ -116,12 +116,13 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
         else:
             if store is None:
                 raise click.UsageError("missing argument STORE")
-            if force:
-                for name in RUN_FILES:
-                    (Path(out) / name).unlink(missing_ok=True)
-            if (Path(out) / LATEST).exists():
-                raise StreamnnError(f"already holds a run ({LATEST}): add --resume to continue it, "
-                                    "--force to start over, or choose another --out", out)
+            with run_lock(Path(out)):  # not while another trainer uses the folder
+                if force:
+                    for name in RUN_FILES:
+                        (Path(out) / name).unlink(missing_ok=True)
+                if (Path(out) / LATEST).exists():
+                    raise StreamnnError(f"already holds a run ({LATEST}): add --resume to continue it, "
+                                        "--force to start over, or choose another --out", out)
             trainer = Trainer({**config, "store": store}, out, verbose=not quiet, echo=click.echo,
                               progress=progress)
         history = trainer.fit()
