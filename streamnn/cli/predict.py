@@ -41,7 +41,7 @@ def main(checkpoint: str, inputs: tuple[str, ...], as_json: bool, tta: str, batc
             click.echo(f"{path}\t{result['class']}\t{result['probability']:.4f}")
     if failures or not done:
         click.echo(f"{failures} of {failures + done} images could not be read" if failures + done
-                   else "error: no image found", err=True)
+                   else f"error: {', '.join(inputs)}: no image file found", err=True)
         sys.exit(1)
 
 
