@@ -2,6 +2,8 @@
 
 Design, in the order the steps run on every file:
 
+0. **Read regular files only.** The file is opened non-blocking and checked with ``fstat``:
+   a FIFO, socket or device among the images is refused, never waited on.
 1. **Sniff, do not trust names.** The format comes from the first bytes (JPEG, PNG, GIF,
    BMP, WebP, TIFF, PNM have tiny header parsers here); a ``.jpg`` that holds text is
    rejected by content. Bytes of an unknown format are still offered to OpenCV, which
@@ -32,6 +34,7 @@ rebuilds these settings from a store's ``options`` so prediction decodes like pa
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -282,17 +285,30 @@ def _cv_message(exc: cv2.error) -> str:
     return (text[-1] if text else exc.__class__.__name__)[:120]
 
 
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file. Anything else (folder, FIFO, socket, device) is refused
+    without blocking: the file is opened non-blocking and checked with ``fstat`` first."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise DecodeError("is a folder, not an image file", path)
+            if not stat.S_ISREG(mode):
+                raise DecodeError("not a regular file (a FIFO, socket or device)", path)
+            with open(fd, "rb", closefd=False) as f:
+                return f.read()
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise DecodeError(f"cannot read ({exc.strerror or exc.__class__.__name__})", path) from None
+
+
 def load_image(path: str | os.PathLike, size: int | tuple[int, int] = DEFAULT_SIZE, *,
                grayscale: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
                exif_orientation: bool = True, reduced: bool = True) -> np.ndarray:
     """Read and decode one image file; see :func:`decode_image`. Errors name the file."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except IsADirectoryError:
-        raise DecodeError("is a folder, not an image file", path) from None
-    except OSError as exc:
-        raise DecodeError(f"cannot read ({exc.strerror or exc.__class__.__name__})", path) from None
+    data = read_regular_file(path)
     try:
         return decode_image(data, size, grayscale=grayscale, max_pixels=max_pixels,
                             exif_orientation=exif_orientation, reduced=reduced)
