@@ -7,15 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from blocking import start_blocked
 from streamnn import StoreWriter, StreamnnError
-from streamnn.checkpoint import differences, digest, load_checkpoint, save_checkpoint
+from streamnn.checkpoint import differences, digest, get, load_checkpoint, save_checkpoint
 from streamnn.cli.train import main as train_main
 from streamnn.train import BEST, LATEST, LOCK_FILE, Trainer, TrainingInterrupted, run_lock, split_validation
 
@@ -327,30 +327,20 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "streamnn.cli.train", *args]
 
 
-def _wait_for_steps(path: Path, n: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) > n:
-            return
-        assert proc.poll() is None, f"training ended before step {n}"
-        time.sleep(0.002)
-    raise AssertionError("no step lines")
-
-
 @pytest.mark.parametrize("sig,code,after", [(signal.SIGKILL, -signal.SIGKILL, 4), (signal.SIGTERM, 143, 8)])
 def test_killed_subprocess_resumes_bit_identical(store, tmp_path, sig, code, after):
     args = [str(store), *CLI_ARGS, "--epochs", "10", "-q"]  # 30 steps, a checkpoint after each
     reference = tmp_path / "reference"
     assert CliRunner().invoke(train_main, [*args, "--out", str(reference)]).exit_code == 0
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*args, "--out", str(out)), stderr=subprocess.PIPE, text=True)
-    _wait_for_steps(out / "steps.csv", after, proc)
+    proc = start_blocked(_cli(*args, "--out", str(out)), tmp_path / "blocked", STREAMNN_TEST_BLOCK_AT_STEP=str(after))
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
+    stopped_at = after + 1 if sig == signal.SIGTERM else after  # SIGTERM: the step under way ends, saved
     if sig == signal.SIGTERM:
-        assert "SIGTERM: stopped at step" in err and "--resume" in err
-    load_checkpoint(out / LATEST)  # the last complete checkpoint survived
+        assert f"SIGTERM: stopped at step {stopped_at}" in err and "--resume" in err
+    assert int(get(load_checkpoint(out / LATEST), "progress.step")) == stopped_at  # the last complete one
     resumed = subprocess.run(_cli(*args, "--out", str(out), "--resume"), capture_output=True, text=True, timeout=60)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(reference, out)

@@ -1,0 +1,50 @@
+"""Test helper, imported at start-up by every Python process whose PYTHONPATH holds this folder
+(a ``streamnn-pack`` run and its worker processes alike), so that tests can signal a run at a
+known point instead of racing it:
+
+- ``STREAMNN_TEST_BLOCK_ON=<file name>``: decoding that file waits until the process is killed.
+- ``STREAMNN_TEST_BLOCK_AT_STEP=<n>``: ``streamnn-train`` waits before step n + 1 until a stop
+  is requested (SIGINT / SIGTERM) or the process is killed.
+
+On starting to wait, the process creates the file named by ``STREAMNN_TEST_BLOCKED`` (the
+test waits for it). The waits are loops of short sleeps: a signal is acted on within 50 ms.
+"""
+import os
+import time
+from pathlib import Path
+
+BLOCK_ON = os.environ.get("STREAMNN_TEST_BLOCK_ON")
+BLOCK_AT_STEP = os.environ.get("STREAMNN_TEST_BLOCK_AT_STEP")
+
+
+def _waiting() -> None:
+    Path(os.environ["STREAMNN_TEST_BLOCKED"]).touch()
+
+
+if BLOCK_ON:
+    import streamnn.pack
+
+    _load_image = streamnn.pack.load_image
+
+    def _blocking_load_image(path, *args, **kwargs):
+        if os.path.basename(path) == BLOCK_ON:
+            _waiting()
+            while True:
+                time.sleep(0.05)
+        return _load_image(path, *args, **kwargs)
+
+    streamnn.pack.load_image = _blocking_load_image
+
+if BLOCK_AT_STEP:
+    import streamnn.train
+
+    _train_step = streamnn.train.Trainer._train_step
+
+    def _blocking_train_step(self, X, Y):
+        if self.step == int(BLOCK_AT_STEP):
+            _waiting()
+            while self._stop is None:
+                time.sleep(0.05)
+        _train_step(self, X, Y)
+
+    streamnn.train.Trainer._train_step = _blocking_train_step
