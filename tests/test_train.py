@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from blocking import start_blocked
 from streamnn import StoreWriter, StreamnnError
+from streamnn.atomic import TMP_PREFIX
 from streamnn.checkpoint import differences, digest, get, load_checkpoint, save_checkpoint
 from streamnn.cli.train import main as train_main
 from streamnn.train import BEST, LATEST, LOCK_FILE, Trainer, TrainingInterrupted, run_lock, split_validation
@@ -327,20 +328,27 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "streamnn.cli.train", *args]
 
 
-@pytest.mark.parametrize("sig,code,after", [(signal.SIGKILL, -signal.SIGKILL, 4), (signal.SIGTERM, 143, 8)])
-def test_killed_subprocess_resumes_bit_identical(store, tmp_path, sig, code, after):
+@pytest.mark.parametrize("sig,block,stopped_at", [
+    (signal.SIGKILL, {"STREAMNN_TEST_BLOCK_AT_STEP": "4"}, 4),     # between two steps
+    (signal.SIGKILL, {"STREAMNN_TEST_BLOCK_IN_SAVE": "6"}, None),  # half-way through writing a checkpoint
+    (signal.SIGTERM, {"STREAMNN_TEST_BLOCK_AT_STEP": "8"}, 9),     # the step under way ends and is saved
+])
+def test_killed_subprocess_resumes_bit_identical(store, tmp_path, sig, block, stopped_at):
     args = [str(store), *CLI_ARGS, "--epochs", "10", "-q"]  # 30 steps, a checkpoint after each
     reference = tmp_path / "reference"
     assert CliRunner().invoke(train_main, [*args, "--out", str(reference)]).exit_code == 0
     out = tmp_path / "killed"
-    proc = start_blocked(_cli(*args, "--out", str(out)), tmp_path / "blocked", STREAMNN_TEST_BLOCK_AT_STEP=str(after))
+    proc = start_blocked(_cli(*args, "--out", str(out)), tmp_path / "blocked", **block)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == code, err
-    stopped_at = after + 1 if sig == signal.SIGTERM else after  # SIGTERM: the step under way ends, saved
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), err
     if sig == signal.SIGTERM:
         assert f"SIGTERM: stopped at step {stopped_at}" in err and "--resume" in err
-    assert int(get(load_checkpoint(out / LATEST), "progress.step")) == stopped_at  # the last complete one
+    step = int(get(load_checkpoint(out / LATEST), "progress.step"))  # the last complete checkpoint
+    if stopped_at is not None:
+        assert step == stopped_at
+    else:  # the killed write left its temporary file; the checkpoint before it is intact
+        assert [p for p in os.listdir(out) if p.startswith(TMP_PREFIX)]
     resumed = subprocess.run(_cli(*args, "--out", str(out), "--resume"), capture_output=True, text=True, timeout=60)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(reference, out)

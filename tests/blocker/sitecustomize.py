@@ -5,6 +5,8 @@ known point instead of racing it:
 - ``STREAMNN_TEST_BLOCK_ON=<file name>``: decoding that file waits until the process is killed.
 - ``STREAMNN_TEST_BLOCK_AT_STEP=<n>``: ``streamnn-train`` waits before step n + 1 until a stop
   is requested (SIGINT / SIGTERM) or the process is killed.
+- ``STREAMNN_TEST_BLOCK_IN_SAVE=<n>``: the n-th checkpoint save waits half-way (content written,
+  file neither closed nor renamed) until the process is killed.
 
 On starting to wait, the process creates the file named by ``STREAMNN_TEST_BLOCKED`` (the
 test waits for it). The waits are loops of short sleeps: a signal is acted on within 50 ms.
@@ -15,6 +17,7 @@ from pathlib import Path
 
 BLOCK_ON = os.environ.get("STREAMNN_TEST_BLOCK_ON")
 BLOCK_AT_STEP = os.environ.get("STREAMNN_TEST_BLOCK_AT_STEP")
+BLOCK_IN_SAVE = os.environ.get("STREAMNN_TEST_BLOCK_IN_SAVE")
 
 
 def _waiting() -> None:
@@ -48,3 +51,21 @@ if BLOCK_AT_STEP:
         _train_step(self, X, Y)
 
     streamnn.train.Trainer._train_step = _blocking_train_step
+
+if BLOCK_IN_SAVE:
+    import streamnn.checkpoint
+
+    _write_group = streamnn.checkpoint._write_group
+    _saves = 0
+
+    def _blocking_write_group(group, content):
+        global _saves
+        _write_group(group, content)
+        if group.name == "/content":  # the top level of one checkpoint
+            _saves += 1
+            if _saves == int(BLOCK_IN_SAVE):
+                _waiting()
+                while True:
+                    time.sleep(0.05)
+
+    streamnn.checkpoint._write_group = _blocking_write_group
