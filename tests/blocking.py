@@ -12,7 +12,7 @@ BLOCKER = Path(__file__).parent / "blocker"
 def start_blocked(cmd: list[str], marker: Path, timeout: float = 60, **block: str) -> subprocess.Popen:
     """Run ``cmd`` with the blocker's ``STREAMNN_TEST_*`` settings ``block``; return once it waits."""
     env = {**os.environ, **block, "STREAMNN_TEST_BLOCKED": str(marker),
-           "PYTHONPATH": os.pathsep.join([str(BLOCKER), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(BLOCKER), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + timeout
     while not marker.exists():
