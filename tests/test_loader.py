@@ -525,7 +525,7 @@ def _rest_of_epoch(loader, queue):
                                                 ("forkserver", None)])
 def test_loader_in_a_child_process(tmp_path, threaded, method, compression):
     if method not in multiprocessing.get_all_start_methods():
-        pytest.skip(f"{method} is not available here")
+        pytest.skip(f"start method {method!r} does not exist on this platform (Windows has spawn only)")
     path = tmp_path / "s.h5"
     px, _ = make_store(path, 60, "uint8", compression)
     with Loader(path, "train", 7, seed=4, prefetch=2) as L:
@@ -546,7 +546,7 @@ def _continue_loop(it, queue):
 def test_forked_child_continues_a_running_loop(tmp_path, threaded):
     global PX60
     if "fork" not in multiprocessing.get_all_start_methods():
-        pytest.skip("no fork here")
+        pytest.skip("start method 'fork' does not exist on this platform (Windows)")
     path = tmp_path / "s.h5"
     PX60, _ = make_store(path, 60, "uint8")
     with Loader(path, "train", 7, seed=4) as L:
