@@ -1,0 +1,79 @@
+"""What every command shares: click settings and the one boundary between errors and exit codes.
+
+A command's body runs inside :func:`user_errors`; whatever goes wrong becomes one line on
+stderr and an exit status, never a traceback:
+
+=========================================  ====================================  ======
+raised                                     printed                               status
+=========================================  ====================================  ======
+:class:`~streamnn.errors.StreamnnError`    ``Error: <its one-line message>``     1
+:class:`OSError` (disk full, read-only,    ``Error: <path>: <strerror>``         1
+name too long, permission denied, ...)
+:class:`KeyboardInterrupt` (Ctrl-C;        ``Error: interrupted`` (+ what was    130
+SIGTERM is mapped to it by                 kept, when the command says)
+:func:`sigterm_as_interrupt`)
+=========================================  ====================================  ======
+
+Paths in messages are in :func:`streamnn.paths.path_text` form.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+import click
+
+from ..errors import StreamnnError
+from ..paths import path_text
+
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def fail(message: str, status: int = 1) -> NoReturn:
+    """Print ``Error: message`` on stderr and exit with ``status``."""
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(status)
+
+
+def os_error_message(exc: OSError) -> str:
+    """``<path>: <what the errno means>`` for an OSError (the path when it names one)."""
+    what = exc.strerror or (errno.errorcode.get(exc.errno or 0) if exc.errno else None) or str(exc)
+    if exc.filename is None:
+        return what
+    where = path_text(exc.filename)
+    if exc.filename2 is not None:
+        where += f" -> {path_text(exc.filename2)}"
+    return f"{where}: {what}"
+
+
+@contextlib.contextmanager
+def user_errors(interrupted: str = "interrupted") -> Iterator[None]:
+    """Turn streamnn errors, OS errors and Ctrl-C raised inside into ``Error: ...`` and an exit status."""
+    try:
+        yield
+    except StreamnnError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(os_error_message(exc))
+    except KeyboardInterrupt:
+        fail(interrupted, 130)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM (``kill <pid>``) raises KeyboardInterrupt, so it cleans up like Ctrl-C."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
