@@ -28,8 +28,11 @@ ranks and exits with the dead rank's status. But a rank that *leaves* while the 
 a collective (an exception, ``sys.exit``) hangs the job for ever: its ``MPI_Finalize`` and
 their allreduce wait for each other. So:
 
-* a rank that leaves with an error calls :meth:`Comm.abort`, which ends the job (the CLIs do
-  this for errors that only some ranks can see, :func:`streamnn.cli.common.user_errors`);
+* a rank that leaves with an error ends the job (:func:`leave`: ``MPI_Abort``), unless the
+  error is an :class:`AgreedError`, raised alike by every rank at the same point (a setup
+  step checked with :func:`agreed`, or a decision taken from reduced numbers): then rank 0
+  alone reports it and every rank exits normally. The CLIs' one error boundary,
+  :func:`streamnn.cli.common.user_errors`, applies this;
 * every collective here is non-blocking and polled against a deadline (``timeout`` seconds,
   default :data:`TIMEOUT` or ``$STREAMNN_MPI_TIMEOUT``): a rank whose peers stop answering
   (stopped, hung, on a lost machine) aborts the job with a message instead of waiting for ever.
@@ -41,13 +44,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping
-from typing import Any, NoReturn, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import numpy as np
 
 from .errors import StreamnnError
 
+T = TypeVar("T")
 #: Seconds a collective may wait for the other ranks before the job is aborted.
 TIMEOUT = 300.0
 SPIN_SECONDS = 0.01
@@ -55,6 +59,10 @@ INSTALL_HINT = "pip install 'streamnn[mpi]' (mpi4py and MPICH), or mpi4py built 
 #: (size, rank) variables of the launchers, first match wins.
 LAUNCHER_VARS = (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
                  ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"))
+
+
+class AgreedError(StreamnnError):
+    """An error every rank raises alike at the same point: reported once (rank 0), no abort."""
 
 
 class Comm(Protocol):
@@ -168,10 +176,45 @@ def world(timeout: float | None = None) -> Comm:
     try:
         import mpi4py  # noqa: F401 - only whether it is there
     except ImportError:
-        raise StreamnnError(f"started by mpiexec as rank {rank} of {size}, but mpi4py is not installed: "
+        raise AgreedError(f"started by mpiexec as rank {rank} of {size}, but mpi4py is not installed: "
                             f"{INSTALL_HINT}") from None
     comm = MPIComm(timeout)
     if comm.size != size:
-        raise StreamnnError(f"the launcher started {size} ranks but mpi4py's MPI sees {comm.size}: mpi4py is "
+        raise AgreedError(f"the launcher started {size} ranks but mpi4py's MPI sees {comm.size}: mpi4py is "
                             "built for another MPI than this mpiexec (use the mpiexec of the MPI mpi4py uses)")
     return comm
+
+
+def agreed(comm: Comm, step: Callable[[], T]) -> T:
+    """Run ``step`` on every rank, then agree (one small allreduce) that it worked everywhere.
+
+    If it failed on some rank, every rank raises :class:`AgreedError`: from the original
+    error on the rank that reports (rank 0 if it failed, else the first rank that failed), with
+    no message elsewhere (printed by nobody), so a bad input gives one line, not K.
+    """
+    if comm.size == 1:
+        return step()
+    error: BaseException | None = None
+    result: Any = None
+    try:
+        result = step()
+    except (StreamnnError, OSError) as exc:
+        error = exc
+    failed = np.zeros(comm.size, np.int64)
+    failed[comm.rank] = error is not None
+    comm.allreduce(failed)
+    if failed.any():
+        reporter = int(np.flatnonzero(failed)[0])
+        if comm.rank == reporter and error is not None:
+            raise AgreedError(str(error) if isinstance(error, StreamnnError) else "") from error
+        raise AgreedError("")
+    return result
+
+
+def leave(status: int) -> NoReturn:
+    """Exit this rank with ``status``; under MPI with K > 1 ranks, end the whole job (``MPI_Abort``),
+    since the others may be waiting in a collective for this rank for ever."""
+    sys.stderr.flush()
+    if launcher_world()[1] > 1 and "mpi4py.MPI" in sys.modules:
+        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(status)
+    sys.exit(status)

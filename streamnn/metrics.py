@@ -83,6 +83,12 @@ class Metrics:
         self.confusion += confusion_matrix(labels, predicted, self.n_classes)
         return predicted
 
+    def reduce(self, comm: Any) -> None:
+        """Sum loss, count and confusion matrix over the ranks of ``comm`` (a :class:`streamnn.dist.Comm`)."""
+        sums = np.array([self.loss_sum, self.count], np.float64)  # counts stay exact below 2**53
+        comm.allreduce(sums, self.confusion)
+        self.loss_sum, self.count = float(sums[0]), int(sums[1])
+
     @property
     def loss(self) -> float:
         return self.loss_sum / self.count if self.count else float("nan")

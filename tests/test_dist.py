@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from mpi import run_ranks
+from mpi import ROOT, run_mpiexec, run_ranks
 from streamnn import StoreWriter, StreamnnError
 from streamnn.dist import SingleComm, launcher_world, world
 from streamnn.loader import Loader
@@ -113,13 +114,18 @@ def test_a_silent_rank_aborts_the_job_after_the_timeout(tmp_path):
     assert seconds < 20
 
 
-def make_id_store(path, n=23):
-    """Rows whose first pixel is the row number (n <= 256)."""
-    px = np.random.default_rng(0).integers(0, 256, (n, 2, 2, 3), dtype=np.uint8)
+def make_id_store(path, n=23, n_test=0):
+    """Rows whose first pixel is the row number (n <= 256); a "test" split of n_test random rows."""
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 256, (n, 2, 2, 3), dtype=np.uint8)
     px[:, 0, 0, 0] = np.arange(n)
     with StoreWriter(path, class_names=["a", "b"], image_shape=(2, 2, 3)) as w:
         w.add_split("train", n)
         w.write_rows("train", px, np.arange(n) % 2, [f"r{i}" for i in range(n)])
+        if n_test:
+            w.add_split("test", n_test)
+            w.write_rows("test", rng.integers(0, 256, (n_test, 2, 2, 3), dtype=np.uint8),
+                         rng.integers(0, 2, n_test), [f"t{i}" for i in range(n_test)])
         w.commit()
 
 
@@ -169,3 +175,39 @@ def test_mpi_tests_fail_in_ci_without_mpi_and_skip_elsewhere(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match=r"mpi4py .*not installed \(pip install -e '.\[test,mpi\]'\)"):
         mpi.require_mpi()
+
+
+def test_streamnn_eval_under_mpiexec_sums_the_shares(tmp_path):
+    from streamnn.train import Trainer
+
+    store = tmp_path / "s.h5"
+    make_id_store(store, n=40, n_test=37)
+    with Trainer({"store": str(store), "hidden": [4], "epochs": 1, "batch_size": 8}, tmp_path / "run",
+                 verbose=False) as trainer:
+        trainer.fit()
+    cmd = [sys.executable, "-m", "streamnn.cli.eval", str(tmp_path / "run" / "checkpoint-latest.h5"), str(store),
+           "--json", "--batch-size", "5", "--tta", "flip"]
+    one = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result, _ = run_mpiexec(2, cmd)
+    assert result.returncode == 0, result.stderr
+    a, b = json.loads(one.stdout), json.loads(result.stdout)  # printed once, by rank 0
+    assert b["n"] == a["n"] == 37 and b["confusion"] == a["confusion"] and b["accuracy"] == a["accuracy"]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)  # float32 model: BLAS rounds by batch width
+    assert b["per_class"] == a["per_class"]
+    bad, _ = run_mpiexec(2, [*cmd[:3], str(tmp_path / "missing.h5"), *cmd[4:]])
+    assert bad.returncode == 1 and bad.stderr.count("Error:") == 1, bad.stderr  # one line, not one per rank
+    assert "missing.h5" in bad.stderr
+
+
+def test_under_mpiexec_without_mpi4py_the_command_stops_with_one_line(tmp_path):
+    blocked = tmp_path / "blocked" / "mpi4py"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('blocked by the test')\n")
+    store = tmp_path / "s.h5"
+    make_id_store(store, n=10, n_test=5)
+    cmd = [sys.executable, "-m", "streamnn.cli.eval", str(tmp_path / "none.h5"), str(store)]
+    result, _ = run_mpiexec(2, cmd, env={"PYTHONPATH": str(blocked.parent)})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: started by mpiexec as rank 0 of 2, but mpi4py is not installed: pip install 'streamnn[mpi]' "
+        "(mpi4py and MPICH), or mpi4py built for your cluster's MPI"]

@@ -6,8 +6,9 @@ from typing import Any
 
 import click
 
-from ..errors import StreamnnError
+from ..dist import world
 from ..evaluate import evaluate_checkpoint
+from .common import user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -23,15 +24,18 @@ from ..evaluate import evaluate_checkpoint
 @click.option("--batch-size", type=int, default=256, show_default=True)
 def main(checkpoint: str, store: str, split: str, as_json: bool, errors_png: str | None, max_errors: int,
          tta: str, batch_size: int) -> None:
-    """Evaluate CHECKPOINT on a split of STORE (streamed; memory does not grow with the split)."""
-    try:
+    """Evaluate CHECKPOINT on a split of STORE (streamed; memory does not grow with the split).
+
+    Under `mpiexec -n K` every rank evaluates a share of the split and rank 0 prints the sums.
+    """
+    with user_errors():
+        comm = world()
         summary, errors = evaluate_checkpoint(checkpoint, store, split, tta=tta == "flip", batch_size=batch_size,
-                                              max_errors=max_errors if errors_png else 0)
+                                              max_errors=max_errors if errors_png else 0, comm=comm)
         if errors_png:
             summary["errors_png"] = _save_errors(errors_png, errors, summary["channel_order"])
-    except StreamnnError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+    if comm.rank == 0:
+        click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
 def _save_errors(path: str, errors: Any, channel_order: str) -> str | None:
