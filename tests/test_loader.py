@@ -72,7 +72,7 @@ def epoch_rows(loader, px):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(0, 50), batch=st.integers(1, 20), drop_last=st.booleans(), world=st.integers(1, 4),
        shuffle=st.booleans(), order=st.sampled_from(["exact", "block"]), block_rows=st.integers(1, 9),
-       prefetch=st.sampled_from([0, 2]), augment=st.sampled_from([None, "flip"]))
+       prefetch=st.sampled_from([0, 2]), augment=st.sampled_from([None, "flip", "shift=1/reflect", "flip,shift=2/zero"]))
 def test_ranks_together_give_the_one_process_batches(store50, threaded, n, batch, drop_last, world, shuffle, order,
                                                      block_rows, prefetch, augment):
     """Every epoch yields every sample once; rank r of W yields rows r, r+W, ... of each one-process batch."""
