@@ -86,8 +86,14 @@ def test_ranks_together_give_the_one_process_batches(store50, threaded, n, batch
 
     one, ranks = loader(0, 1), [loader(r, world) for r in range(world)]
     try:
+        def batches(L, epoch):
+            out = [(L.batch_rows(epoch, k).tolist(), X.copy()) for k, (X, _) in enumerate(L)]
+            if not augment:  # the pixels say which rows were read (a shift moves the pixels that tell)
+                assert all(ids == row_ids(X, px) for ids, X in out)
+            return out
+
         for epoch in range(2):
-            whole = [(ids, X.copy()) for X, _ in one for ids in [row_ids(X, px)]]
+            whole = batches(one, epoch)
             assert len(whole) == len(one) and one.epoch == epoch + 1
             assert all(len(ids) == batch for ids, _ in whole[:-1])
             seen = [i for ids, _ in whole for i in ids]
@@ -97,7 +103,7 @@ def test_ranks_together_give_the_one_process_batches(store50, threaded, n, batch
                 assert seen == subset.tolist()[:len(seen)]
             for r, L in enumerate(ranks):
                 assert L.epoch == epoch and L.position == 0 and len(L) == len(one)
-                got = [(row_ids(X, px), X.copy()) for X, _ in L]
+                got = batches(L, epoch)
                 assert len(got) == len(whole) and L.epoch == epoch + 1
                 assert sum(len(ids) for ids, _ in got) == L.n_samples
                 for k, ((ids, X), (all_ids, all_X)) in enumerate(zip(got, whole)):
