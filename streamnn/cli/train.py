@@ -10,9 +10,11 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from ..dist import Comm, agreed, world
 from ..errors import StreamnnError
 from ..rundir import BEST, LATEST, RunDir
 from ..train import DEFAULTS, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES, Trainer, TrainingInterrupted, resolve_config
+from .common import user_errors
 
 # configuration keys set by differently named options
 _SOURCES = {"schedule_params": ("lr_decay", "lr_factor", "lr_every", "lr_min", "lr_param"),
@@ -120,28 +122,31 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
         out = str(Path("runs") / Path(store).stem)
     if force and resume:
         raise click.UsageError("--force and --resume exclude each other")
-    try:
-        if resume:
-            trainer = _resume(out, store, given, quiet, progress)
-        else:
-            if store is None:
-                raise click.UsageError("missing argument STORE")
-            run = RunDir(out)
-            with run.lock():  # not while another trainer uses the folder
-                run.prepare_new(force)
-            trainer = Trainer({**config, "store": store}, out, verbose=not quiet, echo=click.echo,
-                              progress=progress)
-        history = trainer.fit()
-    except TrainingInterrupted as exc:
-        click.echo(f"{exc}\nresume with: streamnn-train --resume --out {out}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo(f"\naborted without saving; {Path(out) / LATEST} holds the last saved state", err=True)
-        sys.exit(130)
-    except StreamnnError as exc:
-        raise click.ClickException(str(exc)) from None
-    if not quiet:
+    if not resume and store is None:
+        raise click.UsageError("missing argument STORE")
+    with user_errors(f"aborted without saving; {Path(out) / LATEST} holds the last saved state"):
+        comm = world()  # under mpiexec -n K: K ranks, rank 0 writes and speaks (streamnn.dist)
+        try:
+            if resume:
+                trainer = agreed(comm, lambda: _resume(out, store, given, quiet or comm.rank > 0, progress, comm))
+            else:
+                agreed(comm, lambda: _prepare_new(RunDir(out), force, comm.rank))
+                trainer = agreed(comm, lambda: Trainer({**config, "store": store}, out, verbose=not quiet,
+                                                       echo=click.echo, progress=progress, comm=comm))
+            history = trainer.fit()
+        except TrainingInterrupted as exc:  # every rank stops at the same step
+            if comm.rank == 0:
+                click.echo(f"{exc}\nresume with: streamnn-train --resume --out {out}", err=True)
+            sys.exit(exc.exit_code)
+    if not quiet and comm.rank == 0:
         click.echo(_final_summary(trainer, history))
+
+
+def _prepare_new(run: RunDir, force: bool, rank: int) -> None:
+    """Rank 0 checks (and with ``force`` empties) the folder for a new run; other ranks leave it alone."""
+    if rank == 0:
+        with run.lock():  # not while another trainer uses the folder
+            run.prepare_new(force)
 
 
 def _config_from_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +163,8 @@ def _config_from_options(options: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, progress: bool | None) -> Trainer:
+def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, progress: bool | None,
+            comm: Comm) -> Trainer:
     """Resume, refusing command-line options that contradict the saved configuration."""
     from ..runstate import load_run_config
     from ..store import open_store
@@ -180,7 +186,8 @@ def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, pro
     changes = {k: wanted[k] for k in RESUMABLE if k in given and wanted[k] != saved.get(k)}
     if changes and not quiet:
         click.echo(f"resuming with {', '.join(f'{k} {saved.get(k)} -> {v}' for k, v in changes.items())}")
-    return Trainer.resume(out, store=store, changes=changes, verbose=not quiet, echo=click.echo, progress=progress)
+    return Trainer.resume(out, store=store, changes=changes, verbose=not quiet, echo=click.echo, progress=progress,
+                          comm=comm)
 
 
 def _final_summary(trainer: Trainer, history: dict[str, list[float]]) -> str:
