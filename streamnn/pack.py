@@ -522,10 +522,10 @@ class _Worker:
                str(req_r), str(res_w), str(os.getpid())]
         # Started with SIGINT and SIGTERM blocked (the mask is inherited through exec): a
         # Ctrl-C sent to the whole process group never interrupts a worker's start-up.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         pass_fds=(req_r, res_w), env=env)
+            with _signals_deferred():
+                self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             pass_fds=(req_r, res_w), env=env)
         except BaseException:
             os.close(self.send_fd)
             os.close(self.recv_fd)
@@ -533,12 +533,12 @@ class _Worker:
         finally:
             os.close(req_r)
             os.close(res_w)
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         for fd in (self.send_fd, self.recv_fd):
             with contextlib.suppress(OSError, AttributeError):
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # Linux: fewer, larger reads
         os.set_blocking(self.send_fd, False)
-        self.outbox = bytearray(_LEN.pack(len(config := json.dumps(kwargs).encode())) + config)
+        config = json.dumps(kwargs).encode()
+        self.outbox = bytearray(_LEN.pack(len(config)) + config)  # the first frame: the decoding options
         self.inbox = bytearray()
         self.ready = False
         self.in_flight = 0
@@ -703,6 +703,18 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait (blocked) until the block is left: for steps that create
+    something to clean up and register it, which a signal in between would leak."""
+    stop = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -966,10 +978,12 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | str | tu
 
     check_skips()
     counts: dict[str, dict[str, int]] = {s: {c: 0 for c in plan.class_names} for s in sorted(plan.files)}
-    with _writing(out), _Decoder(workers, decode_kwargs(options)) as decoder, \
-            StoreWriter(out, class_names=plan.class_names, image_shape=image_shape, dtype=dtype,
-                        compression=compression, channel_order="GRAY" if grayscale else "BGR",
-                        command=command, options=options) as writer:
+    with _writing(out), contextlib.ExitStack() as stack:
+        with _signals_deferred():  # a Ctrl-C now finds the workers and the temporary file registered
+            decoder = stack.enter_context(_Decoder(workers, decode_kwargs(options)))
+            writer = stack.enter_context(StoreWriter(
+                out, class_names=plan.class_names, image_shape=image_shape, dtype=dtype, compression=compression,
+                channel_order="GRAY" if grayscale else "BGR", command=command, options=options))
         for split in sorted(plan.files):
             writer.add_split(split, len(plan.files[split]))
         sink, moments, done = _RowSink(writer, image_shape), RunningMoments(int(np.prod(image_shape))), 0
