@@ -52,13 +52,12 @@ a worker that dies makes packing fail with a message instead of hanging. Output 
 :class:`~streamnn.store.StoreWriter`: on any error or Ctrl-C (the CLI maps SIGTERM to it) the
 workers are killed and reaped and the temporary file removed, and a previous store stays as
 it was. A SIGKILLed run cannot clean up its ``.streamnn-tmp-*`` file; the next run writing the
-same output removes it. Disk full, read-only folders and I/O errors while writing become one
-:class:`StreamnnError` naming OUT and the errno's meaning.
+same output removes it. Disk full, read-only folders and I/O errors while writing become the
+OSError ``OUT: <what the errno means>`` (:func:`streamnn.atomic.write_error`), one line at the CLI.
 
 *What OUT may be* (:func:`_check_output`, before anything is written): not inside SRC (both
 resolved), not a folder, symbolic link, device, FIFO or socket, and, if it exists, only with
-``force`` and only if it is a streamnn store by content (:func:`is_store_file`); its name
-must leave room for the temporary names beside it.
+``force`` and only if it is a streamnn store by content (:func:`is_store_file`).
 
 *Links and names.* File links are read as files. A folder link is followed once, unless it
 leads back into SRC, to a folder holding SRC (a loop), or into or above a folder already
@@ -93,7 +92,7 @@ import numpy as np
 
 import h5py
 
-from .atomic import TMP_PREFIX
+from .atomic import temporary_prefix, write_error
 from .decode import (DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, DecodeError, decode_kwargs, decode_options,
                      load_image, parse_size)
 from .errors import StreamnnError
@@ -718,11 +717,6 @@ def _signals_deferred() -> Iterator[None]:
 
 
 # -- output ------------------------------------------------------------------------------------
-# Temporary names: the store's (TMP_PREFIX + name + ".XXXXXXXX") and, when skipped files make
-# the writer compact it, one beside that (TMP_PREFIX + that name + ".XXXXXXXX").
-_TMP_EXTRA = 2 * (len(TMP_PREFIX) + 9)
-
-
 def _within(path: str, folder: str) -> bool:
     """Whether the resolved ``path`` is ``folder`` or lies under it (both resolved)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
@@ -742,8 +736,8 @@ def is_store_file(path: str | os.PathLike) -> bool:
 
 
 def _check_output(out: Path, src: Path, force: bool) -> None:
-    """Refuse, before any work, an output that would destroy what is not ours (see the module
-    docstring), or whose temporary files could not be created."""
+    """Refuse, before anything is written, an output that would destroy what is not ours (see
+    the module docstring)."""
     where = path_text(out)
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
@@ -769,34 +763,24 @@ def _check_output(out: Path, src: Path, force: bool) -> None:
         if not is_store_file(out):
             raise StreamnnError("exists and is not a readable streamnn store; --force only replaces a store "
                                 "(move or delete the file yourself if it may go)", where)
-    try:
-        name_max = os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
-        name_max = 255
-    n = len(os.fsencode(out.name))
-    if n + _TMP_EXTRA > name_max:
-        raise StreamnnError(f"file name too long ({n} bytes): its temporary files need {_TMP_EXTRA} bytes more, "
-                            f"over this file system's limit of {name_max}; use at most {name_max - _TMP_EXTRA}", where)
 
 
 @contextlib.contextmanager
 def _writing(out: Path) -> Iterator[None]:
-    """Turn a failed write of the store (disk full, read-only, I/O error; h5py raises OSError
-    or RuntimeError with the errno inside its message) into one line naming the output."""
+    """A failed write of the store (disk full, read-only folder, I/O error; h5py raises OSError
+    or RuntimeError with the errno inside its message) becomes the OSError ``OUT: <meaning>``."""
     try:
         yield
     except (OSError, RuntimeError) as exc:
-        number = exc.errno if isinstance(exc, OSError) and exc.errno else None
-        found = re.search(r"errno = (\d+)", str(exc))
-        number = number or (int(found.group(1)) if found else None)
-        why = os.strerror(number) if number else (exc.strerror if isinstance(exc, OSError) and exc.strerror
-                                                  else str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise StreamnnError(f"cannot write the store ({why}); nothing written", path_text(out)) from None
+        raise write_error(exc, path_text(out)) from None
 
 
 def _stale_temps(out: Path) -> Iterator[Path]:
+    """Temporary files beside ``out`` named as :mod:`streamnn.atomic` names those of ``out``:
+    the store's, and the one its compaction writes beside that."""
     folder = out.parent if str(out.parent) else Path(".")
-    mine = (f"{TMP_PREFIX}{out.name}.", f"{TMP_PREFIX}{TMP_PREFIX}{out.name}.")
+    inner = temporary_prefix(out.name)
+    mine = (inner, temporary_prefix(inner)[:-1])
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             if name.startswith(mine):
