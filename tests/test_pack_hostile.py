@@ -338,15 +338,25 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def test_sigkill_of_the_run_leaves_no_process_and_closes_its_output(tmp_path):
-    """A worker is blocked decoding one file; the parent is SIGKILLed: every worker must die with
-    it, and a reader of the run's stdout/stderr must see end of file."""
+def start_blocked_pool_run(tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """A run with two workers, one of which waits (forever) decoding cat.7.jpg."""
     src = tmp_path / "src"
     make_tree(src, {"": {"cats": 40, "dogs": 40}}, h=10, w=10)
     proc, token = start_run([*POOL_CLI, str(src), "-o", str(tmp_path / "s.h5"), "--size", "8", "--workers", "2"],
                             tmp_path, STREAMNN_TEST_BLOCK_ON="cat.7.jpg")
     try:
         wait_for(lambda: (tmp_path / "blocked").exists(), 60, "the run did not reach the blocking point")
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc, token
+
+
+def test_sigkill_of_the_run_leaves_no_process_and_closes_its_output(tmp_path):
+    """A worker is blocked decoding one file; the parent is SIGKILLed: every worker must die with
+    it, and a reader of the run's stdout/stderr must see end of file."""
+    proc, token = start_blocked_pool_run(tmp_path)
+    try:
         assert len(run_processes(token)) == 3  # the run and its two workers
         proc.kill()
         t0 = time.monotonic()
@@ -360,12 +370,8 @@ def test_sigkill_of_the_run_leaves_no_process_and_closes_its_output(tmp_path):
 
 
 def test_a_dying_worker_is_an_error_not_a_hang(tmp_path):
-    src = tmp_path / "src"
-    make_tree(src, {"": {"a": 40, "b": 40}}, h=10, w=10)
-    proc, token = start_run([*POOL_CLI, str(src), "-o", str(tmp_path / "s.h5"), "--size", "8", "--workers", "2"],
-                            tmp_path, STREAMNN_TEST_BLOCK_ON="a.7.jpg")
+    proc, token = start_blocked_pool_run(tmp_path)
     try:
-        wait_for(lambda: (tmp_path / "blocked").exists(), 60, "the run did not reach the blocking point")
         for pid in run_processes(token):
             if pid != proc.pid:
                 os.kill(pid, signal.SIGKILL)
