@@ -590,8 +590,8 @@ class _Decoder:
         self.kwargs, self.workers = kwargs, []
         self._threads = cv2.getNumThreads()
         cv2.setNumThreads(1)  # this process decodes too (alone, or while the workers start)
-        if workers > 1 and not sys.executable:
-            log.warning("no Python executable to start worker processes with; decoding in-process")
+        if workers > 1 and (not sys.executable or os.name != "posix"):
+            log.warning("worker processes need a POSIX system and a Python executable; decoding in-process")
             workers = 1
         if workers > 1:
             package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
