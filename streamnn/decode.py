@@ -308,20 +308,19 @@ _capture_file: Any = None  # a temporary file, opened once per process
 @contextlib.contextmanager
 def _c_stderr() -> Iterator[list[bytes]]:
     """Inside, file descriptor 2 is a temporary file; on leaving, what was written there is
-    appended to the yielded list (empty when nothing was). If fd 2 cannot be saved (closed),
-    nothing is captured."""
+    appended to the yielded list (empty when nothing was). If fd 2 cannot be saved (closed)
+    or no temporary file can be made, nothing is captured."""
     global _capture_file
     said: list[bytes] = []
     with _capture_lock:
         try:
-            saved = os.dup(2)
+            if _capture_file is None:
+                _capture_file = tempfile.TemporaryFile()
+            cap, saved = _capture_file.fileno(), os.dup(2)
         except OSError:
             yield said
             return
         try:
-            if _capture_file is None:
-                _capture_file = tempfile.TemporaryFile()
-            cap = _capture_file.fileno()
             os.dup2(cap, 2)
             try:
                 yield said

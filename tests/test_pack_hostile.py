@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blocking import BLOCKER
-from imagetree import make_tree
+from imagetree import encode, make_tree, smooth_image
 from streamnn import StreamnnError, open_store
 from streamnn.atomic import TMP_PREFIX
 from streamnn.cli.pack import main as pack_main
-from streamnn.pack import is_store_file, pack
+from streamnn.pack import is_store_file, pack, scan_source
 from streamnn.paths import path_bytes, path_text
 
 PACK_CLI = [sys.executable, "-m", "streamnn.cli.pack"]
@@ -176,6 +176,29 @@ def test_folder_links_loops_and_duplicates(tmp_path):
     with open_store(tmp_path / "s.h5") as s:
         assert "training_set/cats/ext/more.1.jpg" in s.paths("train")
         assert dict(s.skipped()) == skipped
+
+
+_PLACES = ["src/a", "src/b", "src/a/deep", "out", "out/x"]
+_TARGETS = ["src", "src/a", "src/b", "src/a/deep", ".", "out", "out/x"]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(links=st.lists(st.tuples(st.sampled_from(_PLACES), st.sampled_from(_TARGETS)), max_size=6))
+def test_folder_links_never_pack_a_file_twice_nor_loop(tmp_path_factory, links):
+    """Whatever folder links point wherever: the scan ends, every real file of SRC is packed
+    exactly once, and files outside SRC at most once."""
+    base = tmp_path_factory.mktemp("links")
+    image = encode(smooth_image(1, 10, 10))
+    for folder in ("src/a/deep", "src/b", "out/x"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+        (base / folder / "img.jpg").write_bytes(image)
+    for i, (place, target) in enumerate(links):
+        (base / place / f"link{i}").symlink_to(base / target)
+    plan = scan_source(base / "src")
+    real = [os.path.realpath(plan.root / p) for items in plan.files.values() for p, _ in items]
+    assert len(real) == len(set(real))
+    inside = {os.path.realpath(base / f / "img.jpg") for f in ("src/a/deep", "src/b")}
+    assert inside <= set(real)
 
 
 def test_a_src_holding_only_links_to_itself_is_an_error(tmp_path):
