@@ -12,9 +12,10 @@ from click.core import ParameterSource
 
 from ..dist import Comm, agreed, world
 from ..errors import StreamnnError
+from ..paths import path_text
 from ..rundir import BEST, LATEST, RunDir
 from ..train import DEFAULTS, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES, Trainer, TrainingInterrupted, resolve_config
-from .common import user_errors
+from .common import CONTEXT_SETTINGS, rank_fail, user_errors
 
 # configuration keys set by differently named options
 _SOURCES = {"schedule_params": ("lr_decay", "lr_factor", "lr_every", "lr_min", "lr_param"),
@@ -41,7 +42,7 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
     return out
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("store", required=False, type=click.Path(dir_okay=False))
 @click.option("--model", type=click.Choice(MODELS), default=DEFAULTS["model"], show_default=True,
               help="logistic: logistic regression; mlp: fully connected network; cnn: convolutional network.")
@@ -124,7 +125,7 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
         raise click.UsageError("--force and --resume exclude each other")
     if not resume and store is None:
         raise click.UsageError("missing argument STORE")
-    with user_errors(f"aborted without saving; {Path(out) / LATEST} holds the last saved state"):
+    with user_errors():
         comm = world()  # under mpiexec -n K: K ranks, rank 0 writes and speaks (streamnn.dist)
         try:
             if resume:
@@ -136,8 +137,12 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
             history = trainer.fit()
         except TrainingInterrupted as exc:  # every rank stops at the same step
             if comm.rank == 0:
-                click.echo(f"{exc}\nresume with: streamnn-train --resume --out {out}", err=True)
+                click.echo(f"{exc}\nresume with: streamnn-train --resume --out {path_text(out)}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:  # a second signal: no agreement, so under mpiexec this ends the job
+            latest = Path(out) / LATEST
+            rank_fail(f"interrupted: aborted without saving; {path_text(latest)} holds the last saved state"
+                      if latest.is_file() else "interrupted before anything was saved", 130)
     if not quiet and comm.rank == 0:
         click.echo(_final_summary(trainer, history))
 
@@ -193,13 +198,13 @@ def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, pro
 def _final_summary(trainer: Trainer, history: dict[str, list[float]]) -> str:
     cfg, sel = trainer.config, trainer.selection
     if not history["epoch"]:
-        return f"outputs in {trainer.out}"
+        return f"outputs in {path_text(trainer.out)}"
     i = trainer.best_epoch - 1
     name = {"val": "validation", "eval": cfg["eval_split"], "train": "train"}[sel]
     text = f"{BEST}: epoch {trainer.best_epoch}, {name} accuracy {trainer.best:.4f}"
     if sel == "val" and cfg["eval_split"] and i >= 0 and not math.isnan(history["eval_accuracy"][i]):
         text += f", {cfg['eval_split']} accuracy {history['eval_accuracy'][i]:.4f} (not used for selection)"
-    return text + f"\noutputs in {trainer.out}"
+    return text + f"\noutputs in {path_text(trainer.out)}"
 
 
 if __name__ == "__main__":  # pragma: no cover
