@@ -35,6 +35,25 @@ to an uninterrupted one: parameters, optimizer state, ``checkpoint-latest.h5``,
 While :meth:`Trainer.fit` runs it holds an exclusive lock on the folder (:mod:`streamnn.rundir`),
 so two trainers never write into one folder.
 
+Data-parallel (``comm``, :mod:`streamnn.dist`). With K ranks every rank holds the whole model
+and runs this same loop on its interleaved share of each global batch (:mod:`streamnn.order`):
+
+    step:        forward of the share, dropout drawn for the global batch (``share``) ->
+                 backward with the global count m (``dZ = (A - Y) / m``, no L2 yet) ->
+                 one allreduce of ``model.flat_grads`` -> ``+= lambd/m W`` -> optimizer step,
+                 identical on every rank; then one small allreduce of the step's numbers
+                 (loss sum, train-metric sums) and of the ranks' stop flags.
+    stops:       a signal only sets this rank's flag; the ranks act on the *agreed* flags at the
+                 same points (after a step, at epoch end, before each evaluation batch), so all
+                 stop at one step and raise TrainingInterrupted together.
+    epoch end:   each rank evaluates its share, the metric sums are reduced; the ranks compare
+                 a digest of their parameters (an error if they differ).
+
+Only rank 0 writes (:mod:`streamnn.runwriter`: lock, CSVs, curves, checkpoints); its
+checkpoint is the one-process format, with the loader position as samples consumed, so a run
+resumes on any K. The initial (and restored) parameters are broadcast from rank 0. With one
+process every collective is the identity and the numbers are those of the one-process loop.
+
 Loading (:meth:`Trainer.load`) reads and verifies the file, checks store fingerprint and
 architecture, builds *new* model, optimizer and loader objects and loads their states; only
 when every check passed does it swap them in, so a bad checkpoint leaves the trainer as it was.
@@ -332,6 +351,9 @@ class Trainer:
             labels = store.labels(self.config["train_split"])
         self.n_classes = len(self.class_names)
         cfg = self.config
+        if self.comm.size > 1 and cfg["model"] == "cnn" and cfg["batch_norm"]:
+            raise AgreedError("--batch-norm is not data-parallel here (each rank would normalize its share with "
+                              "its own statistics, unlike one process): train it without mpiexec")
         self.train_rows, self.val_rows = (split_validation(labels, cfg["val_fraction"], cfg["seed"])
                                           if cfg["val_fraction"] > 0 else (None, None))
         self.n_train = len(self.train_rows) if self.train_rows is not None else len(labels)

@@ -157,3 +157,12 @@ def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes(store, tmp_p
     with Trainer.resume(out, verbose=False) as t:  # what the README says to run next, on any number of ranks
         t.fit()
         assert t.step == 21  # 3 epochs of 7 steps (45 rows, batch 7)
+
+
+def test_batch_norm_is_refused_under_mpiexec_with_one_line(store, tmp_path):
+    result, _ = run_mpiexec(2, train_cmd(store, tmp_path / "bn", "--model", "cnn", "--conv", "4", "--batch-norm"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: --batch-norm is not data-parallel here (each rank would normalize its share with its own statistics, "
+        "unlike one process): train it without mpiexec"]
+    assert not (tmp_path / "bn" / LATEST).exists()

@@ -112,6 +112,10 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
     Ctrl-C or SIGTERM saves a checkpoint after the current step and exits with 130 / 143;
     `--resume` continues it exactly. When resuming, options given on the command line must
     match the saved configuration (only --epochs may change).
+
+    `mpiexec -n K streamnn-train ...` trains data-parallel on K ranks (pip install
+    'streamnn[mpi]'): the same run as one process, --batch-size being the global batch;
+    rank 0 writes the outputs, and --resume works on any number of ranks.
     """
     explicit = {name for name in ctx.params
                 if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
