@@ -118,13 +118,13 @@ def test_two_ranks_train_the_one_process_run_and_resume_on_any_number(store, tmp
 
 
 def test_float32_ranks_equal_one_process_to_1e_5(store, tmp_path):
-    cfg = {**CONFIG, "store": str(store), "dtype": "float32", "epochs": 2}
+    cfg = {**CONFIG, "store": str(store), "dtype": "float32", "epochs": 1}
     single = one_process(cfg, tmp_path / "one")
     two, _ = job(tmp_path, "two", cfg, tmp_path / "two")
     np.testing.assert_allclose(two, single, rtol=1e-5, atol=1e-6)
 
 
-CLI = ["--hidden", "6", "--epochs", "3", "--batch-size", "7", "--eval-split", "none", "--dtype", "float64",
+CLI = ["--hidden", "6", "--epochs", "2", "--batch-size", "7", "--eval-split", "none", "--dtype", "float64",
        "--checkpoint-every", "2", "--seed", "2", "-q"]
 
 
@@ -145,7 +145,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step(store, tmp_path):
     again, _ = run_mpiexec(2, [sys.executable, "-m", "streamnn.cli.train", "--resume", "--out", str(tmp_path / "run"),
                                "-q"])
     assert again.returncode == 0, again.stderr
-    assert load_checkpoint(tmp_path / "run" / LATEST)["progress"]["epoch"] == 3
+    assert load_checkpoint(tmp_path / "run" / LATEST)["progress"]["epoch"] == 2
 
 
 def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes(store, tmp_path):
@@ -156,7 +156,7 @@ def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes(store, tmp_p
     assert content["progress"]["step"] == 4
     with Trainer.resume(out, verbose=False) as t:  # what the README says to run next, on any number of ranks
         t.fit()
-        assert t.step == 21  # 3 epochs of 7 steps (45 rows, batch 7)
+        assert t.step == 14  # 2 epochs of 7 steps (45 rows, batch 7)
 
 
 def test_batch_norm_is_refused_under_mpiexec_with_one_line(store, tmp_path):

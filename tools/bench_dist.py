@@ -33,19 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BATCH = 128
 
 
-def make_store(path: Path, rows: int, shape: tuple[int, int, int]) -> None:
-    from streamnn import StoreWriter
-
-    rng = np.random.default_rng(0)
-    with StoreWriter(path, class_names=["cats", "dogs"], image_shape=shape, command="bench_dist") as w:
-        w.add_split("train", rows)
-        for i in range(0, rows, 1000):
-            m = min(1000, rows - i)
-            w.write_rows("train", rng.integers(0, 256, (m, *shape), dtype=np.uint8), rng.integers(0, 2, m),
-                         [f"img/{j}.jpg" for j in range(i, i + m)])
-        w.commit()
-
-
 def worker(args: argparse.Namespace) -> None:
     """One rank of a timed run (started by mpiexec): prints JSON on rank 0."""
     from streamnn.dist import world
@@ -112,7 +99,9 @@ def main() -> None:
     shape = (32, 32, 3) if args.model == "cnn" else (64, 64, 3)
     with tempfile.TemporaryDirectory(prefix="bench_dist") as tmp:
         store = Path(tmp) / "bench.h5"
-        make_store(store, BATCH * (args.steps + 1), shape)
+        from bench_loader import make_store  # tools/ is on sys.path when this file runs as a script
+
+        make_store(str(store), BATCH * (args.steps + 1), shape=shape, command="bench_dist")
         runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
         for _ in range(args.repeats):
             for k in (1, 2):
