@@ -51,7 +51,7 @@ and runs this same loop on its interleaved share of each global batch (:mod:`str
 
 Only rank 0 writes (:mod:`streamnn.runwriter`: lock, CSVs, curves, checkpoints); its
 checkpoint is the one-process format, with the loader position as samples consumed, so a run
-resumes on any K. The initial (and restored) parameters are broadcast from rank 0. With one
+resumes on any K. fit() starts by broadcasting rank 0's parameters (new or restored). With one
 process every collective is the identity and the numbers are those of the one-process loop.
 
 Loading (:meth:`Trainer.load`) reads and verifies the file, checks store fingerprint and
@@ -78,7 +78,7 @@ import numpy as np
 
 from . import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
-from .dist import AgreedError, Comm, SingleComm
+from .dist import AgreedError, Comm, SingleComm, agreed
 from .errors import StreamnnError
 from .evaluate import EvaluationStopped, Preprocess, evaluate_batches, model_dtype
 from .metrics import Metrics
@@ -369,7 +369,6 @@ class Trainer:
         self._stop: int | None = None  # a signal this rank received (the ranks agree before acting on it)
         self._speed: float | None = None
         self.parts = self._build()
-        self._share_parameters()
 
     # -- building and state ----------------------------------------------------------------------
     def _build(self) -> Components:
@@ -389,7 +388,7 @@ class Trainer:
         return Components(model, optimizer, schedule, loader, Metrics(self.n_classes))
 
     def _share_parameters(self) -> None:
-        """Every rank starts from rank 0's parameters (Horovod's broadcast at start and after a restore)."""
+        """Every rank starts from rank 0's parameters (as Horovod broadcasts at start and after a restore)."""
         self.comm.broadcast(self.parts.model.flat_params)
 
     def ranks_digest(self) -> str:
@@ -458,7 +457,6 @@ class Trainer:
         self.epoch, self.epoch_step, self.step = progress["epoch"], progress["epoch_step"], progress["step"]
         self.best, self.best_epoch = progress["best"], progress["best_epoch"]
         self.history = history
-        self._share_parameters()
 
     def _restore(self, content: dict[str, Any], path: str | os.PathLike) -> tuple[Components, dict, dict]:
         fp = self.run_data().fingerprint
@@ -524,7 +522,10 @@ class Trainer:
             return self.history
         config_text = json.dumps({"format": CONFIG_FORMAT, **self.config, "streamnn_version": __version__},
                                  indent=2, sort_keys=True) + "\n"
-        with self.writer.session(self.step, config_text, self.history), self._signal_handlers():
+        with contextlib.ExitStack() as stack:  # rank 0 takes the lock; a refusal is every rank's error
+            agreed(self.comm, lambda: stack.enter_context(self.writer.session(self.step, config_text, self.history)))
+            stack.enter_context(self._signal_handlers())
+            self._share_parameters()
             self._say_selection()
             while self.epoch < self.config["epochs"]:
                 self._run_epoch(on_step)
