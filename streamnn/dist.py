@@ -77,6 +77,9 @@ class Comm(Protocol):
     def broadcast(self, buffer: np.ndarray) -> None:
         """Overwrite ``buffer`` with rank 0's (same shape and dtype on every rank)."""
 
+    def allgather(self, buffer: np.ndarray) -> None:
+        """Overwrite every rank's :func:`part` of the flat ``buffer`` with that rank's (in place)."""
+
     def broadcast_bytes(self, data: bytes) -> bytes:
         """Rank 0's ``data`` on every rank (what the others pass is ignored)."""
 
@@ -96,6 +99,9 @@ class SingleComm:
         pass
 
     def broadcast(self, buffer: np.ndarray) -> None:
+        pass
+
+    def allgather(self, buffer: np.ndarray) -> None:
         pass
 
     def broadcast_bytes(self, data: bytes) -> bytes:
@@ -139,6 +145,13 @@ class MPIComm:
     def broadcast(self, buffer: np.ndarray) -> None:
         self._wait([self._comm.Ibcast(buffer, root=0)], "broadcast")
 
+    def allgather(self, buffer: np.ndarray) -> None:
+        parts = [part(buffer.size, r, self.size) for r in range(self.size)]
+        from mpi4py.util.dtlib import from_numpy_dtype
+
+        spec = [buffer, [p.stop - p.start for p in parts], [p.start for p in parts], from_numpy_dtype(buffer.dtype)]
+        self._wait([self._comm.Iallgatherv(self._MPI.IN_PLACE, spec)], "allgather")
+
     def broadcast_bytes(self, data: bytes) -> bytes:
         n = np.array([len(data) if self.rank == 0 else 0], np.int64)
         self.broadcast(n)
@@ -153,6 +166,13 @@ class MPIComm:
         sys.stderr.flush()
         self._comm.Abort(status)
         raise SystemExit(status)  # not reached: Abort ends the process
+
+
+def part(n: int, rank: int, size: int) -> slice:
+    """Rank ``rank``'s contiguous part of a flat buffer of ``n`` entries split over ``size`` ranks."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
 
 
 def launcher_world(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
