@@ -215,6 +215,6 @@ def restore(content: Mapping[str, Any], path: str | os.PathLike, *, model: Any, 
 
 
 def _short(model_config: Mapping[str, Any]) -> str:
-    keys = ("type", "neuron_cnt", "n_features", "activation_func", "dtype")
+    keys = ("type", "neuron_cnt", "n_features", "activation_func", "conv", "hidden", "dtype")
     picked = {k: model_config[k] for k in keys if k in model_config} or dict(model_config)
     return json.dumps(picked, sort_keys=True)[:200]

@@ -72,7 +72,8 @@ from .store import checked_batches
 __all__ = ["BEST", "LATEST", "LOCK_FILE", "METRICS_CSV", "RUN_FILES", "STEPS_CSV", "Trainer", "TrainingInterrupted",
            "resolve_config", "run_lock"]
 
-MODELS = ("logistic", "mlp")
+MODELS = ("logistic", "mlp", "cnn")
+AUGMENTS = (None, "flip", "shift", "flip,shift")
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
 SCHEDULES = ("constant", "hyperbolic", "step", "exponential", "cosine")
 DTYPES = ("float32", "float64")
@@ -83,6 +84,9 @@ DEFAULTS: dict[str, Any] = {
     "eval_split": "auto",        # "auto": "test" when the store has it; None: no evaluation split
     "model": "mlp",
     "hidden": [128, 32],
+    "conv": [32, 64, 128],       # cnn: channels of each 3x3 conv + ReLU + 2x2 max-pool block
+    "kernel": 3,                 # cnn: convolution kernel size (odd)
+    "batch_norm": False,         # cnn: BatchNorm after every convolution
     "activation": "relu",
     "optimizer": "adam",
     "optimizer_params": {},      # e.g. {"beta1": 0.9} for adam, {"beta": 0.9} for momentum (streamnn.optim)
@@ -95,7 +99,9 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "dropout": 0.0,
     "standardize": False,
-    "augment": None,             # None | "flip"
+    "augment": None,             # None | "flip" | "shift" | "flip,shift"
+    "shift": 4,                  # shift augmentation: up to this many pixels
+    "shift_padding": "reflect",  # shift augmentation: "reflect" | "zero"
     "val_fraction": 0.0,         # seeded, stratified part of the training split used for selection
     "dtype": "float32",
     "seed": 0,
@@ -147,11 +153,21 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
             raise StreamnnError(message)
 
     for key, choices in (("model", MODELS), ("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
-                         ("dtype", DTYPES), ("order", ("exact", "block")), ("augment", (None, "flip"))):
+                         ("dtype", DTYPES), ("order", ("exact", "block")), ("augment", AUGMENTS),
+                         ("shift_padding", ("reflect", "zero"))):
         need(cfg[key] in choices, f"{key.replace('_', '-')} must be one of "
                                   f"{', '.join(str(c) for c in choices)}, not {cfg[key]!r}")
     cfg["hidden"] = [int(h) for h in (cfg["hidden"] or [])]
     need(all(h > 0 for h in cfg["hidden"]), f"hidden layer sizes must be positive: {cfg['hidden']}")
+    cfg["conv"] = [int(c) for c in (cfg["conv"] or [])]
+    cfg["kernel"], cfg["shift"], cfg["batch_norm"] = int(cfg["kernel"]), int(cfg["shift"]), bool(cfg["batch_norm"])
+    if cfg["model"] == "cnn":
+        need(all(c > 0 for c in cfg["conv"]), f"conv channel counts must be positive: {cfg['conv']}")
+        need(cfg["kernel"] >= 1 and cfg["kernel"] % 2 == 1, f"kernel must be an odd size, not {cfg['kernel']}")
+        h, w = store.image_shape[:2]
+        need(min(h, w) >= 2 ** len(cfg["conv"]), f"{len(cfg['conv'])} conv blocks halve {h}x{w} images below one "
+                                                 "pixel: give fewer --conv entries")
+    need(cfg["shift"] >= 1 or "shift" not in (cfg["augment"] or ""), "shift must be >= 1 pixel")
     if cfg["model"] == "logistic":
         cfg["hidden"], cfg["activation"], cfg["dropout"] = [], None, 0.0
     for key in ("epochs", "batch_size", "eval_batch_size"):
@@ -249,11 +265,16 @@ def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 # -- components --------------------------------------------------------------------------------
-def build_model(cfg: dict[str, Any], n_features: int, n_classes: int) -> Any:
+def build_model(cfg: dict[str, Any], n_features: int, n_classes: int,
+                image_shape: tuple[int, ...] | None = None) -> Any:
     """A fresh model for the configuration (binary: one sigmoid output; else softmax)."""
     from . import models
 
     dtype, seed = np.dtype(cfg["dtype"]).type, derive_seed(cfg["seed"], "model")
+    if cfg["model"] == "cnn":
+        return models.ConvNet(image_shape, cfg["conv"], cfg["hidden"], n_classes, kernel=cfg["kernel"],
+                              batch_norm=cfg["batch_norm"], dtype=dtype, weight_decay=cfg["weight_decay"],
+                              dropout=cfg["dropout"], seed=seed)
     if cfg["model"] == "logistic":
         return models.LogisticRegression(n_features, dtype=dtype, weight_decay=cfg["weight_decay"], seed=seed)
     sizes = [n_features, *cfg["hidden"], 1 if n_classes == 2 else n_classes]
@@ -329,13 +350,13 @@ class Trainer:
         from .schedules import make_schedule
 
         cfg = self.config
-        model = build_model(cfg, self.n_features, self.n_classes)
+        model = build_model(cfg, self.n_features, self.n_classes, self.image_shape)
         optimizer = make_optimizer(cfg["optimizer"], model, cfg["lr"], **cfg["optimizer_params"])
         schedule = make_schedule(cfg["lr_schedule"], cfg["lr"], **cfg["schedule_params"])
         loader = Loader(cfg["store"], cfg["train_split"], batch_size=cfg["batch_size"], shuffle=True,
                         seed=derive_seed(cfg["seed"], "loader"), standardize=cfg["standardize"],
                         augment=cfg["augment"], one_hot=self.n_classes > 2, order=cfg["order"],
-                        subset=self.train_rows)
+                        subset=self.train_rows, shift=cfg["shift"], shift_padding=cfg["shift_padding"])
         return Components(model, optimizer, schedule, loader, Metrics(self.n_classes))
 
     @property

@@ -44,9 +44,15 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("store", required=False, type=click.Path(dir_okay=False))
 @click.option("--model", type=click.Choice(MODELS), default=DEFAULTS["model"], show_default=True,
-              help="logistic: logistic regression; mlp: fully connected network.")
+              help="logistic: logistic regression; mlp: fully connected network; cnn: convolutional network.")
 @click.option("--hidden", default=",".join(map(str, DEFAULTS["hidden"])), show_default=True,
-              help="Hidden layer sizes of the mlp, comma separated ('' for none).")
+              help="Hidden (dense) layer sizes of the mlp or of the cnn's head, comma separated ('' for none).")
+@click.option("--conv", default=",".join(map(str, DEFAULTS["conv"])), show_default=True,
+              help="cnn: channels of each block (conv kernel x kernel 'same' + ReLU + 2x2 max-pool), comma separated.")
+@click.option("--kernel", type=int, default=DEFAULTS["kernel"], show_default=True,
+              help="cnn: convolution kernel size (3 or 5; any odd size).")
+@click.option("--batch-norm/--no-batch-norm", default=DEFAULTS["batch_norm"], show_default=True,
+              help="cnn: batch normalization after every convolution.")
 @click.option("--activation", default=DEFAULTS["activation"], show_default=True,
               help="Hidden-layer activation of the mlp (e.g. relu, tanh, sigmoid).")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS["optimizer"], show_default=True)
@@ -69,11 +75,15 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 @click.option("--weight-decay", type=float, default=DEFAULTS["weight_decay"], show_default=True,
               help="L2 regularization strength.")
 @click.option("--dropout", type=float, default=DEFAULTS["dropout"], show_default=True,
-              help="Dropout rate of hidden layers (mlp).")
+              help="Dropout rate of hidden dense layers (mlp, cnn).")
 @click.option("--standardize/--no-standardize", default=DEFAULTS["standardize"], show_default=True,
               help="Standardize inputs with the store's per-pixel training mean/std.")
-@click.option("--augment", type=click.Choice(["none", "flip"]), default="none", show_default=True,
-              help="Training augmentation: random horizontal flips.")
+@click.option("--augment", type=click.Choice(["none", "flip", "shift", "flip,shift"]), default="none",
+              show_default=True, help="Training augmentation: random horizontal flips and/or random translations.")
+@click.option("--shift", type=int, default=DEFAULTS["shift"], show_default=True, metavar="N",
+              help="Shift augmentation: translate by up to N pixels (each way, both axes).")
+@click.option("--shift-padding", type=click.Choice(["reflect", "zero"]), default=DEFAULTS["shift_padding"],
+              show_default=True, help="Shift augmentation: how the uncovered border is filled.")
 @click.option("--val-fraction", type=float, default=DEFAULTS["val_fraction"], show_default=True,
               help="Seeded, stratified part of the training split held out to select checkpoint-best.h5.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=DEFAULTS["dtype"], show_default=True)
@@ -139,6 +149,7 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
 def _config_from_options(options: dict[str, Any]) -> dict[str, Any]:
     cfg = {k: v for k, v in options.items() if k in DEFAULTS}
     cfg["hidden"] = _parse_hidden(options["hidden"])
+    cfg["conv"] = _parse_hidden(options["conv"])
     cfg["augment"] = None if options["augment"] == "none" else options["augment"]
     schedule = _parse_pairs(options["lr_param"], "--lr-param")
     for option, key in (("lr_decay", "decay"), ("lr_factor", "factor"), ("lr_every", "every"), ("lr_min", "min_lr")):
