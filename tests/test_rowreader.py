@@ -251,3 +251,25 @@ def test_chunked_stores_are_read_by_chunks_whatever_the_reader(tmp_path):
     with Loader(path, "train", 8, reader="pread") as L:
         assert L.reader_mode == "chunks"
         assert sorted(sum((row_ids(X, px) for X, _ in L), [])) == list(range(40))
+
+
+def test_training_reads_with_the_reader_asked_and_may_switch_on_resume(tmp_path):
+    from click.testing import CliRunner
+
+    from streamnn.checkpoint import differences, load_checkpoint
+    from streamnn.cli.train import main as train_main
+    from streamnn.train import LATEST
+    from test_train import make_store as make_train_store
+
+    store = make_train_store(tmp_path / "t.h5")
+    args = [str(store), "--hidden", "8", "--batch-size", "16", "--eval-split", "none", "--no-progress"]
+    r = CliRunner().invoke(train_main, [*args, "--epochs", "1", "--reader", "pread", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0 and "reading the store with pread (--reader pread)" in r.output, r.output
+    r = CliRunner().invoke(train_main, [*args, "--epochs", "2", "--reader", "mmap", "--out", str(tmp_path / "a"),
+                                        "--resume"])
+    assert r.exit_code == 0 and "reading the store with memmap (--reader mmap)" in r.output, r.output
+    r = CliRunner().invoke(train_main, [*args, "--epochs", "2", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0 and "reading the store with memmap (--reader auto)" in r.output, r.output
+    a, b = (load_checkpoint(tmp_path / run / LATEST) for run in ("a", "b"))
+    for part in ("model", "optimizer", "loader", "history"):  # the reader changes no bit
+        assert a[part] and not differences(a[part], b[part]), part
