@@ -17,7 +17,6 @@ error entry and the others continue.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import get, load_checkpoint
+from .checkpoint import load_checkpoint
 from .errors import StreamnnError
 from .metrics import Metrics
 from .transforms import STD_FLOOR, Preprocess, flip_columns, standardization  # noqa: F401 (re-exported)
@@ -116,20 +115,17 @@ class Predictor:
 
 
 def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | None = None) -> Predictor:
-    """Rebuild the model and preprocessing from loaded checkpoint content."""
-    from . import models
+    """Rebuild the model and preprocessing from loaded checkpoint content (validated, see :mod:`streamnn.runstate`)."""
+    from .runstate import read_data, read_model
 
-    model = models.from_config(json.loads(get(content, "model.config", path)))
-    model.load_state_dict(get(content, "model.state", path))
-    data = get(content, "data", path)
-    shape = tuple(int(s) for s in np.asarray(data["image_shape"]).tolist())
-    mean = data.get("mean") if data.get("standardize") else None
-    std = data.get("std") if data.get("standardize") else None
-    prep = Preprocess(shape, mean, std, dtype=model_dtype(model))  # type: ignore[arg-type]
-    options = json.loads(data.get("options", "{}"))
-    return Predictor(model, prep, list(data["class_names"]), shape, options,  # type: ignore[arg-type]
-                     str(data.get("channel_order", "BGR")), str(data["fingerprint"]),
-                     Path(path) if path is not None else None)
+    data = read_data(content, path)
+    model = read_model(content, path)
+    outputs = getattr(model, "n_classes", None)
+    if outputs is not None and outputs != (1 if len(data.class_names) == 2 else len(data.class_names)):
+        raise StreamnnError(f"checkpoint model has {outputs} outputs for {len(data.class_names)} classes", path)
+    prep = Preprocess(data.image_shape, data.mean, data.std, dtype=model_dtype(model))
+    return Predictor(model, prep, data.class_names, data.image_shape, data.options, data.channel_order,
+                     data.fingerprint, Path(path) if path is not None else None)
 
 
 def load_predictor(path: str | os.PathLike) -> Predictor:
@@ -141,7 +137,7 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
         if str(path) in str(exc):
             raise
         raise StreamnnError(str(exc), path) from None
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise StreamnnError(f"checkpoint cannot be used for inference ({exc.__class__.__name__}: {exc})",
                             path) from None
 

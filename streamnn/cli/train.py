@@ -11,8 +11,8 @@ import click
 from click.core import ParameterSource
 
 from ..errors import StreamnnError
-from ..train import (BEST, DEFAULTS, LATEST, MODELS, OPTIMIZERS, RESUMABLE, RUN_FILES, SCHEDULES, Trainer,
-                     TrainingInterrupted, resolve_config, run_lock)
+from ..rundir import BEST, LATEST, RunDir
+from ..train import DEFAULTS, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES, Trainer, TrainingInterrupted, resolve_config
 
 # configuration keys set by differently named options
 _SOURCES = {"schedule_params": ("lr_decay", "lr_factor", "lr_every", "lr_min", "lr_param"),
@@ -126,13 +126,9 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
         else:
             if store is None:
                 raise click.UsageError("missing argument STORE")
-            with run_lock(Path(out)):  # not while another trainer uses the folder
-                if force:
-                    for name in RUN_FILES:
-                        (Path(out) / name).unlink(missing_ok=True)
-                if (Path(out) / LATEST).exists():
-                    raise StreamnnError(f"already holds a run ({LATEST}): add --resume to continue it, "
-                                        "--force to start over, or choose another --out", out)
+            run = RunDir(out)
+            with run.lock():  # not while another trainer uses the folder
+                run.prepare_new(force)
             trainer = Trainer({**config, "store": store}, out, verbose=not quiet, echo=click.echo,
                               progress=progress)
         history = trainer.fit()
@@ -164,13 +160,15 @@ def _config_from_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, progress: bool | None) -> Trainer:
     """Resume, refusing command-line options that contradict the saved configuration."""
-    from ..checkpoint import get, load_checkpoint
+    from ..runstate import load_run_config
     from ..store import open_store
 
-    path = Path(out) / LATEST
+    run = RunDir(out)
+    run.check_run_names()
+    path = run / LATEST
     if not path.is_file():
         raise StreamnnError(f"nothing to resume: no {LATEST} here", out)
-    saved = json.loads(get(load_checkpoint(path), "config", path))
+    saved = load_run_config(path)
     with open_store(store or saved["store"]) as s:
         wanted = resolve_config({**saved, **given, "store": saved["store"]}, s)
     conflicts = [k for k in given if wanted.get(k) != saved.get(k) and k not in RESUMABLE]
