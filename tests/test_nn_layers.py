@@ -261,8 +261,8 @@ def test_conv_net_reads_feature_columns_as_images_and_round_trips_its_config():
     np.testing.assert_allclose(model.predict_proba(X[:, :5]), np.exp(manual) / np.exp(manual).sum(0), rtol=1e-5)
     again = from_config(model.config())
     assert np.array_equal(again.flat_params, model.flat_params)
-    generic = from_config(Network(model.layers and [layer_from_config(l.config()) for l in model.layers],
-                                  (8, 8, 3), "softmax", seed=4).config())
+    generic = Network([layer_from_config(layer.config()) for layer in model.layers], (8, 8, 3), "softmax", seed=4)
+    assert np.array_equal(from_config(generic.config()).flat_params, generic.flat_params)
     assert generic.flat_params.size == model.flat_params.size
     with pytest.raises(RuntimeError):
         model.backward(np.eye(3)[[0] * 70].T)  # the eval forward ended the train cache
