@@ -1,6 +1,7 @@
 """``streamnn-pack SRC -o OUT.h5``: image folders to a streamnn store (wraps :func:`streamnn.pack.pack`)."""
 from __future__ import annotations
 
+import functools
 import logging
 import shlex
 import signal
@@ -12,6 +13,7 @@ import click
 from ..decode import DEFAULT_MAX_PIXELS
 from ..errors import StreamnnError
 from ..pack import default_workers, pack
+from ..shards import CollectiveError, mpi_world, pack_sharded, rank_workers
 
 EPILOG = """\b
 Layouts: SRC/training_set/<class>/*, SRC/test_set/<class>/* (Kaggle; the splits
@@ -25,6 +27,13 @@ are ignored. Images are squashed to the square (or HxW) without keeping the
 aspect ratio, EXIF orientation is applied, alpha is dropped, and rows are
 written in an order shuffled by --seed. A class with no files in some split
 is a warning. Mean and std are of split "train" (else the first split by name).
+\b
+\b
+Sharded stores: --shards N, or under MPI (mpiexec -n K streamnn-pack SRC -o
+OUT.h5, with the streamnn[mpi] extra: rank r decodes its share of every split),
+write OUT.shards/part-<r>-of-<K>.h5 and the index OUT.h5, which opens as one
+store (HDF5 virtual datasets; the same rows, order, statistics and fingerprint
+as a one-file store). Move OUT.h5 and OUT.shards together.
 \b
 Exit status: 0 when the store is written (even with skipped files), 1 on an
 error, 130 on Ctrl-C or SIGTERM; OUT is then not written (a previous OUT stays).
@@ -44,6 +53,18 @@ def _command_line(ctx: click.Context) -> str:
         else:
             args += [flag, str(value)]
     return shlex.join(args)
+
+
+def _fail(comm: object, message: str, status: int, collective: bool) -> None:
+    """Report an error and exit; under MPI, an error only this rank met ends every rank
+    (MPI_Abort, after this rank has cleaned up), and one that all ranks share is printed once."""
+    rank = comm.Get_rank() if comm is not None else 0  # type: ignore[attr-defined]
+    if rank == 0 or not collective:
+        click.echo(f"Error: {'' if rank == 0 else f'rank {rank}: '}{message}", err=True)
+    if comm is not None and not collective:
+        sys.stderr.flush()
+        comm.Abort(status)  # type: ignore[attr-defined]
+    sys.exit(status)
 
 
 def _term_to_interrupt(signum: int, frame: object) -> None:
@@ -72,6 +93,9 @@ def _term_to_interrupt(signum: int, frame: object) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help=f"Decoding processes (default: all cores, {default_workers()} here); 1 decodes in-process. "
                    "The output does not depend on it.")
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="Write a sharded store: N shard files in OUT.shards/ and the index OUT (under "
+                   "mpiexec: one shard per rank, the default).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists (otherwise refuse).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Skip images whose header claims more pixels than this (decompression bombs).")
@@ -85,7 +109,7 @@ def _term_to_interrupt(signum: int, frame: object) -> None:
                    "decoded at 1/2, 1/4 or 1/8 scale when still at least the target size).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def main(src: str, out: str, size: str, per_class: int | None, classes: str | None, dtype: str,
-         compression: str, seed: int, workers: int | None, force: bool, max_pixels: int,
+         compression: str, seed: int, workers: int | None, shards: int | None, force: bool, max_pixels: int,
          max_skip_fraction: float, grayscale: bool, ignore_exif_orientation: bool, full_decode: bool,
          quiet: bool) -> None:
     """Pack the image folders under SRC into one HDF5 store OUT of flattened images.
@@ -96,6 +120,12 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
     logging.basicConfig(format="Warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
     previous_term = signal.signal(signal.SIGTERM, _term_to_interrupt)  # kill <pid>: clean up like Ctrl-C
     command = _command_line(click.get_current_context())
+    comm = mpi_world()
+    rank = comm.Get_rank() if comm is not None else 0
+    if comm is not None:
+        command = f"mpiexec -n {comm.Get_size()} {command}"
+        workers = rank_workers(comm) if workers is None else workers
+        quiet = quiet or rank != 0
     bar = None
     start = time.perf_counter()
 
@@ -112,7 +142,9 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
 
     try:
         try:
-            result = pack(src, out, size=size, per_class=per_class,
+            run = pack if comm is None and shards is None else functools.partial(pack_sharded, shards=shards,
+                                                                                  comm=comm)
+            result = run(src, out, size=size, per_class=per_class,
                           classes=classes.split(",") if classes else None, dtype=dtype,
                           compression=None if compression == "none" else compression, seed=seed,
                           workers=workers, force=force, max_pixels=max_pixels,
@@ -124,11 +156,9 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
             if bar is not None:
                 bar.__exit__(None, None, None)
     except StreamnnError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+        _fail(comm, str(exc), 1, collective=isinstance(exc, CollectiveError))
     except KeyboardInterrupt:
-        click.echo(f"Error: interrupted; nothing written ({out} left as it was)", err=True)
-        sys.exit(130)
+        _fail(comm, f"interrupted; nothing written ({out} left as it was)", 130, collective=False)
     if not quiet:
         click.echo(result.summary())
 
