@@ -64,7 +64,7 @@ import numpy as np
 from .atomic import TMP_PREFIX
 from .errors import StreamnnError
 from .pack import PackJob, PackResult, RunningMoments, SourcePlan, default_workers, prepare_pack, remove_stale_temps
-from .rowreader import RowReader, open_rows
+from .rowreader import MemmapReader, RowReader, open_rows
 from .store import StoreWriter
 
 FOLDER_SUFFIX = ".shards"
@@ -181,7 +181,14 @@ def segments(f: h5py.File, index: Path, split: str) -> list[tuple[Path, int]]:
 
 
 class SegmentReader(RowReader):
-    """Rows of a split spread over segments (one row reader per shard), read as one."""
+    """Rows of a split spread over segments (one row reader per shard), read as one.
+
+    Memory-mapped segments (the default) are copied row by row straight from the maps into
+    ``out`` (float32) or into a staging buffer converted in one pass (float16, uint8), as
+    the one-file gather does; a row of a few KB or more copies as fast this way as with
+    ``np.take`` (``tools/bench_shards.py``). Other segments read their rows into a float32
+    staging buffer, which is then put in batch order.
+    """
 
     def __init__(self, readers: Sequence[RowReader]) -> None:
         first = readers[0]
@@ -190,13 +197,18 @@ class SegmentReader(RowReader):
         self.mode = "segments:" + first.mode
         self.releases_gil = all(r.releases_gil for r in readers)
         self._starts = np.cumsum([0] + [r.n_rows for r in readers])
+        self._maps = ([r.row for r in readers] if all(isinstance(r, MemmapReader) for r in readers)
+                      else None)
         self._float: np.ndarray | None = None
 
     def read(self, rows: np.ndarray, out: np.ndarray) -> None:
         seg = np.searchsorted(self._starts, rows, side="right") - 1
-        if len(rows) and seg[0] == seg[-1] and (seg == seg[0]).all():
-            s = int(seg[0])
-            self.readers[s].read(rows - self._starts[s], out)
+        if self._maps is not None:
+            row, dest = self._maps, out if self._direct else self._staging(len(rows))
+            for j, (s, r) in enumerate(zip(seg.tolist(), (rows - self._starts[seg]).tolist())):
+                dest[j] = row[s](r)
+            if not self._direct:
+                self._convert(dest, out)
             return
         order = np.argsort(seg, kind="stable")
         bounds = np.searchsorted(seg[order], np.arange(len(self.readers) + 1))
@@ -213,7 +225,7 @@ class SegmentReader(RowReader):
         super().close()
         for reader in self.readers:
             reader.close()
-        self._float = None
+        self._maps = self._float = None
 
 
 def open_segments(f: h5py.File, index: Path, split: str, **kwargs: Any) -> SegmentReader:
@@ -333,21 +345,24 @@ def _decode_shard(job: PackJob, rank: int, size: int, decoder: Any, moments: Run
         raise
 
 
-def _write_index(job: PackJob, size: int, moments: RunningMoments, skipped: list[tuple[str, str]]) -> str:
-    """Write OUT, the index over the committed shards; remove shards of the folder it does
-    not reference. Returns the fingerprint."""
-    folder = shard_folder(job.out)
+def write_index(out: Path, size: int, *, store_kwargs: dict[str, Any], options: dict[str, Any],
+                splits: Sequence[str], stats: tuple[np.ndarray, np.ndarray] | None,
+                skipped: Sequence[tuple[str, str]]) -> str:
+    """Write the index ``out`` over the committed shards ``OUT.shards/part-<r>-of-<size>.h5``
+    (``store_kwargs`` and ``options`` as for :class:`~streamnn.store.StoreWriter`); remove
+    shard files of the folder it does not reference. Returns the fingerprint."""
+    folder = shard_folder(out)
     names = [part_name(r, size) for r in range(size)]
     records, rows = [], []
     for name in names:
         records.append(shard_record(folder / name, f"{folder.name}/{name}"))
         with h5py.File(folder / name, "r") as f:
-            rows.append({split: int(f[split]["y"].shape[0]) for split in job.plan.files})
-    with StoreWriter(job.out, **job.store_kwargs, options=job.options) as writer:
-        for split in sorted(job.plan.files):
+            rows.append({split: int(f[split]["y"].shape[0]) for split in splits})
+    with StoreWriter(out, **store_kwargs, options=options) as writer:
+        for split in sorted(splits):
             writer.add_virtual_split(split, [(rec["file"], n[split]) for rec, n in zip(records, rows)])
-        if moments.n:
-            writer.set_stats(moments.mean, moments.std)
+        if stats is not None:
+            writer.set_stats(*stats)
         writer.set_skipped(sorted(skipped))
         writer.set_attribute("shards", json.dumps(records))
         fingerprint = writer.commit()
@@ -356,6 +371,11 @@ def _write_index(job: PackJob, size: int, moments: RunningMoments, skipped: list
             with contextlib.suppress(OSError):
                 path.unlink()
     return fingerprint
+
+
+def _write_index(job: PackJob, size: int, moments: RunningMoments, skipped: list[tuple[str, str]]) -> str:
+    return write_index(job.out, size, store_kwargs=job.store_kwargs, options=job.options, splits=list(job.plan.files),
+                       stats=(moments.mean, moments.std) if moments.n else None, skipped=skipped)
 
 
 def _result(job: PackJob, skipped: list[tuple[str, str]], fingerprint: str) -> PackResult:
