@@ -3,6 +3,7 @@
 
     python tools/bench_shards.py                      # 8,000 rows of 64x64x3, K = 2 and 4, float32 and uint8
     python tools/bench_shards.py --rows 4000 --shards 3 --repeats 3
+    python tools/bench_shards.py --pack /work/shared/data/cat-and-dog/dataset   # packing: MPI vs workers
 
 Writes, in a temporary folder (deleted at the end), a one-file store of random pixels and
 the same rows as sharded stores (K shards written with StoreWriter, indexed by
@@ -12,11 +13,21 @@ stores so that noise hits them alike. Prints the median samples/s of each and th
 sharded / one-file (the issue's target: >= 0.9), and, for reference, h5py reading the
 virtual dataset directly (``X[sorted batch rows]``), what a loader without the segment
 reader would do. The page cache is warm (the stores were just written).
+
+``--pack SRC`` instead times packing SRC at 64x64 (float32; the files read once first, so the
+page cache is warm) with ``streamnn-pack --workers N``, ``streamnn-pack --shards N --workers
+N`` and ``mpiexec -n N streamnn-pack --workers 1`` (N = --ranks, default 2), each the whole
+command's wall time (interpreter and MPI start-up included), the three alternating, medians,
+and images/s relative to the first.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,13 +89,44 @@ def vds_epoch(path: Path, max_batches: int = 40) -> float:
         return n / (time.perf_counter() - t)
 
 
+def bench_pack(src: Path, ranks: int, repeats: int) -> None:
+    files = [p for p in src.rglob("*") if p.is_file()]
+    for p in files:
+        p.read_bytes()
+    pack = [sys.executable, "-m", "streamnn.cli.pack", str(src), "--size", "64", "-q", "--force"]
+    commands = {f"streamnn-pack --workers {ranks}": [*pack, "--workers", str(ranks)],
+                f"streamnn-pack --shards {ranks} --workers {ranks}": [*pack, "--shards", str(ranks),
+                                                                      "--workers", str(ranks)]}
+    if shutil.which("mpiexec"):
+        commands[f"mpiexec -n {ranks} streamnn-pack --workers 1"] = ["mpiexec", "-n", str(ranks), *pack,
+                                                                    "--workers", "1"]
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
+        for _ in range(repeats):
+            for name, cmd in commands.items():
+                t = time.perf_counter()
+                subprocess.run([*cmd, "-o", os.path.join(tmp, "s.h5")], check=True)
+                times[name].append(time.perf_counter() - t)
+    print(f"packing {len(files)} files at 64x64, whole-command wall time, median of {repeats} "
+          f"(load average {os.getloadavg()[0]:.1f})")
+    base = statistics.median(times[next(iter(times))])
+    for name, values in times.items():
+        med = statistics.median(values)
+        print(f"  {name:45s} {med:6.2f} s  {len(files) / med:6.0f} images/s   ratio {base / med:5.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=8000)
     ap.add_argument("--shards", default="2,4", help="comma-separated shard counts")
     ap.add_argument("--dtypes", default="float32,uint8")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--pack", type=Path, default=None, help="time packing this image folder instead")
+    ap.add_argument("--ranks", type=int, default=2, help="processes for --pack")
     args = ap.parse_args()
+    if args.pack is not None:
+        bench_pack(args.pack, args.ranks, args.repeats)
+        return
     counts = [int(k) for k in args.shards.split(",")]
     print(f"{args.rows} rows of {'x'.join(map(str, SHAPE))}, batch {BATCH}, exact shuffle, "
           f"median of {args.repeats} epochs (samples/s)")
