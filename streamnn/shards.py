@@ -427,7 +427,7 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, ranks: _Ranks,
             job.stale += _prepare_folder(job.out, wall0)
         except StreamnnError as exc:
             ranks.bcast(b"E" + str(exc).encode("utf-8", "surrogateescape"))
-            raise
+            raise CollectiveError(str(exc)) from None
         ranks.bcast(b"P" + plan_bytes(job.plan))
     else:
         data = ranks.bcast()

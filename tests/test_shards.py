@@ -160,6 +160,9 @@ def test_cli_shards_and_leftovers_of_killed_runs(src, one_file, tmp_path):
     assert "Removed 1 stale temporary file" in proc.stdout
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"] + [f"part-{r}-of-3.h5" for r in range(3)]
     assert_same_store(one_file, out)
+    info = subprocess.run([*INFO, str(out), "--verify"], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    assert "shards       3 files in" in info.stdout and "(and every shard its own)" in info.stdout
 
 
 def _mpiexec(n: int, *args: str) -> list[str]:
@@ -177,6 +180,15 @@ def test_mpiexec_two_ranks_write_the_same_store(src, one_file, tmp_path):
     assert_same_store(one_file, out)
     with open_store(out) as s:
         assert s.command.startswith("mpiexec -n 2 streamnn-pack")
+
+
+@needs_mpi
+def test_mpiexec_error_found_by_rank_0_is_reported_once(tmp_path):
+    proc = subprocess.run(_mpiexec(2, str(tmp_path / "nowhere"), "-o", str(tmp_path / "s.h5")),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert [line for line in proc.stderr.splitlines() if line.startswith("Error:")] == [
+        f"Error: {tmp_path / 'nowhere'}: no such folder"], proc.stderr
 
 
 @needs_mpi
