@@ -3,8 +3,9 @@
 Design. A checkpoint records everything inference needs (see :mod:`streamnn.train`): the
 model (config and parameters), the class names and image shape, the packing options that
 turned a photo into a stored row, and the standardization mean/std when training used it.
-:class:`Preprocess` is the one place where normalized rows (values in [0, 1], HWC order,
-one column per image) become model inputs: optional horizontal flip, then standardization.
+:class:`~streamnn.transforms.Preprocess` turns normalized rows (values in [0, 1], HWC order,
+one column per image) into model inputs: optional horizontal flip, then standardization,
+with the functions the training loader uses (:mod:`streamnn.transforms`).
 The trainer's per-epoch evaluation, ``streamnn-eval`` and ``streamnn-predict`` all go through
 it and through :func:`evaluate_batches`, so their numbers agree exactly.
 
@@ -16,7 +17,6 @@ error entry and the others continue.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,63 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import get, load_checkpoint
+from .checkpoint import load_checkpoint
 from .errors import StreamnnError
 from .metrics import Metrics
+from .transforms import STD_FLOOR, Preprocess, flip_columns, standardization  # noqa: F401 (re-exported)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-STD_FLOOR = 1e-8
-
-
-def standardization(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, 1/std) as float32 columns (D, 1); constant features (std ~ 0) are only centred."""
-    std = np.asarray(std, np.float64)
-    inv = np.where(std > STD_FLOOR, 1.0 / np.maximum(std, STD_FLOOR), 1.0)
-    return (np.asarray(mean, np.float64).astype(np.float32).reshape(-1, 1),
-            inv.astype(np.float32).reshape(-1, 1))
-
-
-def flip_columns(X: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
-    """Mirror every image (a column of HWC-flattened pixels) left to right."""
-    h, w, c = image_shape
-    return np.ascontiguousarray(X.reshape(h, w, c, -1)[:, ::-1]).reshape(X.shape)
-
-
-@dataclass
-class Preprocess:
-    """Normalized rows to model inputs: optional flip, then optional standardization."""
-
-    image_shape: tuple[int, int, int]
-    mean: np.ndarray | None = None
-    std: np.ndarray | None = None
-    dtype: Any = np.float32
-    _mean32: np.ndarray | None = field(default=None, init=False, repr=False)
-    _inv32: np.ndarray | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
-        if (self.mean is None) != (self.std is None):
-            raise ValueError("give both mean and std, or neither")
-        if self.mean is not None:
-            self._mean32, self._inv32 = standardization(self.mean, self.std)
-
-    @property
-    def standardize(self) -> bool:
-        return self.mean is not None
-
-    def __call__(self, X: np.ndarray, flip: bool = False) -> np.ndarray:
-        """X (D, B) float32 in [0, 1] -> model input (D, B) of the model's dtype."""
-        if flip:
-            X = flip_columns(X, self.image_shape)
-        if self._mean32 is not None:
-            X = (X - self._mean32) * self._inv32
-        return X.astype(self.dtype, copy=False)
-
-    def rows_from_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images (B, H, W, C) -> normalized columns (D, B) float32, as a store holds them."""
-        return (images.reshape(len(images), -1).astype(np.float32) * np.float32(1 / 255)).T.copy()
-
-
 def model_dtype(model: Any) -> np.dtype:
     """The floating dtype of a model's parameters."""
     return next(iter(model.params.values())).dtype
@@ -166,20 +115,17 @@ class Predictor:
 
 
 def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | None = None) -> Predictor:
-    """Rebuild the model and preprocessing from loaded checkpoint content."""
-    from . import models
+    """Rebuild the model and preprocessing from loaded checkpoint content (validated, see :mod:`streamnn.runstate`)."""
+    from .runstate import read_data, read_model
 
-    model = models.from_config(json.loads(get(content, "model.config", path)))
-    model.load_state_dict(get(content, "model.state", path))
-    data = get(content, "data", path)
-    shape = tuple(int(s) for s in np.asarray(data["image_shape"]).tolist())
-    mean = data.get("mean") if data.get("standardize") else None
-    std = data.get("std") if data.get("standardize") else None
-    prep = Preprocess(shape, mean, std, dtype=model_dtype(model))  # type: ignore[arg-type]
-    options = json.loads(data.get("options", "{}"))
-    return Predictor(model, prep, list(data["class_names"]), shape, options,  # type: ignore[arg-type]
-                     str(data.get("channel_order", "BGR")), str(data["fingerprint"]),
-                     Path(path) if path is not None else None)
+    data = read_data(content, path)
+    model = read_model(content, path)
+    outputs = getattr(model, "n_classes", None)
+    if outputs is not None and outputs != (1 if len(data.class_names) == 2 else len(data.class_names)):
+        raise StreamnnError(f"checkpoint model has {outputs} outputs for {len(data.class_names)} classes", path)
+    prep = Preprocess(data.image_shape, data.mean, data.std, dtype=model_dtype(model))
+    return Predictor(model, prep, data.class_names, data.image_shape, data.options, data.channel_order,
+                     data.fingerprint, Path(path) if path is not None else None)
 
 
 def load_predictor(path: str | os.PathLike) -> Predictor:
@@ -191,7 +137,7 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
         if str(path) in str(exc):
             raise
         raise StreamnnError(str(exc), path) from None
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise StreamnnError(f"checkpoint cannot be used for inference ({exc.__class__.__name__}: {exc})",
                             path) from None
 
