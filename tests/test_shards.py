@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -169,6 +170,12 @@ def _mpiexec(n: int, *args: str) -> list[str]:
     return ["mpiexec", "-n", str(n), sys.executable, "-m", "streamnn.cli.pack", *args]
 
 
+@pytest.fixture(autouse=True)
+def _private_tmpdir(tmp_path, monkeypatch):
+    """mpiexec (hydra) leaves a topology file in $TMPDIR per run: keep them in the test's folder."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 @needs_mpi
 def test_mpiexec_two_ranks_write_the_same_store(src, one_file, tmp_path):
     out = tmp_path / "s.h5"
@@ -234,6 +241,23 @@ def test_killed_rank_fails_the_command_and_leaves_no_index(src, one_file, tmp_pa
     # The next run removes what the killed one left (temporary shards), and succeeds.
     rerun = subprocess.run([*PACK, str(src), "-o", str(out), "--size", "6x8", "--seed", "4", "--workers", "1",
                             "--shards", "2"], capture_output=True, text=True, timeout=120)
+    # rank 1's temporary shard, and rank 0's unless it was killed before creating it
+    assert re.search(r"Removed [12] stale temporary file", rerun.stdout), rerun.stdout
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.name for p in shard_folder(out).iterdir()) == ["part-0-of-2.h5", "part-1-of-2.h5"]
     assert_same_store(one_file, out)
+
+
+@needs_mpi
+def test_ctrl_c_stops_every_rank(src, one_file, tmp_path):
+    out = tmp_path / "s.h5"
+    with open_store(one_file) as s:
+        blocked = Path(s.paths("train")[-1]).name  # rank 1 waits there; rank 0 waits for rank 1
+    proc = start_blocked(_mpiexec(2, str(src), "-o", str(out), "--size", "6x8", "--seed", "4", "--workers", "1"),
+                         tmp_path / "blocked", timeout=120, STREAMNN_TEST_BLOCK_ON=blocked)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal does to mpiexec
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert [line for line in err.splitlines() if line.startswith("Error:")] == [
+        f"Error: interrupted; nothing written ({out} left as it was)"], err
+    assert not out.exists() and not list(shard_folder(out).glob("part-*"))

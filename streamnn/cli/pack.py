@@ -57,9 +57,10 @@ def _command_line(ctx: click.Context) -> str:
 
 def _fail(comm: object, message: str, status: int, collective: bool) -> None:
     """Report an error and exit; under MPI, an error only this rank met ends every rank
-    (MPI_Abort, after this rank has cleaned up), and one that all ranks share is printed once."""
+    (MPI_Abort, after this rank has cleaned up), and one that all ranks share (or Ctrl-C,
+    which mpiexec sends to every rank) is printed once."""
     rank = comm.Get_rank() if comm is not None else 0  # type: ignore[attr-defined]
-    if rank == 0 or not collective:
+    if rank == 0 or not (collective or status == 130):
         click.echo(f"Error: {'' if rank == 0 else f'rank {rank}: '}{message}", err=True)
     if comm is not None and not collective:
         sys.stderr.flush()
