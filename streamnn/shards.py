@@ -37,10 +37,14 @@ ranks exchange rows and skipped files (JSON bytes) and the statistics' integer s
 shard renamed into place, and after that (a barrier) rank 0 writes the index, atomically.
 With ``--shards N`` (no MPI) one process plays every rank in turn, with one decoding pool.
 
-*Failures.* A rank that fails (or is killed) leaves no index: under MPI the command's rank
-aborts the job (``MPI_Abort``) after cleaning up its own files, and ``mpiexec`` ends the
-others; their temporary shards are removed by the next run writing the same OUT (as stale
-temporary files: unmodified since before that run started and not locked by HDF5). After
+*Failures.* A rank that fails (or is killed) leaves no index. A rank whose decoding fails
+(too many skipped files in its share, a dead worker, a read error) removes its temporary
+shard and reports the error at the exchange; rank 0 then tells every rank, each removes its
+own, and the error is reported once. Any other failure of a rank makes the command abort the
+job (``MPI_Abort``) after that rank has cleaned up, and ``mpiexec`` ends the others, as it
+does when a rank is killed; their temporary shards are removed by the next run writing the
+same OUT (as stale temporary files: unmodified since before that run started and not locked
+by HDF5). After
 an index is written, shard files of the folder's ``part-<r>-of-<K>.h5`` form that it does
 not reference (an earlier run with another K) are removed; nothing else in the folder is
 touched.
@@ -438,10 +442,14 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, ranks: _Ranks,
     moments = RunningMoments(job.n_features)
     if progress is not None:  # rank 0's share, scaled to the whole
         report, progress = progress, lambda done, total: report(min(total, done * size), total)
-    with job.decoder() as decoder:
-        writer, rows = _decode_shard(job, rank, size, decoder, moments, skipped, progress)
-    with writer:
-        reports = ranks.gather(json.dumps({"rows": rows, "skipped": skipped}).encode("ascii"))
+    writer, rows, error = None, 0, None
+    try:
+        with job.decoder() as decoder:
+            writer, rows = _decode_shard(job, rank, size, decoder, moments, skipped, progress)
+    except (StreamnnError, OSError) as exc:  # told to rank 0 below, which ends every rank cleanly
+        error = str(exc) if isinstance(exc, StreamnnError) else f"{exc.filename or ''}: {exc.strerror or exc}"
+    with writer or contextlib.nullcontext():
+        reports = ranks.gather(json.dumps({"rows": rows, "skipped": skipped, "error": error}).encode("ascii"))
         sums = ranks.reduce_sum(np.concatenate([[moments.n], moments.s1, moments.s2]).astype(np.int64))
         verdict = b""
         if rank == 0:
@@ -449,7 +457,10 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, ranks: _Ranks,
             skipped = [(p, why) for part in parts for p, why in part["skipped"]]
             d = job.n_features
             moments.n, moments.s1, moments.s2 = int(sums[0]), sums[1:1 + d], sums[1 + d:]
+            failed = [f"rank {r}: {part['error']}" for r, part in enumerate(parts) if part["error"]]
             try:
+                if failed:
+                    raise StreamnnError(failed[0])
                 job.check_skips(skipped)
                 job.check_usable(sum(part["rows"] for part in parts), skipped)
             except StreamnnError as exc:
@@ -457,6 +468,7 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, ranks: _Ranks,
         verdict = ranks.bcast(verdict)
         if verdict:
             raise CollectiveError(verdict.decode("utf-8", "surrogateescape"))
+        assert writer is not None
         writer.commit()
     ranks.barrier()  # every shard is in place
     fingerprint = _write_index(job, size, moments, skipped).encode() if rank == 0 else b""

@@ -205,8 +205,9 @@ def test_mpiexec_failing_rank_fails_the_command_with_one_error(src, tmp_path):
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "could not be packed" in errors[0], proc.stderr
+    assert errors[0].startswith("Error: rank 1: ")  # the broken file is in rank 1's share
     assert not (tmp_path / "s.h5").exists()
-    assert not list(shard_folder(tmp_path / "s.h5").glob("part-*"))  # (temporary shards: see the next test)
+    assert list(shard_folder(tmp_path / "s.h5").iterdir()) == []  # every rank removed its temporary shard
 
 
 def _rank_pid(root: int, rank: int) -> int:

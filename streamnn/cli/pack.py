@@ -64,6 +64,7 @@ def _fail(comm: object, message: str, status: int, collective: bool) -> None:
         click.echo(f"Error: {'' if rank == 0 else f'rank {rank}: '}{message}", err=True)
     if comm is not None and not collective:
         sys.stderr.flush()
+        time.sleep(0.2)  # let mpiexec pass the line on before it ends the ranks
         comm.Abort(status)  # type: ignore[attr-defined]
     sys.exit(status)
 
