@@ -67,7 +67,8 @@ import numpy as np
 
 from .atomic import TMP_PREFIX
 from .errors import StreamnnError
-from .pack import PackJob, PackResult, RunningMoments, SourcePlan, default_workers, prepare_pack, remove_stale_temps
+from .pack import (PackJob, PackResult, RunningMoments, SourcePlan, _writing, default_workers, prepare_pack,
+                   remove_stale_temps)
 from .rowreader import MemmapReader, RowReader, open_rows
 from .store import StoreWriter
 
@@ -336,19 +337,6 @@ def _prepare_folder(out: Path, older_than: float) -> list[Path]:
     return removed
 
 
-def _decode_shard(job: PackJob, rank: int, size: int, decoder: Any, moments: RunningMoments,
-                  skipped: list[tuple[str, str]], progress: Callable[[int, int], None] | None
-                  ) -> tuple[StoreWriter, int]:
-    """Rank ``rank``'s share decoded into its (not yet committed) shard writer, and its rows."""
-    items = shard_items(job, rank, size)
-    writer = job.writer(shard_folder(job.out) / part_name(rank, size), items, shard=[rank, size])
-    try:
-        return writer, job.decode_into(writer, items, decoder, moments, skipped, progress)
-    except BaseException:
-        writer.abort()
-        raise
-
-
 def write_index(out: Path, size: int, *, store_kwargs: dict[str, Any], options: dict[str, Any],
                 splits: Sequence[str], stats: tuple[np.ndarray, np.ndarray] | None,
                 skipped: Sequence[tuple[str, str]]) -> str:
@@ -409,13 +397,15 @@ def pack_sharded(src: str | os.PathLike, out: str | os.PathLike, *, shards: int 
     job = prepare_pack(src, out, **kwargs)
     job.stale += _prepare_folder(job.out, wall0)
     skipped, moments = list(job.plan.skipped), RunningMoments(job.n_features)
-    with job.decoder() as decoder, contextlib.ExitStack() as stack:
-        writers, rows = [], 0
-        for rank in range(size):
-            writer, n = _decode_shard(job, rank, size, decoder, moments, skipped, progress)
-            writers.append(stack.enter_context(writer))
-            rows += n
+    folder = shard_folder(job.out)
+    with _writing(folder), contextlib.ExitStack() as stack:
+        shares = [shard_items(job, rank, size) for rank in range(size)]
+        decoder, writers = job.start(stack, [(folder / part_name(rank, size), items, {"shard": [rank, size]})
+                                             for rank, items in enumerate(shares)])
+        rows = sum(job.decode_into(writer, items, decoder, moments, skipped, progress)
+                   for writer, items in zip(writers, shares))
         job.check_usable(rows, skipped)
+        decoder.close()
         for writer in writers:
             writer.commit()
     return _result(job, skipped, _write_index(job, size, moments, skipped))
@@ -442,13 +432,22 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, ranks: _Ranks,
     moments = RunningMoments(job.n_features)
     if progress is not None:  # rank 0's share, scaled to the whole
         report, progress = progress, lambda done, total: report(min(total, done * size), total)
-    writer, rows, error = None, 0, None
+    items, error = shard_items(job, rank, size), None
+    stack = contextlib.ExitStack()
     try:
-        with job.decoder() as decoder:
-            writer, rows = _decode_shard(job, rank, size, decoder, moments, skipped, progress)
+        with _writing(shard_folder(job.out)):
+            decoder, (writer,) = job.start(stack, [(shard_folder(job.out) / part_name(rank, size), items,
+                                                    {"shard": [rank, size]})])
+            rows = job.decode_into(writer, items, decoder, moments, skipped, progress)
+            decoder.close()
     except (StreamnnError, OSError) as exc:  # told to rank 0 below, which ends every rank cleanly
-        error = str(exc) if isinstance(exc, StreamnnError) else f"{exc.filename or ''}: {exc.strerror or exc}"
-    with writer or contextlib.nullcontext():
+        stack.__exit__(type(exc), exc, exc.__traceback__)  # the temporary shard is removed
+        error, rows = (str(exc) if isinstance(exc, StreamnnError) else
+                       f"{exc.filename or ''}: {exc.strerror or exc}"), 0
+    except BaseException as exc:
+        stack.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    with stack:
         reports = ranks.gather(json.dumps({"rows": rows, "skipped": skipped, "error": error}).encode("ascii"))
         sums = ranks.reduce_sum(np.concatenate([[moments.n], moments.s1, moments.s2]).astype(np.int64))
         verdict = b""
@@ -468,7 +467,6 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, ranks: _Ranks,
         verdict = ranks.bcast(verdict)
         if verdict:
             raise CollectiveError(verdict.decode("utf-8", "surrogateescape"))
-        assert writer is not None
         writer.commit()
     ranks.barrier()  # every shard is in place
     fingerprint = _write_index(job, size, moments, skipped).encode() if rank == 0 else b""
