@@ -67,8 +67,9 @@ import numpy as np
 
 from .atomic import TMP_PREFIX
 from .errors import StreamnnError
-from .pack import (PackJob, PackResult, RunningMoments, SourcePlan, _writing, default_workers, prepare_pack,
-                   remove_stale_temps)
+from .pack import (PackJob, PackResult, RunningMoments, SourcePlan, _within, _writing, default_workers,
+                   prepare_pack, remove_stale_temps)
+from .paths import path_text
 from .rowreader import MemmapReader, RowReader, open_rows
 from .store import StoreWriter
 
@@ -137,24 +138,24 @@ def check_index(f: h5py.File, index: Path, records_json: Any) -> list[Path]:
         records = json.loads(_plain(records_json))
         files = [str(r["file"]) for r in records]
     except (ValueError, TypeError, KeyError):
-        raise StreamnnError("the index's 'shards' attribute is unreadable", index) from None
+        raise StreamnnError("the index's 'shards' attribute is unreadable", path_text(index)) from None
     folder = index.parent
     paths = []
     for record in records:
         path = folder / record["file"]
         if not path.is_file():
-            raise StreamnnError(f"shard {record['file']} is missing (the store is incomplete)", index)
+            raise StreamnnError(f"shard {record['file']} is missing (the store is incomplete)", path_text(index))
         size = path.stat().st_size
         if size != record["size"]:
             raise StreamnnError(f"shard {record['file']} was altered (size {size} bytes, the index "
-                                f"recorded {record['size']})", index)
+                                f"recorded {record['size']})", path_text(index))
         try:
             actual = shard_record(path, record["file"])
         except (OSError, KeyError):
-            raise StreamnnError(f"shard {record['file']} is not a readable store", index) from None
+            raise StreamnnError(f"shard {record['file']} is not a readable store", path_text(index)) from None
         if actual != record:
             raise StreamnnError(f"shard {record['file']} was altered (its fingerprint or metadata "
-                                f"differ from what the index recorded)", index)
+                                f"differ from what the index recorded)", path_text(index))
         paths.append(path)
 
     def sources(name: str, obj: Any) -> None:
@@ -162,7 +163,7 @@ def check_index(f: h5py.File, index: Path, records_json: Any) -> list[Path]:
             for source in obj.virtual_sources():
                 if source.file_name not in files:
                     raise StreamnnError(f"dataset {name} reads {source.file_name}, which is not a "
-                                        f"recorded shard", index)
+                                        f"recorded shard", path_text(index))
 
     f.visititems(sources)
     return paths
@@ -177,11 +178,11 @@ def segments(f: h5py.File, index: Path, split: str) -> list[tuple[Path, int]]:
         lo, hi = source.vspace.get_select_bounds()
         rows = hi[0] - lo[0] + 1
         if lo[0] != start or source.dset_name != f"{split}/X":
-            raise StreamnnError(f"split {split!r}: virtual X is not a sequence of whole shards", index)
+            raise StreamnnError(f"split {split!r}: virtual X is not a sequence of whole shards", path_text(index))
         out.append((index.parent / source.file_name, rows))
         start += rows
     if start != dset.shape[0]:
-        raise StreamnnError(f"split {split!r}: the shards hold {start} rows, X has {dset.shape[0]}", index)
+        raise StreamnnError(f"split {split!r}: the shards hold {start} rows, X has {dset.shape[0]}", path_text(index))
     return out
 
 
@@ -245,9 +246,9 @@ def open_segments(f: h5py.File, index: Path, split: str, **kwargs: Any) -> Segme
             readers.append(reader)
             if reader.n_rows != rows:
                 raise StreamnnError(f"shard {record['file']} has {reader.n_rows} rows of split {split!r}, "
-                                    f"the index {rows}", index)
+                                    f"the index {rows}", path_text(index))
         if not readers:
-            raise StreamnnError(f"split {split!r} has no shard", index)
+            raise StreamnnError(f"split {split!r} has no shard", path_text(index))
         return SegmentReader(readers)
     except BaseException:
         for reader in readers:
@@ -323,11 +324,18 @@ def plan_from_bytes(data: bytes) -> SourcePlan:
                       ignored_hidden=int(d["ignored_hidden"]), warnings=d["warnings"])
 
 
-def _prepare_folder(out: Path, older_than: float) -> list[Path]:
-    """Create ``OUT.shards`` if needed; remove the temporary shards of killed runs in it."""
+def _prepare_folder(out: Path, src: Path, older_than: float) -> list[Path]:
+    """Create ``OUT.shards`` if needed (refusing a link, a non-folder, or one inside SRC or
+    holding it); remove the temporary shards of killed runs in it."""
     folder = shard_folder(out)
+    where = path_text(folder)
+    if folder.is_symlink():
+        raise StreamnnError("is a symbolic link; the shards go in a folder of that name beside OUT", where)
     if folder.exists() and not folder.is_dir():
-        raise StreamnnError("exists and is not a folder; the shards of a sharded store go there", folder)
+        raise StreamnnError("exists and is not a folder; the shards of a sharded store go there", where)
+    real, real_src = os.path.realpath(folder), os.path.realpath(src)
+    if _within(real, real_src) or _within(real_src, real):
+        raise StreamnnError(f"the shard folder and SRC {path_text(src)} overlap; write the store elsewhere", where)
     folder.mkdir(exist_ok=True)
     removed = []
     for tmp in folder.glob(TMP_PREFIX + "part-*-of-*.h5.*"):
@@ -395,7 +403,7 @@ def pack_sharded(src: str | os.PathLike, out: str | os.PathLike, *, shards: int 
         raise StreamnnError(f"shards must be at least 1, not {size}")
     wall0 = time.time()
     job = prepare_pack(src, out, **kwargs)
-    job.stale += _prepare_folder(job.out, wall0)
+    job.stale += _prepare_folder(job.out, job.src, wall0)
     skipped, moments = list(job.plan.skipped), RunningMoments(job.n_features)
     folder = shard_folder(job.out)
     with _writing(folder), contextlib.ExitStack() as stack:
@@ -418,7 +426,7 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, ranks: _Ranks,
         wall0 = time.time()
         try:
             job = prepare_pack(src, out, **kwargs)
-            job.stale += _prepare_folder(job.out, wall0)
+            job.stale += _prepare_folder(job.out, job.src, wall0)
         except StreamnnError as exc:
             ranks.bcast(b"E" + str(exc).encode("utf-8", "surrogateescape"))
             raise CollectiveError(str(exc)) from None

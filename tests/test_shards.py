@@ -169,6 +169,20 @@ def test_cli_shards_and_leftovers_of_killed_runs(src, one_file, tmp_path):
     assert "shards       3 files in" in info.stdout and "(and every shard its own)" in info.stdout
 
 
+def test_shard_folder_must_be_a_plain_folder_outside_src(src, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "s.shards").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StreamnnError, match="s.shards: is a symbolic link"):
+        pack_sharded(src, tmp_path / "s.h5", shards=2, **OPTIONS)
+    (tmp_path / "f.shards").write_text("mine")
+    with pytest.raises(StreamnnError, match="f.shards: exists and is not a folder"):
+        pack_sharded(src, tmp_path / "f.h5", shards=2, **OPTIONS)
+    shutil.copytree(src, tmp_path / "x.shards" / "src")
+    with pytest.raises(StreamnnError, match="the shard folder and SRC .* overlap"):
+        pack_sharded(tmp_path / "x.shards" / "src", tmp_path / "x.h5", shards=2, **OPTIONS)
+    assert list((tmp_path / "elsewhere").iterdir()) == [] and not (tmp_path / "s.h5").exists()
+
+
 def _mpiexec(n: int, *args: str) -> list[str]:
     return ["mpiexec", "-n", str(n), sys.executable, "-m", "streamnn.cli.pack", *args]
 
