@@ -94,7 +94,7 @@ import h5py
 
 from .atomic import temporary_prefix, write_error
 from .decode import (DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, DecodeError, decode_kwargs, decode_options,
-                     load_image, parse_size)
+                     load_image, parse_size, signals_deferred)
 from .errors import StreamnnError
 from .paths import path_text
 from .rng import make_rng
@@ -522,7 +522,7 @@ class _Worker:
         # Started with SIGINT and SIGTERM blocked (the mask is inherited through exec): a
         # Ctrl-C sent to the whole process group never interrupts a worker's start-up.
         try:
-            with _signals_deferred():
+            with signals_deferred():
                 self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                              pass_fds=(req_r, res_w), env=env)
         except BaseException:
@@ -555,10 +555,16 @@ class _Worker:
         del self.inbox[:_LEN.size + n]
         return data
 
+    def end_requests(self) -> None:
+        """Close the request pipe (once): the worker ends after the requests it has."""
+        if self.send_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.send_fd)
+            self.send_fd = -1
+
     def close(self, kill: bool) -> None:
         """End the process (at once if ``kill``, else at the end of its requests) and reap it."""
-        with contextlib.suppress(OSError):
-            os.close(self.send_fd)
+        self.end_requests()
         if kill:
             with contextlib.suppress(OSError):
                 self.proc.kill()
@@ -676,8 +682,7 @@ class _Decoder:
     def _close(self, failed: bool) -> None:
         cv2.setNumThreads(self._threads)
         for w in self.workers:  # first signal every process, then wait: no worker is left behind
-            with contextlib.suppress(OSError):
-                os.close(w.send_fd)
+            w.end_requests()
             if failed:
                 with contextlib.suppress(OSError):
                     w.proc.kill()
@@ -702,18 +707,6 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM wait (blocked) until the block is left: for steps that create
-    something to clean up and register it, which a signal in between would leak."""
-    stop = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -963,7 +956,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | str | tu
     check_skips()
     counts: dict[str, dict[str, int]] = {s: {c: 0 for c in plan.class_names} for s in sorted(plan.files)}
     with _writing(out), contextlib.ExitStack() as stack:
-        with _signals_deferred():  # a Ctrl-C now finds the workers and the temporary file registered
+        with signals_deferred():  # a Ctrl-C now finds the workers and the temporary file registered
             decoder = stack.enter_context(_Decoder(workers, decode_kwargs(options)))
             writer = stack.enter_context(StoreWriter(
                 out, class_names=plan.class_names, image_shape=image_shape, dtype=dtype, compression=compression,
