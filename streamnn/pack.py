@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import json
 import logging
 import math
@@ -482,22 +481,27 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: get SIGKILL when the parent dies, even by SIGKILL; then check that the parent
-    is still the one that started us (it may have died before the request took effect).
-    Elsewhere the worker ends when its request pipe reaches end of file."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
+# A worker's first lines, before the imports (about a second on a busy machine): on Linux, get
+# SIGKILL when the parent dies, even by SIGKILL (PR_SET_PDEATHSIG = 1). Elsewhere the worker
+# ends when its request pipe reaches end of file.
+_WORKER_BOOT = """\
+import ctypes, signal, sys
+if sys.platform.startswith("linux"):
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+from streamnn.pack import _worker_main
+_worker_main()
+"""
 
 
 def _worker_main() -> None:
-    """A decoding worker (``python -c "from streamnn.pack import _worker_main; _worker_main()"
-    <request fd> <result fd> <parent pid>``): decode requested chunks until end of file."""
+    """A decoding worker (``python -c _WORKER_BOOT <request fd> <result fd> <parent pid>``):
+    decode requested chunks until end of file."""
     requests, results, parent = (int(a) for a in sys.argv[1:4])
-    _die_with_parent(parent)
+    if os.getppid() != parent:  # the parent died before the death signal was arranged
+        os._exit(1)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # the parent handles them
     cv2.setNumThreads(1)
     config = _read_frame(requests)
@@ -517,8 +521,7 @@ class _Worker:
     def __init__(self, env: dict[str, str], kwargs: dict[str, Any]) -> None:
         req_r, self.send_fd = os.pipe()
         self.recv_fd, res_w = os.pipe()
-        cmd = [sys.executable, "-c", "from streamnn.pack import _worker_main; _worker_main()",
-               str(req_r), str(res_w), str(os.getpid())]
+        cmd = [sys.executable, "-c", _WORKER_BOOT, str(req_r), str(res_w), str(os.getpid())]
         # Started with SIGINT and SIGTERM blocked (the mask is inherited through exec): a
         # Ctrl-C sent to the whole process group never interrupts a worker's start-up.
         try:

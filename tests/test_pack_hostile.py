@@ -392,6 +392,22 @@ def test_sigkill_of_the_run_leaves_no_process_and_closes_its_output(tmp_path):
     assert proc.returncode == -signal.SIGKILL and b"Traceback" not in err
 
 
+def test_sigkill_while_the_workers_start_leaves_no_process(tmp_path):
+    """Killed while its workers are still importing NumPy and OpenCV: they die too."""
+    src = tmp_path / "src"
+    make_tree(src, {"": {"cats": 40, "dogs": 40}}, h=10, w=10)
+    proc, token = start_run([*POOL_CLI, str(src), "-o", str(tmp_path / "s.h5"), "--size", "8", "--workers", "2"],
+                            tmp_path)
+    try:
+        wait_for(lambda: len(run_processes(token)) >= 3 or proc.poll() is not None, 60, "no workers started")
+        proc.kill()
+        proc.communicate(timeout=10)
+        wait_for(lambda: not run_processes(token), 5, f"processes survived: {run_processes(token)}")
+    finally:
+        for pid in run_processes(token):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_dying_worker_is_an_error_not_a_hang(tmp_path):
     proc, token = start_blocked_pool_run(tmp_path)
     try:
