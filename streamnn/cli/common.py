@@ -108,7 +108,12 @@ def sigterm_as_interrupt() -> Iterator[StopRequest]:
         raise request.exception()
 
     def unraisable(info: Any) -> None:
-        if request.signum is None or not isinstance(info.exc_value, KeyboardInterrupt):
+        """Once stopping, drop the two messages Python prints for what we do on purpose: the
+        stop swallowed by a destructor, and a second signal already pending when it was set
+        to be ignored ("Signal N ignored due to race condition")."""
+        exc = info.exc_value
+        ours = isinstance(exc, KeyboardInterrupt) or (isinstance(exc, OSError) and "race condition" in str(exc))
+        if request.signum is None or not ours:
             previous_hook(info)
 
     previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
