@@ -308,7 +308,7 @@ class Loader:
         if reader.reads_ahead:  # announce the next batches along the epoch order (read meanwhile)
             for key in self._ahead(epoch, k + 1, -(-reader.ahead_rows // self.batch_size)):
                 reader.expect(key, self.batch_rows(*key))
-        reader.read(rows, out, key=(epoch, k))
+        out = reader.read(rows, out, key=(epoch, k))  # or the reader's own buffer (zero copy)
         aug = self._augment
         if aug.flip or aug.shift:
             h, w, c = self.image_shape
@@ -372,6 +372,7 @@ class Loader:
             if reader.n_rows != self.split_rows:
                 reader.close()
                 raise StreamnnError(f"split {self.split!r} changed size since the loader was made", self.path)
+            reader.lend = self.prefetch + 2  # as the X ring: the caller's two batches + the prefetched
             self._reader, self._pid = reader, os.getpid()
 
     @property
@@ -558,6 +559,8 @@ class Loader:
         # All checked: stop the prefetch work of the old stream, then apply.
         self._adopt_process()
         self._discard_all()
+        if self._reader is not None:
+            self._reader.forget()
         changed = any(getattr(self, k) != v for k, v in new.items())
         for k, v in new.items():
             setattr(self, k, v)

@@ -133,6 +133,7 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
 
     def progress(done: int, total: int) -> None:
         nonlocal bar
+        stop.check()
         if quiet or not sys.stderr.isatty():  # a bar only for a person watching
             return
         if bar is None:
@@ -145,7 +146,8 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
     if classes is not None and not classes.strip():
         fail("--classes is empty; give comma-separated class names")
     before = _identity(out)
-    with sigterm_as_interrupt(), user_errors(f"interrupted; nothing written ({path_text(out)} left as it was)"):
+    with sigterm_as_interrupt() as stop, \
+            user_errors(f"interrupted; nothing written ({path_text(out)} left as it was)"):
         try:
             result = pack(src, out, size=size, per_class=per_class,
                           classes=classes.split(",") if classes is not None else None, dtype=dtype,
@@ -154,6 +156,7 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
                           max_skip_fraction=max_skip_fraction, grayscale=grayscale,
                           exif_orientation=not ignore_exif_orientation, reduced_decoding=not full_decode,
                           command=command, progress=progress)
+            stop.check()  # a stop swallowed after the last progress call
         except KeyboardInterrupt as exc:  # after the rename into place, the store cannot be unwritten
             if _identity(out) != before and is_store_file(out):
                 fail(f"interrupted after the store was written ({path_text(out)} is the new, complete store)",
