@@ -208,7 +208,7 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
         need(store.n_classes == 2, f"logistic regression is binary but the store has {store.n_classes} "
                                    "classes: use --model mlp")
     need(store.n_classes >= 2, "the store needs at least two classes")
-    check_model_size(cfg, store.n_features, store.n_classes)
+    check_model_size(cfg, store)
     return cfg
 
 
@@ -234,14 +234,20 @@ def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def check_model_size(cfg: dict[str, Any], n_features: int, n_classes: int) -> None:
+def check_model_size(cfg: dict[str, Any], store: Any) -> None:
     """Refuse, before allocating, a model whose parameters and buffers exceed the memory available."""
-    from .budget import TRAINING_COPIES, check_fits, dense_parameter_count
+    from .budget import TRAINING_COPIES, check_fits, conv_parameter_count, dense_parameter_count
 
-    outputs = 1 if n_classes == 2 else n_classes
-    sizes = [n_features, outputs] if cfg["model"] == "logistic" else [n_features, *cfg["hidden"], outputs]
-    check_fits(dense_parameter_count(sizes), np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES,
-               f"the {cfg['model']} model {sizes}")
+    outputs = 1 if store.n_classes == 2 else store.n_classes
+    if cfg["model"] == "cnn":
+        count = conv_parameter_count(store.image_shape, cfg["conv"], cfg["hidden"], store.n_classes, cfg["kernel"],
+                                     cfg["batch_norm"])
+        what = f"the cnn model (conv {cfg['conv']}, hidden {cfg['hidden']})"
+    else:
+        sizes = [store.n_features, outputs] if cfg["model"] == "logistic" else [store.n_features, *cfg["hidden"],
+                                                                                 outputs]
+        count, what = dense_parameter_count(sizes), f"the {cfg['model']} model {sizes}"
+    check_fits(count, np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES, what)
 
 
 def selection_split(cfg: dict[str, Any]) -> str:

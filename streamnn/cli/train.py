@@ -101,7 +101,8 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: runs/<store name>].")
 @click.option("--force", is_flag=True,
-              help="Start a new run even if --out holds one (its run files are deleted first).")
+              help="Start a new run even if --out holds one, or other files: the earlier run's files "
+                   "(recognised by content) are deleted, nothing else is touched.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its checkpoint-latest.h5, with its saved configuration.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
