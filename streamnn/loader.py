@@ -65,16 +65,24 @@ keep it longer. Y is a fresh array every batch. (A fresh 3 MB X per batch made t
 loop ~4x slower: page faults on every new buffer.)
 
 I/O (:mod:`streamnn.rowreader`). Whole batches, never an h5py call per row. The default
-store layout (uncompressed, contiguous X) is memory-mapped: a batch is one ``np.take``
-gather from the map into the X buffer (uint8 / float16 via a staging buffer, scaled in one
-pass). Mapped pages are OS page cache, not private memory, so private memory is bounded by
-the buffers: ``(prefetch + 2)`` X buffers + one staging batch (+ augmentation scratch),
-plus index memory that does grow with N but is tiny next to the rows: 4 bytes per row of
-the split for labels and 8 per row for each cached epoch order (at most 3).
+store layout (uncompressed, contiguous X) is read one of two ways (``reader``: "auto",
+"mmap", "pread"; ``reader_mode`` says which was chosen). A store that fits in the page cache
+is memory-mapped: a batch is one ``np.take`` gather from the map into the X buffer (uint8 /
+float16 via a staging buffer, scaled in one pass). Mapped pages are OS page cache, not
+private memory, so private memory is bounded by the buffers: ``(prefetch + 2)`` X buffers +
+one staging batch (+ augmentation scratch), plus index memory that does grow with N but is
+tiny next to the rows: 4 bytes per row of the split for labels and 8 per row for each cached
+epoch order (at most 3). A store bigger than that ("auto": X over half the available memory)
+is read with positional reads from a pool of threads, nothing mapped: before producing batch
+k the loader announces the next batches of the order (about ``rowreader.AHEAD_ROWS`` rows,
+at most ``AHEAD_BYTES``) to the reader, which reads them ahead; float32 batches are then
+handed over in the reader's buffer (no copy; it stays untouched for ``prefetch + 2`` more
+batches, as the X ring). The reads ahead are pure work-ahead: a batch is still a function
+of (epoch, index) alone, the same bit for bit whatever the reader.
 Chunked/compressed stores read whole chunks, one h5py call each, into an LRU of
 ``window_blocks + 2`` decompressed chunks.
 
-Prefetch. With the memory map and ``prefetch`` > 0, one background thread can produce the
+Prefetch. With the memory map or pread and ``prefetch`` > 0, one background thread can produce the
 next ``prefetch`` batches (crossing into the next epoch) while the caller trains: the gather
 releases the GIL and never touches h5py, so it overlaps with the caller's BLAS calls. The
 thread is used only while it pays: the loader keeps running means of the caller's time
@@ -104,10 +112,11 @@ augment): the state decides the stream. Each rank keeps its own ``rank`` and ``w
 so every rank may load rank 0's state, saved with any world size (elastic resume).
 
 Processes. Nothing is opened in ``__init__`` except a validating look at the store
-(closed at once). The reader (and the prefetch thread) is created on first iteration in
-the process that iterates; ``close()`` / the context manager release them, and a later
-iteration reopens. A child made by ``fork`` notices the new pid and opens its own reader
-(never touching the parent's h5py handle or thread); pickling (``spawn``, ``forkserver``)
+(closed at once). The reader (its file, its pool of read threads) and the prefetch thread
+are created on first iteration in the process that iterates; ``close()`` / the context
+manager release them and join every thread, and a later iteration reopens. A child made by
+``fork`` notices the new pid and opens its own reader (never touching the parent's h5py
+handle, file or threads, which a fork does not copy anyway); pickling (``spawn``, ``forkserver``)
 drops reader, thread and buffers (``__getstate__``) and keeps the position.
 """
 from __future__ import annotations
@@ -301,7 +310,7 @@ class Loader:
         if reader.reads_ahead:  # announce the next batches along the epoch order (read meanwhile)
             for key in self._ahead(epoch, k + 1, -(-reader.ahead_rows // self.local_batch_size)):
                 reader.expect(key, self.batch_rows(*key))
-        reader.read(rows, out, key=(epoch, k))
+        out = reader.read(rows, out, key=(epoch, k))  # or the reader's own buffer (zero copy)
         aug = self._augment
         if aug.flip or aug.shift:
             h, w, c = self.image_shape
@@ -364,6 +373,7 @@ class Loader:
             if reader.n_rows != self.split_rows:
                 reader.close()
                 raise StreamnnError(f"split {self.split!r} changed size since the loader was made", self.path)
+            reader.lend = self.prefetch + 2  # as the X ring: the caller's two batches + the prefetched
             self._reader, self._pid = reader, os.getpid()
 
     @property
@@ -556,6 +566,8 @@ class Loader:
         # All checked: stop the prefetch work of the old stream, then apply.
         self._adopt_process()
         self._discard_all()
+        if self._reader is not None:
+            self._reader.forget()
         changed = any(getattr(self, k) != v for k, v in new.items())
         for k, v in new.items():
             setattr(self, k, v)

@@ -129,12 +129,13 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "seed": 0,
     "order": "exact",            # loader shuffle order: "exact" | "block"
+    "reader": "auto",            # loader I/O: "auto" | "mmap" | "pread" (streamnn.rowreader; may change on resume)
     "checkpoint_every": 0,       # steps; 0: only at epoch ends
 }
 # Schedule parameters (see streamnn.schedules) filled in when not given.
 SCHEDULE_DEFAULTS: dict[str, dict[str, float]] = {
     "hyperbolic": {"decay": 1.0}, "step": {"every": 10.0}, "exponential": {"factor": 0.95}}
-RESUMABLE = ("epochs",)          # options that may change when a run is resumed
+RESUMABLE = ("epochs", "reader")  # options that may change when a run is resumed
 
 
 class TrainingInterrupted(Exception):
@@ -180,7 +181,7 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
 
     for key, choices in (("model", MODELS), ("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
                          ("dtype", DTYPES), ("order", ("exact", "block")), ("augment", AUGMENTS),
-                         ("shift_padding", ("reflect", "zero"))):
+                         ("shift_padding", ("reflect", "zero")), ("reader", ("auto", "mmap", "pread"))):
         need(cfg[key] in choices, f"{key.replace('_', '-')} must be one of "
                                   f"{', '.join(str(c) for c in choices)}, not {cfg[key]!r}")
     cfg["hidden"] = [int(h) for h in (cfg["hidden"] or [])]
@@ -233,7 +234,7 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
         need(store.n_classes == 2, f"logistic regression is binary but the store has {store.n_classes} "
                                    "classes: use --model mlp")
     need(store.n_classes >= 2, "the store needs at least two classes")
-    check_model_size(cfg, store.n_features, store.n_classes)
+    check_model_size(cfg, store)
     return cfg
 
 
@@ -259,14 +260,20 @@ def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def check_model_size(cfg: dict[str, Any], n_features: int, n_classes: int) -> None:
+def check_model_size(cfg: dict[str, Any], store: Any) -> None:
     """Refuse, before allocating, a model whose parameters and buffers exceed the memory available."""
-    from .budget import TRAINING_COPIES, check_fits, dense_parameter_count
+    from .budget import TRAINING_COPIES, check_fits, conv_parameter_count, dense_parameter_count
 
-    outputs = 1 if n_classes == 2 else n_classes
-    sizes = [n_features, outputs] if cfg["model"] == "logistic" else [n_features, *cfg["hidden"], outputs]
-    check_fits(dense_parameter_count(sizes), np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES,
-               f"the {cfg['model']} model {sizes}")
+    outputs = 1 if store.n_classes == 2 else store.n_classes
+    if cfg["model"] == "cnn":
+        count = conv_parameter_count(store.image_shape, cfg["conv"], cfg["hidden"], store.n_classes, cfg["kernel"],
+                                     cfg["batch_norm"])
+        what = f"the cnn model (conv {cfg['conv']}, hidden {cfg['hidden']})"
+    else:
+        sizes = [store.n_features, outputs] if cfg["model"] == "logistic" else [store.n_features, *cfg["hidden"],
+                                                                                 outputs]
+        count, what = dense_parameter_count(sizes), f"the {cfg['model']} model {sizes}"
+    check_fits(count, np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES, what)
 
 
 def selection_split(cfg: dict[str, Any]) -> str:
@@ -387,7 +394,7 @@ class Trainer:
                         seed=derive_seed(cfg["seed"], "loader"), standardize=cfg["standardize"],
                         augment=cfg["augment"], one_hot=self.n_classes > 2, order=cfg["order"],
                         subset=self.train_rows, shift=cfg["shift"], shift_padding=cfg["shift_padding"],
-                        rank=self.comm.rank, world_size=self.comm.size)
+                        reader=cfg["reader"], rank=self.comm.rank, world_size=self.comm.size)
         return Components(model, optimizer, schedule, loader, Metrics(self.n_classes))
 
     def _share_parameters(self) -> None:
@@ -485,7 +492,7 @@ class Trainer:
         """Continue the run in ``out_dir`` from its latest checkpoint, with the saved configuration.
 
         ``store`` may point to the same store moved elsewhere (checked by fingerprint);
-        ``changes`` may only hold keys in RESUMABLE (``epochs``: extend or shorten the run).
+        ``changes`` may only hold keys in RESUMABLE (``epochs``: extend or shorten the run; ``reader``).
         """
         path = Path(out_dir) / LATEST
         if not path.is_file():
@@ -530,6 +537,7 @@ class Trainer:
             stack.enter_context(self._signal_handlers())
             self._share_parameters()
             self._say_selection()
+            self.say(f"reading the store with {self.parts.loader.reader_mode} (--reader {self.config['reader']})")
             while self.epoch < self.config["epochs"]:
                 self._run_epoch(on_step)
         return self.history
