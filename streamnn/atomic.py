@@ -3,16 +3,38 @@
 A crash or Ctrl-C at any moment leaves either the previous file or the complete new one,
 and never a half-written target. Temporary names start with ``.streamnn-tmp-`` so that
 stale ones from a killed run are recognisable and never mistaken for outputs.
+
+Symlinks. The temporary file is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` (a name that
+exists, a planted symlink included, is never opened). Before the rename the temporary name
+must still be a regular file (a writer may itself have replaced it by a rename, as store
+compaction does, but a symlink planted there is never fsynced, renamed or deleted: the
+output fails instead). The rename replaces a symlink at the target itself, never the file
+it points to. :func:`atomic_write`
+writes bytes through the descriptor, so it never opens a name at all.
+
+Long names. The temporary name is ``.streamnn-tmp-<target name>.<8 random>``; for a target
+name too long to fit in NAME_MAX with that, the target name is cut in the temporary name.
+
+Errors. HDF5 reports a failed write (disk full, file too large) as a RuntimeError or an
+OSError whose message holds ``errno = N``: :func:`write_error` turns it into the OSError
+``<target>: <what errno N means>`` that the command-line boundary prints.
 """
 from __future__ import annotations
 
 import contextlib
+import errno as _errno
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import StreamnnError
+
 TMP_PREFIX = ".streamnn-tmp-"
+_RANDOM_CHARS = 8   # what tempfile.mkstemp adds
+_NAME_MAX = 255
 
 
 def _default_mode() -> int:
@@ -26,11 +48,50 @@ _FILE_MODE = _default_mode()
 
 
 def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file's (or a folder's) data to disk."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else os.O_RDONLY
+    """Flush a file's (never through a symlink) or a folder's data to disk."""
+    is_dir = os.path.isdir(path)
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else getattr(os, "O_NOFOLLOW", 0))
     fd = os.open(path, flags)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_prefix(target_name: str, suffix: str = "") -> str:
+    """``.streamnn-tmp-<name>.``, the name cut so that the whole temporary name fits NAME_MAX."""
+    room = _NAME_MAX - len(TMP_PREFIX) - 1 - _RANDOM_CHARS - len(os.fsencode(suffix))
+    return TMP_PREFIX + os.fsdecode(os.fsencode(target_name)[:max(room, 1)]) + "."
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _atomic(target: str | os.PathLike, suffix: str = "") -> Iterator[tuple[Path, int]]:
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(target.name, suffix), suffix=suffix, dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        yield tmp, fd
+        if not _is_regular(tmp):
+            raise StreamnnError("the temporary file was replaced by a symlink or removed while it was "
+                                f"written; {target.name} was not replaced", tmp)
+        fsync_path(tmp)
+        os.replace(tmp, target)
+        with contextlib.suppress(OSError):
+            fsync_path(folder)
+    except BaseException:
+        if _is_regular(tmp):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
     finally:
         os.close(fd)
 
@@ -42,19 +103,27 @@ def atomic_output(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]
     On any exception (KeyboardInterrupt included) the temporary file is removed and the
     target is left as it was.
     """
-    target = Path(target)
-    folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", suffix=suffix, dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, _FILE_MODE)
-    try:
+    with _atomic(target, suffix) as (tmp, _fd):
         yield tmp
-        fsync_path(tmp)
-        os.replace(tmp, target)
-        with contextlib.suppress(OSError):
-            fsync_path(folder)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+
+
+def atomic_write(target: str | os.PathLike, data: bytes) -> None:
+    """Replace ``target`` by ``data`` atomically, writing through the temporary file's descriptor."""
+    with _atomic(target) as (_tmp, fd):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+_ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)")
+
+
+def write_error(exc: BaseException, target: str | os.PathLike) -> OSError | StreamnnError:
+    """An HDF5 write failure as ``OSError(errno, strerror, target)`` (or a StreamnnError naming target)."""
+    code = exc.errno if isinstance(exc, OSError) and exc.errno else None
+    if code is None:
+        found = _ERRNO_IN_MESSAGE.search(str(exc))
+        code = int(found.group(1)) if found else None
+    if code is not None and code in _errno.errorcode:
+        return OSError(code, os.strerror(code), os.fspath(target))
+    return StreamnnError(f"cannot write ({exc.__class__.__name__}: {' '.join(str(exc).split())[:160]})", target)

@@ -2,8 +2,11 @@
 
 Design, in the order the steps run on every file:
 
-0. **Read regular files only.** The file is opened non-blocking and checked with ``fstat``:
-   a FIFO, socket or device among the images is refused, never waited on.
+0. **Read regular files only, and the header first.** The file is opened non-blocking and
+   checked with ``fstat``: a FIFO, socket or device among the images is refused, never
+   waited on; a file larger than ``max_file_size`` (default 512 MiB: an uncompressed BMP of
+   ``max_pixels``) is refused unread. Then only its first 256 KiB are read, and a header
+   that claims more than ``max_pixels`` is refused before the rest is read.
 1. **Sniff, do not trust names.** The format comes from the first bytes (JPEG, PNG, GIF,
    BMP, WebP, TIFF, PNM have tiny header parsers here); a ``.jpg`` that holds text is
    rejected by content. Bytes of an unknown format are still offered to OpenCV, which
@@ -21,7 +24,20 @@ Design, in the order the steps run on every file:
 4. **Decode small.** For JPEGs, the largest ``IMREAD_REDUCED_*`` factor (2, 4 or 8: DCT
    scaling inside libjpeg-turbo) that still leaves the shorter side at least the longer
    target side; about 2-3x faster than a full decode at 64x64, PSNR ~36 dB against it.
-5. **Resize** with ``INTER_AREA`` straight to H x W: the aspect ratio is *not* kept
+5. **Listen to libjpeg.** libjpeg does not fail on damaged scan data: it fills what is
+   missing with grey and prints a warning on stderr (a header claiming 9000x9000 in front of
+   a small image: "Corrupt JPEG data: premature end of data segment", and a uniform grey
+   picture). Those warnings are the only signal, and they are written by C code straight to
+   file descriptor 2, so the decode runs with fd 2 pointed at a temporary file (a few
+   microseconds: ``dup2`` there and back under a lock; the one write a damaged file causes
+   cannot fill it). A ``Corrupt JPEG data`` or ``Premature end of JPEG file`` warning makes
+   the file a skipped one with that reason, except ``N extraneous bytes before marker``
+   (junk between segments: the pixels are complete, the image is kept and the warning
+   dropped). Anything else written there is passed on to stderr unchanged. libjpeg prints
+   only its *first* warning per image, so a harmless one can hide a later damaging one.
+   (A structural check cannot see this damage without decoding the Huffman data itself;
+   the end-of-image check of step 3 catches the common truncations without a decode.)
+6. **Resize** with ``INTER_AREA`` straight to H x W: the aspect ratio is *not* kept
    (squashed, as in the tutorial this project follows).
 
 Colour conversions are OpenCV's ``IMREAD_COLOR``/``IMREAD_GRAYSCALE``: gray and palette
@@ -33,10 +49,14 @@ rebuilds these settings from a store's ``options`` so prediction decodes like pa
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import stat
 import struct
-from collections.abc import Mapping
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +64,12 @@ import cv2
 import numpy as np
 
 from .errors import StreamnnError
+from .paths import path_text
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's MAX_IMAGE_PIXELS: int(1024 * 1024 * 1024 // 4 // 3)
+DEFAULT_MAX_FILE_SIZE = 512 << 20  # bytes; an uncompressed 24-bit BMP of DEFAULT_MAX_PIXELS is 256 MiB
 DEFAULT_SIZE = 64
+HEAD_BYTES = 256 << 10  # read before the rest, to check the header (JPEG APPn segments come first)
 
 _REDUCED = {
     (False, 1): cv2.IMREAD_COLOR, (False, 2): cv2.IMREAD_REDUCED_COLOR_2,
@@ -256,9 +279,12 @@ def decode_image(data: bytes | bytearray | memoryview | np.ndarray, size: int | 
         factor = reduction_factor(info.width, info.height, target)
     flags = _REDUCED[(grayscale, factor)] | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION)
     try:
-        img = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), flags)
+        with _c_stderr() as said:
+            img = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), flags)
     except cv2.error as exc:
         raise DecodeError(f"OpenCV cannot decode it ({_cv_message(exc)})") from None
+    if said:
+        _judge_warnings(said[0])
     if img is None or img.size == 0:
         raise DecodeError(f"corrupt {info.format.upper()} data" if info.format
                           else "not an image (unrecognized format)")
@@ -275,6 +301,63 @@ def decode_image(data: bytes | bytearray | memoryview | np.ndarray, size: int | 
     return np.ascontiguousarray(img)
 
 
+_capture_lock = threading.Lock()
+_capture_file: Any = None  # a temporary file, opened once per process
+
+
+@contextlib.contextmanager
+def _c_stderr() -> Iterator[list[bytes]]:
+    """Inside, file descriptor 2 is a temporary file; on leaving, what was written there is
+    appended to the yielded list (empty when nothing was). If fd 2 cannot be saved (closed)
+    or no temporary file can be made, nothing is captured."""
+    global _capture_file
+    said: list[bytes] = []
+    with _capture_lock:
+        try:
+            if _capture_file is None:
+                _capture_file = tempfile.TemporaryFile()
+            cap, saved = _capture_file.fileno(), os.dup(2)
+        except OSError:
+            yield said
+            return
+        try:
+            os.dup2(cap, 2)
+            try:
+                yield said
+            finally:
+                os.dup2(saved, 2)
+                end = os.lseek(cap, 0, os.SEEK_CUR)
+                if end:
+                    os.lseek(cap, 0, os.SEEK_SET)
+                    said.append(os.read(cap, end))
+                    os.ftruncate(cap, 0)
+                    os.lseek(cap, 0, os.SEEK_SET)
+        finally:
+            os.close(saved)
+
+
+_HARMLESS = re.compile(rb"^Corrupt JPEG data: \d+ extraneous bytes before marker 0x[0-9a-f]{2}$")
+_DAMAGED = (b"Corrupt JPEG data", b"Premature end of JPEG file")
+
+
+def _judge_warnings(text: bytes) -> None:
+    """Raise for a libjpeg warning that means missing or damaged pixels; pass on the rest."""
+    keep, damage = [], None
+    for line in text.splitlines(keepends=True):
+        bare = line.strip()
+        if _HARMLESS.match(bare):
+            continue
+        if damage is None and bare.startswith(_DAMAGED):
+            damage = bare.decode("ascii", "replace")
+            continue
+        keep.append(line)
+    if keep:
+        with contextlib.suppress(OSError):
+            os.write(2, b"".join(keep))
+    if damage is not None:
+        raise DecodeError(f"corrupt JPEG data, libjpeg: {damage.split(': ', 1)[-1]}")
+
+
 def _too_large(width: int, height: int, limit: int) -> str:
     return (f"image too large: {width}x{height} = {width * height / 1e6:.1f} Mpixels, "
             f"over the limit of {limit / 1e6:.1f} Mpixels (max_pixels)")
@@ -285,41 +368,63 @@ def _cv_message(exc: cv2.error) -> str:
     return (text[-1] if text else exc.__class__.__name__)[:120]
 
 
-def read_regular_file(path: str | os.PathLike) -> bytes:
-    """The bytes of a regular file. Anything else (folder, FIFO, socket, device) is refused
-    without blocking: the file is opened non-blocking and checked with ``fstat`` first."""
+def read_regular_file(path: str | os.PathLike, max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+                      max_pixels: int | None = None) -> bytes:
+    """The bytes of a regular file of at most ``max_file_size`` bytes. Anything else (folder,
+    FIFO, socket, device) is refused without blocking: the file is opened non-blocking and
+    checked with ``fstat`` first. With ``max_pixels``, an image header in the first
+    ``HEAD_BYTES`` claiming more pixels is refused before the rest is read."""
+    where = path_text(path)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         try:
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISDIR(mode):
-                raise DecodeError("is a folder, not an image file", path)
-            if not stat.S_ISREG(mode):
-                raise DecodeError("not a regular file (a FIFO, socket or device)", path)
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise DecodeError("is a folder, not an image file", where)
+            if not stat.S_ISREG(info.st_mode):
+                raise DecodeError("not a regular file (a FIFO, socket or device)", where)
+            if info.st_size > max_file_size:
+                raise DecodeError(f"file too large: {_mib(info.st_size)}, over the limit of "
+                                  f"{_mib(max_file_size)} (max_file_size); not read", where)
             with open(fd, "rb", closefd=False) as f:
-                return f.read()
+                head = f.read(HEAD_BYTES)
+                if max_pixels is not None and len(head) == HEAD_BYTES:
+                    claim = probe(head)
+                    if claim.width and claim.height and claim.width * claim.height > max_pixels:
+                        raise DecodeError(_too_large(claim.width, claim.height, max_pixels), where)
+                rest = f.read(max_file_size + 1 - len(head)) if len(head) == HEAD_BYTES else b""
+            if len(head) + len(rest) > max_file_size:  # it grew while being read
+                raise DecodeError(f"file too large: over the limit of {_mib(max_file_size)} "
+                                  "(max_file_size)", where)
+            return head + rest
         finally:
             os.close(fd)
     except OSError as exc:
-        raise DecodeError(f"cannot read ({exc.strerror or exc.__class__.__name__})", path) from None
+        raise DecodeError(f"cannot read ({exc.strerror or exc.__class__.__name__})", where) from None
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 def load_image(path: str | os.PathLike, size: int | tuple[int, int] = DEFAULT_SIZE, *,
                grayscale: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-               exif_orientation: bool = True, reduced: bool = True) -> np.ndarray:
-    """Read and decode one image file; see :func:`decode_image`. Errors name the file."""
-    data = read_regular_file(path)
+               max_file_size: int = DEFAULT_MAX_FILE_SIZE, exif_orientation: bool = True,
+               reduced: bool = True) -> np.ndarray:
+    """Read and decode one image file; see :func:`decode_image`. Errors name the file
+    (in :func:`~streamnn.paths.path_text` form)."""
+    data = read_regular_file(path, max_file_size, max_pixels)
     try:
         return decode_image(data, size, grayscale=grayscale, max_pixels=max_pixels,
                             exif_orientation=exif_orientation, reduced=reduced)
     except DecodeError as exc:
-        raise DecodeError(exc.reason, path) from None
+        raise DecodeError(exc.reason, path_text(path)) from None
 
 
-def decode_options(size: tuple[int, int], *, grayscale: bool, max_pixels: int,
-                   exif_orientation: bool, reduced: bool) -> dict[str, Any]:
+def decode_options(size: tuple[int, int], *, grayscale: bool, max_pixels: int, exif_orientation: bool,
+                   reduced: bool, max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> dict[str, Any]:
     """The decoding settings as recorded in a store's ``options`` (JSON-able)."""
-    return {"size": list(size), "grayscale": grayscale, "max_pixels": max_pixels,
+    return {"size": list(size), "grayscale": grayscale, "max_pixels": max_pixels, "max_file_size": max_file_size,
             "exif_orientation": "apply" if exif_orientation else "ignore",
             "reduced_decoding": reduced, "resize": "squash", "interpolation": "INTER_AREA",
             "alpha": "dropped", "opencv_version": cv2.__version__}
@@ -330,5 +435,6 @@ def decode_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
     size = options.get("size", [DEFAULT_SIZE, DEFAULT_SIZE])
     return {"size": (int(size[0]), int(size[1])), "grayscale": bool(options.get("grayscale", False)),
             "max_pixels": int(options.get("max_pixels", DEFAULT_MAX_PIXELS)),
+            "max_file_size": int(options.get("max_file_size", DEFAULT_MAX_FILE_SIZE)),
             "exif_orientation": options.get("exif_orientation", "apply") != "ignore",
             "reduced": bool(options.get("reduced_decoding", True))}

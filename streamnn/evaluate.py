@@ -3,8 +3,9 @@
 Design. A checkpoint records everything inference needs (see :mod:`streamnn.train`): the
 model (config and parameters), the class names and image shape, the packing options that
 turned a photo into a stored row, and the standardization mean/std when training used it.
-:class:`Preprocess` is the one place where normalized rows (values in [0, 1], HWC order,
-one column per image) become model inputs: optional horizontal flip, then standardization.
+:class:`~streamnn.transforms.Preprocess` turns normalized rows (values in [0, 1], HWC order,
+one column per image) into model inputs: optional horizontal flip, then standardization,
+with the functions the training loader uses (:mod:`streamnn.transforms`).
 The trainer's per-epoch evaluation, ``streamnn-eval`` and ``streamnn-predict`` all go through
 it and through :func:`evaluate_batches`, so their numbers agree exactly.
 
@@ -16,7 +17,6 @@ error entry and the others continue.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,63 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import get, load_checkpoint
+from .checkpoint import load_checkpoint
 from .errors import StreamnnError
 from .metrics import Metrics
+from .paths import path_text
+from .transforms import STD_FLOOR, Preprocess, flip_columns, standardization  # noqa: F401 (re-exported)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-STD_FLOOR = 1e-8
-
-
-def standardization(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, 1/std) as float32 columns (D, 1); constant features (std ~ 0) are only centred."""
-    std = np.asarray(std, np.float64)
-    inv = np.where(std > STD_FLOOR, 1.0 / np.maximum(std, STD_FLOOR), 1.0)
-    return (np.asarray(mean, np.float64).astype(np.float32).reshape(-1, 1),
-            inv.astype(np.float32).reshape(-1, 1))
-
-
-def flip_columns(X: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
-    """Mirror every image (a column of HWC-flattened pixels) left to right."""
-    h, w, c = image_shape
-    return np.ascontiguousarray(X.reshape(h, w, c, -1)[:, ::-1]).reshape(X.shape)
-
-
-@dataclass
-class Preprocess:
-    """Normalized rows to model inputs: optional flip, then optional standardization."""
-
-    image_shape: tuple[int, int, int]
-    mean: np.ndarray | None = None
-    std: np.ndarray | None = None
-    dtype: Any = np.float32
-    _mean32: np.ndarray | None = field(default=None, init=False, repr=False)
-    _inv32: np.ndarray | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
-        if (self.mean is None) != (self.std is None):
-            raise ValueError("give both mean and std, or neither")
-        if self.mean is not None:
-            self._mean32, self._inv32 = standardization(self.mean, self.std)
-
-    @property
-    def standardize(self) -> bool:
-        return self.mean is not None
-
-    def __call__(self, X: np.ndarray, flip: bool = False) -> np.ndarray:
-        """X (D, B) float32 in [0, 1] -> model input (D, B) of the model's dtype."""
-        if flip:
-            X = flip_columns(X, self.image_shape)
-        if self._mean32 is not None:
-            X = (X - self._mean32) * self._inv32
-        return X.astype(self.dtype, copy=False)
-
-    def rows_from_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images (B, H, W, C) -> normalized columns (D, B) float32, as a store holds them."""
-        return (images.reshape(len(images), -1).astype(np.float32) * np.float32(1 / 255)).T.copy()
-
-
 def model_dtype(model: Any) -> np.dtype:
     """The floating dtype of a model's parameters."""
     return next(iter(model.params.values())).dtype
@@ -166,20 +116,22 @@ class Predictor:
 
 
 def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | None = None) -> Predictor:
-    """Rebuild the model and preprocessing from loaded checkpoint content."""
-    from . import models
+    """Rebuild the model and preprocessing from loaded checkpoint content (validated, see :mod:`streamnn.runstate`)."""
+    from .runstate import read_data, read_model
 
-    model = models.from_config(json.loads(get(content, "model.config", path)))
-    model.load_state_dict(get(content, "model.state", path))
-    data = get(content, "data", path)
-    shape = tuple(int(s) for s in np.asarray(data["image_shape"]).tolist())
-    mean = data.get("mean") if data.get("standardize") else None
-    std = data.get("std") if data.get("standardize") else None
-    prep = Preprocess(shape, mean, std, dtype=model_dtype(model))  # type: ignore[arg-type]
-    options = json.loads(data.get("options", "{}"))
-    return Predictor(model, prep, list(data["class_names"]), shape, options,  # type: ignore[arg-type]
-                     str(data.get("channel_order", "BGR")), str(data["fingerprint"]),
-                     Path(path) if path is not None else None)
+    data = read_data(content, path)
+    model = read_model(content, path)
+    outputs = getattr(model, "n_classes", None)
+    if outputs is not None and outputs != (1 if len(data.class_names) == 2 else len(data.class_names)):
+        raise StreamnnError(f"checkpoint model has {outputs} outputs for {len(data.class_names)} classes", path)
+    prep = Preprocess(data.image_shape, data.mean, data.std, dtype=model_dtype(model))
+    try:  # one image of the recorded shape must go through (a hand-edited shape or model would not)
+        model.predict_proba(np.zeros((data.n_features, 1), model_dtype(model)))
+    except (ValueError, StreamnnError) as exc:
+        raise StreamnnError(f"checkpoint model does not take images of shape {data.image_shape} ({exc})",
+                            path) from None
+    return Predictor(model, prep, data.class_names, data.image_shape, data.options, data.channel_order,
+                     data.fingerprint, Path(path) if path is not None else None)
 
 
 def load_predictor(path: str | os.PathLike) -> Predictor:
@@ -191,7 +143,7 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
         if str(path) in str(exc):
             raise
         raise StreamnnError(str(exc), path) from None
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise StreamnnError(f"checkpoint cannot be used for inference ({exc.__class__.__name__}: {exc})",
                             path) from None
 
@@ -200,31 +152,34 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.Path
                         tta: bool = False, batch_size: int = 256, max_errors: int = 0) -> tuple[dict, Misclassified]:
     """Evaluate a checkpoint on ``split`` of a store; returns (summary dict, misclassified images)."""
     from .loader import Loader
-    from .store import open_store
+    from .store import checked_batches, open_store
 
     pred = load_predictor(checkpoint)
     with open_store(store_path) as store:
         if list(store.class_names) != pred.class_names or tuple(store.image_shape) != pred.image_shape:
             raise StreamnnError(f"store has classes {store.class_names} and images {store.image_shape}, the "
                                 f"checkpoint {pred.class_names} and {pred.image_shape}", store_path)
-        store.dataset(split)  # unknown split: clear error
+        if store.n_rows(split) == 0:  # an unknown split is a clear error too
+            raise StreamnnError(f"split {split!r} is empty: nothing to evaluate", path_text(store_path))
         same_store = store.fingerprint == pred.fingerprint
     errors = Misclassified(max_errors)
     loader = Loader(store_path, split, batch_size=batch_size, shuffle=False, one_hot=pred.n_classes > 2)
     try:
-        metrics = evaluate_batches(pred.model, pred.prep, loader, pred.n_classes, tta=tta,
+        metrics = evaluate_batches(pred.model, pred.prep, checked_batches(loader, store_path, split), pred.n_classes,
+                                   tta=tta,
                                    errors=errors if max_errors else None, class_names=pred.class_names)
     finally:
         loader.close()
+    if not np.isfinite(metrics.loss):
+        raise StreamnnError(f"evaluation of split {split!r} gave a non-finite loss ({metrics.loss}): the model "
+                            "overflows on these images", path_text(checkpoint))
     if errors.rows:
         with open_store(store_path) as store:
-            order = np.argsort(errors.rows)
-            names = store.dataset(split, "paths")[np.asarray(errors.rows)[order]]
-        for i, name in zip(order, names):
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            errors.titles[i] = f"{Path(name).name}\n{errors.titles[i]}"
+            names = store.paths_at(split, errors.rows)
+        for i, name in enumerate(names):
+            errors.titles[i] = f"{name.rsplit('/', 1)[-1]}\n{errors.titles[i]}"
     summary = metrics.summary(pred.class_names)
-    summary.update(checkpoint=str(checkpoint), store=str(store_path), split=split, tta="flip" if tta else None,
+    summary.update(checkpoint=path_text(checkpoint), store=path_text(store_path), split=split, tta="flip" if tta else None,
                    same_store_as_training=same_store, misclassified=errors.total if max_errors else None,
                    channel_order=pred.channel_order)
     return summary, errors
@@ -252,6 +207,9 @@ def predict_files(pred: Predictor, files: Iterable[Path], *, tta: bool = False,
         from .metrics import class_probabilities
 
         probs = class_probabilities(predict_proba(pred.model, pred.prep, X, tta))
+        if not np.isfinite(probs).all():
+            raise StreamnnError("the model gives non-finite probabilities (NaN or inf): it is unusable",
+                                path_text(pred.path) if pred.path is not None else None)
         for (path, _), col in zip(batch, probs.T):
             k = int(np.argmax(col)) if len(col) > 2 else int(col[1] > 0.5)
             yield path, {"class": pred.class_names[k], "probability": float(col[k]),
@@ -265,7 +223,8 @@ def predict_files(pred: Predictor, files: Iterable[Path], *, tta: bool = False,
             yield path, None, str(exc)
             continue
         except Exception as exc:  # noqa: BLE001 - any decoder failure is reported per file
-            yield path, None, f"{path}: cannot read image ({exc.__class__.__name__}: {' '.join(str(exc).split())})"
+            yield path, None, (f"{path_text(path)}: cannot read image "
+                               f"({exc.__class__.__name__}: {' '.join(str(exc).split())})")
             continue
         batch.append((path, img))
         if len(batch) == batch_size:

@@ -41,12 +41,13 @@ rows and hence of batches. ``drop_last`` then applies to each rank's share.
 
 Batches. Batch k of an epoch is rows ``[k*B, (k+1)*B)`` of the rank's share (the last one
 partial unless ``drop_last``). X is ``(D, b)`` float32 normalized to [0, 1] (``stored *
-scale``), optionally flipped (``augment="flip"``: each image mirrored left-right with
-probability 1/2, drawn from ``PCG64([seed, epoch, rank, k, FLIP])`` so resumed runs see the
-same flips), then optionally standardized (``standardize=True``:
-``(x - mean) * (1 / std)`` with the store's ``/stats``, computed exactly as
-:func:`streamnn.evaluate.standardization` does for inference: float32 copies made once,
-features with std <= 1e-8 are only centred). Y: two classes -> ``(1, b)`` float32 0/1;
+scale``), then augmented and standardized by :mod:`streamnn.transforms` (the functions
+inference uses too): ``augment="flip"`` mirrors each image left-right with probability 1/2,
+``"shift"`` translates it by up to ``shift`` pixels (``shift_padding`` "reflect" or "zero"),
+``"flip,shift"`` does both; the draws are pure functions of (seed, epoch, batch, row), so
+resumed runs see the same images; ``standardize=True`` computes ``(x - mean) * (1 / std)``
+with the store's ``/stats`` (float32 copies made once, features with std <= 1e-8 only
+centred). Y: two classes -> ``(1, b)`` float32 0/1;
 K > 2 -> ``(1, b)`` int64 labels; ``one_hot=True`` -> ``(K, b)`` float32.
 
 X layout. Rows are gathered into a C-ordered ``(b, D)`` buffer and X is its transpose view
@@ -68,7 +69,7 @@ store layout (uncompressed, contiguous X) is read one of two ways (``reader``: "
 is memory-mapped: a batch is one ``np.take`` gather from the map into the X buffer (uint8 /
 float16 via a staging buffer, scaled in one pass). Mapped pages are OS page cache, not
 private memory, so private memory is bounded by the buffers: ``(prefetch + 2)`` X buffers +
-one staging batch (+ one flip scratch batch), plus index memory that does grow with N but is
+one staging batch (+ augmentation scratch), plus index memory that does grow with N but is
 tiny next to the rows: 4 bytes per row of the split for labels and 8 per row for each cached
 epoch order (at most 3). A store bigger than that ("auto": X over half the available memory)
 is read with positional reads from a pool of threads, nothing mapped: before producing batch
@@ -133,16 +134,13 @@ import numpy as np
 from .errors import StreamnnError
 from .rowreader import READERS, RowReader, open_rows
 from .store import open_store
+from .transforms import DEFAULT_SHIFT, Augment, flip_images, shift_images, standardization
 
 ORDERS = ("exact", "block")
-AUGMENTS = (None, "flip")
 #: Contiguous data: block size of ``order="block"``, in bytes of stored rows.
 BLOCK_BYTES = 1 << 20
 #: Blocks shuffled together by ``order="block"``.
 WINDOW_BLOCKS = 16
-#: Constant features (std <= this) are only centred by ``standardize`` (as in evaluate.py).
-STD_FLOOR = 1e-8
-_FLIP = 0x666C6970  # "flip": separates the flip streams from the order stream
 STATE_VERSION = 1
 #: Default of ``Loader.prefetch_policy``.
 PREFETCH_POLICY = "auto"
@@ -175,7 +173,8 @@ class Loader:
                  seed: int = 0, drop_last: bool = False, standardize: bool = False, augment: str | None = None,
                  one_hot: bool = False, rank: int = 0, world_size: int = 1, order: str = "exact",
                  prefetch: int = 2, subset: Any = None, block_rows: int | None = None,
-                 window_blocks: int = WINDOW_BLOCKS, reader: str = "auto") -> None:
+                 window_blocks: int = WINDOW_BLOCKS, shift: int = DEFAULT_SHIFT, shift_padding: str = "reflect",
+                 reader: str = "auto") -> None:
         self.path = Path(os.path.abspath(os.fspath(path)))
         self.split = str(split)
         self.batch_size = _int(batch_size, "batch size", 1, self.path)
@@ -187,11 +186,10 @@ class Loader:
         self.prefetch = _int(prefetch, "prefetch", 0)
         if order not in ORDERS:
             raise StreamnnError(f"unknown order {order!r} (choose exact or block)")
-        if augment not in AUGMENTS:
-            raise StreamnnError(f"unknown augment {augment!r} (choose None or 'flip')")
+        self._augment = Augment.parse(augment, shift, shift_padding)
+        self.order, self.augment = order, self._augment.spec
         if reader not in READERS:
             raise StreamnnError(f"unknown reader {reader!r} (choose {', '.join(READERS)})")
-        self.order, self.augment = order, augment
         #: I/O of the default store layout: "auto" (by size), "mmap" or "pread" (not part of the state).
         self.reader = reader
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
@@ -233,8 +231,7 @@ class Loader:
             if mean.shape != (self.n_features,) or std.shape != (self.n_features,):
                 raise StreamnnError(f"store /stats have shapes {mean.shape} and {std.shape}, expected "
                                     f"({self.n_features},)", self.path)
-            inv = np.where(std > STD_FLOOR, 1.0 / np.maximum(std, STD_FLOOR), 1.0)
-            self._mean32, self._inv32 = mean.astype(np.float32), inv.astype(np.float32)
+            self._mean32, self._inv32 = standardization(mean, std)
 
         self.epoch = 0
         self.position = 0
@@ -311,10 +308,6 @@ class Loader:
         share = self._share(epoch)
         return share[k * self.batch_size:min((k + 1) * self.batch_size, len(share))]
 
-    def _flips(self, epoch: int, k: int, b: int) -> np.ndarray:
-        rng = np.random.Generator(np.random.PCG64([self.seed, epoch, self.rank, k, _FLIP]))
-        return np.flatnonzero(rng.random(b) < 0.5)
-
     # -- producing one batch ---------------------------------------------------------------------
     def _produce(self, epoch: int, k: int, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = self.batch_rows(epoch, k)
@@ -325,16 +318,20 @@ class Loader:
             for key in self._ahead(epoch, k + 1, -(-reader.ahead_rows // self.batch_size)):
                 reader.expect(key, self.batch_rows(*key))
         out = reader.read(rows, out, key=(epoch, k))  # or the reader's own buffer (zero copy)
-        if self.augment == "flip":
-            f = self._flips(epoch, k, b)
-            if len(f):
-                h, w, c = self.image_shape
-                scratch = self._flip_scratch
-                if scratch is None or scratch.shape[0] < len(f):
-                    scratch = self._flip_scratch = np.empty((self.batch_size, h, w, c), np.float32)
-                imgs = out.reshape(b, h, w, c)
-                np.take(imgs, f, axis=0, out=scratch[:len(f)])
-                imgs[f] = scratch[:len(f), :, ::-1, :]
+        aug = self._augment
+        if aug.flip or aug.shift:
+            h, w, c = self.image_shape
+            imgs = out.reshape(b, h, w, c)
+            n = aug.shift
+            if aug.flip:
+                if self._flip_scratch is None:
+                    self._flip_scratch = np.empty((self.batch_size, h, w, c), np.float32)
+                flip_images(imgs, aug.flips(self.seed, epoch, self.rank, k, b), self._flip_scratch)
+            if n:
+                if self._shift_scratch is None:
+                    self._shift_scratch = np.empty((self.batch_size, h + 2 * n, w + 2 * n, c), np.float32)
+                shifts = aug.shifts(self.seed, epoch, k, self.rank * self.batch_size, b)
+                shift_images(imgs, shifts, n, aug.padding, self._shift_scratch)
         if self._mean32 is not None:
             out -= self._mean32
             out *= self._inv32
@@ -360,6 +357,7 @@ class Loader:
         self._free: list[int] = []
         self._held: deque[int] = deque()
         self._flip_scratch: np.ndarray | None = None
+        self._shift_scratch: np.ndarray | None = None
         self._plans: OrderedDict[int, np.ndarray] = OrderedDict()
         self._plan_lock = threading.Lock()
         self._returned_at: float | None = None
@@ -552,11 +550,12 @@ class Loader:
         order = text("order")
         if order not in ORDERS:
             raise StreamnnError(f"loader state has unknown order {order!r}")
-        augment = None if text("augment") in ("none", "None", "") else text("augment")
-        if augment not in AUGMENTS:
-            raise StreamnnError(f"loader state has unknown augment {augment!r}")
+        try:
+            augment = Augment.parse(text("augment"), self._augment.shift or DEFAULT_SHIFT, self._augment.padding)
+        except StreamnnError:
+            raise StreamnnError(f"loader state has unknown augment {text('augment')!r}") from None
         new = {
-            "seed": num("seed"), "order": order, "augment": augment,
+            "seed": num("seed"), "order": order, "augment": augment.spec, "_augment": augment,
             "shuffle": bool(num("shuffle")), "drop_last": bool(num("drop_last")),
             "block_rows": num("block_rows", 1) if "block_rows" in state else self.block_rows,
             "window_blocks": num("window_blocks", 1) if "window_blocks" in state else self.window_blocks,
@@ -601,7 +600,7 @@ class Loader:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_reader", "_executor", "_pending", "_buffers", "_free", "_held", "_flip_scratch",
+        for key in ("_reader", "_executor", "_pending", "_buffers", "_free", "_held", "_flip_scratch", "_shift_scratch",
                     "_plans", "_plan_lock", "_pid", "_returned_at", "_consumer_s", "_produce_s",
                     "_thread_on", "batches_threaded", "batches_inline"):
             state.pop(key, None)

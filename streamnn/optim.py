@@ -1,10 +1,14 @@
 """Optimizers: gradient descent, momentum, RMSProp and Adam, updating a model in place.
 
-Design. An optimizer holds the model, not its arrays: each ``step()`` reads
-``model.params[name]`` and ``model.grads[name]`` by name, so it keeps working after the model
-loads a state (the tutorial's optimizer kept references that went stale). Per-parameter
-state lives in ``state``, keyed ``"<buffer>.<param name>"`` (``"m.W0"``, ``"v.W0"``), created
-as zeros with the parameters' shapes and dtypes when the optimizer is built. ``t`` counts
+Design. An optimizer holds the model, not copies of its arrays: a model's parameters and
+gradients are views into its one flat buffer (``model.flat_params`` / ``model.flat_grads``,
+see :mod:`streamnn.nn.network`), updated in place, so the optimizer keeps working after the
+model loads a state (the tutorial's optimizer kept references that went stale). Each
+``step()`` updates that whole buffer in one pass; its own buffers are flat in the same
+order. (A model without flat buffers, only ``params`` / ``grads`` dicts, is updated
+parameter by parameter: elementwise updates give the same bits either way.) Per-parameter
+state lives in ``state``, keyed ``"<buffer>.<param name>"`` (``"m.W0"``, ``"v.W0"``): views
+into the flat buffers, with the parameters' shapes and dtypes, zero when the optimizer is built. ``t`` counts
 the steps taken. Updates are written with in-place ufuncs into the parameters, buffers and
 one preallocated scratch array, so a step allocates no parameter-sized memory; they run
 over flat chunks of ``CHUNK`` entries, so parameters must be C-contiguous (a model's are).
@@ -67,31 +71,37 @@ class Optimizer:
         self.lr = _check("lr", lr, low=0)
         self.weight_decay = _check("weight_decay", weight_decay, low=0)
         self.t = 0
-        self.state = {f"{buf}.{name}": np.zeros_like(p)
-                      for buf in self.buffers for name, p in model.params.items()}
-        largest = max(model.params.values(), key=np.size)
+        segments = _segments(model)
+        # one flat buffer per state buffer, like the model's; "m.W0" etc. name views into it
+        self._flat_buffers = [[np.zeros_like(flat_p) for _ in self.buffers] for _, flat_p, _ in segments]
+        self.state: dict[str, np.ndarray] = {}
+        for (names, _, _), flats in zip(segments, self._flat_buffers):
+            for buf, flat in zip(self.buffers, flats):
+                offset = 0
+                for name in names:
+                    p = model.params[name]
+                    self.state[f"{buf}.{name}"] = flat[offset:offset + p.size].reshape(p.shape)
+                    offset += p.size
+        largest = max((flat_p for _, flat_p, _ in segments), key=np.size)
         self._scratch = np.empty(min(largest.size, CHUNK), largest.dtype)
-        self._flat_buffers = {name: [self.state[f"{buf}.{name}"].reshape(-1)
-                                     for buf in self.buffers] for name in model.params}
 
     def zero_grad(self) -> None:
         """Set the model's gradients to zero (``backward`` overwrites them anyway)."""
-        for g in self.model.grads.values():
-            g.fill(0)
+        for _, _, flat_g in _segments(self.model):
+            flat_g.fill(0)
 
     def step(self) -> None:
         """One update of every model parameter from its gradient, chunk by chunk."""
         self.t += 1
         lr = float(self.lr)
-        for name, p in self.model.params.items():
-            flat_p, flat_g = p.reshape(-1), self.model.grads[name].reshape(-1)
+        for (_, flat_p, flat_g), flats in zip(_segments(self.model), self._flat_buffers):
             for start in range(0, flat_p.size, CHUNK):
                 part = slice(start, start + CHUNK)
                 p_part = flat_p[part]
                 if self.weight_decay:
                     p_part *= 1 - lr * self.weight_decay
                 self._update(p_part, flat_g[part], lr, self._scratch[:p_part.size],
-                             *(buf[part] for buf in self._flat_buffers[name]))
+                             *(buf[part] for buf in flats))
 
     def _update(self, p: np.ndarray, g: np.ndarray, lr: float, tmp: np.ndarray,
                 *buffers: np.ndarray) -> None:
@@ -223,6 +233,16 @@ class Adam(Optimizer):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "beta1": self.beta1, "beta2": self.beta2,
                 "eps": self.eps, "bias_correction": self.bias_correction}
+
+
+def _segments(model: Any) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+    """(parameter names, flat params, flat grads) to update: the model's one flat buffer when
+    it has one (``flat_params`` / ``flat_grads``), else each parameter on its own, looked up
+    by name at every step."""
+    flat_p, flat_g = getattr(model, "flat_params", None), getattr(model, "flat_grads", None)
+    if flat_p is not None and flat_g is not None:
+        return [(list(model.params), flat_p, flat_g)]
+    return [([name], p.reshape(-1), model.grads[name].reshape(-1)) for name, p in model.params.items()]
 
 
 def _check(name: str, value: Any, *, low: float, high: float = math.inf,

@@ -39,35 +39,50 @@ does not depend on the number of workers and memory does not grow with the datas
 *Statistics.* Per-feature mean and (population, ddof=0) std of the normalized pixels
 (uint8 / 255, whatever ``dtype`` stores) of split ``train``, or of the first split in
 sorted order when there is no ``train`` (recorded as ``options.stats_split``). Workers
-return exact integer pixel sums per chunk; this process turns each into the chunk's exact
-mean and M2 and merges them in float64 with Chan et al.'s parallel update (see
-:class:`RunningMoments`). Chunks do not depend on ``workers``, so neither do the results.
+return exact integer pixel sums per chunk; this process adds them up exactly and rounds
+once at the end (see :class:`RunningMoments`), so the results depend neither on ``workers``
+nor on how the rows are cut into chunks or shards.
 
-*Processes and failure.* Workers start with ``forkserver`` (``spawn`` where that is
-missing): forking a parent whose OpenCV thread pool has run deadlocks the child. Like any
-spawn-style pool, a *script* calling :func:`pack` with ``workers > 1`` needs the
-``if __name__ == "__main__":`` guard; a worker that dies makes packing fail with a message
-instead of hanging. Output goes through :class:`~streamnn.store.StoreWriter`: on any error
-or Ctrl-C (SIGINT; the CLI maps SIGTERM to it) the pool is terminated and the temporary file
-removed, and a previous store stays as it was. A SIGKILLed run cannot clean up its
-``.streamnn-tmp-*`` file; the next run writing the same output removes it.
+*Processes and failure.* Workers are ``subprocess`` children running :func:`_worker_main`
+(no fork of this process, whose OpenCV threads would deadlock a forked child; no
+multiprocessing fork server or resource tracker; no pickle: paths go as bytes, results as
+JSON and raw arrays; no ``__main__`` guard needed in scripts). They start with SIGINT and
+SIGTERM blocked, so only this process acts on them, and die with it (see :class:`_Decoder`);
+a worker that dies makes packing fail with a message instead of hanging. Output goes through
+:class:`~streamnn.store.StoreWriter`: on any error or Ctrl-C (the CLI maps SIGTERM to it) the
+workers are killed and reaped and the temporary file removed, and a previous store stays as
+it was. A SIGKILLed run cannot clean up its ``.streamnn-tmp-*`` file; the next run writing the
+same output removes it. Disk full, read-only folders and I/O errors while writing become the
+OSError ``OUT: <what the errno means>`` (:func:`streamnn.atomic.write_error`), one line at the CLI.
+
+*What OUT may be* (:func:`_check_output`, before anything is written): not inside SRC (both
+resolved), not a folder, symbolic link, device, FIFO or socket, and, if it exists, only with
+``force`` and only if it is a streamnn store by content (:func:`is_store_file`).
+
+*Links and names.* File links are read as files. A folder link is followed once, unless it
+leads back into SRC, to a folder holding SRC (a loop), or into or above a folder already
+reached through a link; those are skipped with that reason (:class:`_Lister`). Every path
+stored or reported, and every class name, is in :func:`streamnn.paths.path_text` form
+(lossless for names that are not UTF-8).
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
+import json
 import logging
 import math
-import multiprocessing
 import os
 import re
+import select
 import signal
+import stat
+import struct
+import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,11 +90,15 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .atomic import TMP_PREFIX
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_kwargs, decode_options, load_image, parse_size
+import h5py
+
+from .atomic import temporary_prefix, write_error
+from .decode import (DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, DecodeError, decode_kwargs, decode_options,
+                     load_image, parse_size)
 from .errors import StreamnnError
+from .paths import path_text
 from .rng import make_rng
-from .store import COMPRESSIONS, DTYPES, StoreWriter
+from .store import COMPRESSIONS, DTYPES, FORMAT, StoreWriter
 
 try:
     import fcntl
@@ -132,107 +151,158 @@ class SourcePlan:
         return DEFAULT_SPLIT if DEFAULT_SPLIT in self.files else sorted(self.files)[0]
 
 
-def _entries(folder: Path) -> tuple[list[Path], list[Path], int]:
-    """Visible subfolders and files of ``folder`` (sorted) and the number of hidden entries."""
-    dirs, files, hidden = [], [], 0
-    try:
-        with os.scandir(folder) as it:
-            for e in it:
-                if is_hidden(e.name):
-                    hidden += 1
-                elif e.is_dir():
-                    dirs.append(Path(e.path))
-                else:
-                    files.append(Path(e.path))
-    except OSError as exc:
-        raise StreamnnError(f"cannot list folder ({exc.strerror})", folder) from None
-    return sorted(dirs), sorted(files), hidden
+class _Lister:
+    """Lists folders under SRC and applies the folder-link rule (see the module docstring),
+    deciding each link once and remembering the ones not followed."""
+
+    def __init__(self, src: Path) -> None:
+        self.real_src = os.path.realpath(src)
+        self.followed: list[str] = []            # resolved targets of the folder links followed
+        self.decided: dict[str, str | None] = {}  # link path -> None (followed) or why not
+        self.hidden_in: dict[str, int] = {}       # folder -> hidden entries (each folder counted once)
+
+    @property
+    def hidden(self) -> int:
+        return sum(self.hidden_in.values())
+
+    def link_refusal(self, link: str) -> str | None:
+        """Why the folder link ``link`` is not followed, or None to follow it."""
+        if link not in self.decided:
+            target, why = os.path.realpath(link), None
+            if _within(target, self.real_src):
+                why = "folder link not followed: it leads back into SRC"
+            elif _within(self.real_src, target):
+                why = "folder link not followed: it leads to a folder holding SRC (a loop)"
+            elif any(_within(target, t) or _within(t, target) for t in self.followed):
+                why = "folder link not followed: it leads into (or above) a folder already reached by a link"
+            else:
+                self.followed.append(target)
+            self.decided[link] = why
+        return self.decided[link]
+
+    def entries(self, folder: str) -> tuple[list[str], list[str]]:
+        """Names of the visible subfolders and files of ``folder`` (sorted); hidden entries are
+        counted, folder links not followed are left out (see :meth:`refused`)."""
+        dirs, files, hidden = [], [], 0
+        try:
+            with os.scandir(folder) as it:
+                for e in it:
+                    if is_hidden(e.name):
+                        hidden += 1
+                    elif e.is_dir():
+                        if not (e.is_symlink() and self.link_refusal(e.path)):
+                            dirs.append(e.name)
+                    else:
+                        files.append(e.name)
+        except OSError as exc:
+            raise StreamnnError(f"cannot list folder ({exc.strerror})", path_text(folder)) from None
+        self.hidden_in[folder] = hidden
+        return sorted(dirs), sorted(files)
+
+    def walk_files(self, folder: str, prefix: str) -> list[str]:
+        """``prefix/...`` paths of all visible files under ``folder``, recursively. Plain
+        strings: this runs once per file of the dataset."""
+        found, todo = [], [(folder, prefix)]
+        while todo:
+            here, head = todo.pop()
+            dirs, files = self.entries(here)
+            found += [f"{head}/{f}" for f in files]
+            todo += [(os.path.join(here, d), f"{head}/{d}") for d in reversed(dirs)]
+        return found
+
+    def refused(self, root: Path) -> list[tuple[str, str]]:
+        """(path relative to ``root``, reason) of every folder link not followed."""
+        base = os.fspath(root)
+        return [(path_text(Path(os.path.relpath(link, base)).as_posix()), why)
+                for link, why in sorted(self.decided.items()) if why is not None]
 
 
-def _walk_files(folder: Path, prefix: str) -> tuple[list[str], int]:
-    """``prefix/...`` paths of all visible files under ``folder`` (recursively), and the
-    number of hidden entries. Plain strings: this runs once per file of the dataset."""
-    found, hidden, base = [], 0, os.fspath(folder)
-    for here, dirs, files in os.walk(base):
-        hidden += sum(is_hidden(n) for n in dirs) + sum(is_hidden(n) for n in files)
-        dirs[:] = [d for d in dirs if not is_hidden(d)]
-        sub = os.path.relpath(here, base)
-        head = prefix if sub == "." else f"{prefix}/{Path(sub).as_posix()}"
-        found += [f"{head}/{f}" for f in files if not is_hidden(f)]
-    return found, hidden
-
-
-def _unwrap(folder: Path, same_name: bool) -> tuple[Path, int]:
+def _unwrap(lister: _Lister, folder: Path, same_name: bool) -> Path:
     """Descend through folders that hold nothing visible but one subfolder (download nesting);
-    return the folder reached and the hidden entries passed on the way."""
-    hidden = 0
+    return the folder reached."""
     for _ in range(3):
-        dirs, files, h = _entries(folder)
+        dirs, files = lister.entries(os.fspath(folder))
         if files or len(dirs) != 1:
             break
-        inner = dirs[0]
+        inner = folder / dirs[0]
         if same_name and inner.name != folder.name:
             break
         if not same_name:
-            sub_dirs, sub_files, _ = _entries(inner)
+            sub_dirs, sub_files = lister.entries(os.fspath(inner))
             if sub_files or not sub_dirs or inner.name in SPLIT_HINTS:
                 break
-        folder, hidden = inner, hidden + h
-    return folder, hidden
+        folder = inner
+    return folder
+
+
+def _class_list(classes: Sequence[str], present: list[str], src: Path) -> list[str]:
+    """The ``classes`` asked for, each once, named as the class folders are (path_text form)."""
+    names: list[str] = []
+    for given in classes:
+        name = given.strip()
+        if not name:
+            raise StreamnnError(f"empty class name in classes {','.join(map(path_text, classes))!r}")
+        if name not in present and path_text(name) in present:
+            name = path_text(name)
+        if name in names:
+            raise StreamnnError(f"class {name!r} is given twice in classes")
+        names.append(name)
+    missing = [c for c in names if c not in present]
+    if missing:
+        raise StreamnnError(f"class {', '.join(map(repr, missing))} not found (class folders: "
+                            f"{', '.join(present)})", path_text(src))
+    return names
 
 
 def scan_source(src: str | os.PathLike, *, classes: Sequence[str] | None = None,
                 per_class: int | None = None) -> SourcePlan:
     """Find splits, classes and files under ``src``; raise :class:`StreamnnError` on a bad layout."""
     src = Path(src)
+    where = path_text(src)
     if not src.exists():
-        raise StreamnnError("no such folder", src)
+        raise StreamnnError("no such folder", where)
     if not src.is_dir():
-        raise StreamnnError("not a folder (expected a folder of class folders, or of training_set/test_set)", src)
-    root, hidden = _unwrap(src, same_name=False)
-    dirs, _, root_hidden = _entries(root)
+        raise StreamnnError("not a folder (expected a folder of class folders, or of training_set/test_set)", where)
+    lister = _Lister(src)
+    root = _unwrap(lister, src, same_name=False)
+    dirs, _ = lister.entries(os.fspath(root))
     if not dirs:
         raise StreamnnError("no class folders (expected SRC/<class>/<image> or "
-                            "SRC/training_set/<class>/<image>)", src)
-    listings = [_entries(d) for d in dirs]
-    splits_layout = (any(d.name in SPLIT_HINTS for d in dirs)
-                     or all(sub_dirs and not sub_files for sub_dirs, sub_files, _ in listings))
+                            "SRC/training_set/<class>/<image>)", where)
+    listings = [lister.entries(os.fspath(root / d)) for d in dirs]
+    splits_layout = (any(d in SPLIT_HINTS for d in dirs)
+                     or all(sub_dirs and not sub_files for sub_dirs, sub_files in listings))
     split_dirs: dict[str, Path] = {}
     if splits_layout:
-        hidden += root_hidden  # (in the class layout, root is the split folder, counted below)
         for d in dirs:
-            name = KAGGLE_SPLITS.get(d.name, d.name)
+            name = path_text(KAGGLE_SPLITS.get(d, d))
             if name in split_dirs:
-                raise StreamnnError(f"folders {split_dirs[name].name!r} and {d.name!r} are both split {name!r}", root)
+                raise StreamnnError(f"folders {path_text(split_dirs[name].name)!r} and {path_text(d)!r} are both "
+                                    f"split {name!r}", path_text(root))
             if name in ("stats", "skipped"):
-                raise StreamnnError(f"split folder name {d.name!r} is reserved; rename it", d)
-            split_dirs[name], h = _unwrap(d, same_name=True)
-            hidden += h
+                raise StreamnnError(f"split folder name {d!r} is reserved; rename it", path_text(root / d))
+            split_dirs[name] = _unwrap(lister, root / d, same_name=True)
     else:
         split_dirs[DEFAULT_SPLIT] = root
 
     found: dict[str, dict[str, list[str]]] = {}
     skipped: list[tuple[str, str]] = []
     for split, folder in sorted(split_dirs.items()):
-        class_dirs, loose, h = _entries(folder)
-        hidden += h
-        skipped += [(_rel(f, root), "not inside a class folder") for f in loose]
+        class_dirs, loose = lister.entries(os.fspath(folder))
+        base = _rel(folder, root)
+        skipped += [(path_text(f"{base}/{f}" if base else f), "not inside a class folder") for f in loose]
         if not class_dirs:
-            raise StreamnnError(f"split {split!r} has no class folders", folder)
+            raise StreamnnError(f"split {split!r} has no class folders", path_text(folder))
         found[split] = {}
         for d in class_dirs:
-            files, h = _walk_files(d, _rel(d, root))
-            hidden += h
-            found[split][d.name] = sorted(files, key=natural_key)
+            files = lister.walk_files(os.fspath(folder / d), f"{base}/{d}" if base else d)
+            found[split][path_text(d)] = sorted(files, key=natural_key)
+    skipped += lister.refused(root)
 
     present = sorted({c for per in found.values() for c in per})
     warnings: list[str] = []
     if classes:
-        class_names = list(dict.fromkeys(c.strip() for c in classes if c.strip()))
-        missing = [c for c in class_names if c not in present]
-        if missing:
-            raise StreamnnError(f"class {', '.join(map(repr, missing))} not found (class folders: "
-                                f"{', '.join(present)})", src)
+        class_names = _class_list(classes, present, src)
         extra = [c for c in present if c not in class_names]
         if extra:
             warnings.append(f"class folders not in --classes, left out: {', '.join(extra)}")
@@ -250,10 +320,10 @@ def scan_source(src: str | os.PathLike, *, classes: Sequence[str] | None = None,
             items += [(p, label) for p in paths]
         files[split] = items
     if not any(files.values()):
-        raise StreamnnError("no files in any class folder", src)
+        raise StreamnnError("no files in any class folder", where)
     return SourcePlan(root=root, layout="splits" if splits_layout else "classes", class_names=class_names,
-                      files=files, split_folders={s: _rel(d, root) or "." for s, d in split_dirs.items()},
-                      skipped=skipped, ignored_hidden=hidden, warnings=warnings)
+                      files=files, split_folders={s: path_text(_rel(d, root)) or "." for s, d in split_dirs.items()},
+                      skipped=skipped, ignored_hidden=lister.hidden, warnings=warnings)
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -262,41 +332,42 @@ def _rel(path: Path, root: Path) -> str:
 
 # -- statistics ------------------------------------------------------------------------------
 class RunningMoments:
-    """Per-feature mean and variance of uint8 pixels / 255, streamed batch by batch in float64.
+    """Per-feature mean and variance of uint8 pixels / 255, from exact integer sums.
 
-    A batch's own moments are exact: its sums of x and x**2 are integers, so
-    ``M2 = (n * sum(x**2) - sum(x)**2) / n`` has no cancellation. Batches are then merged
-    with the pairwise update of Chan, Golub & LeVeque (1979), stable for any number of
-    batches. Workers compute the sums of their chunks (:func:`pixel_sums`); this process
-    only merges.
+    The sums of x and x**2 (x uint8) and the row count are integers, accumulated exactly in
+    int64 (overflow-free below 1.4e14 rows); the results are computed once at the end,
+    ``mean = s1 / (255 n)`` and ``var = (n s2 - s1**2) / (255**2 n**2)`` with the numerator
+    in Python integers (no cancellation, one rounding). So they do not depend on how the
+    rows were cut into batches, in which order they were added, or on how many processes
+    (or MPI ranks, adding up their ``n``, ``s1``, ``s2``) summed them. Workers compute the sums of
+    their chunks (:func:`pixel_sums`); this process only adds.
     """
 
     def __init__(self, n_features: int) -> None:
         self.n = 0
-        self.mean = np.zeros(n_features, np.float64)
-        self.m2 = np.zeros(n_features, np.float64)
+        self.s1 = np.zeros(n_features, np.int64)
+        self.s2 = np.zeros(n_features, np.int64)
 
     def add_sums(self, n: int, s1: np.ndarray, s2: np.ndarray) -> None:
-        """Merge a batch given by its row count and exact integer sums of x and x**2 (x uint8)."""
-        if n == 0:
-            return
-        s1, s2 = s1.astype(np.int64), s2.astype(np.int64)
-        mean_b = s1 / (255.0 * n)
-        m2_b = (n * s2 - s1 * s1) / (255.0 * 255.0 * n)
-        total = self.n + n
-        delta = mean_b - self.mean
-        self.mean += delta * (n / total)
-        self.m2 += m2_b + delta * delta * (self.n * n / total)
-        self.n = total
+        """Add a batch given by its row count and exact integer sums of x and x**2 (x uint8)."""
+        self.n += int(n)
+        self.s1 += s1.astype(np.int64)
+        self.s2 += s2.astype(np.int64)
 
     def update(self, rows: np.ndarray) -> None:
         """Add uint8 rows (B, D)."""
         self.add_sums(len(rows), *pixel_sums(rows))
 
     @property
+    def mean(self) -> np.ndarray:
+        return self.s1 / (255.0 * max(self.n, 1))
+
+    @property
     def std(self) -> np.ndarray:
         """Population standard deviation (ddof=0), as ``np.std``."""
-        return np.sqrt(self.m2 / max(self.n, 1))
+        n = max(self.n, 1)
+        num = n * self.s2.astype(object) - self.s1.astype(object) ** 2  # exact integers
+        return np.sqrt((num / (65025 * n * n)).astype(np.float64))
 
 
 def pixel_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -312,18 +383,6 @@ def pixel_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -- decoding workers --------------------------------------------------------------------------
-def _init_worker(ready: Any) -> None:
-    """Pool workers: leave Ctrl-C to the parent (it terminates the pool); one OpenCV thread."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    cv2.setNumThreads(1)
-    ready.release()
-
-
-def _noop() -> None:
-    return None
-
-
 ChunkResult = tuple[np.ndarray, list[str | None], tuple[int, np.ndarray, np.ndarray] | None]
 
 
@@ -350,123 +409,292 @@ def decode_chunk(paths: Sequence[str], in_stats: Sequence[bool], kwargs: dict[st
     return stack, reasons, sums
 
 
+# The parent and a worker talk over two pipes in frames (8-byte little-endian length, then
+# the payload), with no pickle: a request is the chunk's paths as bytes with their
+# statistics flags, a result is JSON (reasons, summed-row count) followed by raw arrays.
+_LEN = struct.Struct("<Q")
+_ITEM = struct.Struct("<BI")
+
+
+def _encode_request(paths: Sequence[str], in_stats: Sequence[bool]) -> bytes:
+    parts = [struct.pack("<I", len(paths))]
+    for p, flag in zip(paths, in_stats):
+        raw = os.fsencode(p)
+        parts += [_ITEM.pack(bool(flag), len(raw)), raw]
+    return b"".join(parts)
+
+
+def _decode_request(data: bytes) -> tuple[list[str], list[bool]]:
+    (n,), at, paths, flags = struct.unpack_from("<I", data), 4, [], []
+    for _ in range(n):
+        flag, size = _ITEM.unpack_from(data, at)
+        at += _ITEM.size
+        paths.append(os.fsdecode(data[at:at + size]))
+        flags.append(bool(flag))
+        at += size
+    return paths, flags
+
+
+def _encode_result(result: ChunkResult) -> bytes:
+    stack, reasons, sums = result
+    head = json.dumps({"reasons": reasons, "summed": sums[0] if sums else None}).encode()
+    parts = [struct.pack("<I", len(head)), head]
+    if sums:
+        parts += [sums[1].tobytes(), sums[2].tobytes()]
+    return b"".join([*parts, np.ascontiguousarray(stack).tobytes()])
+
+
+def _decode_result(data: bytes, kwargs: dict[str, Any]) -> ChunkResult:
+    (size,) = struct.unpack_from("<I", data)
+    head = json.loads(data[4:4 + size])
+    reasons, summed, at = head["reasons"], head["summed"], 4 + size
+    h, w = kwargs["size"]
+    shape = (h, w, 1 if kwargs["grayscale"] else 3)
+    d = h * w * shape[2]
+    sums = None
+    if summed is not None:
+        s1 = np.frombuffer(data, np.uint16, d, at)
+        s2 = np.frombuffer(data, np.uint32, d, at + 2 * d)
+        sums, at = (int(summed), s1, s2), at + 6 * d
+    n_images = sum(r is None for r in reasons)
+    stack = np.frombuffer(data, np.uint8, n_images * d, at).reshape(n_images, *shape)
+    return stack, reasons, sums
+
+
+def _read_frame(fd: int) -> bytes | None:
+    """One frame from a blocking file descriptor; None at end of file."""
+    head = _read_exactly(fd, _LEN.size)
+    return None if head is None else _read_exactly(fd, _LEN.unpack(head)[0]) or b""
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        part = os.read(fd, min(n - len(buf), 1 << 20))
+        if not part:
+            return None
+        buf += part
+    return bytes(buf)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: get SIGKILL when the parent dies, even by SIGKILL; then check that the parent
+    is still the one that started us (it may have died before the request took effect).
+    Elsewhere the worker ends when its request pipe reaches end of file."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _worker_main() -> None:
+    """A decoding worker (``python -c "from streamnn.pack import _worker_main; _worker_main()"
+    <request fd> <result fd> <parent pid>``): decode requested chunks until end of file."""
+    requests, results, parent = (int(a) for a in sys.argv[1:4])
+    _die_with_parent(parent)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # the parent handles them
+    cv2.setNumThreads(1)
+    config = _read_frame(requests)
+    if config is None:
+        return
+    kwargs = json.loads(config)
+    kwargs["size"] = tuple(kwargs["size"])
+    _write_all(results, _LEN.pack(5) + b"ready")
+    while (frame := _read_frame(requests)) is not None:
+        payload = _encode_result(decode_chunk(*_decode_request(frame), kwargs))
+        _write_all(results, _LEN.pack(len(payload)) + payload)
+
+
+class _Worker:
+    """One decoding process and its two pipes, with the bytes not yet sent or parsed."""
+
+    def __init__(self, env: dict[str, str], kwargs: dict[str, Any]) -> None:
+        req_r, self.send_fd = os.pipe()
+        self.recv_fd, res_w = os.pipe()
+        cmd = [sys.executable, "-c", "from streamnn.pack import _worker_main; _worker_main()",
+               str(req_r), str(res_w), str(os.getpid())]
+        # Started with SIGINT and SIGTERM blocked (the mask is inherited through exec): a
+        # Ctrl-C sent to the whole process group never interrupts a worker's start-up.
+        try:
+            with _signals_deferred():
+                self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             pass_fds=(req_r, res_w), env=env)
+        except BaseException:
+            os.close(self.send_fd)
+            os.close(self.recv_fd)
+            raise
+        finally:
+            os.close(req_r)
+            os.close(res_w)
+        for fd in (self.send_fd, self.recv_fd):
+            with contextlib.suppress(OSError, AttributeError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # Linux: fewer, larger reads
+        os.set_blocking(self.send_fd, False)
+        config = json.dumps(kwargs).encode()
+        self.outbox = bytearray(_LEN.pack(len(config)) + config)  # the first frame: the decoding options
+        self.inbox = bytearray()
+        self.ready = False
+        self.in_flight = 0
+
+    def has_frame(self) -> bool:
+        """Whether a complete frame has been received."""
+        return len(self.inbox) >= _LEN.size and len(self.inbox) >= _LEN.size + _LEN.unpack_from(self.inbox)[0]
+
+    def frame(self) -> bytes | None:
+        """The next complete frame received, if any."""
+        if not self.has_frame():
+            return None
+        n = _LEN.unpack_from(self.inbox)[0]
+        data = bytes(self.inbox[_LEN.size:_LEN.size + n])
+        del self.inbox[:_LEN.size + n]
+        return data
+
+    def close(self, kill: bool) -> None:
+        """End the process (at once if ``kill``, else at the end of its requests) and reap it."""
+        with contextlib.suppress(OSError):
+            os.close(self.send_fd)
+        if kill:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+        try:
+            self.proc.wait(timeout=None if kill else 30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self.recv_fd)
+
+
 class _Decoder:
     """Decodes chunks of files and yields the results in submission order.
 
-    One worker: in-process. More: a process pool fed a bounded window of chunks (memory stays
-    flat). The pool boots in a background thread (~0.3 s: the fork server imports NumPy and
-    OpenCV once) while this process decodes the first chunks itself; on exit the pool is
-    shut down, or terminated after an error or Ctrl-C, once fully started (a worker killed
-    half-way through its start-up prints a traceback).
+    One worker: in-process. More: that many worker processes (:func:`_worker_main`, started
+    with ``subprocess``: no fork of this process, no multiprocessing machinery, no pickle),
+    each fed at most ``WINDOW_PER_WORKER`` chunks, so memory stays flat. Until the first
+    worker has started (~0.3 s: it imports NumPy and OpenCV) this process decodes the chunks
+    itself. Workers die with this process: on exit they are killed (error or Ctrl-C) or
+    stopped after their last request and reaped; if this process is killed, Linux kills
+    them (``PR_SET_PDEATHSIG``) and elsewhere their request pipe ends.
     """
 
-    decode_while_booting = True  # tests turn it off to force every chunk through the pool
+    decode_while_booting = True  # tests turn it off to force every chunk through the workers
 
-    def __init__(self, workers: int, kwargs: dict[str, Any], mp_context: str | None) -> None:
-        self.kwargs, self.workers = kwargs, workers
-        self.pool: ProcessPoolExecutor | None = None
-        self._boot: threading.Thread | None = None
-        self._boot_error: BaseException | None = None
-        self._ready = threading.Event()
+    def __init__(self, workers: int, kwargs: dict[str, Any]) -> None:
+        self.kwargs, self.workers = kwargs, []
         self._threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)  # this process decodes too (alone, or while the pool boots)
-        if workers > 1 and not _main_importable() and mp_context != "fork":
-            log.warning("__main__ is not a file (python -?): worker processes cannot start; decoding in-process")
-            self.workers = 1
-        if self.workers > 1:
-            ctx = multiprocessing.get_context(mp_context or default_mp_context())
-            self._boot = threading.Thread(target=self._start_pool, args=(ctx,), name="streamnn-pool-boot", daemon=True)
-            self._boot.start()
+        cv2.setNumThreads(1)  # this process decodes too (alone, or while the workers start)
+        if workers > 1 and (not sys.executable or os.name != "posix"):
+            log.warning("worker processes need a POSIX system and a Python executable; decoding in-process")
+            workers = 1
+        if workers > 1:
+            package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
+            try:
+                for _ in range(workers):
+                    self.workers.append(_Worker(env, kwargs))
+            except BaseException:
+                self._close(failed=True)
+                raise
 
-    def _start_pool(self, ctx: Any) -> None:
-        """Start every worker and wait until each has run its initializer (boot thread)."""
-        try:
-            if ctx.get_start_method() == "forkserver":
-                ctx.set_forkserver_preload(["streamnn.pack"])  # imported once, before the workers fork
-            ready = ctx.Semaphore(0)
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(ready,))
-            warm = [self.pool.submit(_noop) for _ in range(self.workers)]
-            started, deadline = 0, time.monotonic() + 120
-            while started < self.workers:
-                if ready.acquire(timeout=0.05):
-                    started += 1
-                elif any(f.done() and f.exception() is not None for f in warm) or time.monotonic() > deadline:
-                    raise StreamnnError(_BROKEN)
-        except BaseException as exc:  # reported by map() in the main thread
-            self._boot_error = exc
-        finally:
-            self._ready.set()
+    def _pump(self, until: Callable[[], bool] | None) -> None:
+        """Send what is queued and take in what has arrived: one pass that does not block, or
+        blocking passes until ``until()`` holds. A worker that dies is an error."""
+        while until is None or not until():
+            readers = [w for w in self.workers if w.in_flight or not w.ready]
+            writers = [w for w in self.workers if w.outbox]
+            r, wr, _ = select.select([w.recv_fd for w in readers], [w.send_fd for w in writers], [],
+                                     0 if until is None else None)
+            for w in writers:
+                if w.send_fd in wr:
+                    try:
+                        del w.outbox[:os.write(w.send_fd, w.outbox)]
+                    except BrokenPipeError:
+                        raise StreamnnError(self._broken(w)) from None
+            for w in readers:
+                if w.recv_fd in r:
+                    data = os.read(w.recv_fd, 1 << 20)
+                    if not data:
+                        raise StreamnnError(self._broken(w))
+                    w.inbox += data
+                    if not w.ready and w.has_frame():
+                        if w.frame() != b"ready":
+                            raise StreamnnError(self._broken(w))
+                        w.ready = True
+            if until is None:
+                return
+
+    def _broken(self, w: _Worker) -> str:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            w.proc.wait(timeout=5)
+        how = f"exit status {w.proc.returncode}" if w.proc.returncode is not None else "it stopped answering"
+        return f"a decoding worker process died ({how})"
+
+    def _result(self, head: _Worker | ChunkResult) -> ChunkResult:
+        if isinstance(head, tuple):  # decoded here
+            return head
+        self._pump(until=head.has_frame)
+        head.in_flight -= 1
+        return _decode_result(head.frame() or b"", self.kwargs)
 
     def map(self, chunks: Iterable[tuple[list[str], list[bool]]]) -> Iterator[ChunkResult]:
-        chunks = iter(chunks)
-        if self._boot is not None:
-            if not self.decode_while_booting:
-                self._ready.wait()
-            while self.decode_while_booting and not self._ready.is_set():
-                chunk = next(chunks, None)
-                if chunk is None:
-                    return
-                yield decode_chunk(*chunk, self.kwargs)
-            if self._boot_error is not None:
-                if isinstance(self._boot_error, StreamnnError):
-                    raise self._boot_error
-                raise StreamnnError(f"{_BROKEN} ({self._boot_error!r})") from self._boot_error
-        if self.pool is None:
+        if not self.workers:
             for chunk in chunks:
                 yield decode_chunk(*chunk, self.kwargs)
             return
-        pending: collections.deque[Future] = collections.deque()
-        try:
-            for chunk in chunks:
-                pending.append(self.pool.submit(decode_chunk, *chunk, self.kwargs))
-                if len(pending) >= WINDOW_PER_WORKER * self.workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        except BrokenProcessPool:
-            raise StreamnnError(_BROKEN) from None
+        pending: collections.deque[_Worker | ChunkResult] = collections.deque()  # in submission order
+        for chunk in chunks:
+            while True:
+                self._pump(until=None)
+                free = [w for w in self.workers if w.ready and w.in_flight < WINDOW_PER_WORKER]
+                if free:
+                    w = min(free, key=lambda w: w.in_flight)
+                    payload = _encode_request(*chunk)
+                    w.outbox += _LEN.pack(len(payload)) + payload
+                    w.in_flight += 1
+                    pending.append(w)
+                    break
+                if self.decode_while_booting and not any(w.ready for w in self.workers):
+                    pending.append(decode_chunk(*chunk, self.kwargs))  # no worker has started yet
+                    break
+                if pending:  # every worker is busy: take the oldest result
+                    yield self._result(pending.popleft())
+                else:
+                    self._pump(until=lambda: any(w.ready for w in self.workers))
+            while pending and isinstance(pending[0], tuple):
+                yield pending.popleft()
+        while pending:
+            yield self._result(pending.popleft())
 
     def _close(self, failed: bool) -> None:
         cv2.setNumThreads(self._threads)
-        if self._boot is not None:
-            self._boot.join()  # let a booting pool finish starting before stopping it
-        if self.pool is None:
-            return
-        if failed:  # an error or Ctrl-C: stop the workers now, not after their queue
-            terminate = getattr(self.pool, "terminate_workers", None)  # Python >= 3.14
-            if terminate is not None:
-                terminate()
-            else:  # older: stop feeding, then end the processes (a private attribute, hence the guard)
-                procs = list((getattr(self.pool, "_processes", None) or {}).values())
-                self.pool.shutdown(wait=False, cancel_futures=True)
-                for proc in procs:
-                    with contextlib.suppress(Exception):
-                        proc.terminate()
-        self.pool.shutdown(wait=True)
+        for w in self.workers:  # first signal every process, then wait: no worker is left behind
+            with contextlib.suppress(OSError):
+                os.close(w.send_fd)
+            if failed:
+                with contextlib.suppress(OSError):
+                    w.proc.kill()
+        for w in self.workers:
+            w.close(kill=failed)
+        self.workers = []
+
+    def close(self) -> None:
+        """Let the workers finish and reap them (also done on leaving the ``with`` block)."""
+        self._close(failed=False)
 
     def __enter__(self) -> _Decoder:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self._close(failed=exc_type is not None)
-
-
-_BROKEN = ("a decoding worker process died (crashed or could not start; a script that calls pack() "
-           "must guard it with `if __name__ == '__main__':`, or use workers=1)")
-
-
-def _main_importable() -> bool:
-    """Spawn/forkserver workers re-import the parent's ``__main__`` by path; a program read
-    from stdin (``python -``) has none, so its workers cannot start."""
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    return path is None or getattr(main, "__spec__", None) is not None or os.path.isfile(path)
-
-
-def default_mp_context() -> str:
-    """``forkserver`` where available (no fork of a parent that may run OpenCV threads), else ``spawn``."""
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def default_workers() -> int:
@@ -477,29 +705,104 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait (blocked) until the block is left: for steps that create
+    something to clean up and register it, which a signal in between would leak."""
+    stop = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 # -- output ------------------------------------------------------------------------------------
-def _check_output(out: Path, force: bool) -> None:
-    if out.is_dir():
-        raise StreamnnError("is a folder; give a file name for the store", out)
-    if not out.parent.is_dir():
-        raise StreamnnError("output folder does not exist", out.parent)
-    if out.exists() and not force:
-        raise StreamnnError("already exists (use --force to overwrite it)", out)
+def _within(path: str, folder: str) -> bool:
+    """Whether the resolved ``path`` is ``folder`` or lies under it (both resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def is_store_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file holding a streamnn store (by content: the HDF5 root
+    attribute ``format``), without following a symlink and without blocking on a FIFO."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode) or not h5py.is_hdf5(path):
+            return False
+        with h5py.File(path, "r") as f:
+            fmt = f.attrs.get("format")
+        return (fmt.decode() if isinstance(fmt, bytes) else fmt) == FORMAT
+    except (OSError, RuntimeError, KeyError, ValueError, UnicodeError):
+        return False
+
+
+def _check_output(out: Path, src: Path, force: bool) -> None:
+    """Refuse, before anything is written, an output that would destroy what is not ours (see
+    the module docstring)."""
+    where = path_text(out)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise StreamnnError("output folder does not exist", path_text(folder))
+    real_out = os.path.join(os.path.realpath(folder), out.name)
+    if _within(real_out, os.path.realpath(src)):
+        raise StreamnnError(f"lies inside SRC {path_text(src)}; write the store outside the image folders", where)
+    try:
+        mode: int | None = os.lstat(out).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise StreamnnError(f"cannot check the output ({exc.strerror})", where) from None
+    if mode is not None:
+        if stat.S_ISLNK(mode):
+            raise StreamnnError("is a symbolic link; refusing to replace it (give the path of the file itself)", where)
+        if stat.S_ISDIR(mode):
+            raise StreamnnError("is a folder; give a file name for the store", where)
+        if not stat.S_ISREG(mode):
+            raise StreamnnError("is not a regular file (a device, FIFO or socket); refusing to replace it", where)
+        if not force:
+            raise StreamnnError("already exists (use --force to replace an earlier streamnn store)", where)
+        if not is_store_file(out):
+            raise StreamnnError("exists and is not a readable streamnn store; --force only replaces a store "
+                                "(move or delete the file yourself if it may go)", where)
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """A failed write of the store (disk full, read-only folder, I/O error; h5py raises OSError
+    or RuntimeError with the errno inside its message) becomes the OSError ``OUT: <meaning>``."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        raise write_error(exc, path_text(out)) from None
+
+
+def _stale_temps(out: Path) -> Iterator[Path]:
+    """Temporary files beside ``out`` named as :mod:`streamnn.atomic` names those of ``out``:
+    the store's, and the one its compaction writes beside that."""
+    folder = out.parent if str(out.parent) else Path(".")
+    inner = temporary_prefix(out.name)
+    mine = (inner, temporary_prefix(inner)[:-1])
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name.startswith(mine):
+                yield folder / name
 
 
 def remove_stale_temps(out: Path, older_than: float) -> list[Path]:
     """Delete temporary files of earlier runs writing ``out`` that were killed (SIGKILL, power loss).
 
-    A temporary file is removed only if it was last modified before ``older_than`` (a time
-    stamp) and nobody holds its HDF5 lock, so the files of a concurrent run stay.
+    A temporary file is removed only if it is a regular file (never through a symlink) that
+    was last modified before ``older_than`` (a time stamp) and that nobody holds the HDF5 lock
+    of, so the files of a concurrent run stay.
     """
     removed = []
-    for tmp in out.parent.glob(TMP_PREFIX + out.name + ".*"):
+    for tmp in _stale_temps(out):
         with contextlib.suppress(OSError):
-            if tmp.stat().st_mtime >= older_than:
-                continue
-            fd = os.open(tmp, os.O_RDWR)
+            fd = os.open(tmp, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
             try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode) or info.st_mtime >= older_than:
+                    continue
                 if fcntl is not None:  # HDF5 holds a lock on files it has open
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 tmp.unlink()
@@ -537,7 +840,7 @@ class PackResult:
     def summary(self, max_skipped: int = 20) -> str:
         """A human-readable report: counts per split and class, skipped files, size, speed."""
         h, w, c = self.image_shape
-        lines = [f"Wrote {self.out} ({_human_bytes(self.size_bytes)}): {self.n_images} images of "
+        lines = [f"Wrote {path_text(self.out)} ({_human_bytes(self.size_bytes)}): {self.n_images} images of "
                  f"{h}x{w}x{c} in {self.seconds:.1f} s ({self.images_per_second:.0f} images/s)"]
         width = max(5, *(len(n) for n in self.class_names))
         lines.append("  " + "split".ljust(10) + "".join(n.rjust(width + 2) for n in self.class_names)
@@ -603,108 +906,180 @@ class _RowSink:
         self.labels, self.paths = [], []
 
 
-def pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | str | tuple[int, int] = 64,
-         per_class: int | None = None, classes: Sequence[str] | None = None, dtype: str = "float32",
-         compression: str | None = None, seed: int = 0, workers: int | None = None, force: bool = False,
-         max_pixels: int = DEFAULT_MAX_PIXELS, max_skip_fraction: float = 0.1, grayscale: bool = False,
-         exif_orientation: bool = True, reduced_decoding: bool = True, command: str | None = None,
-         progress: Callable[[int, int], None] | None = None, mp_context: str | None = None) -> PackResult:
-    """Pack the image tree ``src`` into the store ``out``; see the module docstring for the rules.
+@dataclass
+class PackJob:
+    """Everything decided before decoding (the scan, the row order, options, sizes), and the
+    steps every way of packing shares: a writer for some of the rows, decoding rows into it,
+    the skip checks, the result. :func:`pack` runs it into one file, :mod:`streamnn.shards`
+    into shards."""
 
-    ``size`` is a side, ``"HxW"`` or ``(H, W)``. ``progress(done, total)`` is called as files
-    are processed. Raises :class:`StreamnnError` (nothing written, a previous ``out``
-    untouched) on bad arguments or layout, an existing ``out`` without ``force``, too many
-    skipped files, or no usable image.
-    """
+    src: Path
+    out: Path
+    plan: SourcePlan
+    items: list[tuple[str, str, int]]   # (split, relative path, label) in row order
+    options: dict[str, Any]
+    image_shape: tuple[int, int, int]
+    chunk: int                          # images per decoding task
+    workers: int
+    store_kwargs: dict[str, Any]        # StoreWriter arguments besides the path
+    max_skip_fraction: float
+    t0: float
+    stale: list[Path] = field(default_factory=list)
+    done: int = 0                       # files processed (for progress)
+
+    @property
+    def total(self) -> int:
+        return len(self.items) + len(self.plan.skipped)
+
+    @property
+    def n_features(self) -> int:
+        return int(np.prod(self.image_shape))
+
+    def check_skips(self, skipped: Sequence[tuple[str, str]]) -> None:
+        """Fail once more files are skipped than ``max_skip_fraction`` allows (of all files)."""
+        if len(skipped) > math.floor(self.max_skip_fraction * self.total + 1e-9):
+            first = min(skipped)
+            raise StreamnnError(f"{len(skipped)} of {self.total} files could not be packed, more than "
+                                f"max-skip-fraction {self.max_skip_fraction:g} allows (first: "
+                                f"{first[0]}: {first[1]}); nothing written", path_text(self.src))
+
+    def check_usable(self, rows: int, skipped: Sequence[tuple[str, str]]) -> None:
+        if rows == 0:
+            first = min(skipped)
+            raise StreamnnError(f"no usable image ({len(skipped)} files skipped; first: "
+                                f"{first[0]}: {first[1]}); nothing written", path_text(self.src))
+
+    def start(self, stack: contextlib.ExitStack, outputs: Sequence[tuple[Path, Sequence[tuple[str, str, int]],
+                                                                         dict[str, Any]]]
+              ) -> tuple[_Decoder, list[StoreWriter]]:
+        """The decoder and a store writer per output (path, its items, options added), each
+        with room for its items in every split, registered on ``stack`` with signals
+        deferred, so that a Ctrl-C finds the workers and the temporary files registered."""
+        with _signals_deferred():
+            decoder = stack.enter_context(_Decoder(self.workers, decode_kwargs(self.options)))
+            writers = [stack.enter_context(StoreWriter(path, **self.store_kwargs, options={**self.options, **extra}))
+                       for path, _, extra in outputs]
+        for writer, (_, items, _) in zip(writers, outputs):
+            sizes = collections.Counter(split for split, _, _ in items)
+            for split in sorted(self.plan.files):
+                writer.add_split(split, sizes[split])
+        return decoder, writers
+
+    def decode_into(self, writer: StoreWriter, items: Sequence[tuple[str, str, int]], decoder: _Decoder,
+                    moments: RunningMoments, skipped: list[tuple[str, str]],
+                    progress: Callable[[int, int], None] | None) -> int:
+        """Decode ``items`` in order and append them to ``writer``; add the statistics split's
+        pixels to ``moments`` and failures to ``skipped``. Returns the rows written."""
+        sink, done = _RowSink(writer, self.image_shape), 0
+        for images, reasons, sums in decoder.map(_chunks(items, self.plan.root, self.chunk, self.plan.stats_split)):
+            if sums is not None:
+                moments.add_sums(*sums)
+            decoded = iter(images)
+            for (split, rel, label), reason in zip(items[done:done + len(reasons)], reasons):
+                if reason is None:
+                    sink.add(split, next(decoded), label, path_text(rel))
+                else:
+                    skipped.append((path_text(rel), reason))
+            done += len(reasons)
+            self.done += len(reasons)
+            self.check_skips(skipped)
+            if progress is not None:
+                progress(self.done, self.total)
+        sink.flush()
+        return sink.rows
+
+    def result(self, skipped: list[tuple[str, str]], fingerprint: str, size_bytes: int) -> PackResult:
+        counts: dict[str, dict[str, int]] = {s: {c: 0 for c in self.plan.class_names} for s in sorted(self.plan.files)}
+        failed = {p for p, _ in skipped}
+        for split, rel, label in self.items:
+            if path_text(rel) not in failed:
+                counts[split][self.plan.class_names[label]] += 1
+        return PackResult(out=self.out, class_names=self.plan.class_names, image_shape=self.image_shape,
+                          counts=counts, skipped=skipped, ignored_hidden=self.plan.ignored_hidden,
+                          warnings=self.plan.warnings, seconds=time.perf_counter() - self.t0,
+                          size_bytes=size_bytes, fingerprint=fingerprint, stale_removed=self.stale)
+
+
+def prepare_pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | str | tuple[int, int] = 64,
+                 per_class: int | None = None, classes: Sequence[str] | None = None, dtype: str = "float32",
+                 compression: str | None = None, seed: int = 0, workers: int | None = None, force: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_skip_fraction: float = 0.1, grayscale: bool = False,
+                 exif_orientation: bool = True, reduced_decoding: bool = True, command: str | None = None,
+                 max_file_size: int = DEFAULT_MAX_FILE_SIZE, plan: SourcePlan | None = None) -> PackJob:
+    """Check the arguments and the output, scan ``src`` (unless its ``plan`` is given: MPI
+    ranks other than 0 get it from rank 0) and draw the row order: a :class:`PackJob`."""
     t0, wall0 = time.perf_counter(), time.time()
-    if getattr(multiprocessing.current_process(), "_inheriting", False):  # as multiprocessing checks it
-        raise StreamnnError("pack() called while a worker process starts, from a script re-run without "
-                            "the `if __name__ == '__main__':` guard")
     hw = parse_size(size)
-    _check_arguments(dtype, compression, per_class, max_skip_fraction, max_pixels)
+    _check_arguments(dtype, compression, per_class, max_skip_fraction, max_pixels, max_file_size)
     workers = default_workers() if workers is None else int(workers)
     if workers < 1:
         raise StreamnnError(f"workers must be at least 1, not {workers}")
     out = Path(out)
-    _check_output(out, force)
-    plan = scan_source(src, classes=classes, per_class=per_class)
-    for warning in plan.warnings:
-        log.warning(warning)
-    stale = remove_stale_temps(out, older_than=wall0)
+    stale: list[Path] = []
+    if plan is None:
+        plan = scan_source(src, classes=classes, per_class=per_class)
+        _check_output(out, Path(src), force)
+        for warning in plan.warnings:
+            log.warning(warning)
+        stale = remove_stale_temps(out, older_than=wall0)
 
     rng = make_rng(seed)
     items: list[tuple[str, str, int]] = []  # (split, relative path, label) in row order
     for split in sorted(plan.files):
         files = plan.files[split]
         items += [(split, *files[i]) for i in rng.permutation(len(files))]
-    options = {**decode_options(hw, grayscale=grayscale, max_pixels=int(max_pixels),
+    options = {**decode_options(hw, grayscale=grayscale, max_pixels=int(max_pixels), max_file_size=int(max_file_size),
                                 exif_orientation=exif_orientation, reduced=reduced_decoding),
-               "source_root": os.fspath(plan.root.resolve()), "layout": plan.layout,
-               "split_folders": plan.split_folders, "classes": list(classes) if classes else None,
+               "source_root": path_text(plan.root.resolve()), "layout": plan.layout,
+               "split_folders": plan.split_folders, "classes": plan.class_names if classes else None,
                "per_class": per_class, "file_order": "natural sort", "dtype": dtype, "compression": compression,
                "seed": seed, "max_skip_fraction": max_skip_fraction, "stats_split": plan.stats_split,
-               "stats": "mean and population std (ddof=0) of uint8/255; exact per chunk, Chan merge in float64",
+               "stats": "mean and population std (ddof=0) of uint8/255 from exact integer sums",
                "ignored_hidden": plan.ignored_hidden, "warnings": plan.warnings}
     if command is None:
-        command = f"streamnn.pack.pack({os.fspath(src)!r}, {os.fspath(out)!r}, size={hw}, dtype={dtype!r}, seed={seed})"
+        command = f"streamnn.pack.pack({path_text(src)!r}, {path_text(out)!r}, size={hw}, dtype={dtype!r}, seed={seed})"
     image_shape = (hw[0], hw[1], 1 if grayscale else 3)
-    # Chunks do not depend on `workers`: the statistics are merged chunk by chunk, in order.
     chunk = max(1, min(MAX_CHUNK_IMAGES, MAX_CHUNK_BYTES // int(np.prod(image_shape))))
-    workers = min(workers, math.ceil(len(items) / chunk))
+    job = PackJob(src=Path(src), out=out, plan=plan, items=items, options=options, image_shape=image_shape,
+                  chunk=chunk, workers=min(workers, max(1, math.ceil(len(items) / chunk))),
+                  store_kwargs={"class_names": plan.class_names, "image_shape": image_shape, "dtype": dtype,
+                                "compression": compression, "channel_order": "GRAY" if grayscale else "BGR",
+                                "command": command},
+                  max_skip_fraction=max_skip_fraction, t0=t0, stale=stale, done=len(plan.skipped))
+    job.check_skips(plan.skipped)
+    return job
 
-    total = len(items) + len(plan.skipped)
-    skipped = list(plan.skipped)
 
-    def check_skips() -> None:
-        if len(skipped) > math.floor(max_skip_fraction * total + 1e-9):
-            raise StreamnnError(f"{len(skipped)} of {total} files could not be packed, more than "
-                                f"max-skip-fraction {max_skip_fraction:g} allows (first: "
-                                f"{skipped[0][0]}: {skipped[0][1]}); nothing written", src)
+def pack(src: str | os.PathLike, out: str | os.PathLike, *, progress: Callable[[int, int], None] | None = None,
+         **kwargs: Any) -> PackResult:
+    """Pack the image tree ``src`` into the store ``out``; see the module docstring for the rules.
 
-    check_skips()
-    with _Decoder(workers, decode_kwargs(options), mp_context) as decoder, \
-            StoreWriter(out, class_names=plan.class_names, image_shape=image_shape, dtype=dtype,
-                        compression=compression, channel_order="GRAY" if grayscale else "BGR",
-                        command=command, options=options) as writer:
-        for split in sorted(plan.files):
-            writer.add_split(split, len(plan.files[split]))
-        sink, moments, done = _RowSink(writer, image_shape), RunningMoments(int(np.prod(image_shape))), 0
-        for images, reasons, sums in decoder.map(_chunks(items, plan.root, chunk, plan.stats_split)):
-            if sums is not None:
-                moments.add_sums(*sums)
-            decoded = iter(images)
-            for (split, rel, label), reason in zip(items[done:done + len(reasons)], reasons):
-                if reason is None:
-                    sink.add(split, next(decoded), label, rel)
-                else:
-                    skipped.append((rel, reason))
-            done += len(reasons)
-            check_skips()
-            if progress is not None:
-                progress(done + len(plan.skipped), total)
-        sink.flush()
-        if sink.rows == 0:
-            raise StreamnnError(f"no usable image ({len(skipped)} files skipped; first: "
-                                f"{skipped[0][0]}: {skipped[0][1]}); nothing written", src)
+    Keyword arguments are those of :func:`prepare_pack`: ``size`` (a side, ``"HxW"`` or
+    ``(H, W)``), ``per_class``, ``classes``, ``dtype``, ``compression``, ``seed``, ``workers``,
+    ``force``, ``max_pixels``, ``max_file_size``, ``max_skip_fraction``, ``grayscale``,
+    ``exif_orientation``, ``reduced_decoding``, ``command``. ``progress(done, total)`` is
+    called as files are processed. Raises :class:`StreamnnError` (nothing written, a previous
+    ``out`` untouched) on bad arguments or layout, an existing ``out`` without ``force``, too
+    many skipped files, or no usable image.
+    """
+    job = prepare_pack(src, out, **kwargs)
+    skipped = list(job.plan.skipped)
+    moments = RunningMoments(job.n_features)
+    with _writing(job.out), contextlib.ExitStack() as stack:
+        decoder, (writer,) = job.start(stack, [(job.out, job.items, {})])
+        rows = job.decode_into(writer, job.items, decoder, moments, skipped, progress)
+        job.check_usable(rows, skipped)
         if moments.n:
             writer.set_stats(moments.mean, moments.std)
         skipped.sort()
         writer.set_skipped(skipped)
+        decoder.close()  # the workers are gone before the store appears: nothing is left to do after
         fingerprint = writer.commit()
-
-    counts: dict[str, dict[str, int]] = {s: {c: 0 for c in plan.class_names} for s in sorted(plan.files)}
-    failed = {p for p, _ in skipped}
-    for split, rel, label in items:
-        if rel not in failed:
-            counts[split][plan.class_names[label]] += 1
-    return PackResult(out=out, class_names=plan.class_names, image_shape=image_shape, counts=counts,
-                      skipped=skipped, ignored_hidden=plan.ignored_hidden, warnings=plan.warnings,
-                      seconds=time.perf_counter() - t0, size_bytes=out.stat().st_size,
-                      fingerprint=fingerprint, stale_removed=stale)
+    return job.result(skipped, fingerprint, job.out.stat().st_size)
 
 
 def _check_arguments(dtype: str, compression: str | None, per_class: int | None, max_skip_fraction: float,
-                     max_pixels: int) -> None:
+                     max_pixels: int, max_file_size: int) -> None:
     if dtype not in DTYPES:
         raise StreamnnError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     if compression not in COMPRESSIONS:
@@ -715,3 +1090,5 @@ def _check_arguments(dtype: str, compression: str | None, per_class: int | None,
         raise StreamnnError(f"max_skip_fraction must be between 0 and 1, not {max_skip_fraction}")
     if max_pixels < 1:
         raise StreamnnError(f"max_pixels must be positive, not {max_pixels}")
+    if max_file_size < 1:
+        raise StreamnnError(f"max_file_size must be positive, not {max_file_size}")

@@ -18,12 +18,32 @@ from matplotlib.figure import Figure
 from .atomic import atomic_output
 
 
-def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
+def check_figure_path(path: str | os.PathLike) -> None:
+    """Raise StreamnnError unless a figure can be saved to ``path``: a format matplotlib writes
+    (by the suffix; none means PNG), an existing folder, and no folder or special file there.
+    Cheap: commands call it before their work, so a bad name fails at once."""
+    from .errors import StreamnnError
+    from .paths import path_text
+
+    p = Path(path)
+    fmt = p.suffix.lstrip(".").lower() or "png"
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if fmt not in formats:
+        raise StreamnnError(f"cannot save a figure as .{fmt} (choose one of "
+                            f"{', '.join('.' + f for f in sorted(formats))})", path_text(p))
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise StreamnnError("the folder to save it in does not exist", path_text(p))
+    if os.path.lexists(p) and not p.is_file():
+        raise StreamnnError("exists and is not a regular file", path_text(p))
+
+
+def _save(fig: Figure, path: str | os.PathLike, dpi: int, metadata: Mapping[str, str] | None = None) -> Path:
     path = Path(path)
     FigureCanvasAgg(fig)
     fmt = path.suffix.lstrip(".").lower() or "png"
     with atomic_output(path, suffix=path.suffix) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=dpi)
+        fig.savefig(tmp, format=fmt, dpi=dpi, metadata=dict(metadata) if metadata else None)
     return path
 
 
@@ -86,13 +106,13 @@ def save_image_grid(images: np.ndarray | Sequence[np.ndarray], titles: Sequence[
 
 
 def save_curves(history: Mapping[str, Sequence[float]], path: str | os.PathLike, eval_name: str = "eval",
-                *, dpi: int = 100) -> Path:
+                *, dpi: int = 100, metadata: Mapping[str, str] | None = None) -> Path:
     """Loss and accuracy per epoch for train, validation and evaluation data, side by side.
 
     ``history`` maps column names to per-epoch values: ``epoch``, and any of
     ``{train,val,eval}_{loss,accuracy}`` (missing or all-NaN series are not drawn) and
     ``best`` (1.0 where that epoch's checkpoint became the best: a dashed line marks the last).
-    Returns the path written.
+    ``metadata`` is stored in the file (PNG text chunks). Returns the path written.
     """
     from matplotlib.ticker import MaxNLocator
 
@@ -113,4 +133,4 @@ def save_curves(history: Mapping[str, Sequence[float]], path: str | os.PathLike,
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.95, wspace=0.25)
-    return _save(fig, path, dpi)
+    return _save(fig, path, dpi, metadata)

@@ -467,6 +467,13 @@ def open_rows(path: str | os.PathLike, split: str, *, fingerprint: str | None = 
         if split not in f or "X" not in f[split]:
             raise StreamnnError(f"unknown split {split!r}", path)
         dset = f[split]["X"]
+        if dset.is_virtual:  # a sharded store's index: read the shards themselves
+            from .shards import open_segments
+
+            try:
+                return open_segments(f, Path(path), split, cached_bands=cached_bands, allow_memmap=allow_memmap)
+            finally:
+                f.close()
         stored = str(attrs["dtype"].decode() if isinstance(attrs["dtype"], bytes) else attrs["dtype"])
         dtype = np.dtype(DTYPES[stored])
         scale = float(attrs["scale"])

@@ -32,7 +32,7 @@ It holds no wall-clock time, so a run interrupted anywhere and resumed ends bit-
 to an uninterrupted one: parameters, optimizer state, ``checkpoint-latest.h5``,
 ``metrics.csv`` and ``steps.csv``. Times are only printed.
 
-While :meth:`Trainer.fit` runs it holds an exclusive lock on the folder (:func:`run_lock`),
+While :meth:`Trainer.fit` runs it holds an exclusive lock on the folder (:mod:`streamnn.rundir`),
 so two trainers never write into one folder.
 
 Loading (:meth:`Trainer.load`) reads and verifies the file, checks store fingerprint and
@@ -59,22 +59,24 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_output
-from .checkpoint import get, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import StreamnnError
 from .evaluate import EvaluationStopped, Preprocess, evaluate_batches, model_dtype
 from .metrics import Metrics
+from .paths import path_text
+from .rundir import (BEST, CONFIG_FORMAT, CONFIG_JSON, CURVES_METADATA, CURVES_PNG, HISTORY_COLUMNS, LATEST,
+                     LOCK_FILE, METRICS_CSV, RUN_FILES, STEPS_CSV, RunDir, run_lock)
+from .runstate import RunData, read_config, read_data, restore, run_content
+from .store import checked_batches
 
-LATEST, BEST = "checkpoint-latest.h5", "checkpoint-best.h5"
-METRICS_CSV, STEPS_CSV, CURVES_PNG, CONFIG_JSON = "metrics.csv", "steps.csv", "curves.png", "config.json"
-RUN_FILES = (LATEST, BEST, METRICS_CSV, STEPS_CSV, CURVES_PNG, CONFIG_JSON)
-LOCK_FILE = ".streamnn-train.lock"  # holds the pid of the run using the folder
-MODELS = ("logistic", "mlp")
+__all__ = ["BEST", "LATEST", "LOCK_FILE", "METRICS_CSV", "RUN_FILES", "STEPS_CSV", "Trainer", "TrainingInterrupted",
+           "resolve_config", "run_lock"]
+
+MODELS = ("logistic", "mlp", "cnn")
+AUGMENTS = (None, "flip", "shift", "flip,shift")
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
 SCHEDULES = ("constant", "hyperbolic", "step", "exponential", "cosine")
 DTYPES = ("float32", "float64")
-HISTORY_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                   "eval_loss", "eval_accuracy", "best")
 
 DEFAULTS: dict[str, Any] = {
     "store": None,               # path of the HDF5 store
@@ -82,6 +84,9 @@ DEFAULTS: dict[str, Any] = {
     "eval_split": "auto",        # "auto": "test" when the store has it; None: no evaluation split
     "model": "mlp",
     "hidden": [128, 32],
+    "conv": [32, 64, 128],       # cnn: channels of each 3x3 conv + ReLU + 2x2 max-pool block
+    "kernel": 3,                 # cnn: convolution kernel size (odd)
+    "batch_norm": False,         # cnn: BatchNorm after every convolution
     "activation": "relu",
     "optimizer": "adam",
     "optimizer_params": {},      # e.g. {"beta1": 0.9} for adam, {"beta": 0.9} for momentum (streamnn.optim)
@@ -94,7 +99,9 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "dropout": 0.0,
     "standardize": False,
-    "augment": None,             # None | "flip"
+    "augment": None,             # None | "flip" | "shift" | "flip,shift"
+    "shift": 4,                  # shift augmentation: up to this many pixels
+    "shift_padding": "reflect",  # shift augmentation: "reflect" | "zero"
     "val_fraction": 0.0,         # seeded, stratified part of the training split used for selection
     "dtype": "float32",
     "seed": 0,
@@ -115,7 +122,7 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, checkpoint: Path, epoch: int, step: int) -> None:
         self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
         name = signal.Signals(signum).name
-        super().__init__(f"{name}: stopped at step {step} (epoch {epoch + 1}); state saved to {checkpoint}")
+        super().__init__(f"{name}: stopped at step {step} (epoch {epoch + 1}); state saved to {path_text(checkpoint)}")
 
     @property
     def exit_code(self) -> int:
@@ -128,35 +135,6 @@ class _Stop(Exception):
 
 
 # -- configuration -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the run folder ``out`` (created if needed): a second trainer
-    in the same folder fails at once instead of interleaving checkpoints. POSIX ``flock``, so
-    the lock dies with its process; where ``fcntl`` does not exist, nothing is locked.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(out / LOCK_FILE, "a+", encoding="utf-8") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()
-            raise StreamnnError("another training run is using this folder"
-                                + (f" (pid {holder})" if holder.isdigit() else ""), out) from None
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
-
-
 def derive_seed(seed: int, purpose: str) -> int:
     """An independent 63-bit seed for one purpose ("model", "loader", "split") of a run's seed."""
     words = [int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF] + [ord(ch) for ch in purpose]
@@ -176,12 +154,21 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
             raise StreamnnError(message)
 
     for key, choices in (("model", MODELS), ("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
-                         ("dtype", DTYPES), ("order", ("exact", "block")), ("augment", (None, "flip")),
-                         ("reader", ("auto", "mmap", "pread"))):
+                         ("dtype", DTYPES), ("order", ("exact", "block")), ("augment", AUGMENTS),
+                         ("shift_padding", ("reflect", "zero")), ("reader", ("auto", "mmap", "pread"))):
         need(cfg[key] in choices, f"{key.replace('_', '-')} must be one of "
                                   f"{', '.join(str(c) for c in choices)}, not {cfg[key]!r}")
     cfg["hidden"] = [int(h) for h in (cfg["hidden"] or [])]
     need(all(h > 0 for h in cfg["hidden"]), f"hidden layer sizes must be positive: {cfg['hidden']}")
+    cfg["conv"] = [int(c) for c in (cfg["conv"] or [])]
+    cfg["kernel"], cfg["shift"], cfg["batch_norm"] = int(cfg["kernel"]), int(cfg["shift"]), bool(cfg["batch_norm"])
+    if cfg["model"] == "cnn":
+        need(all(c > 0 for c in cfg["conv"]), f"conv channel counts must be positive: {cfg['conv']}")
+        need(cfg["kernel"] >= 1 and cfg["kernel"] % 2 == 1, f"kernel must be an odd size, not {cfg['kernel']}")
+        h, w = store.image_shape[:2]
+        need(min(h, w) >= 2 ** len(cfg["conv"]), f"{len(cfg['conv'])} conv blocks halve {h}x{w} images below one "
+                                                 "pixel: give fewer --conv entries")
+    need(cfg["shift"] >= 1 or "shift" not in (cfg["augment"] or ""), "shift must be >= 1 pixel")
     if cfg["model"] == "logistic":
         cfg["hidden"], cfg["activation"], cfg["dropout"] = [], None, 0.0
     for key in ("epochs", "batch_size", "eval_batch_size"):
@@ -197,7 +184,7 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
     need(0 <= cfg["val_fraction"] < 1, "val-fraction must be in [0, 1)")
     cfg["seed"] = int(cfg["seed"])
     cfg["standardize"] = bool(cfg["standardize"])
-    cfg["optimizer_params"] = dict(cfg["optimizer_params"] or {})
+    cfg["optimizer_params"] = check_optimizer_params(cfg["optimizer"], dict(cfg["optimizer_params"] or {}))
     cfg["schedule_params"] = {**SCHEDULE_DEFAULTS.get(cfg["lr_schedule"], {}), **(cfg["schedule_params"] or {})}
     if cfg["lr_schedule"] == "cosine":  # fix the period now: extending a run must not change past rates
         cfg["schedule_params"].setdefault("total_epochs", cfg["epochs"])
@@ -221,7 +208,40 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
         need(store.n_classes == 2, f"logistic regression is binary but the store has {store.n_classes} "
                                    "classes: use --model mlp")
     need(store.n_classes >= 2, "the store needs at least two classes")
+    check_model_size(cfg, store.n_features, store.n_classes)
     return cfg
+
+
+def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Optimizer parameters checked by name and by type against the optimizer's signature: a
+    parameter whose default is a bool takes true/false only, a number a finite number."""
+    import inspect
+
+    from .optim import OPTIMIZERS
+
+    signature = inspect.signature(OPTIMIZERS[name].__init__)
+    accepted = {k: p.default for k, p in signature.parameters.items()
+                if k not in ("self", "model", "lr") and p.default is not inspect.Parameter.empty}
+    for key, value in params.items():
+        if key not in accepted:
+            raise StreamnnError(f"the {name} optimizer has no parameter {key!r} (it has {', '.join(accepted)})")
+        if isinstance(accepted[key], bool):
+            if not isinstance(value, bool):
+                raise StreamnnError(f"optimizer parameter {key} must be true or false, not {value!r}")
+        elif (isinstance(value, bool) or not isinstance(value, (int, float))
+              or not math.isfinite(value)):
+            raise StreamnnError(f"optimizer parameter {key} must be a finite number, not {value!r}")
+    return params
+
+
+def check_model_size(cfg: dict[str, Any], n_features: int, n_classes: int) -> None:
+    """Refuse, before allocating, a model whose parameters and buffers exceed the memory available."""
+    from .budget import TRAINING_COPIES, check_fits, dense_parameter_count
+
+    outputs = 1 if n_classes == 2 else n_classes
+    sizes = [n_features, outputs] if cfg["model"] == "logistic" else [n_features, *cfg["hidden"], outputs]
+    check_fits(dense_parameter_count(sizes), np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES,
+               f"the {cfg['model']} model {sizes}")
 
 
 def selection_split(cfg: dict[str, Any]) -> str:
@@ -246,11 +266,16 @@ def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 # -- components --------------------------------------------------------------------------------
-def build_model(cfg: dict[str, Any], n_features: int, n_classes: int) -> Any:
+def build_model(cfg: dict[str, Any], n_features: int, n_classes: int,
+                image_shape: tuple[int, ...] | None = None) -> Any:
     """A fresh model for the configuration (binary: one sigmoid output; else softmax)."""
     from . import models
 
     dtype, seed = np.dtype(cfg["dtype"]).type, derive_seed(cfg["seed"], "model")
+    if cfg["model"] == "cnn":
+        return models.ConvNet(image_shape, cfg["conv"], cfg["hidden"], n_classes, kernel=cfg["kernel"],
+                              batch_norm=cfg["batch_norm"], dtype=dtype, weight_decay=cfg["weight_decay"],
+                              dropout=cfg["dropout"], seed=seed)
     if cfg["model"] == "logistic":
         return models.LogisticRegression(n_features, dtype=dtype, weight_decay=cfg["weight_decay"], seed=seed)
     sizes = [n_features, *cfg["hidden"], 1 if n_classes == 2 else n_classes]
@@ -282,6 +307,7 @@ class Trainer:
         from .store import open_store
 
         self.out = Path(out_dir)
+        self.run = RunDir(self.out)
         self.verbose = verbose
         self._echo = echo or (lambda msg: print(msg, flush=True))
         self.progress = verbose and (sys.stderr.isatty() if progress is None else progress)
@@ -303,6 +329,9 @@ class Trainer:
         self.train_rows, self.val_rows = (split_validation(labels, cfg["val_fraction"], cfg["seed"])
                                           if cfg["val_fraction"] > 0 else (None, None))
         self.n_train = len(self.train_rows) if self.train_rows is not None else len(labels)
+        if self.n_train == 0:
+            raise StreamnnError(f"split {cfg['train_split']!r} is empty: nothing to train on",
+                                path_text(cfg["store"]))
         self.epoch = 0          # completed epochs
         self.epoch_step = 0     # steps done in the current epoch
         self.step = 0           # steps done in the run
@@ -322,13 +351,14 @@ class Trainer:
         from .schedules import make_schedule
 
         cfg = self.config
-        model = build_model(cfg, self.n_features, self.n_classes)
+        model = build_model(cfg, self.n_features, self.n_classes, self.image_shape)
         optimizer = make_optimizer(cfg["optimizer"], model, cfg["lr"], **cfg["optimizer_params"])
         schedule = make_schedule(cfg["lr_schedule"], cfg["lr"], **cfg["schedule_params"])
         loader = Loader(cfg["store"], cfg["train_split"], batch_size=cfg["batch_size"], shuffle=True,
                         seed=derive_seed(cfg["seed"], "loader"), standardize=cfg["standardize"],
                         augment=cfg["augment"], one_hot=self.n_classes > 2, order=cfg["order"],
-                        subset=self.train_rows, reader=cfg["reader"])
+                        subset=self.train_rows, shift=cfg["shift"], shift_padding=cfg["shift_padding"],
+                        reader=cfg["reader"])
         return Components(model, optimizer, schedule, loader, Metrics(self.n_classes))
 
     @property
@@ -351,30 +381,20 @@ class Trainer:
         """Inference preprocessing (standardization as in training) for this run's model."""
         return Preprocess(self.image_shape, self.mean, self.std, dtype=model_dtype(self.model))
 
+    def run_data(self) -> RunData:
+        """What this run records about its store, for inference."""
+        return RunData(self.fingerprint, self.class_names, self.image_shape, self.channel_order,  # type: ignore[arg-type]
+                       self.packing_options, self.mean, self.std)
+
     def state(self) -> dict[str, Any]:
-        """The checkpoint content: the complete, time-free state of the run."""
+        """The checkpoint content: the complete, time-free state of the run (:mod:`streamnn.runstate`)."""
         p = self.parts
-        data: dict[str, Any] = {
-            "fingerprint": self.fingerprint, "class_names": self.class_names,
-            "image_shape": np.array(self.image_shape, np.int64), "channel_order": self.channel_order,
-            "options": json.dumps(self.packing_options, sort_keys=True), "standardize": self.mean is not None,
-        }
-        if self.mean is not None:
-            data.update(mean=np.asarray(self.mean, np.float64), std=np.asarray(self.std, np.float64))
-        schedule_cfg = p.schedule.config() if hasattr(p.schedule, "config") else {"name": self.config["lr_schedule"]}
-        return {
-            "config": json.dumps(self.config, sort_keys=True),
-            "model": {"config": json.dumps(p.model.config(), sort_keys=True), "state": p.model.state_dict()},
-            "optimizer": {"name": self.config["optimizer"], "lr": float(p.optimizer.lr),
-                          "state": p.optimizer.state_dict()},
-            "schedule": {"config": json.dumps(schedule_cfg, sort_keys=True), "lr": float(p.optimizer.lr)},
-            "loader": p.loader.state_dict(),
-            "progress": {"epoch": self.epoch, "epoch_step": self.epoch_step, "step": self.step,
-                         "best": self.best, "best_epoch": self.best_epoch, "selection": self.selection,
-                         "train_metrics": p.train_metrics.state_dict()},
-            "history": {c: np.array(v, np.float64) for c, v in self.history.items()},
-            "data": data,
-        }
+        progress = {"epoch": self.epoch, "epoch_step": self.epoch_step, "step": self.step, "best": self.best,
+                    "best_epoch": self.best_epoch, "selection": self.selection}
+        return run_content(config=self.config, model=p.model, optimizer=p.optimizer,
+                           optimizer_name=self.config["optimizer"], schedule=p.schedule, loader=p.loader,
+                           train_metrics=p.train_metrics, progress=progress, history=self.history,
+                           data=self.run_data())
 
     def save(self, path: str | os.PathLike) -> str:
         """Write the state to ``path`` atomically; returns the content digest."""
@@ -400,35 +420,17 @@ class Trainer:
         self.history = history
 
     def _restore(self, content: dict[str, Any], path: str | os.PathLike) -> tuple[Components, dict, dict]:
-        fp = get(content, "data.fingerprint", path)
-        if fp != self.fingerprint:
-            raise StreamnnError(f"checkpoint was trained on another store (fingerprint {fp[:12]}..., "
-                                f"this store {self.fingerprint[:12]}...)", path)
+        fp = self.run_data().fingerprint
+        saved = read_data(content, path)
+        if saved.fingerprint != fp:
+            raise StreamnnError(f"checkpoint was trained on another store (fingerprint {saved.fingerprint[:12]}..., "
+                                f"this store {fp[:12]}...)", path)
         parts = self._build()
         try:
-            saved_model = json.loads(get(content, "model.config", path))
-            if saved_model != json.loads(json.dumps(parts.model.config())):
-                raise StreamnnError(f"checkpoint holds another architecture: {_short(saved_model)} "
-                                    f"vs this run's {_short(parts.model.config())}", path)
-            if get(content, "optimizer.name", path) != self.config["optimizer"]:
-                raise StreamnnError(f"checkpoint optimizer is {content['optimizer']['name']!r}, this run uses "
-                                    f"{self.config['optimizer']!r}", path)
-            parts.model.load_state_dict(get(content, "model.state", path))
-            parts.optimizer.load_state_dict(get(content, "optimizer.state", path))
-            parts.optimizer.lr = float(get(content, "optimizer.lr", path))
-            parts.loader.load_state_dict(get(content, "loader", path))
-            progress = dict(get(content, "progress", path))
-            parts.train_metrics.load_state_dict(progress["train_metrics"])
-            saved_history = get(content, "history", path)
-            history = {c: [float(v) for v in np.asarray(saved_history[c])] for c in HISTORY_COLUMNS}
-            for key in ("epoch", "epoch_step", "step", "best_epoch"):
-                progress[key] = int(progress[key])
-            progress["best"] = float(progress["best"])
-            if len(history["epoch"]) != progress["epoch"]:
-                raise StreamnnError("checkpoint history and progress disagree", path)
-            if progress["epoch_step"] > len(parts.loader):
-                raise StreamnnError(f"checkpoint is at step {progress['epoch_step']} of an epoch that has "
-                                    f"{len(parts.loader)} steps here", path)
+            progress, history = restore(content, path, model=parts.model, optimizer=parts.optimizer,
+                                        optimizer_name=self.config["optimizer"], loader=parts.loader,
+                                        train_metrics=parts.train_metrics, steps_per_epoch=len(parts.loader),
+                                        history_columns=HISTORY_COLUMNS)
         except BaseException:
             with contextlib.suppress(Exception):
                 parts.loader.close()
@@ -446,8 +448,7 @@ class Trainer:
         path = Path(out_dir) / LATEST
         if not path.is_file():
             raise StreamnnError(f"nothing to resume: no {LATEST} in this folder", out_dir)
-        content = load_checkpoint(path)
-        config = json.loads(get(content, "config", path))
+        config = read_config(load_checkpoint(path), path)
         for key, value in (changes or {}).items():
             if key not in RESUMABLE:
                 raise StreamnnError(f"{key} cannot change when resuming (only {', '.join(RESUMABLE)} can)")
@@ -480,12 +481,14 @@ class Trainer:
             self.say(f"nothing to do: all {self.config['epochs']} epochs are done (resume with a larger "
                      "--epochs to train longer)")
             return self.history
-        with run_lock(self.out):
-            self._remove_stale_temporaries()
+        with self.run.lock():
+            self.run.check_run_names()
+            for name in self.run.remove_stale_temporaries():
+                self.say(f"removed {name}, left by an interrupted write")
             self._write_config()
-            self._open_steps_log()
+            self._steps_file = self.run.steps_log(self.step)
             if self.history["epoch"]:  # outputs as of the checkpoint (a crash may have left them ahead or behind)
-                write_metrics_csv(self.out / METRICS_CSV, self.history)
+                write_metrics_csv(self.run, self.history)
             try:
                 with self._signal_handlers():
                     self._say_selection()
@@ -507,7 +510,7 @@ class Trainer:
         started, samples = time.perf_counter(), 0
         with self._progressbar(n_steps) as bar:
             if self.epoch_step < n_steps:
-                for X, Y in parts.loader:
+                for X, Y in checked_batches(parts.loader, cfg["store"], cfg["train_split"]):
                     self._train_step(X, Y)
                     samples += X.shape[1]
                     if bar is not None:
@@ -558,8 +561,8 @@ class Trainer:
         loader = Loader(cfg["store"], split, batch_size=cfg["eval_batch_size"], shuffle=False,
                         one_hot=self.n_classes > 2, subset=subset)
         try:
-            return evaluate_batches(self.model, self.preprocess(), loader, self.n_classes,
-                                    stop=lambda: self._stop is not None)
+            return evaluate_batches(self.model, self.preprocess(), checked_batches(loader, cfg["store"], split),
+                                    self.n_classes, stop=lambda: self._stop is not None)
         except EvaluationStopped:
             raise _Stop() from None
         finally:
@@ -592,7 +595,7 @@ class Trainer:
         if improved:
             self.save(self.out / BEST)
         self.save(self.out / LATEST)
-        write_metrics_csv(self.out / METRICS_CSV, self.history)
+        write_metrics_csv(self.run, self.history)
         self._draw_curves(final=self.epoch >= self.config["epochs"])
         self.say(self._epoch_line(row, seconds))
 
@@ -605,7 +608,8 @@ class Trainer:
         try:
             from .plots import save_curves  # lazily: matplotlib is only needed here
 
-            save_curves(self.history, self.out / CURVES_PNG, eval_name=self.config["eval_split"] or "eval")
+            save_curves(self.history, self.out / CURVES_PNG, eval_name=self.config["eval_split"] or "eval",
+                        metadata=CURVES_METADATA)
         except Exception as exc:  # noqa: BLE001 - a plotting problem must not stop training
             self.say(f"warning: could not draw {CURVES_PNG} ({exc.__class__.__name__}: {exc})")
 
@@ -645,36 +649,10 @@ class Trainer:
             parts.append(f"{self._speed:.0f} samples/s")
         return "  ".join(parts) + ("  *best" if row["best"] == 1.0 else "")
 
-    def _remove_stale_temporaries(self) -> None:
-        """Temporary files a killed run left behind (never a complete output)."""
-        from .atomic import TMP_PREFIX
-
-        for tmp in self.out.glob(TMP_PREFIX + "*"):
-            if any(tmp.name.startswith(f"{TMP_PREFIX}{name}.") for name in RUN_FILES):
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                    self.say(f"removed {tmp.name}, left by an interrupted write")
-
     def _write_config(self) -> None:
-        with atomic_output(self.out / CONFIG_JSON) as tmp:
-            tmp.write_text(json.dumps({**self.config, "streamnn_version": __version__}, indent=2,
-                                      sort_keys=True) + "\n")
-
-    def _open_steps_log(self) -> None:
-        """Open steps.csv for appending, cut back to the current step (drops rows a resume redoes)."""
-        path = self.out / STEPS_CSV
-        keep = ["step,epoch,loss\n"]
-        if self.step and path.is_file():
-            for line in path.read_text().splitlines(keepends=True)[1:]:
-                fields = line.rstrip("\n").split(",")
-                if not line.endswith("\n") or len(fields) != 3 or not fields[0].isdigit():
-                    break
-                if int(fields[0]) > self.step:
-                    break
-                keep.append(line)
-        with atomic_output(path) as tmp:
-            tmp.write_text("".join(keep))
-        self._steps_file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in fit()
+        self.run.write_text(CONFIG_JSON, json.dumps({"format": CONFIG_FORMAT, **self.config,
+                                                     "streamnn_version": __version__}, indent=2,
+                                                    sort_keys=True) + "\n")
 
     @contextlib.contextmanager
     def _progressbar(self, n_steps: int) -> Iterator[Any]:
@@ -714,14 +692,8 @@ class Trainer:
                 signal.signal(s, h)
 
 
-def _short(model_config: dict[str, Any]) -> str:
-    keys = ("type", "neuron_cnt", "n_features", "activation_func", "dtype")
-    picked = {k: model_config[k] for k in keys if k in model_config} or model_config
-    return json.dumps(picked, sort_keys=True)[:200]
-
-
 # -- files ------------------------------------------------------------------------------------------
-def write_metrics_csv(path: str | os.PathLike, history: dict[str, list[float]]) -> None:
+def write_metrics_csv(run: RunDir, history: dict[str, list[float]]) -> None:
     """One row per epoch; empty cells for metrics not measured; exact (repr) floats."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -732,8 +704,7 @@ def write_metrics_csv(path: str | os.PathLike, history: dict[str, list[float]]) 
             v = history[c][i]
             row.append("" if math.isnan(v) else str(int(v)) if c in ("epoch", "step", "best") else repr(v))
         writer.writerow(row)
-    with atomic_output(path) as tmp:
-        tmp.write_text(buf.getvalue())
+    run.write_text(METRICS_CSV, buf.getvalue())
 
 
 def read_metrics_csv(path: str | os.PathLike) -> list[dict[str, str]]:

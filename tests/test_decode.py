@@ -1,6 +1,8 @@
 """Decoding: header probes, reduced decoding vs full, conversions, EXIF, bad files and bombs."""
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -157,7 +159,7 @@ def test_load_image_names_the_file(tmp_path):
 
 def test_decode_kwargs_reproduce_the_packing_options():
     opts = decode_options((24, 32), grayscale=True, max_pixels=1000, exif_orientation=False, reduced=False)
-    assert decode_kwargs(opts) == {"size": (24, 32), "grayscale": True, "max_pixels": 1000,
+    assert decode_kwargs(opts) == {"size": (24, 32), "grayscale": True, "max_pixels": 1000, "max_file_size": 512 << 20,
                                    "exif_orientation": False, "reduced": False}
     assert decode_kwargs({})["size"] == (64, 64)
 
@@ -175,3 +177,40 @@ def test_arbitrary_bytes_give_a_decode_error_or_an_image(magic, tail):
         assert exc.reason
     else:
         assert out.shape == (8, 8, 3) and out.dtype == np.uint8
+
+
+def test_a_header_claiming_more_than_the_data_holds_is_skipped_not_grey(capfd):
+    """libjpeg fills the missing part with grey and only warns on stderr: that warning is the reason."""
+    for width, height in ((9000, 9000), (3000, 2000), (640, 480)):
+        with pytest.raises(DecodeError, match="corrupt JPEG data, libjpeg: premature end of data segment"):
+            decode_image(jpeg_with_size(width, height), 64)
+    assert "Corrupt JPEG" not in capfd.readouterr().err
+
+
+def test_extraneous_bytes_before_a_marker_are_harmless_and_quiet(capfd):
+    data = encode(smooth_image(3, 40, 48))
+    end = data.rindex(b"\xff\xd9")
+    padded = data[:end] + b"\x00\x17" + data[end:]  # junk between the scan data and the end marker
+    assert np.array_equal(decode_image(padded, 16), decode_image(data, 16))
+    assert capfd.readouterr().err == ""
+
+
+def test_other_c_library_output_is_passed_on(capfd):
+    from streamnn.decode import _c_stderr
+
+    with _c_stderr() as said:
+        os.write(2, b"libpng warning: something\n")
+    assert said == [b"libpng warning: something\n"] and capfd.readouterr().err == ""
+    from streamnn.decode import _judge_warnings
+
+    _judge_warnings(said[0])
+    assert capfd.readouterr().err == "libpng warning: something\n"
+
+
+def test_a_huge_header_is_refused_before_the_body_is_read(tmp_path):
+    path = tmp_path / "big.jpg"
+    path.write_bytes(jpeg_with_size(30000, 30000) + bytes(400_000))
+    with pytest.raises(DecodeError, match="too large: 30000x30000"):
+        load_image(path, 16)
+    with pytest.raises(DecodeError, match=r"file too large: 400\d+ bytes, over the limit of 1000 bytes"):
+        load_image(path, 16, max_file_size=1000)

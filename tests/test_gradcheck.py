@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from streamnn.activations import ACTIVATIONS
 from streamnn.gradcheck import gradient_check, gradient_errors, relative_error
 from streamnn.models import DeepNetwork, LogisticRegression
+from streamnn.nn import Dropout
 
 TOL = 1e-6
 
@@ -51,7 +52,8 @@ def test_dropout_with_a_fixed_mask(act):
     X, Y = data(5, 3)
     assert gradient_check(model, X, Y) < TOL
     model.forward(X)
-    assert any((mask == 0).any() for mask in model._cache.masks)  # dropout was active
+    masks = [layer.mask for layer in model.layers if isinstance(layer, Dropout)]
+    assert any((mask == 0).any() for mask in masks)  # dropout was active
 
 
 def test_logistic_regression():

@@ -12,6 +12,7 @@ from streamnn import StreamnnError
 from streamnn.activations import ACTIVATIONS, log_softmax, sigmoid, softmax
 from streamnn.losses import BinaryCrossEntropy, CategoricalCrossEntropy
 from streamnn.models import DeepNetwork, LogisticRegression, from_config
+from streamnn.nn import Activation, Dropout
 
 DTYPES = [np.float32, np.float64]
 OUTPUTS = [([6, 5, 4, 1], ["relu", "tanh", "sigmoid"]),
@@ -168,7 +169,10 @@ def test_float32_model_never_upcasts(neuron_cnt, acts):
     model.backward(labels(model.n_classes, 5))
     assert Y_hat.dtype == np.float32
     assert all(g.dtype == np.float32 for g in model.grads.values())
-    assert all(z.dtype == np.float32 for z in model._cache.Z + model._cache.masks)
+    cached = [layer._cache[0] for layer in model.layers if isinstance(layer, Activation)]
+    cached += [layer.mask for layer in model.layers if isinstance(layer, Dropout)]
+    assert cached and all(z.dtype == np.float32 for z in cached)
+    assert model.flat_params.dtype == model.flat_grads.dtype == np.float32
 
 
 def test_float32_and_float64_models_agree():
@@ -239,15 +243,16 @@ def test_l2_term_of_loss_and_gradient():
 def test_inverted_dropout_only_in_train_mode():
     model = DeepNetwork([20, 400, 1], ["relu", "sigmoid"], dropout=0.25, seed=5)
     X = np.abs(np.random.default_rng(4).normal(size=(20, 50)))
+    dense0, relu, dropout, dense1 = model.layers
     model.forward(X)
-    mask = model._cache.masks[0]
+    mask = dropout.mask
     assert set(np.unique(mask)) == {0, np.float32(1 / 0.75)}
     assert np.mean(mask == 0) == pytest.approx(0.25, abs=0.01)
-    np.testing.assert_array_equal(model._cache.inputs[1], model._cache.A[0] * mask)
+    np.testing.assert_array_equal(dense1._A, relu._cache[1] * mask)
     P = model.predict_proba(X)
     np.testing.assert_array_equal(P, model.predict_proba(X))  # no randomness in eval mode
     model.forward(X)
-    assert not np.array_equal(mask, model._cache.masks[0])  # fresh masks each train pass
+    assert not np.array_equal(mask, dropout.mask)  # fresh masks each train pass
 
 
 def test_dropout_masks_follow_the_generator_state():

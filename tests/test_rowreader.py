@@ -42,15 +42,16 @@ def batches(path, reader, epochs=2, **kw):
 @given(dtype=st.sampled_from(DTYPES), order=st.sampled_from(["exact", "block", "none"]),
        batch=st.integers(1, 40), n_subset=st.one_of(st.none(), st.integers(0, 90)),
        world=st.integers(1, 3), data=st.data(), prefetch=st.sampled_from([0, 1, 3]),
-       policy=st.sampled_from(["inline", "thread"]), flip=st.booleans(), standardize=st.booleans(),
+       policy=st.sampled_from(["inline", "thread"]), augment=st.sampled_from([None, "flip", "flip,shift"]),
+       standardize=st.booleans(),
        drop_last=st.booleans(), threads=st.sampled_from([1, 3, 16]), block_rows=st.integers(1, 12))
 def test_pread_batches_equal_the_memory_maps(stores, monkeypatch, dtype, order, batch, n_subset, world, data,
-                                             prefetch, policy, flip, standardize, drop_last, threads, block_rows):
+                                             prefetch, policy, augment, standardize, drop_last, threads, block_rows):
     path, _ = stores[dtype]
     rank = data.draw(st.integers(0, world - 1))
     subset = None if n_subset is None else np.random.default_rng(n_subset).permutation(90)[:n_subset]
     kw = dict(batch_size=batch, seed=5, shuffle=order != "none", order="exact" if order == "none" else order,
-              subset=subset, rank=rank, world_size=world, prefetch=prefetch, augment="flip" if flip else None,
+              subset=subset, rank=rank, world_size=world, prefetch=prefetch, augment=augment, shift=1,
               standardize=standardize, drop_last=drop_last, block_rows=block_rows, window_blocks=2)
     monkeypatch.setattr(rr, "PREAD_THREADS", threads)
     monkeypatch.setattr("streamnn.loader.PREFETCH_POLICY", policy)

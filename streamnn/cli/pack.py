@@ -1,17 +1,24 @@
 """``streamnn-pack SRC -o OUT.h5``: image folders to a streamnn store (wraps :func:`streamnn.pack.pack`)."""
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import shlex
-import signal
 import sys
 import time
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
-from ..decode import DEFAULT_MAX_PIXELS
+from ..decode import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS
 from ..errors import StreamnnError
-from ..pack import default_workers, pack
+from ..pack import PackResult, default_workers, is_store_file, pack
+from ..paths import path_text
+from ..shards import CollectiveError, mpi_world, pack_sharded, rank_workers
+from .common import CONTEXT_SETTINGS, StopRequest, Terminated, fail, sigterm_as_interrupt, user_errors
 
 EPILOG = """\b
 Layouts: SRC/training_set/<class>/*, SRC/test_set/<class>/* (Kaggle; the splits
@@ -26,14 +33,31 @@ aspect ratio, EXIF orientation is applied, alpha is dropped, and rows are
 written in an order shuffled by --seed. A class with no files in some split
 is a warning. Mean and std are of split "train" (else the first split by name).
 \b
+Links: file links are read as files. A folder link is followed once, unless it
+leads back into SRC, to a folder holding SRC (a loop such as up -> ..), or
+into/above a folder already reached by another link; those are listed as
+skipped. Names that are not UTF-8 are kept losslessly as text (\\xNN escapes).
+\b
+OUT is never a file that is not ours: it is refused when it lies inside SRC,
+is a folder, a symbolic link, a device or FIFO, or exists without --force;
+--force replaces only an existing streamnn store (recognised by content).
+\b
+Sharded stores: --shards N, or under MPI (mpiexec -n K streamnn-pack SRC -o
+OUT.h5, with the streamnn[mpi] extra: rank r decodes its share of every split),
+write OUT.shards/part-<r>-of-<K>.h5 and the index OUT.h5, which opens as one
+store (HDF5 virtual datasets; the same rows, order, statistics and fingerprint
+as a one-file store). Move OUT.h5 and OUT.shards together.
+\b
 Exit status: 0 when the store is written (even with skipped files), 1 on an
-error, 130 on Ctrl-C or SIGTERM; OUT is then not written (a previous OUT stays).
+error, 130 on Ctrl-C (SIGINT), 143 on SIGTERM; OUT is then not written (a
+previous OUT stays as it was; only a signal after the final rename finds the
+new store complete, and says so) and no worker process is left running.
 """
 
 
 def _command_line(ctx: click.Context) -> str:
     """The command with every option spelled out (defaults included), to redo the packing."""
-    args = ["streamnn-pack", ctx.params["src"], "-o", ctx.params["out"]]
+    args = ["streamnn-pack", path_text(ctx.params["src"]), "-o", path_text(ctx.params["out"])]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if not isinstance(param, click.Option) or param.name in ("out", "quiet") or value is None:
@@ -42,18 +66,75 @@ def _command_line(ctx: click.Context) -> str:
         if param.is_flag:
             args += [flag] if value else []
         else:
-            args += [flag, str(value)]
+            args += [flag, path_text(str(value))]
     return shlex.join(args)
 
 
-def _term_to_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _run(run: Callable[..., PackResult], comm: Any, before: tuple[int, int, int] | None, stop: StopRequest,
+         src: str, out: str, **kwargs: Any) -> PackResult:
+    """``run(src, out, **kwargs)`` inside the error boundary. Under MPI, an error every rank
+    shares (rank 0 decided it) and Ctrl-C (mpiexec sends it to every rank) are printed once,
+    by rank 0; any other error of a rank ends every rank (MPI_Abort, after this rank has
+    cleaned up)."""
+    rank = comm.Get_rank() if comm is not None else 0
+    shared = False
+    try:
+        with user_errors(f"interrupted; nothing written ({path_text(out)} left as it was)"):
+            try:
+                result = run(src, out, **kwargs)
+                stop.check()  # a stop swallowed after the last progress call
+                return result
+            except CollectiveError:
+                shared = True
+                if rank:
+                    sys.exit(1)
+                raise
+            except StreamnnError as exc:
+                if rank:
+                    raise StreamnnError(f"rank {rank}: {exc}") from None
+                raise
+            except KeyboardInterrupt as exc:  # after the rename into place, the store cannot be unwritten
+                status = 143 if isinstance(exc, Terminated) else 130
+                if rank:
+                    sys.exit(status)
+                if _identity(out) != before and is_store_file(out):
+                    fail(f"interrupted after the store was written ({path_text(out)} is the new, complete store)",
+                         status)
+                raise
+    except SystemExit as exc:
+        if comm is not None and not shared:
+            sys.stderr.flush()
+            time.sleep(0.2)  # let mpiexec pass the error line on before it ends the ranks
+            comm.Abort(exc.code if isinstance(exc.code, int) else 1)
+        raise
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-               epilog=EPILOG)
+def _identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_mtime_ns
+
+
+def _byte_size(text: str) -> int:
+    """``536870912``, ``512M``, ``2G`` (powers of 1024) to a number of bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    body, unit = text.strip().upper().rstrip("IB"), ""
+    if body and body[-1] in units:
+        body, unit = body[:-1], body[-1]
+    try:
+        value = int(float(body) * units[unit])
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size such as 512M or 2G") from None
+    if value < 1:
+        raise click.BadParameter(f"{text!r} must be positive")
+    return value
+
+
+@click.command(context_settings=CONTEXT_SETTINGS, epilog=EPILOG)
 @click.argument("src", type=click.Path(path_type=str))
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=str),
+@click.option("-o", "--out", required=True, type=click.Path(path_type=str),
               help="Store file to write (HDF5, e.g. data.h5); written atomically.")
 @click.option("--size", default="64", show_default=True,
               help="Image size: side of the square (64) or HxW (48x64). Images are squashed, not cropped.")
@@ -72,9 +153,14 @@ def _term_to_interrupt(signum: int, frame: object) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help=f"Decoding processes (default: all cores, {default_workers()} here); 1 decodes in-process. "
                    "The output does not depend on it.")
-@click.option("--force", is_flag=True, help="Overwrite OUT if it exists (otherwise refuse).")
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="Write a sharded store: N shard files in OUT.shards/ and the index OUT (under "
+                   "mpiexec: one shard per rank, the default).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier streamnn store (otherwise refuse).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Skip images whose header claims more pixels than this (decompression bombs).")
+@click.option("--max-file-size", default=f"{DEFAULT_MAX_FILE_SIZE >> 20}M", show_default=True,
+              help="Skip files larger than this, unread (bytes, or with K, M, G).")
 @click.option("--max-skip-fraction", type=click.FloatRange(0.0, 1.0), default=0.1, show_default=True,
               help="Fail (write nothing) if more than this fraction of the files cannot be packed.")
 @click.option("--grayscale", is_flag=True, help="Store one gray channel instead of BGR.")
@@ -85,8 +171,8 @@ def _term_to_interrupt(signum: int, frame: object) -> None:
                    "decoded at 1/2, 1/4 or 1/8 scale when still at least the target size).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def main(src: str, out: str, size: str, per_class: int | None, classes: str | None, dtype: str,
-         compression: str, seed: int, workers: int | None, force: bool, max_pixels: int,
-         max_skip_fraction: float, grayscale: bool, ignore_exif_orientation: bool, full_decode: bool,
+         compression: str, seed: int, workers: int | None, shards: int | None, force: bool, max_pixels: int,
+         max_file_size: str, max_skip_fraction: float, grayscale: bool, ignore_exif_orientation: bool, full_decode: bool,
          quiet: bool) -> None:
     """Pack the image folders under SRC into one HDF5 store OUT of flattened images.
 
@@ -94,13 +180,21 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
     plus the training split's per-feature mean and std. Run streamnn-info OUT to inspect it.
     """
     logging.basicConfig(format="Warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
-    previous_term = signal.signal(signal.SIGTERM, _term_to_interrupt)  # kill <pid>: clean up like Ctrl-C
+    file_limit = _byte_size(max_file_size)
     command = _command_line(click.get_current_context())
+    with user_errors():
+        comm = mpi_world()
+    rank = comm.Get_rank() if comm is not None else 0
+    if comm is not None:
+        command = f"mpiexec -n {comm.Get_size()} {command}"
+        workers = rank_workers(comm) if workers is None else workers
+        quiet = quiet or rank != 0
     bar = None
     start = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
         nonlocal bar
+        stop.check()
         if quiet or not sys.stderr.isatty():  # a bar only for a person watching
             return
         if bar is None:
@@ -110,27 +204,25 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
         rate = done / max(time.perf_counter() - start, 1e-9)
         bar.update(done - bar.pos, f"{rate:.0f} images/s")
 
-    try:
+    if classes is not None and not classes.strip():
+        fail("--classes is empty; give comma-separated class names")
+    before = _identity(out)
+    run = pack if comm is None and shards is None else functools.partial(pack_sharded, shards=shards, comm=comm)
+    with sigterm_as_interrupt() as stop:
         try:
-            result = pack(src, out, size=size, per_class=per_class,
-                          classes=classes.split(",") if classes else None, dtype=dtype,
+            result = _run(run, comm, before, stop, src, out, size=size, per_class=per_class,
+                          classes=classes.split(",") if classes is not None else None, dtype=dtype,
                           compression=None if compression == "none" else compression, seed=seed,
-                          workers=workers, force=force, max_pixels=max_pixels,
+                          workers=workers, force=force, max_pixels=max_pixels, max_file_size=file_limit,
                           max_skip_fraction=max_skip_fraction, grayscale=grayscale,
                           exif_orientation=not ignore_exif_orientation, reduced_decoding=not full_decode,
                           command=command, progress=progress)
         finally:
-            signal.signal(signal.SIGTERM, previous_term)
             if bar is not None:
                 bar.__exit__(None, None, None)
-    except StreamnnError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo(f"Error: interrupted; nothing written ({out} left as it was)", err=True)
-        sys.exit(130)
     if not quiet:
-        click.echo(result.summary())
+        with user_errors(f"interrupted (the store {path_text(out)} is written)"):
+            click.echo(result.summary())
 
 
 if __name__ == "__main__":

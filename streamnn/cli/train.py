@@ -10,9 +10,11 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from .common import CONTEXT_SETTINGS, fail, user_errors
 from ..errors import StreamnnError
-from ..train import (BEST, DEFAULTS, LATEST, MODELS, OPTIMIZERS, RESUMABLE, RUN_FILES, SCHEDULES, Trainer,
-                     TrainingInterrupted, resolve_config, run_lock)
+from ..paths import path_text
+from ..rundir import BEST, LATEST, RunDir
+from ..train import DEFAULTS, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES, Trainer, TrainingInterrupted, resolve_config
 
 # configuration keys set by differently named options
 _SOURCES = {"schedule_params": ("lr_decay", "lr_factor", "lr_every", "lr_min", "lr_param"),
@@ -39,12 +41,18 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
     return out
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("store", required=False, type=click.Path(dir_okay=False))
 @click.option("--model", type=click.Choice(MODELS), default=DEFAULTS["model"], show_default=True,
-              help="logistic: logistic regression; mlp: fully connected network.")
+              help="logistic: logistic regression; mlp: fully connected network; cnn: convolutional network.")
 @click.option("--hidden", default=",".join(map(str, DEFAULTS["hidden"])), show_default=True,
-              help="Hidden layer sizes of the mlp, comma separated ('' for none).")
+              help="Hidden (dense) layer sizes of the mlp or of the cnn's head, comma separated ('' for none).")
+@click.option("--conv", default=",".join(map(str, DEFAULTS["conv"])), show_default=True,
+              help="cnn: channels of each block (conv kernel x kernel 'same' + ReLU + 2x2 max-pool), comma separated.")
+@click.option("--kernel", type=int, default=DEFAULTS["kernel"], show_default=True,
+              help="cnn: convolution kernel size (3 or 5; any odd size).")
+@click.option("--batch-norm/--no-batch-norm", default=DEFAULTS["batch_norm"], show_default=True,
+              help="cnn: batch normalization after every convolution.")
 @click.option("--activation", default=DEFAULTS["activation"], show_default=True,
               help="Hidden-layer activation of the mlp (e.g. relu, tanh, sigmoid).")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS["optimizer"], show_default=True)
@@ -67,11 +75,15 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 @click.option("--weight-decay", type=float, default=DEFAULTS["weight_decay"], show_default=True,
               help="L2 regularization strength.")
 @click.option("--dropout", type=float, default=DEFAULTS["dropout"], show_default=True,
-              help="Dropout rate of hidden layers (mlp).")
+              help="Dropout rate of hidden dense layers (mlp, cnn).")
 @click.option("--standardize/--no-standardize", default=DEFAULTS["standardize"], show_default=True,
               help="Standardize inputs with the store's per-pixel training mean/std.")
-@click.option("--augment", type=click.Choice(["none", "flip"]), default="none", show_default=True,
-              help="Training augmentation: random horizontal flips.")
+@click.option("--augment", type=click.Choice(["none", "flip", "shift", "flip,shift"]), default="none",
+              show_default=True, help="Training augmentation: random horizontal flips and/or random translations.")
+@click.option("--shift", type=int, default=DEFAULTS["shift"], show_default=True, metavar="N",
+              help="Shift augmentation: translate by up to N pixels (each way, both axes).")
+@click.option("--shift-padding", type=click.Choice(["reflect", "zero"]), default=DEFAULTS["shift_padding"],
+              show_default=True, help="Shift augmentation: how the uncovered border is filled.")
 @click.option("--val-fraction", type=float, default=DEFAULTS["val_fraction"], show_default=True,
               help="Seeded, stratified part of the training split held out to select checkpoint-best.h5.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=DEFAULTS["dtype"], show_default=True)
@@ -114,30 +126,26 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
         out = str(Path("runs") / Path(store).stem)
     if force and resume:
         raise click.UsageError("--force and --resume exclude each other")
-    try:
-        if resume:
-            trainer = _resume(out, store, given, quiet, progress)
-        else:
-            if store is None:
-                raise click.UsageError("missing argument STORE")
-            with run_lock(Path(out)):  # not while another trainer uses the folder
-                if force:
-                    for name in RUN_FILES:
-                        (Path(out) / name).unlink(missing_ok=True)
-                if (Path(out) / LATEST).exists():
-                    raise StreamnnError(f"already holds a run ({LATEST}): add --resume to continue it, "
-                                        "--force to start over, or choose another --out", out)
-            trainer = Trainer({**config, "store": store}, out, verbose=not quiet, echo=click.echo,
-                              progress=progress)
-        history = trainer.fit()
-    except TrainingInterrupted as exc:
-        click.echo(f"{exc}\nresume with: streamnn-train --resume --out {out}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo(f"\naborted without saving; {Path(out) / LATEST} holds the last saved state", err=True)
-        sys.exit(130)
-    except StreamnnError as exc:
-        raise click.ClickException(str(exc)) from None
+    with user_errors():
+        try:
+            if resume:
+                trainer = _resume(out, store, given, quiet, progress)
+            else:
+                if store is None:
+                    raise click.UsageError("missing argument STORE")
+                run = RunDir(out)
+                with run.lock():  # not while another trainer uses the folder
+                    run.prepare_new(force)
+                trainer = Trainer({**config, "store": store}, out, verbose=not quiet, echo=click.echo,
+                                  progress=progress)
+            history = trainer.fit()
+        except TrainingInterrupted as exc:
+            click.echo(f"{exc}\nresume with: streamnn-train --resume --out {path_text(out)}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            latest = Path(out) / LATEST
+            fail(f"interrupted: aborted without saving; {path_text(latest)} holds the last saved state"
+                 if latest.is_file() else "interrupted before anything was saved", 130)
     if not quiet:
         click.echo(_final_summary(trainer, history))
 
@@ -145,6 +153,7 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
 def _config_from_options(options: dict[str, Any]) -> dict[str, Any]:
     cfg = {k: v for k, v in options.items() if k in DEFAULTS}
     cfg["hidden"] = _parse_hidden(options["hidden"])
+    cfg["conv"] = _parse_hidden(options["conv"])
     cfg["augment"] = None if options["augment"] == "none" else options["augment"]
     schedule = _parse_pairs(options["lr_param"], "--lr-param")
     for option, key in (("lr_decay", "decay"), ("lr_factor", "factor"), ("lr_every", "every"), ("lr_min", "min_lr")):
@@ -157,13 +166,15 @@ def _config_from_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, progress: bool | None) -> Trainer:
     """Resume, refusing command-line options that contradict the saved configuration."""
-    from ..checkpoint import get, load_checkpoint
+    from ..runstate import load_run_config
     from ..store import open_store
 
-    path = Path(out) / LATEST
+    run = RunDir(out)
+    run.check_run_names()
+    path = run / LATEST
     if not path.is_file():
         raise StreamnnError(f"nothing to resume: no {LATEST} here", out)
-    saved = json.loads(get(load_checkpoint(path), "config", path))
+    saved = load_run_config(path)
     with open_store(store or saved["store"]) as s:
         wanted = resolve_config({**saved, **given, "store": saved["store"]}, s)
     conflicts = [k for k in given if wanted.get(k) != saved.get(k) and k not in RESUMABLE]
@@ -181,13 +192,13 @@ def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, pro
 def _final_summary(trainer: Trainer, history: dict[str, list[float]]) -> str:
     cfg, sel = trainer.config, trainer.selection
     if not history["epoch"]:
-        return f"outputs in {trainer.out}"
+        return f"outputs in {path_text(trainer.out)}"
     i = trainer.best_epoch - 1
     name = {"val": "validation", "eval": cfg["eval_split"], "train": "train"}[sel]
     text = f"{BEST}: epoch {trainer.best_epoch}, {name} accuracy {trainer.best:.4f}"
     if sel == "val" and cfg["eval_split"] and i >= 0 and not math.isnan(history["eval_accuracy"][i]):
         text += f", {cfg['eval_split']} accuracy {history['eval_accuracy'][i]:.4f} (not used for selection)"
-    return text + f"\noutputs in {trainer.out}"
+    return text + f"\noutputs in {path_text(trainer.out)}"
 
 
 if __name__ == "__main__":  # pragma: no cover

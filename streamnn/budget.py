@@ -1,0 +1,66 @@
+"""Memory budget: refuse a model that cannot fit before allocating it.
+
+A model's size follows from its configuration: a dense layer of ``n_in`` inputs and ``n_out``
+units holds ``n_out * (n_in + 1)`` parameters. Training keeps about :data:`TRAINING_COPIES`
+arrays of that size (parameters, gradients, the weight-decay buffer, up to two optimizer
+moments, one scratch buffer), inference about :data:`INFERENCE_COPIES` (parameters and
+gradients). A configuration whose arrays exceed the memory the system reports as available
+(``MemAvailable`` of ``/proc/meminfo``, else the physical memory) is a one-line error naming
+the size, instead of a ``MemoryError`` or an exhausted machine later.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import StreamnnError
+
+TRAINING_COPIES = 6
+INFERENCE_COPIES = 2
+
+
+def dense_parameter_count(sizes: Sequence[int]) -> int:
+    """Parameters of a stack of dense layers ``sizes = [D, h1, ..., K]`` (weights and biases)."""
+    return sum(n_out * (n_in + 1) for n_in, n_out in zip(sizes, sizes[1:]))
+
+
+def _positive_ints(value: Any, what: str) -> list[int]:
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise StreamnnError(f"{what} must be a list of positive integers, got {str(value)[:80]}")
+    return list(value)
+
+
+def parameter_count(model_config: Mapping[str, Any]) -> int | None:
+    """Parameters the model of ``model_config`` (:meth:`config` of a model) holds; None if unknown."""
+    kind = model_config.get("type")
+    if kind == "DeepNetwork":
+        return dense_parameter_count(_positive_ints(model_config.get("neuron_cnt"), "neuron_cnt"))
+    if kind == "LogisticRegression":
+        return dense_parameter_count([*_positive_ints([model_config.get("n_features")], "n_features"), 1])
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (None when the system does not say)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(n_params: int, itemsize: int, copies: int, what: str) -> None:
+    """Raise StreamnnError when ``copies`` arrays of ``n_params`` items cannot fit in memory."""
+    need = n_params * itemsize * copies
+    free = available_memory()
+    if free is not None and need > free:
+        raise StreamnnError(f"{what} has {n_params:,} parameters: about {need / 1e9:.1f} GB with its "
+                            f"buffers, more than the {free / 1e9:.1f} GB of memory available")

@@ -1,0 +1,55 @@
+"""Inverted dropout (train mode only).
+
+    forward:   A_out = A * mask,   mask = [u >= p] / (1 - p),  u ~ U[0, 1) per entry
+    backward:  dA = dA_out * mask
+
+``p`` is the probability of *dropping* a unit. The uniforms come from the generator given
+to :meth:`build` (the model's, whose state the model saves), so the masks follow that
+generator's state and a resumed run draws the same ones. In eval mode the layer is the
+identity.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import StreamnnError
+from .module import Layer, Shape
+
+
+class Dropout(Layer):
+    """Drop each unit with probability ``rate``; scale the kept ones by 1 / (1 - rate)."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        if not 0 <= float(rate) < 1:
+            raise StreamnnError(f"dropout (drop probability) must be in [0, 1), got {rate}")
+        self.rate = float(rate)
+        self.rng: np.random.Generator | None = None
+        self.mask: np.ndarray | None = None
+
+    def build(self, input_shape: Shape, rng: np.random.Generator, dtype: np.dtype) -> Shape:
+        self.rng = rng
+        return super().build(input_shape, rng, dtype)
+
+    def forward(self, X: np.ndarray, train_mode: bool = True) -> np.ndarray:
+        if not train_mode or self.rate == 0:
+            return X
+        if self.rng is None:
+            raise RuntimeError("Dropout needs build() (it draws from the model's generator)")
+        keep = (self.rng.random(X.shape) >= self.rate).astype(X.dtype)
+        keep /= 1 - self.rate
+        self.mask = keep
+        return X * keep
+
+    def backward(self, dY: np.ndarray) -> np.ndarray | None:
+        if self.rate == 0:
+            return dY
+        if self.mask is None:
+            raise RuntimeError("backward() needs a forward() in train mode first")
+        dY *= self.mask
+        return dY
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "Dropout", "rate": self.rate}

@@ -1,0 +1,162 @@
+"""Preprocessing: normalized store rows to model inputs, for training and inference alike.
+
+Design. A store row is an image in H x W x C order, normalized to [0, 1] by the reader.
+Training (:class:`streamnn.loader.Loader`) and inference (:class:`Preprocess`, used by the
+trainer's evaluation, ``streamnn-eval`` and ``streamnn-predict``) both go through the
+functions here, so they agree exactly:
+
+* standardization: ``(x - mean) * (1 / std)`` with the store's ``/stats``, float32 copies
+  made once (:func:`standardization`); features with ``std <= STD_FLOOR`` are only centred.
+* flip: an image mirrored left-right (:func:`flip_images`).
+* shift: an image translated by ``(dy, dx)``, ``|dy|, |dx| <= N`` pixels, the uncovered
+  border filled by reflection (``"reflect"``: ``np.pad``'s mode, the edge pixel not
+  repeated) or zeros (``"zero"``) (:func:`shift_images`).
+
+Augmentation draws (:class:`Augment`) are pure functions, so that resumed runs and any
+number of ranks see the same images. Flips: image j of rank r's batch k of an epoch is
+mirrored with probability 1/2, from ``PCG64([seed, epoch, rank, k, FLIP])``. Shifts: from
+``PCG64([seed, epoch, k, SHIFT])``, the (dy, dx) pair number ``rank * batch_size + j``, its row
+in the *global* batch k (the union of every rank's batch k), uniform on ``[-N, N]^2``.
+Flips come before shifts, standardization last.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import StreamnnError
+
+#: Constant features (std <= this) are only centred by standardization.
+STD_FLOOR = 1e-8
+_FLIP = 0x666C6970  # "flip": separates the flip streams from the loader's order stream
+_SHIFT = 0x73686674  # "shft"
+PADDINGS = ("reflect", "zero")
+DEFAULT_SHIFT = 4
+
+
+def standardization(mean: Any, std: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, 1/std) as float32 vectors (D,); constant features (std ~ 0) are only centred."""
+    std = np.asarray(std, np.float64).reshape(-1)
+    inv = np.where(std > STD_FLOOR, 1.0 / np.maximum(std, STD_FLOOR), 1.0)
+    return np.asarray(mean, np.float64).reshape(-1).astype(np.float32), inv.astype(np.float32)
+
+
+def flip_images(imgs: np.ndarray, which: np.ndarray, scratch: np.ndarray | None = None) -> None:
+    """Mirror ``imgs[which]`` ((b, H, W, C), in place) left to right."""
+    if not len(which):
+        return
+    picked = np.take(imgs, which, axis=0, out=None if scratch is None else scratch[:len(which)])
+    imgs[which] = picked[:, :, ::-1, :]
+
+
+def shift_images(imgs: np.ndarray, shifts: np.ndarray, max_shift: int, padding: str = "reflect",
+                 scratch: np.ndarray | None = None) -> None:
+    """Translate image j of ``imgs`` ((b, H, W, C), in place) by ``shifts[j] = (dy, dx)``.
+
+    Output pixel (y, x) is input pixel (y - dy, x - dx) of the image padded by ``max_shift``
+    (reflected or zero). ``scratch``: an optional (>= b, H + 2N, W + 2N, C) buffer.
+    """
+    b, H, W, C = imgs.shape
+    n = int(max_shift)
+    if n == 0 or b == 0:
+        return
+    shape = (b, H + 2 * n, W + 2 * n, C)
+    padded = scratch[:b] if scratch is not None else np.empty(shape, imgs.dtype)
+    padded[:, n:n + H, n:n + W] = imgs
+    if padding == "zero":
+        padded[:, :n], padded[:, n + H:], padded[:, :, :n], padded[:, :, n + W:] = 0, 0, 0, 0
+    else:
+        padded[:] = np.pad(imgs, ((0, 0), (n, n), (n, n), (0, 0)), mode="reflect")
+    for j, (dy, dx) in enumerate(np.asarray(shifts).reshape(b, 2)):
+        imgs[j] = padded[j, n - dy:n - dy + H, n - dx:n - dx + W]
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Which training augmentations run: flips, and shifts of up to ``shift`` pixels."""
+
+    flip: bool = False
+    shift: int = 0
+    padding: str = "reflect"
+
+    @classmethod
+    def parse(cls, spec: str | None, shift: int = DEFAULT_SHIFT, padding: str = "reflect") -> Augment:
+        """``None`` / "none", "flip", "shift", "flip,shift"; "shift=N/PADDING" sets the shift in place."""
+        if spec in (None, "", "none", "None"):
+            return cls()
+        flip, n, pad = False, 0, padding
+        for part in str(spec).split(","):
+            name, _, detail = part.strip().partition("=")
+            if name == "flip" and not detail:
+                flip = True
+            elif name == "shift":
+                n = shift
+                if detail:
+                    amount, _, pad = detail.partition("/")
+                    n = int(amount) if amount.isdigit() else -1
+                if n < 1 or pad not in PADDINGS:
+                    raise StreamnnError(f"bad shift augmentation {part!r}: shift up to N >= 1 pixels, padding "
+                                        f"{' or '.join(PADDINGS)}")
+            else:
+                raise StreamnnError(f"unknown augment {part!r} (choose none, flip, shift or flip,shift)")
+        return cls(flip, n, pad)
+
+    @property
+    def spec(self) -> str | None:
+        """The canonical text (``None`` for no augmentation), e.g. "flip,shift=4/reflect"."""
+        parts = (["flip"] if self.flip else []) + ([f"shift={self.shift}/{self.padding}"] if self.shift else [])
+        return ",".join(parts) or None
+
+    def flips(self, seed: int, epoch: int, rank: int, k: int, b: int) -> np.ndarray:
+        """Rows of the batch to mirror."""
+        rng = np.random.Generator(np.random.PCG64([seed, epoch, rank, k, _FLIP]))
+        return np.flatnonzero(rng.random(b) < 0.5)
+
+    def shifts(self, seed: int, epoch: int, k: int, first_row: int, b: int) -> np.ndarray:
+        """(b, 2) shifts for rows ``first_row .. first_row + b - 1`` of global batch k."""
+        rng = np.random.Generator(np.random.PCG64([seed, epoch, k, _SHIFT]))
+        return rng.integers(-self.shift, self.shift + 1, size=(first_row + b, 2))[first_row:]
+
+
+@dataclass
+class Preprocess:
+    """Normalized rows to model inputs for inference: optional flip, then optional standardization."""
+
+    image_shape: tuple[int, int, int]
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    dtype: Any = np.float32
+    _mean32: np.ndarray | None = field(default=None, init=False, repr=False)
+    _inv32: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.mean is not None:
+            mean, inv = standardization(self.mean, self.std)
+            self._mean32, self._inv32 = mean.reshape(-1, 1), inv.reshape(-1, 1)
+
+    @property
+    def standardize(self) -> bool:
+        return self.mean is not None
+
+    def __call__(self, X: np.ndarray, flip: bool = False) -> np.ndarray:
+        """X (D, B) float32 in [0, 1] -> model input (D, B) of the model's dtype."""
+        if flip:
+            X = flip_columns(X, self.image_shape)
+        if self._mean32 is not None:
+            X = (X - self._mean32) * self._inv32
+        return X.astype(self.dtype, copy=False)
+
+    def rows_from_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (B, H, W, C) -> normalized columns (D, B) float32, as a store holds them."""
+        return (images.reshape(len(images), -1).astype(np.float32) * np.float32(1 / 255)).T.copy()
+
+
+def flip_columns(X: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
+    """Mirror every image (a column of HWC-flattened pixels) left to right (a new array)."""
+    h, w, c = image_shape
+    return np.ascontiguousarray(X.reshape(h, w, c, -1)[:, ::-1]).reshape(X.shape)
