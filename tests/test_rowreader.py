@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import streamnn.rowreader as rr
-from streamnn import StreamnnError
+from streamnn import StreamnnError, open_store
 from streamnn.loader import Loader
 
 from test_loader import _in_child, make_store, row_ids
@@ -103,7 +103,36 @@ def test_runs_of_adjacent_rows_are_one_read_each(stores, monkeypatch):
         reader.close()
 
 
-def test_stored_order_is_one_read_per_batch(stores):
+def test_runs_cross_the_batches_read_together(stores):
+    """Batches announced together are read as one set of runs (block order: whole blocks)."""
+    path, px = stores["float32"]
+    with open_store(path) as store:
+        want = store.read_rows("train", np.arange(90))
+    reader = rr.open_rows(path, "train", reader="pread", threads=3)
+    try:
+        reader.group_rows = 30
+        perm = np.random.default_rng(0).permutation(np.r_[0:20, 40:50])  # two runs, shuffled
+        parts = [perm[0:12], perm[12:24], perm[24:]]
+        for k, rows in enumerate(parts):
+            reader.expect(k, rows)
+        for k, rows in enumerate(parts):
+            out = np.empty((len(rows), px.shape[1]), np.float32)
+            got = reader.read(rows, out, key=k)
+            assert np.array_equal(got, want[rows])
+        assert reader.calls == 2
+        # A row asked for twice (shard padding) is read twice, without breaking the runs.
+        reader.expect(3, np.r_[5:10])
+        reader.expect(4, np.r_[0:10])
+        reader.expect(5, np.r_[10:25])
+        got = reader.read(np.r_[0:10], np.empty((10, px.shape[1]), np.float32), key=4)
+        assert np.array_equal(got, want[0:10])
+        assert reader.calls == 2 + 2  # 0..24 once, then 5..9 again
+    finally:
+        reader.close()
+
+
+def test_stored_order_is_one_read_per_batch(stores, monkeypatch):
+    monkeypatch.setattr(rr, "AHEAD_ROWS", 30)  # one batch ahead, sent alone
     path, px = stores["float16"]
     with Loader(path, "train", 30, shuffle=False, reader="pread", prefetch=0) as L:
         for X, _ in L:
