@@ -3,24 +3,36 @@
 Modules, one concept each: ``store`` (the HDF5 format), ``pack`` (image folders to a
 store), ``loader`` (shuffled mini-batches), ``models`` / ``optim`` / ``schedules``
 (the NumPy maths), ``checkpoint`` and ``train`` (resumable training), ``cli`` (commands).
+
+The public names below are imported lazily, on first use (PEP 562 ``__getattr__``): importing
+``streamnn`` costs nothing, so a command's entry point (:mod:`streamnn.cli`) starts at once
+and can turn a Ctrl-C during the heavy imports (numpy, h5py) into a clean exit 130.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-# __version__ comes first: store, checkpoint and train import it from this package.
-# matplotlib is not imported here: plotting lives in ``streamnn.plots``, imported on use.
-from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from .decode import load_image  # noqa: E402
-from .errors import StreamnnError  # noqa: E402
-from .gradcheck import gradient_check  # noqa: E402
-from .loader import Loader  # noqa: E402
-from .models import DeepNetwork, LogisticRegression  # noqa: E402
-from .optim import Adam, GradientDescent, Momentum, RMSProp, make_optimizer  # noqa: E402
-from .schedules import make_schedule  # noqa: E402
-from .store import Store, StoreWriter, open_store  # noqa: E402
-from .train import Trainer  # noqa: E402
+_EXPORTS = {
+    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint", "load_image": "decode",
+    "StreamnnError": "errors", "gradient_check": "gradcheck", "Loader": "loader",
+    "DeepNetwork": "models", "LogisticRegression": "models", "Adam": "optim", "GradientDescent": "optim",
+    "Momentum": "optim", "RMSProp": "optim", "make_optimizer": "optim", "make_schedule": "schedules",
+    "Store": "store", "StoreWriter": "store", "open_store": "store", "Trainer": "train",
+}
 
-__all__ = [
-    "Adam", "DeepNetwork", "GradientDescent", "Loader", "LogisticRegression", "Momentum", "RMSProp",
-    "Store", "StoreWriter", "StreamnnError", "Trainer", "__version__", "gradient_check", "load_checkpoint",
-    "load_image", "make_optimizer", "make_schedule", "open_store", "save_checkpoint",
-]
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'streamnn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

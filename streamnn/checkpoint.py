@@ -39,8 +39,9 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_output
+from .atomic import atomic_output, write_error
 from .errors import StreamnnError
+from .paths import path_text
 
 FORMAT = "streamnn-checkpoint"
 FORMAT_VERSION = 1
@@ -152,12 +153,15 @@ def save_checkpoint(path: str | os.PathLike, content: Mapping[str, Any]) -> str:
     sha = digest(content)
     path = Path(path)
     with atomic_output(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.create("format", FORMAT, dtype=_STR)
-            f.attrs["format_version"] = np.int64(FORMAT_VERSION)
-            f.attrs.create("streamnn_version", __version__, dtype=_STR)
-            f.attrs.create("sha256", sha, dtype=_STR)
-            _write_group(f.create_group("content"), content)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs.create("format", FORMAT, dtype=_STR)
+                f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+                f.attrs.create("streamnn_version", __version__, dtype=_STR)
+                f.attrs.create("sha256", sha, dtype=_STR)
+                _write_group(f.create_group("content"), content)
+        except (OSError, RuntimeError) as exc:  # disk full, file too large, I/O error: name the target
+            raise write_error(exc, path) from None
     return sha
 
 
@@ -178,13 +182,18 @@ def _read_attr(value: Any) -> Leaf:
     raise ValueError(f"unexpected attribute type {type(value).__name__}")
 
 
-def _read_group(group: h5py.Group) -> Content:
+def _read_group(group: h5py.Group, max_bytes: int) -> Content:
+    """The content under ``group``; a dataset declaring more bytes than ``max_bytes`` (the file's
+    size: this writer never compresses) is refused before it is read."""
     out: Content = {_unescape(key): _read_attr(value) for key, value in group.attrs.items()}
     for name, item in group.items():
         key = _unescape(name)
         if isinstance(item, h5py.Group):
-            out[key] = _read_group(item)
-        elif item.dtype.kind == "O" or h5py.check_string_dtype(item.dtype) is not None:
+            out[key] = _read_group(item, max_bytes)
+            continue
+        if item.size * max(item.dtype.itemsize, 1) > max_bytes:
+            raise ValueError(f"dataset {item.name} declares {item.size:,} values, more than the file holds")
+        if item.dtype.kind == "O" or h5py.check_string_dtype(item.dtype) is not None:
             out[key] = [v.decode() if isinstance(v, bytes) else str(v) for v in item[...]]
         else:
             out[key] = item[()] if item.shape == () else item[...]
@@ -199,31 +208,33 @@ def _header(f: h5py.File) -> dict[str, Any]:
 
 def load_checkpoint(path: str | os.PathLike) -> Content:
     """Read and verify a checkpoint; raise a one-line StreamnnError for anything wrong."""
+    where = path_text(path)
     path = Path(path)
     if not path.is_file():
-        raise StreamnnError("no such checkpoint file", path)
+        raise StreamnnError("no such checkpoint file" if not os.path.lexists(path) else "is not a regular file",
+                            where)
     try:
         f = h5py.File(path, "r")
     except OSError:
-        raise StreamnnError("not a checkpoint: not an HDF5 file, or truncated", path) from None
+        raise StreamnnError("not a checkpoint: not an HDF5 file, or truncated", where) from None
     try:
         with f:
             head = _header(f)
             if head.get("format") != FORMAT:
-                raise StreamnnError(f"not a streamnn checkpoint (format {head.get('format')!r})", path)
+                raise StreamnnError(f"not a streamnn checkpoint (format {head.get('format')!r})", where)
             if head.get("format_version") != FORMAT_VERSION:
                 raise StreamnnError(f"checkpoint format version {head.get('format_version')} is not supported "
-                                    f"(this streamnn {__version__} reads version {FORMAT_VERSION})", path)
+                                    f"(this streamnn {__version__} reads version {FORMAT_VERSION})", where)
             if "content" not in f or "sha256" not in head:
-                raise StreamnnError("checkpoint is incomplete (no content or digest)", path)
-            content = _read_group(f["content"])
+                raise StreamnnError("checkpoint is incomplete (no content or digest)", where)
+            content = _read_group(f["content"], max(path.stat().st_size, 1 << 16))
     except StreamnnError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, MemoryError) as exc:
         raise StreamnnError(f"checkpoint is corrupt or truncated ({exc.__class__.__name__}: "
-                            f"{' '.join(str(exc).split())[:120]})", path) from None
+                            f"{' '.join(str(exc).split())[:120]})", where) from None
     if digest(content) != head["sha256"]:
-        raise StreamnnError("checkpoint content does not match its sha256 digest (corrupt file)", path)
+        raise StreamnnError("checkpoint content does not match its sha256 digest (corrupt file)", where)
     return content
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from .checkpoint import load_checkpoint
 from .errors import StreamnnError
 from .metrics import Metrics
+from .paths import path_text
 from .transforms import STD_FLOOR, Preprocess, flip_columns, standardization  # noqa: F401 (re-exported)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -124,6 +125,11 @@ def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | No
     if outputs is not None and outputs != (1 if len(data.class_names) == 2 else len(data.class_names)):
         raise StreamnnError(f"checkpoint model has {outputs} outputs for {len(data.class_names)} classes", path)
     prep = Preprocess(data.image_shape, data.mean, data.std, dtype=model_dtype(model))
+    try:  # one image of the recorded shape must go through (a hand-edited shape or model would not)
+        model.predict_proba(np.zeros((data.n_features, 1), model_dtype(model)))
+    except (ValueError, StreamnnError) as exc:
+        raise StreamnnError(f"checkpoint model does not take images of shape {data.image_shape} ({exc})",
+                            path) from None
     return Predictor(model, prep, data.class_names, data.image_shape, data.options, data.channel_order,
                      data.fingerprint, Path(path) if path is not None else None)
 
@@ -146,31 +152,34 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.Path
                         tta: bool = False, batch_size: int = 256, max_errors: int = 0) -> tuple[dict, Misclassified]:
     """Evaluate a checkpoint on ``split`` of a store; returns (summary dict, misclassified images)."""
     from .loader import Loader
-    from .store import open_store
+    from .store import checked_batches, open_store
 
     pred = load_predictor(checkpoint)
     with open_store(store_path) as store:
         if list(store.class_names) != pred.class_names or tuple(store.image_shape) != pred.image_shape:
             raise StreamnnError(f"store has classes {store.class_names} and images {store.image_shape}, the "
                                 f"checkpoint {pred.class_names} and {pred.image_shape}", store_path)
-        store.dataset(split)  # unknown split: clear error
+        if store.n_rows(split) == 0:  # an unknown split is a clear error too
+            raise StreamnnError(f"split {split!r} is empty: nothing to evaluate", path_text(store_path))
         same_store = store.fingerprint == pred.fingerprint
     errors = Misclassified(max_errors)
     loader = Loader(store_path, split, batch_size=batch_size, shuffle=False, one_hot=pred.n_classes > 2)
     try:
-        metrics = evaluate_batches(pred.model, pred.prep, loader, pred.n_classes, tta=tta,
+        metrics = evaluate_batches(pred.model, pred.prep, checked_batches(loader, store_path, split), pred.n_classes,
+                                   tta=tta,
                                    errors=errors if max_errors else None, class_names=pred.class_names)
     finally:
         loader.close()
+    if not np.isfinite(metrics.loss):
+        raise StreamnnError(f"evaluation of split {split!r} gave a non-finite loss ({metrics.loss}): the model "
+                            "overflows on these images", path_text(checkpoint))
     if errors.rows:
         with open_store(store_path) as store:
-            order = np.argsort(errors.rows)
-            names = store.dataset(split, "paths")[np.asarray(errors.rows)[order]]
-        for i, name in zip(order, names):
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            errors.titles[i] = f"{Path(name).name}\n{errors.titles[i]}"
+            names = store.paths_at(split, errors.rows)
+        for i, name in enumerate(names):
+            errors.titles[i] = f"{name.rsplit('/', 1)[-1]}\n{errors.titles[i]}"
     summary = metrics.summary(pred.class_names)
-    summary.update(checkpoint=str(checkpoint), store=str(store_path), split=split, tta="flip" if tta else None,
+    summary.update(checkpoint=path_text(checkpoint), store=path_text(store_path), split=split, tta="flip" if tta else None,
                    same_store_as_training=same_store, misclassified=errors.total if max_errors else None,
                    channel_order=pred.channel_order)
     return summary, errors
@@ -198,6 +207,9 @@ def predict_files(pred: Predictor, files: Iterable[Path], *, tta: bool = False,
         from .metrics import class_probabilities
 
         probs = class_probabilities(predict_proba(pred.model, pred.prep, X, tta))
+        if not np.isfinite(probs).all():
+            raise StreamnnError("the model gives non-finite probabilities (NaN or inf): it is unusable",
+                                path_text(pred.path) if pred.path is not None else None)
         for (path, _), col in zip(batch, probs.T):
             k = int(np.argmax(col)) if len(col) > 2 else int(col[1] > 0.5)
             yield path, {"class": pred.class_names[k], "probability": float(col[k]),
@@ -211,7 +223,8 @@ def predict_files(pred: Predictor, files: Iterable[Path], *, tta: bool = False,
             yield path, None, str(exc)
             continue
         except Exception as exc:  # noqa: BLE001 - any decoder failure is reported per file
-            yield path, None, f"{path}: cannot read image ({exc.__class__.__name__}: {' '.join(str(exc).split())})"
+            yield path, None, (f"{path_text(path)}: cannot read image "
+                               f"({exc.__class__.__name__}: {' '.join(str(exc).split())})")
             continue
         batch.append((path, img))
         if len(batch) == batch_size:

@@ -18,6 +18,26 @@ from matplotlib.figure import Figure
 from .atomic import atomic_output
 
 
+def check_figure_path(path: str | os.PathLike) -> None:
+    """Raise StreamnnError unless a figure can be saved to ``path``: a format matplotlib writes
+    (by the suffix; none means PNG), an existing folder, and no folder or special file there.
+    Cheap: commands call it before their work, so a bad name fails at once."""
+    from .errors import StreamnnError
+    from .paths import path_text
+
+    p = Path(path)
+    fmt = p.suffix.lstrip(".").lower() or "png"
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if fmt not in formats:
+        raise StreamnnError(f"cannot save a figure as .{fmt} (choose one of "
+                            f"{', '.join('.' + f for f in sorted(formats))})", path_text(p))
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise StreamnnError("the folder to save it in does not exist", path_text(p))
+    if os.path.lexists(p) and not p.is_file():
+        raise StreamnnError("exists and is not a regular file", path_text(p))
+
+
 def _save(fig: Figure, path: str | os.PathLike, dpi: int, metadata: Mapping[str, str] | None = None) -> Path:
     path = Path(path)
     FigureCanvasAgg(fig)

@@ -33,11 +33,13 @@ writes one, atomically (temporary file beside the target, fsync, rename).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +49,13 @@ import numpy as np
 from . import __version__
 from .atomic import atomic_output
 from .errors import StreamnnError
+from .paths import path_text
 
 FORMAT = "streamnn-store"
 FORMAT_VERSION = 1
 RESERVED_GROUPS = ("stats", "skipped")
 DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
+CHANNEL_ORDERS = ("BGR", "RGB", "GRAY")
 COMPRESSIONS = (None, "lzf", "gzip")
 _STR = h5py.string_dtype("utf-8")
 
@@ -70,73 +74,264 @@ def fingerprint(class_names: Sequence[str], image_shape: Sequence[int],
 
 
 def _decode(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def _valid_text(value: Any) -> bool:
+    """False for a str holding bytes that were not UTF-8 (h5py hands them over as surrogates)."""
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(value: Any) -> str:
+    """A stored path or reason as text; a damaged one (not UTF-8) in the lossless escaped form."""
+    text = _decode(value)
+    return text if _valid_text(text) else path_text(text.encode("utf-8", "surrogateescape"))
+
+
+READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError)
+
+
+def read_error(exc: BaseException, path: str | os.PathLike) -> StreamnnError:
+    """An exception h5py/HDF5 raised while reading a store, as the one-line error naming the file."""
+    text = " ".join(str(exc).split())[:160]
+    return StreamnnError(f"cannot read the store (damaged file?): {exc.__class__.__name__}: {text}", path_text(path))
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """Inside, an h5py/HDF5 exception becomes :func:`read_error` (StreamnnError passes through)."""
+    try:
+        yield
+    except StreamnnError:
+        raise
+    except READ_ERRORS as exc:
+        raise read_error(exc, path) from None
+
+
+def checked_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
+                    split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``batches`` (a loader over ``split`` of the store ``path``), with read errors turned into
+    one-line errors and every batch checked finite (see "Pixel values" in the module docstring)."""
+    it = iter(batches)
+    while True:
+        with reading(path):
+            try:
+                X, Y = next(it)
+            except StopIteration:
+                return
+        if X.dtype.kind == "f" and not np.isfinite(X.sum()) and not np.isfinite(X).all():
+            raise StreamnnError(f"split {split!r} holds non-finite pixel values (NaN or inf)", path_text(path))
+        yield X, Y
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+class _Checker:
+    """Validation of one open store file against the format; every failure names the file."""
+
+    def __init__(self, f: h5py.File, path: Path) -> None:
+        self.f, self.path = f, path
+
+    def fail(self, message: str) -> StreamnnError:
+        return StreamnnError(message, path_text(self.path))
+
+    def attr(self, name: str, required: bool = True) -> Any:
+        if name not in self.f.attrs:
+            if required:
+                raise self.fail(f"store attribute {name!r} is missing")
+            return None
+        value = self.f.attrs[name]
+        if isinstance(value, np.ndarray) and value.dtype.kind in "OSU":
+            value = np.array([_decode(v) for v in value.ravel()], dtype=object).reshape(value.shape)
+        value = _decode(value)
+        texts = value.ravel() if isinstance(value, np.ndarray) and value.dtype == object else [value]
+        if not all(_valid_text(t) for t in texts):
+            raise self.fail(f"store attribute {name!r} is not valid UTF-8 text (damaged?)")
+        return value
+
+    def text(self, name: str, required: bool = True, choices: Sequence[str] | None = None) -> str | None:
+        value = self.attr(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(f"store attribute {name!r} must be a string, not {_shown(value)}")
+        if choices is not None and value not in choices:
+            raise self.fail(f"store attribute {name!r} is {value!r}, expected one of {', '.join(choices)}")
+        return value
+
+    def json_object(self, name: str) -> dict[str, Any]:
+        text = self.text(name)
+        try:
+            value = json.loads(text)  # type: ignore[arg-type]
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise self.fail(f"store attribute {name!r} must be a JSON object")
+        return value
+
+    def group(self, name: str, parent: h5py.Group | None = None) -> h5py.Group:
+        parent = self.f if parent is None else parent
+        item = parent.get(name)
+        if not isinstance(item, h5py.Group):
+            where = name if parent is self.f else f"{parent.name.lstrip('/')}/{name}"
+            raise self.fail(f"member {where!r} must be a group, " + ("it is missing" if item is None else
+                                                                      "not a dataset"))
+        return item
+
+    def dataset(self, group: h5py.Group, name: str, ndim: int) -> h5py.Dataset:
+        item = group.get(name)
+        where = f"{group.name.lstrip('/')}/{name}"
+        if not isinstance(item, h5py.Dataset):
+            raise self.fail(f"member {where!r} must be a dataset, " + ("it is missing" if item is None else
+                                                                        "not a group"))
+        if item.ndim != ndim:
+            raise self.fail(f"dataset {where!r} must have {ndim} dimension(s), it has shape {item.shape}")
+        return item
+
+    def strings(self, group: h5py.Group, name: str, n: int | None = None) -> h5py.Dataset:
+        d = self.dataset(group, name, 1)
+        where = f"{group.name.lstrip('/')}/{name}"
+        if h5py.check_string_dtype(d.dtype) is None:
+            raise self.fail(f"dataset {where!r} must hold strings, not {d.dtype}")
+        if n is not None and d.shape[0] != n:
+            raise self.fail(f"dataset {where!r} has {d.shape[0]} entries, expected {n}")
+        return d
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array {value.dtype} {value.shape}"
+    return f"{type(value).__name__} {str(value)[:40]!r}"
 
 
 class Store:
     """A validated, read-only streamnn store. Use as a context manager or call :meth:`close`.
 
-    Metadata is read once on open; row data stays on disk and is read on demand.
+    Metadata is read and checked against the format once, on open (see "Validation" in the
+    module docstring); row data stays on disk and is read on demand.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise StreamnnError("no such store file", self.path)
+            raise StreamnnError("no such store file" if not os.path.lexists(self.path) else
+                                "is not a regular file", path_text(self.path))
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as exc:
-            raise StreamnnError(f"not an HDF5 file or unreadable ({exc.__class__.__name__})", self.path) from None
+            raise StreamnnError(f"not an HDF5 file or unreadable ({exc.__class__.__name__})",
+                                path_text(self.path)) from None
         try:
-            self._read_metadata()
+            with reading(self.path):
+                self._read_metadata()
         except BaseException:
             self._file.close()
             raise
 
     def _read_metadata(self) -> None:
-        f, where = self._file, self.path
-        attrs = {k: _decode(v) for k, v in f.attrs.items()}
-        if attrs.get("format") != FORMAT:
-            raise StreamnnError("not a streamnn store (no 'format = streamnn-store' attribute)", where)
-        version = int(attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise StreamnnError(f"store format version {version} is not supported "
-                                f"(this streamnn reads version {FORMAT_VERSION})", where)
-        try:
-            self.class_names = [str(_decode(c)) for c in attrs["class_names"]]
-            self.image_shape = tuple(int(s) for s in attrs["image_shape"])
-            self.channel_order = str(attrs["channel_order"])
-            self.dtype = str(attrs["dtype"])
-            self.scale = float(attrs["scale"])
-            self.fingerprint = str(attrs["fingerprint"])
-            self.options = json.loads(attrs.get("options", "{}"))
-            self.command = str(attrs.get("command", ""))
-            self.created = str(attrs.get("created", ""))
-            self.streamnn_version = str(attrs.get("streamnn_version", ""))
-        except KeyError as exc:
-            raise StreamnnError(f"store attribute {exc.args[0]!r} is missing", where) from None
-        if self.dtype not in DTYPES or len(self.image_shape) != 3:
-            raise StreamnnError(f"bad dtype {self.dtype!r} or image shape {self.image_shape}", where)
+        c = _Checker(self._file, self.path)
+        if c.attr("format", required=False) != FORMAT:
+            raise c.fail("not a streamnn store (no 'format = streamnn-store' attribute)")
+        version = c.attr("format_version")
+        if not _is_int(version) or int(version) != FORMAT_VERSION:
+            raise c.fail(f"store format version {version!r} is not supported (this streamnn reads version "
+                         f"{FORMAT_VERSION})")
+        names = c.attr("class_names")
+        if (not isinstance(names, np.ndarray) or names.ndim != 1 or len(names) < 1
+                or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names)):
+            raise c.fail(f"store attribute 'class_names' must be a list of distinct non-empty strings, "
+                         f"not {_shown(names)}")
+        self.class_names = [str(n) for n in names]
+        shape = c.attr("image_shape")
+        if (not isinstance(shape, np.ndarray) or shape.shape != (3,) or shape.dtype.kind not in "iu"
+                or not (shape > 0).all() or int(np.prod(shape.astype(object))) > 1 << 31):
+            raise c.fail(f"store attribute 'image_shape' must be three positive integers (H, W, C), "
+                         f"not {_shown(shape)}")
+        self.image_shape = tuple(int(s) for s in shape)
+        self.channel_order = c.text("channel_order", choices=CHANNEL_ORDERS)
+        if self.image_shape[2] != (1 if self.channel_order == "GRAY" else 3):
+            raise c.fail(f"image_shape {self.image_shape} does not fit channel order {self.channel_order}")
+        c.text("pixel_layout", required=False, choices=("HWC",))
+        self.dtype = c.text("dtype", choices=tuple(DTYPES))
+        scale = c.attr("scale")
+        expected = 1.0 / 255.0 if self.dtype == "uint8" else 1.0
+        if (not isinstance(scale, (float, np.floating, int, np.integer)) or isinstance(scale, (bool, np.bool_))
+                or not math.isfinite(float(scale)) or not math.isclose(float(scale), expected, rel_tol=1e-6)):
+            raise c.fail(f"store attribute 'scale' must be {expected:.6g} for a {self.dtype} store, "
+                         f"not {_shown(scale)}")
+        self.scale = float(scale)
+        self.fingerprint = c.text("fingerprint")
+        if len(self.fingerprint) != 64 or set(self.fingerprint) - set("0123456789abcdef"):
+            raise c.fail("store attribute 'fingerprint' must be 64 hex digits (sha256)")
+        self.options = c.json_object("options") if "options" in self._file.attrs else {}
+        self.command = c.text("command", required=False) or ""
+        self.created = c.text("created", required=False) or ""
+        self.streamnn_version = c.text("streamnn_version", required=False) or ""
         self.n_features = int(np.prod(self.image_shape))
-        self.splits = [name for name in f if name not in RESERVED_GROUPS and isinstance(f[name], h5py.Group)]
+        for name in self._file:
+            c.group(name)  # every top-level member is a group
+        self.splits = [name for name in self._file if name not in RESERVED_GROUPS]
         if not self.splits:
-            raise StreamnnError("store has no split", where)
-        for name in self.splits:
-            self._check_split(name)
+            raise c.fail("store has no split")
+        #: Shard files of a sharded store (its index: see :mod:`streamnn.shards`), checked
+        #: before anything is read through its virtual datasets.
+        self.shards: list[Path] = []
+        if "shards" in self._file.attrs:
+            from .shards import check_index
 
-    def _check_split(self, name: str) -> None:
-        group, where = self._file[name], self.path
-        for key in ("X", "y", "paths"):
-            if key not in group:
-                raise StreamnnError(f"split {name!r} has no dataset {key!r}", where)
-        X, y, paths = group["X"], group["y"], group["paths"]
-        if X.ndim != 2 or X.shape[1] != self.n_features:
-            raise StreamnnError(f"split {name!r}: X has shape {X.shape}, expected (N, {self.n_features})", where)
+            self.shards = check_index(self._file, self.path, self._file.attrs["shards"])
+        self._counts = {name: self._check_split(c, name) for name in self.splits}
+        recorded = c.json_object("counts")
+        if recorded != self._counts:
+            raise c.fail("store attribute 'counts' does not match the labels of the splits")
+        self._check_stats(c)
+        if "skipped" in self._file:
+            g = c.group("skipped")
+            c.strings(g, "reasons", c.strings(g, "paths").shape[0])
+
+    def _check_split(self, c: _Checker, name: str) -> dict[str, int]:
+        group = c.group(name)
+        X = c.dataset(group, "X", 2)
+        n = X.shape[0]
+        if X.shape[1] != self.n_features:
+            raise c.fail(f"split {name!r}: X has shape {X.shape}, expected (N, {self.n_features})")
         if np.dtype(X.dtype) != np.dtype(DTYPES[self.dtype]):
-            raise StreamnnError(f"split {name!r}: X is {X.dtype}, the store says {self.dtype}", where)
-        if y.shape != (X.shape[0],) or paths.shape != (X.shape[0],):
-            raise StreamnnError(f"split {name!r}: X has {X.shape[0]} rows but y has {y.shape[0] if y.ndim else 0} "
-                                f"and paths {paths.shape[0] if paths.ndim else 0}", where)
+            raise c.fail(f"split {name!r}: X is {X.dtype}, the store says {self.dtype}")
+        y = c.dataset(group, "y", 1)
+        if y.shape[0] != n:
+            raise c.fail(f"split {name!r}: X has {n} rows but y has {y.shape[0]}")
+        if y.dtype.kind not in "iu":
+            raise c.fail(f"split {name!r}: labels y must be integers, not {y.dtype}")
+        labels = y[...]
+        if n and (labels.min() < 0 or labels.max() >= self.n_classes):
+            raise c.fail(f"split {name!r}: labels must be in [0, {self.n_classes - 1}] (one per class), "
+                         f"found {int(labels.min())}..{int(labels.max())}")
+        c.strings(group, "paths", n)
+        counts = np.bincount(labels.astype(np.int64), minlength=self.n_classes)
+        return {cls: int(k) for cls, k in zip(self.class_names, counts)}
+
+    def _check_stats(self, c: _Checker) -> None:
+        if "stats" not in self._file:
+            return
+        g = c.group("stats")
+        for key in ("mean", "std"):
+            d = c.dataset(g, key, 1)
+            if d.shape != (self.n_features,) or d.dtype.kind != "f":
+                raise c.fail(f"dataset 'stats/{key}' must be floats of shape ({self.n_features},), "
+                             f"not {d.dtype} {d.shape}")
+            values = d[...]
+            if not np.isfinite(values).all() or (key == "std" and (values < 0).any()):
+                raise c.fail(f"dataset 'stats/{key}' holds " + ("non-finite values (NaN or inf)"
+                                                                if not np.isfinite(values).all() else
+                                                                "negative standard deviations"))
 
     # -- metadata -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -153,35 +348,49 @@ class Store:
     def dataset(self, split: str, key: str = "X") -> h5py.Dataset:
         """The h5py dataset ``key`` ("X", "y" or "paths") of ``split``."""
         if split not in self.splits:
-            raise StreamnnError(f"unknown split {split!r} (the store has {', '.join(self.splits)})", self.path)
-        return self._file[split][key]
+            raise StreamnnError(f"unknown split {split!r} (the store has {', '.join(self.splits)})",
+                                path_text(self.path))
+        with reading(self.path):
+            return self._file[split][key]
 
     def labels(self, split: str) -> np.ndarray:
         """All labels of ``split`` (small: 4 bytes per row)."""
-        return self.dataset(split, "y")[...].astype(np.int64)
+        with reading(self.path):
+            return self.dataset(split, "y")[...].astype(np.int64)
 
     def paths(self, split: str) -> list[str]:
         """Source path of every row of ``split``."""
-        return [_decode(p) for p in self.dataset(split, "paths")[...]]
+        with reading(self.path):
+            return [_printable(p) for p in self.dataset(split, "paths")[...]]
+
+    def paths_at(self, split: str, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """Source paths of the given rows of ``split`` (in the order given)."""
+        rows = np.asarray(rows, np.int64)
+        order = np.argsort(rows)
+        out: list[str] = [""] * len(rows)
+        with reading(self.path):
+            for i, p in zip(order, self.dataset(split, "paths")[rows[order]] if len(rows) else []):
+                out[i] = _printable(p)
+        return out
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Rows per split and class."""
-        return {s: {c: int(n) for c, n in zip(self.class_names,
-                                                np.bincount(self.labels(s), minlength=self.n_classes))}
-                for s in self.splits}
+        return {s: dict(per_class) for s, per_class in self._counts.items()}
 
     def stats(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Per-feature (mean, std) of the normalized training split, or None if not stored."""
         if "stats" not in self._file:
             return None
-        return self._file["stats/mean"][...], self._file["stats/std"][...]
+        with reading(self.path):
+            return self._file["stats/mean"][...], self._file["stats/std"][...]
 
     def skipped(self) -> list[tuple[str, str]]:
         """(path, reason) of every file that was not packed."""
         if "skipped" not in self._file:
             return []
-        g = self._file["skipped"]
-        return [(_decode(p), _decode(r)) for p, r in zip(g["paths"][...], g["reasons"][...])]
+        with reading(self.path):
+            g = self._file["skipped"]
+            return [(_printable(p), _printable(r)) for p, r in zip(g["paths"][...], g["reasons"][...])]
 
     # -- data -----------------------------------------------------------------------------
     def normalize(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -197,7 +406,8 @@ class Store:
         """Normalized float32 rows (B, D) at ``indices`` (any order, repeats allowed)."""
         idx = np.asarray(indices, dtype=np.int64)
         order = np.unique(idx)
-        rows = self.dataset(split)[order] if len(order) else np.empty((0, self.n_features), DTYPES[self.dtype])
+        with reading(self.path):
+            rows = self.dataset(split)[order] if len(order) else np.empty((0, self.n_features), DTYPES[self.dtype])
         return self.normalize(rows[np.searchsorted(order, idx)])
 
     def images(self, rows: np.ndarray) -> np.ndarray:
@@ -209,7 +419,11 @@ class Store:
         actual = fingerprint(self.class_names, self.image_shape,
                              [(s, self.labels(s), self.paths(s)) for s in self.splits])
         if actual != self.fingerprint:
-            raise StreamnnError("content does not match its fingerprint (store altered or corrupt)", self.path)
+            raise StreamnnError("content does not match its fingerprint (store altered or corrupt)",
+                                path_text(self.path))
+        for shard in self.shards:
+            with Store(shard) as part:
+                part.verify()
 
     def loader(self, split: str, batch_size: int = 64, **kwargs: Any):
         """A shuffling mini-batch iterator over ``split``; see :class:`streamnn.loader.Loader`."""
@@ -286,6 +500,26 @@ class StoreWriter:
         g.create_dataset("y", shape=(capacity,), dtype=np.int32)
         g.create_dataset("paths", shape=(capacity,), dtype=_STR)
         self._filled[name] = 0
+
+    def add_virtual_split(self, name: str, parts: Sequence[tuple[str, int]]) -> None:
+        """Create split ``name`` as HDF5 virtual datasets X, y, paths: the same datasets of
+        ``parts``, (store file relative to this store's folder, rows), one after the other."""
+        if name in RESERVED_GROUPS or name in self._filled:
+            raise StreamnnError(f"bad or duplicate split name {name!r}")
+        g, n = self._file.create_group(name), sum(rows for _, rows in parts)
+        for key, dtype, width in (("X", DTYPES[self.dtype], (self.n_features,)), ("y", np.int32, ()),
+                                  ("paths", _STR, ())):
+            layout, start = h5py.VirtualLayout(shape=(n, *width), dtype=dtype), 0
+            for file, rows in parts:
+                if rows:
+                    layout[start:start + rows] = h5py.VirtualSource(file, f"{name}/{key}", shape=(rows, *width))
+                    start += rows
+            g.create_virtual_dataset(key, layout, fillvalue=None)
+        self._filled[name] = n
+
+    def set_attribute(self, name: str, value: Any) -> None:
+        """An extra root attribute (a sharded store's ``shards`` records)."""
+        self._attrs[name] = value
 
     def _create_x(self, group: h5py.Group, n: int) -> h5py.Dataset:
         kw: dict[str, Any] = {}

@@ -63,9 +63,11 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import StreamnnError
 from .evaluate import EvaluationStopped, Preprocess, evaluate_batches, model_dtype
 from .metrics import Metrics
+from .paths import path_text
 from .rundir import (BEST, CONFIG_FORMAT, CONFIG_JSON, CURVES_METADATA, CURVES_PNG, HISTORY_COLUMNS, LATEST,
                      LOCK_FILE, METRICS_CSV, RUN_FILES, STEPS_CSV, RunDir, run_lock)
 from .runstate import RunData, read_config, read_data, restore, run_content
+from .store import checked_batches
 
 __all__ = ["BEST", "LATEST", "LOCK_FILE", "METRICS_CSV", "RUN_FILES", "STEPS_CSV", "Trainer", "TrainingInterrupted",
            "resolve_config", "run_lock"]
@@ -104,12 +106,13 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "seed": 0,
     "order": "exact",            # loader shuffle order: "exact" | "block"
+    "reader": "auto",            # loader I/O: "auto" | "mmap" | "pread" (streamnn.rowreader; may change on resume)
     "checkpoint_every": 0,       # steps; 0: only at epoch ends
 }
 # Schedule parameters (see streamnn.schedules) filled in when not given.
 SCHEDULE_DEFAULTS: dict[str, dict[str, float]] = {
     "hyperbolic": {"decay": 1.0}, "step": {"every": 10.0}, "exponential": {"factor": 0.95}}
-RESUMABLE = ("epochs",)          # options that may change when a run is resumed
+RESUMABLE = ("epochs", "reader")  # options that may change when a run is resumed
 CURVES_SECONDS = 5.0             # curves.png is redrawn at most this often (and at the last epoch)
 
 
@@ -119,7 +122,7 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, checkpoint: Path, epoch: int, step: int) -> None:
         self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
         name = signal.Signals(signum).name
-        super().__init__(f"{name}: stopped at step {step} (epoch {epoch + 1}); state saved to {checkpoint}")
+        super().__init__(f"{name}: stopped at step {step} (epoch {epoch + 1}); state saved to {path_text(checkpoint)}")
 
     @property
     def exit_code(self) -> int:
@@ -152,7 +155,7 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
 
     for key, choices in (("model", MODELS), ("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
                          ("dtype", DTYPES), ("order", ("exact", "block")), ("augment", AUGMENTS),
-                         ("shift_padding", ("reflect", "zero"))):
+                         ("shift_padding", ("reflect", "zero")), ("reader", ("auto", "mmap", "pread"))):
         need(cfg[key] in choices, f"{key.replace('_', '-')} must be one of "
                                   f"{', '.join(str(c) for c in choices)}, not {cfg[key]!r}")
     cfg["hidden"] = [int(h) for h in (cfg["hidden"] or [])]
@@ -181,7 +184,7 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
     need(0 <= cfg["val_fraction"] < 1, "val-fraction must be in [0, 1)")
     cfg["seed"] = int(cfg["seed"])
     cfg["standardize"] = bool(cfg["standardize"])
-    cfg["optimizer_params"] = dict(cfg["optimizer_params"] or {})
+    cfg["optimizer_params"] = check_optimizer_params(cfg["optimizer"], dict(cfg["optimizer_params"] or {}))
     cfg["schedule_params"] = {**SCHEDULE_DEFAULTS.get(cfg["lr_schedule"], {}), **(cfg["schedule_params"] or {})}
     if cfg["lr_schedule"] == "cosine":  # fix the period now: extending a run must not change past rates
         cfg["schedule_params"].setdefault("total_epochs", cfg["epochs"])
@@ -205,7 +208,40 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
         need(store.n_classes == 2, f"logistic regression is binary but the store has {store.n_classes} "
                                    "classes: use --model mlp")
     need(store.n_classes >= 2, "the store needs at least two classes")
+    check_model_size(cfg, store.n_features, store.n_classes)
     return cfg
+
+
+def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Optimizer parameters checked by name and by type against the optimizer's signature: a
+    parameter whose default is a bool takes true/false only, a number a finite number."""
+    import inspect
+
+    from .optim import OPTIMIZERS
+
+    signature = inspect.signature(OPTIMIZERS[name].__init__)
+    accepted = {k: p.default for k, p in signature.parameters.items()
+                if k not in ("self", "model", "lr") and p.default is not inspect.Parameter.empty}
+    for key, value in params.items():
+        if key not in accepted:
+            raise StreamnnError(f"the {name} optimizer has no parameter {key!r} (it has {', '.join(accepted)})")
+        if isinstance(accepted[key], bool):
+            if not isinstance(value, bool):
+                raise StreamnnError(f"optimizer parameter {key} must be true or false, not {value!r}")
+        elif (isinstance(value, bool) or not isinstance(value, (int, float))
+              or not math.isfinite(value)):
+            raise StreamnnError(f"optimizer parameter {key} must be a finite number, not {value!r}")
+    return params
+
+
+def check_model_size(cfg: dict[str, Any], n_features: int, n_classes: int) -> None:
+    """Refuse, before allocating, a model whose parameters and buffers exceed the memory available."""
+    from .budget import TRAINING_COPIES, check_fits, dense_parameter_count
+
+    outputs = 1 if n_classes == 2 else n_classes
+    sizes = [n_features, outputs] if cfg["model"] == "logistic" else [n_features, *cfg["hidden"], outputs]
+    check_fits(dense_parameter_count(sizes), np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES,
+               f"the {cfg['model']} model {sizes}")
 
 
 def selection_split(cfg: dict[str, Any]) -> str:
@@ -293,6 +329,9 @@ class Trainer:
         self.train_rows, self.val_rows = (split_validation(labels, cfg["val_fraction"], cfg["seed"])
                                           if cfg["val_fraction"] > 0 else (None, None))
         self.n_train = len(self.train_rows) if self.train_rows is not None else len(labels)
+        if self.n_train == 0:
+            raise StreamnnError(f"split {cfg['train_split']!r} is empty: nothing to train on",
+                                path_text(cfg["store"]))
         self.epoch = 0          # completed epochs
         self.epoch_step = 0     # steps done in the current epoch
         self.step = 0           # steps done in the run
@@ -318,7 +357,8 @@ class Trainer:
         loader = Loader(cfg["store"], cfg["train_split"], batch_size=cfg["batch_size"], shuffle=True,
                         seed=derive_seed(cfg["seed"], "loader"), standardize=cfg["standardize"],
                         augment=cfg["augment"], one_hot=self.n_classes > 2, order=cfg["order"],
-                        subset=self.train_rows, shift=cfg["shift"], shift_padding=cfg["shift_padding"])
+                        subset=self.train_rows, shift=cfg["shift"], shift_padding=cfg["shift_padding"],
+                        reader=cfg["reader"])
         return Components(model, optimizer, schedule, loader, Metrics(self.n_classes))
 
     @property
@@ -403,7 +443,7 @@ class Trainer:
         """Continue the run in ``out_dir`` from its latest checkpoint, with the saved configuration.
 
         ``store`` may point to the same store moved elsewhere (checked by fingerprint);
-        ``changes`` may only hold keys in RESUMABLE (``epochs``: extend or shorten the run).
+        ``changes`` may only hold keys in RESUMABLE (``epochs``: extend or shorten the run; ``reader``).
         """
         path = Path(out_dir) / LATEST
         if not path.is_file():
@@ -452,6 +492,7 @@ class Trainer:
             try:
                 with self._signal_handlers():
                     self._say_selection()
+                    self.say(f"reading the store with {self.parts.loader.reader_mode} (--reader {self.config['reader']})")
                     while self.epoch < self.config["epochs"]:
                         self._run_epoch(on_step)
             finally:
@@ -469,7 +510,7 @@ class Trainer:
         started, samples = time.perf_counter(), 0
         with self._progressbar(n_steps) as bar:
             if self.epoch_step < n_steps:
-                for X, Y in parts.loader:
+                for X, Y in checked_batches(parts.loader, cfg["store"], cfg["train_split"]):
                     self._train_step(X, Y)
                     samples += X.shape[1]
                     if bar is not None:
@@ -520,8 +561,8 @@ class Trainer:
         loader = Loader(cfg["store"], split, batch_size=cfg["eval_batch_size"], shuffle=False,
                         one_hot=self.n_classes > 2, subset=subset)
         try:
-            return evaluate_batches(self.model, self.preprocess(), loader, self.n_classes,
-                                    stop=lambda: self._stop is not None)
+            return evaluate_batches(self.model, self.preprocess(), checked_batches(loader, cfg["store"], split),
+                                    self.n_classes, stop=lambda: self._stop is not None)
         except EvaluationStopped:
             raise _Stop() from None
         finally:

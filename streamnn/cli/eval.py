@@ -6,31 +6,36 @@ from typing import Any
 
 import click
 
-from ..errors import StreamnnError
 from ..evaluate import evaluate_checkpoint
+from ..paths import path_text
+from .common import CONTEXT_SETTINGS, user_errors
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.argument("store", type=click.Path(dir_okay=False))
 @click.option("--split", default="test", show_default=True, help="Store split to evaluate.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--errors", "errors_png", type=click.Path(dir_okay=False), default=None,
-              help="Write a grid of misclassified images to this PNG.")
-@click.option("--max-errors", type=int, default=64, show_default=True, help="Images in the --errors grid.")
+              help="Write a grid of misclassified images to this PNG (or .pdf, .svg, ...); checked before "
+                   "evaluating, and not written when no image is misclassified.")
+@click.option("--max-errors", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images in the --errors grid (the count of all misclassified images is printed).")
 @click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
               help="Test-time augmentation: average the probabilities of each image and its mirror.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 def main(checkpoint: str, store: str, split: str, as_json: bool, errors_png: str | None, max_errors: int,
          tta: str, batch_size: int) -> None:
     """Evaluate CHECKPOINT on a split of STORE (streamed; memory does not grow with the split)."""
-    try:
+    with user_errors():
+        if errors_png:
+            from ..plots import check_figure_path
+
+            check_figure_path(errors_png)
         summary, errors = evaluate_checkpoint(checkpoint, store, split, tta=tta == "flip", batch_size=batch_size,
                                               max_errors=max_errors if errors_png else 0)
         if errors_png:
             summary["errors_png"] = _save_errors(errors_png, errors, summary["channel_order"])
-    except StreamnnError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
@@ -38,11 +43,11 @@ def _save_errors(path: str, errors: Any, channel_order: str) -> str | None:
     from ..plots import save_image_grid
 
     if not errors.images:
-        click.echo(f"no misclassified image: {path} not written", err=True)
+        click.echo(f"no misclassified image: {path_text(path)} not written", err=True)
         return None
     save_image_grid(errors.images, errors.titles, path, channel_order="RGB" if channel_order == "RGB" else "BGR",
                     title="misclassified: true -> predicted (probability)")
-    return path
+    return path_text(path)
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -3,26 +3,30 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 import click
 import numpy as np
 
 from ..errors import StreamnnError
-from ..store import FORMAT_VERSION, Store, open_store
+from ..paths import path_text
+from ..store import FORMAT_VERSION, Store, open_store, reading
+from .common import CONTEXT_SETTINGS, user_errors
 
 
 def describe(store: Store) -> dict[str, Any]:
     """Everything ``streamnn-info`` shows, as JSON-able data."""
-    h5 = store.dataset(store.splits[0])
+    with reading(store.path):
+        compression = store.dataset(store.splits[0]).compression
     stats = store.stats()
     return {
-        "path": str(store.path), "size_bytes": os.path.getsize(store.path),
+        "path": path_text(store.path),
+        "size_bytes": os.path.getsize(store.path) + sum(os.path.getsize(p) for p in store.shards),
+        "shards": [path_text(p) for p in store.shards],
         "format_version": FORMAT_VERSION, "streamnn_version": store.streamnn_version, "created": store.created,
         "command": store.command, "class_names": store.class_names, "image_shape": list(store.image_shape),
         "channel_order": store.channel_order, "dtype": store.dtype, "scale": store.scale,
-        "compression": h5.compression, "counts": store.counts(),
+        "compression": compression, "counts": store.counts(),
         "stats": None if stats is None else {"split": store.options.get("stats_split"),
                                              "mean_of_means": float(np.mean(stats[0])),
                                              "mean_of_stds": float(np.mean(stats[1]))},
@@ -42,6 +46,9 @@ def _text(d: dict[str, Any], max_skipped: int) -> str:
              f"classes      {', '.join(f'{i}={n}' for i, n in enumerate(d['class_names']))}",
              f"image        {h}x{w}x{c} {d['channel_order']}, row = HxWxC flattened ({h * w * c} values)",
              f"stored as    {kind}, {d['compression'] or 'uncompressed, contiguous'}"]
+    if d["shards"]:
+        lines.append(f"shards       {len(d['shards'])} files in {os.path.dirname(d['shards'][0])}/ "
+                     "(present and as the index recorded them)")
     names = d["class_names"]
     width = max(5, *(len(n) for n in names))
     lines.append("splits       " + "split".ljust(10) + "".join(n.rjust(width + 2) for n in names) + "total".rjust(9))
@@ -71,7 +78,7 @@ def render_grid(store: Store, split: str, n: int, path: str) -> int:
     """Save the first ``n`` rows of ``split`` (already shuffled at packing) with class names."""
     count = min(n, store.n_rows(split))
     if count == 0:
-        raise StreamnnError(f"split {split!r} is empty, nothing to draw", store.path)
+        raise StreamnnError(f"split {split!r} is empty, nothing to draw", path_text(store.path))
     from ..plots import save_image_grid  # matplotlib only when a grid is asked for
     rows = store.read_rows(split, np.arange(count))
     labels = store.labels(split)[:count]
@@ -79,13 +86,13 @@ def render_grid(store: Store, split: str, n: int, path: str) -> int:
     try:
         save_image_grid(store.images(rows), titles, path,
                         channel_order="RGB" if store.channel_order == "RGB" else "BGR",
-                        title=f"{store.path.name}: {split}, first {count} rows")
-    except (ValueError, OSError) as exc:
-        raise StreamnnError(f"cannot save the grid ({exc})", path) from None
+                        title=f"{path_text(store.path.name)}: {split}, first {count} rows")
+    except ValueError as exc:
+        raise StreamnnError(f"cannot save the grid ({exc})", path_text(path)) from None
     return count
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("store", type=click.Path(path_type=str))
 @click.option("--grid", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Also save a grid of stored images with their class names to this PNG (or .pdf/.svg).")
@@ -94,28 +101,30 @@ def render_grid(store: Store, split: str, n: int, path: str) -> int:
               help="Number of images in the grid.")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON (for scripts).")
 @click.option("--all-skipped", is_flag=True, help="List every skipped file (default: the first 20).")
-@click.option("--verify", is_flag=True, help="Recompute the fingerprint and fail if the store was altered.")
+@click.option("--verify", is_flag=True, help="Recompute the fingerprint (and every shard's) and fail if the store was altered.")
 def main(store: str, grid: str | None, split: str | None, n_images: int, as_json: bool,
          all_skipped: bool, verify: bool) -> None:
     """Describe the streamnn store STORE: splits, counts per class, image shape, dtype, size
     on disk, skipped files, the packing command and options, and the fingerprint."""
-    try:
+    with user_errors():
+        if grid:
+            from ..plots import check_figure_path
+
+            check_figure_path(grid)
         with open_store(store) as s:
             if verify:
                 s.verify()
             d = describe(s)
             if grid:
                 split = split or ("train" if "train" in s.splits else s.splits[0])
-                d["grid"] = {"path": grid, "split": split, "images": render_grid(s, split, n_images, grid)}
-    except StreamnnError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+                d["grid"] = {"path": path_text(grid), "split": split,
+                              "images": render_grid(s, split, n_images, grid)}
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
     click.echo(_text(d, max_skipped=len(d["skipped"]) if all_skipped else 20))
     if verify:
-        click.echo("verified     content matches the fingerprint")
+        click.echo("verified     content matches the fingerprint" + (" (and every shard its own)" if d["shards"] else ""))
     if grid:
         g = d["grid"]
         click.echo(f"grid         {g['images']} images of {g['split']!r} saved to {g['path']}")

@@ -10,7 +10,9 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from .common import CONTEXT_SETTINGS, fail, user_errors
 from ..errors import StreamnnError
+from ..paths import path_text
 from ..rundir import BEST, LATEST, RunDir
 from ..train import DEFAULTS, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES, Trainer, TrainingInterrupted, resolve_config
 
@@ -39,7 +41,7 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
     return out
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("store", required=False, type=click.Path(dir_okay=False))
 @click.option("--model", type=click.Choice(MODELS), default=DEFAULTS["model"], show_default=True,
               help="logistic: logistic regression; mlp: fully connected network; cnn: convolutional network.")
@@ -90,6 +92,10 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
               help="Split evaluated after every epoch: 'auto' = test when the store has it; 'none' to skip.")
 @click.option("--order", type=click.Choice(["exact", "block"]), default=DEFAULTS["order"], show_default=True,
               help="Shuffle order: exact permutation, or contiguous blocks (faster on slow disks).")
+@click.option("--reader", type=click.Choice(["auto", "mmap", "pread"]), default=DEFAULTS["reader"],
+              show_default=True, help="How the store is read: mmap (memory map, fastest in the page cache), "
+              "pread (positional reads from 16 threads: a store bigger than RAM), auto (pread when X is over "
+              "half the available memory). May change on --resume.")
 @click.option("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"], show_default=True,
               metavar="N", help="Also write checkpoint-latest.h5 every N steps (0: only at epoch ends).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -108,7 +114,7 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
 
     Ctrl-C or SIGTERM saves a checkpoint after the current step and exits with 130 / 143;
     `--resume` continues it exactly. When resuming, options given on the command line must
-    match the saved configuration (only --epochs may change).
+    match the saved configuration (only --epochs and --reader may change).
     """
     explicit = {name for name in ctx.params
                 if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
@@ -120,26 +126,26 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
         out = str(Path("runs") / Path(store).stem)
     if force and resume:
         raise click.UsageError("--force and --resume exclude each other")
-    try:
-        if resume:
-            trainer = _resume(out, store, given, quiet, progress)
-        else:
-            if store is None:
-                raise click.UsageError("missing argument STORE")
-            run = RunDir(out)
-            with run.lock():  # not while another trainer uses the folder
-                run.prepare_new(force)
-            trainer = Trainer({**config, "store": store}, out, verbose=not quiet, echo=click.echo,
-                              progress=progress)
-        history = trainer.fit()
-    except TrainingInterrupted as exc:
-        click.echo(f"{exc}\nresume with: streamnn-train --resume --out {out}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo(f"\naborted without saving; {Path(out) / LATEST} holds the last saved state", err=True)
-        sys.exit(130)
-    except StreamnnError as exc:
-        raise click.ClickException(str(exc)) from None
+    with user_errors():
+        try:
+            if resume:
+                trainer = _resume(out, store, given, quiet, progress)
+            else:
+                if store is None:
+                    raise click.UsageError("missing argument STORE")
+                run = RunDir(out)
+                with run.lock():  # not while another trainer uses the folder
+                    run.prepare_new(force)
+                trainer = Trainer({**config, "store": store}, out, verbose=not quiet, echo=click.echo,
+                                  progress=progress)
+            history = trainer.fit()
+        except TrainingInterrupted as exc:
+            click.echo(f"{exc}\nresume with: streamnn-train --resume --out {path_text(out)}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            latest = Path(out) / LATEST
+            fail(f"interrupted: aborted without saving; {path_text(latest)} holds the last saved state"
+                 if latest.is_file() else "interrupted before anything was saved", 130)
     if not quiet:
         click.echo(_final_summary(trainer, history))
 
@@ -186,13 +192,13 @@ def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, pro
 def _final_summary(trainer: Trainer, history: dict[str, list[float]]) -> str:
     cfg, sel = trainer.config, trainer.selection
     if not history["epoch"]:
-        return f"outputs in {trainer.out}"
+        return f"outputs in {path_text(trainer.out)}"
     i = trainer.best_epoch - 1
     name = {"val": "validation", "eval": cfg["eval_split"], "train": "train"}[sel]
     text = f"{BEST}: epoch {trainer.best_epoch}, {name} accuracy {trainer.best:.4f}"
     if sel == "val" and cfg["eval_split"] and i >= 0 and not math.isnan(history["eval_accuracy"][i]):
         text += f", {cfg['eval_split']} accuracy {history['eval_accuracy'][i]:.4f} (not used for selection)"
-    return text + f"\noutputs in {trainer.out}"
+    return text + f"\noutputs in {path_text(trainer.out)}"
 
 
 if __name__ == "__main__":  # pragma: no cover
