@@ -111,16 +111,24 @@ class RowReader:
         else:
             np.multiply(raw, self._scale32, out=out, casting="unsafe")
 
-    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> None:
+    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
+        """Fill ``out`` with the rows and return it, or return an array of the same shape and
+        values that the reader owns (valid until ``lend`` more reads; only ``pread`` does that).
+        ``key``: the batch's identity as announced to :meth:`expect`."""
         raise NotImplementedError
 
     #: True when the reader wants to hear of coming batches (:meth:`expect`).
     reads_ahead = False
     #: Rows the reader may hold ahead (the caller announces about this many).
     ahead_rows = 0
+    #: Reads after which an array returned by :meth:`read` may be reused (see ``read``).
+    lend = 0
 
     def expect(self, key: Hashable, rows: np.ndarray) -> None:
         """Announce that ``read(rows, ..., key=key)`` comes soon (ignored by most readers)."""
+
+    def forget(self) -> None:
+        """Drop what was announced (the caller's stream jumped elsewhere)."""
 
     def close(self) -> None:
         self._stage = None
@@ -137,13 +145,14 @@ class MemmapReader(RowReader):
         self._map = np.memmap(path, dtype=self.dtype, mode="r", offset=offset,
                               shape=(n_rows, n_features)).view(np.ndarray)
 
-    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> None:
+    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
         if self._direct:
             np.take(self._map, rows, axis=0, out=out)
         else:
             stage = self._staging(len(rows))
             np.take(self._map, rows, axis=0, out=stage)
             self._convert(stage, out)
+        return out
 
     def row(self, i: int) -> np.ndarray:
         return self._map[i]
@@ -185,6 +194,10 @@ class PreadReader(RowReader):
         self._ahead: deque[_Batch] = deque()
         self._ahead_keys: set[Hashable] = set()
         self._spare: list[np.ndarray] = []  # staging buffers of finished batches, for reuse
+        #: float32 batches are returned in their staging buffer, which stays untouched until
+        #: ``lend`` later batches have been read (the caller's batches in use and prefetched).
+        self.lend = 3
+        self._lent: deque[np.ndarray] = deque()
         self.calls = 0  # preadv calls made (coalescing is visible here)
 
     # -- the reads -------------------------------------------------------------------------------
@@ -209,15 +222,17 @@ class PreadReader(RowReader):
             self._pid = os.getpid()
         if len(rows) and (rows.min() < 0 or rows.max() >= self.n_rows):
             raise StreamnnError(f"rows outside 0..{self.n_rows - 1}", self.path)
+        if not len(rows):
+            return []
         first, count, where = self._runs(np.asarray(rows, np.int64))
+        # A task: the consecutive runs that end in the same TASK_BYTES of the batch's rows.
         ends = np.cumsum(count)
-        tasks, lo, done = [], 0, 0
-        for j in range(len(first)):  # a task: consecutive runs of about TASK_BYTES together
-            if ends[j] - done >= self._task_rows or j == len(first) - 1:
-                tasks.append(self._pool.submit(self._read_runs, first[lo:j + 1].tolist(),
-                                               count[lo:j + 1].tolist(), where[done:ends[j]].tolist(), dest))
-                lo, done = j + 1, int(ends[j])
-        return tasks
+        cut = np.flatnonzero(np.diff((ends - 1) // self._task_rows)) + 1
+        run_lo, run_hi = np.r_[0, cut].tolist(), np.r_[cut, len(first)].tolist()
+        row_lo, row_hi = np.r_[0, ends[cut - 1]].tolist(), ends[np.r_[cut, len(first)] - 1].tolist()
+        first_, count_, where_ = first.tolist(), count.tolist(), where.tolist()
+        return [self._pool.submit(self._read_runs, first_[a:b], count_[a:b], where_[c:d], dest)
+                for a, b, c, d in zip(run_lo, run_hi, row_lo, row_hi)]
 
     def _read_runs(self, first: list[int], count: list[int], where: list[int], dest: np.ndarray) -> int:
         """In a pool thread: one ``preadv`` per run, straight into the rows of ``dest``."""
@@ -245,15 +260,24 @@ class PreadReader(RowReader):
             offset += len(view)
 
     def _wait(self, tasks: list[concurrent.futures.Future]) -> None:
-        for t in tasks:
-            self.calls += t.result()
+        try:
+            for t in tasks:
+                self.calls += t.result()
+        except BaseException:  # an I/O error: no task may write into the buffer once we return
+            for t in tasks:
+                t.cancel()
+            concurrent.futures.wait(tasks)
+            raise
 
     def _drop(self, batch: _Batch) -> None:
         self._ahead_keys.discard(batch.key)
         for t in batch.tasks:  # a running task finishes before its buffer is reused
             if not t.cancel():
                 concurrent.futures.wait([t])
-        self._spare.append(batch.stage)
+        self._release(batch.stage)
+
+    def _release(self, stage: np.ndarray) -> None:
+        self._spare.append(stage if stage.base is None else stage.base)  # whole, for any batch size
 
     def _stage_for(self, n: int) -> np.ndarray:
         for i, buf in enumerate(self._spare):
@@ -269,25 +293,42 @@ class PreadReader(RowReader):
         self._ahead.append(_Batch(key, rows, stage, self._submit(rows, stage)))
         self._ahead_keys.add(key)
 
-    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> None:
-        while self._ahead:  # batches announced before this one are not wanted any more
+    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
+        if key is not None and key in self._ahead_keys:
             batch = self._ahead.popleft()
-            if key is not None and batch.key == key and np.array_equal(batch.rows, rows):
+            while batch.key != key:  # announced before this one: not wanted any more
+                self._drop(batch)
+                batch = self._ahead.popleft()
+            if np.array_equal(batch.rows, rows):
                 try:
                     self._wait(batch.tasks)
+                    if self._direct:  # the staging buffer is the batch: lend it, no copy
+                        self._ahead_keys.discard(batch.key)
+                        self._lent.append(batch.stage)
+                        while len(self._lent) > self.lend:
+                            self._release(self._lent.popleft())
+                        return batch.stage
                     self._convert(batch.stage, out)
-                finally:
+                except BaseException:
                     self._drop(batch)
-                return
+                    raise
+                self._drop(batch)
+                return out
             self._drop(batch)
         dest = out if self._direct else self._staging(len(rows))
         self._wait(self._submit(rows, dest))
         if not self._direct:
             self._convert(dest, out)
+        return out
+
+    def forget(self) -> None:
+        while self._ahead:
+            self._drop(self._ahead.popleft())
 
     def row(self, i: int) -> np.ndarray:
+        """Stored row ``i``, read in the calling thread (not counted in :attr:`calls`)."""
         buf = np.empty((1, self.n_features), self.dtype)
-        self._wait(self._submit(np.array([i]), buf))
+        self._read_runs([i], [1], [0], buf)
         return buf[0]
 
     def close(self) -> None:
@@ -301,6 +342,7 @@ class PreadReader(RowReader):
         self._ahead_keys.clear()
         self._pool = None
         self._spare = []
+        self._lent.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -337,12 +379,13 @@ class Hdf5Reader(_H5Reader):
 
     mode = "hdf5"
 
-    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> None:
+    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
         uniq, inverse = np.unique(rows, return_inverse=True)
         stage = self._staging(len(uniq))
         if len(uniq):
             self._dset.read_direct(stage, source_sel=np.s_[uniq], dest_sel=np.s_[0:len(uniq)])
         self._finish(stage, inverse, out)
+        return out
 
 
 class ChunkReader(_H5Reader):
@@ -387,6 +430,7 @@ class ChunkReader(_H5Reader):
             b = int(band_of[lo])
             np.take(self._band(b), uniq[lo:hi] - b * self.band_rows, axis=0, out=stage[lo:hi])
         self._finish(stage, inverse, out)
+        return out
 
     def close(self) -> None:
         self._bands.clear()
@@ -423,6 +467,13 @@ def open_rows(path: str | os.PathLike, split: str, *, fingerprint: str | None = 
         if split not in f or "X" not in f[split]:
             raise StreamnnError(f"unknown split {split!r}", path)
         dset = f[split]["X"]
+        if dset.is_virtual:  # a sharded store's index: read the shards themselves
+            from .shards import open_segments
+
+            try:
+                return open_segments(f, Path(path), split, cached_bands=cached_bands, allow_memmap=allow_memmap)
+            finally:
+                f.close()
         stored = str(attrs["dtype"].decode() if isinstance(attrs["dtype"], bytes) else attrs["dtype"])
         dtype = np.dtype(DTYPES[stored])
         scale = float(attrs["scale"])

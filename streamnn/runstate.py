@@ -161,9 +161,9 @@ def read_model(content: Mapping[str, Any], path: str | os.PathLike | None = None
         raise StreamnnError(f"checkpoint model config: {exc}", path) from None
     stored = sum(int(a.size) for a in arrays.values())
     if expected is not None:
-        if expected != stored:
+        if expected > stored:  # the state holds every parameter (and layer statistics besides)
             raise StreamnnError(f"checkpoint model config asks for {expected:,} parameters but the file "
-                                f"holds {stored:,} (edited or not written by streamnn)", path)
+                                f"holds {stored:,} values (edited or not written by streamnn)", path)
         itemsize = 8 if config.get("dtype") == "float64" else 4
         budget.check_fits(expected, itemsize, budget.INFERENCE_COPIES, "the checkpoint's model")
     for name, arr in arrays.items():
@@ -175,6 +175,8 @@ def read_model(content: Mapping[str, Any], path: str | os.PathLike | None = None
         model.load_state_dict(dict(state))
     except StreamnnError as exc:
         raise StreamnnError(f"checkpoint model: {exc}", path) from None
+    except MemoryError:  # a model type whose size budget cannot tell in advance
+        raise StreamnnError("checkpoint model does not fit in memory", path) from None
     return model
 
 

@@ -74,7 +74,24 @@ def fingerprint(class_names: Sequence[str], image_shape: Sequence[int],
 
 
 def _decode(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def _valid_text(value: Any) -> bool:
+    """False for a str holding bytes that were not UTF-8 (h5py hands them over as surrogates)."""
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(value: Any) -> str:
+    """A stored path or reason as text; a damaged one (not UTF-8) in the lossless escaped form."""
+    text = _decode(value)
+    return text if _valid_text(text) else path_text(text.encode("utf-8", "surrogateescape"))
 
 
 READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError)
@@ -134,7 +151,11 @@ class _Checker:
         value = self.f.attrs[name]
         if isinstance(value, np.ndarray) and value.dtype.kind in "OSU":
             value = np.array([_decode(v) for v in value.ravel()], dtype=object).reshape(value.shape)
-        return _decode(value)
+        value = _decode(value)
+        texts = value.ravel() if isinstance(value, np.ndarray) and value.dtype == object else [value]
+        if not all(_valid_text(t) for t in texts):
+            raise self.fail(f"store attribute {name!r} is not valid UTF-8 text (damaged?)")
+        return value
 
     def text(self, name: str, required: bool = True, choices: Sequence[str] | None = None) -> str | None:
         value = self.attr(name, required)
@@ -248,6 +269,8 @@ class Store:
                          f"not {_shown(scale)}")
         self.scale = float(scale)
         self.fingerprint = c.text("fingerprint")
+        if len(self.fingerprint) != 64 or set(self.fingerprint) - set("0123456789abcdef"):
+            raise c.fail("store attribute 'fingerprint' must be 64 hex digits (sha256)")
         self.options = c.json_object("options") if "options" in self._file.attrs else {}
         self.command = c.text("command", required=False) or ""
         self.created = c.text("created", required=False) or ""
@@ -258,6 +281,13 @@ class Store:
         self.splits = [name for name in self._file if name not in RESERVED_GROUPS]
         if not self.splits:
             raise c.fail("store has no split")
+        #: Shard files of a sharded store (its index: see :mod:`streamnn.shards`), checked
+        #: before anything is read through its virtual datasets.
+        self.shards: list[Path] = []
+        if "shards" in self._file.attrs:
+            from .shards import check_index
+
+            self.shards = check_index(self._file, self.path, self._file.attrs["shards"])
         self._counts = {name: self._check_split(c, name) for name in self.splits}
         recorded = c.json_object("counts")
         if recorded != self._counts:
@@ -331,7 +361,7 @@ class Store:
     def paths(self, split: str) -> list[str]:
         """Source path of every row of ``split``."""
         with reading(self.path):
-            return [_decode(p) for p in self.dataset(split, "paths")[...]]
+            return [_printable(p) for p in self.dataset(split, "paths")[...]]
 
     def paths_at(self, split: str, rows: Sequence[int] | np.ndarray) -> list[str]:
         """Source paths of the given rows of ``split`` (in the order given)."""
@@ -340,7 +370,7 @@ class Store:
         out: list[str] = [""] * len(rows)
         with reading(self.path):
             for i, p in zip(order, self.dataset(split, "paths")[rows[order]] if len(rows) else []):
-                out[i] = _decode(p)
+                out[i] = _printable(p)
         return out
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -360,7 +390,7 @@ class Store:
             return []
         with reading(self.path):
             g = self._file["skipped"]
-            return [(_decode(p), _decode(r)) for p, r in zip(g["paths"][...], g["reasons"][...])]
+            return [(_printable(p), _printable(r)) for p, r in zip(g["paths"][...], g["reasons"][...])]
 
     # -- data -----------------------------------------------------------------------------
     def normalize(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -391,6 +421,9 @@ class Store:
         if actual != self.fingerprint:
             raise StreamnnError("content does not match its fingerprint (store altered or corrupt)",
                                 path_text(self.path))
+        for shard in self.shards:
+            with Store(shard) as part:
+                part.verify()
 
     def loader(self, split: str, batch_size: int = 64, **kwargs: Any):
         """A shuffling mini-batch iterator over ``split``; see :class:`streamnn.loader.Loader`."""
@@ -467,6 +500,26 @@ class StoreWriter:
         g.create_dataset("y", shape=(capacity,), dtype=np.int32)
         g.create_dataset("paths", shape=(capacity,), dtype=_STR)
         self._filled[name] = 0
+
+    def add_virtual_split(self, name: str, parts: Sequence[tuple[str, int]]) -> None:
+        """Create split ``name`` as HDF5 virtual datasets X, y, paths: the same datasets of
+        ``parts``, (store file relative to this store's folder, rows), one after the other."""
+        if name in RESERVED_GROUPS or name in self._filled:
+            raise StreamnnError(f"bad or duplicate split name {name!r}")
+        g, n = self._file.create_group(name), sum(rows for _, rows in parts)
+        for key, dtype, width in (("X", DTYPES[self.dtype], (self.n_features,)), ("y", np.int32, ()),
+                                  ("paths", _STR, ())):
+            layout, start = h5py.VirtualLayout(shape=(n, *width), dtype=dtype), 0
+            for file, rows in parts:
+                if rows:
+                    layout[start:start + rows] = h5py.VirtualSource(file, f"{name}/{key}", shape=(rows, *width))
+                    start += rows
+            g.create_virtual_dataset(key, layout, fillvalue=None)
+        self._filled[name] = n
+
+    def set_attribute(self, name: str, value: Any) -> None:
+        """An extra root attribute (a sharded store's ``shards`` records)."""
+        self._attrs[name] = value
 
     def _create_x(self, group: h5py.Group, n: int) -> h5py.Dataset:
         kw: dict[str, Any] = {}

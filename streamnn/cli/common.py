@@ -16,6 +16,11 @@ name too long, permission denied, ...)
 =========================================  ====================================  ======
 
 Paths in messages are in :func:`streamnn.paths.path_text` form.
+
+Under ``mpiexec -n K`` (K > 1, :mod:`streamnn.dist`), an error every rank raises alike
+(:class:`~streamnn.dist.AgreedError`) is printed by rank 0 only and every rank exits with
+its status; any other error is printed as ``Error: rank r of K: ...`` and ends the whole job
+(``MPI_Abort``), so no rank is left waiting for one that left.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from typing import Any, NoReturn
 
 import click
 
+from ..dist import AgreedError, launcher_world, leave
 from ..errors import StreamnnError
 from ..paths import path_text
 
@@ -57,41 +63,92 @@ def user_errors(interrupted: str = "interrupted") -> Iterator[None]:
     """Turn streamnn errors, OS errors and Ctrl-C raised inside into ``Error: ...`` and an exit status."""
     try:
         yield
+    except AgreedError as exc:
+        cause = exc.__cause__
+        rank_fail(os_error_message(cause) if isinstance(cause, OSError) else str(exc), 1, agreed=True)
     except StreamnnError as exc:
-        fail(str(exc))
+        rank_fail(str(exc))
     except OSError as exc:
-        fail(os_error_message(exc))
+        rank_fail(os_error_message(exc))
     except Terminated:
-        fail(interrupted, 143)
+        rank_fail(interrupted, 143)
     except KeyboardInterrupt:
-        fail(interrupted, 130)
+        rank_fail(interrupted, 130)
+
+
+def rank_fail(message: str, status: int = 1, *, agreed: bool = False) -> NoReturn:
+    """:func:`fail`, on one of K > 1 MPI ranks: an ``agreed`` error (every rank has it) is printed by
+    rank 0 alone (an empty message by nobody); another one names the rank and ends the job."""
+    try:
+        rank, size = launcher_world()
+    except StreamnnError:  # a malformed launcher environment: report it as one process
+        rank, size = 0, 1
+    if size == 1:
+        fail(message, status)
+    if agreed:
+        if rank == 0 and message:
+            click.echo(f"Error: {message}", err=True)
+        sys.exit(status)
+    click.echo(f"Error: rank {rank} of {size}: {message}", err=True)
+    leave(status)
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill <pid>``), raised like Ctrl-C so that it cleans up the same way."""
 
 
+class StopRequest:
+    """The first SIGINT/SIGTERM received inside :func:`sigterm_as_interrupt` (None: none yet)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def exception(self) -> KeyboardInterrupt:
+        return Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def check(self) -> None:
+        """Raise the stop again if one was received: Python swallows (prints as "Exception
+        ignored in ...") an exception that a signal handler raises while a destructor or a
+        weakref callback runs, so long loops call this at safe points."""
+        if self.signum is not None:
+            raise self.exception()
+
+
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[StopRequest]:
     """Inside, SIGTERM raises :class:`Terminated` and SIGINT :class:`KeyboardInterrupt`, once:
     after the first of them, further SIGINT/SIGTERM are ignored (also after the block: the
     command is then exiting), so a second Ctrl-C cannot cut the clean-up short (leaving a
     temporary file or a child behind) or turn the exit into a traceback. Put it outside
-    :func:`user_errors`, so that the error message and the exit are covered too."""
-    stopping = False
+    :func:`user_errors`, so that the error message and the exit are covered too.
+
+    The yielded :class:`StopRequest` remembers the signal: if the exception was swallowed
+    (raised inside a destructor; that is then not printed), :meth:`StopRequest.check` at the
+    command's next safe point raises it again."""
+    request = StopRequest()
 
     def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        request.signum = signum
         for sig in previous:  # ignored by the OS from now on, also during interpreter shutdown
             signal.signal(sig, signal.SIG_IGN)
-        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        raise request.exception()
 
+    def unraisable(info: Any) -> None:
+        """Once stopping, drop the two messages Python prints for what we do on purpose: the
+        stop swallowed by a destructor, and a second signal already pending when it was set
+        to be ignored ("Signal N ignored due to race condition")."""
+        exc = info.exc_value
+        ours = isinstance(exc, KeyboardInterrupt) or (isinstance(exc, OSError) and "race condition" in str(exc))
+        if request.signum is None or not ours:
+            previous_hook(info)
+
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield request
     finally:
-        if not stopping:  # once stopping, the process is on its way out: keep ignoring them
+        if request.signum is None:  # once stopping, the process is on its way out: keep ignoring them
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            sys.unraisablehook = previous_hook
 
