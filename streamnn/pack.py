@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import json
 import logging
 import math
@@ -94,7 +93,7 @@ import h5py
 
 from .atomic import temporary_prefix, write_error
 from .decode import (DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, DecodeError, decode_kwargs, decode_options,
-                     load_image, parse_size)
+                     load_image, parse_size, signals_deferred)
 from .errors import StreamnnError
 from .paths import path_text
 from .rng import make_rng
@@ -483,22 +482,27 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: get SIGKILL when the parent dies, even by SIGKILL; then check that the parent
-    is still the one that started us (it may have died before the request took effect).
-    Elsewhere the worker ends when its request pipe reaches end of file."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
+# A worker's first lines, before the imports (about a second on a busy machine): on Linux, get
+# SIGKILL when the parent dies, even by SIGKILL (PR_SET_PDEATHSIG = 1). Elsewhere the worker
+# ends when its request pipe reaches end of file.
+_WORKER_BOOT = """\
+import ctypes, signal, sys
+if sys.platform.startswith("linux"):
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+from streamnn.pack import _worker_main
+_worker_main()
+"""
 
 
 def _worker_main() -> None:
-    """A decoding worker (``python -c "from streamnn.pack import _worker_main; _worker_main()"
-    <request fd> <result fd> <parent pid>``): decode requested chunks until end of file."""
+    """A decoding worker (``python -c _WORKER_BOOT <request fd> <result fd> <parent pid>``):
+    decode requested chunks until end of file."""
     requests, results, parent = (int(a) for a in sys.argv[1:4])
-    _die_with_parent(parent)
+    if os.getppid() != parent:  # the parent died before the death signal was arranged
+        os._exit(1)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # the parent handles them
     cv2.setNumThreads(1)
     config = _read_frame(requests)
@@ -518,12 +522,11 @@ class _Worker:
     def __init__(self, env: dict[str, str], kwargs: dict[str, Any]) -> None:
         req_r, self.send_fd = os.pipe()
         self.recv_fd, res_w = os.pipe()
-        cmd = [sys.executable, "-c", "from streamnn.pack import _worker_main; _worker_main()",
-               str(req_r), str(res_w), str(os.getpid())]
+        cmd = [sys.executable, "-c", _WORKER_BOOT, str(req_r), str(res_w), str(os.getpid())]
         # Started with SIGINT and SIGTERM blocked (the mask is inherited through exec): a
         # Ctrl-C sent to the whole process group never interrupts a worker's start-up.
         try:
-            with _signals_deferred():
+            with signals_deferred():
                 self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                              pass_fds=(req_r, res_w), env=env)
         except BaseException:
@@ -556,10 +559,16 @@ class _Worker:
         del self.inbox[:_LEN.size + n]
         return data
 
+    def end_requests(self) -> None:
+        """Close the request pipe (once): the worker ends after the requests it has."""
+        if self.send_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.send_fd)
+            self.send_fd = -1
+
     def close(self, kill: bool) -> None:
         """End the process (at once if ``kill``, else at the end of its requests) and reap it."""
-        with contextlib.suppress(OSError):
-            os.close(self.send_fd)
+        self.end_requests()
         if kill:
             with contextlib.suppress(OSError):
                 self.proc.kill()
@@ -677,8 +686,7 @@ class _Decoder:
     def _close(self, failed: bool) -> None:
         cv2.setNumThreads(self._threads)
         for w in self.workers:  # first signal every process, then wait: no worker is left behind
-            with contextlib.suppress(OSError):
-                os.close(w.send_fd)
+            w.end_requests()
             if failed:
                 with contextlib.suppress(OSError):
                     w.proc.kill()
@@ -703,18 +711,6 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM wait (blocked) until the block is left: for steps that create
-    something to clean up and register it, which a signal in between would leak."""
-    stop = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -955,7 +951,7 @@ class PackJob:
         """The decoder and a store writer per output (path, its items, options added), each
         with room for its items in every split, registered on ``stack`` with signals
         deferred, so that a Ctrl-C finds the workers and the temporary files registered."""
-        with _signals_deferred():
+        with signals_deferred():
             decoder = stack.enter_context(_Decoder(self.workers, decode_kwargs(self.options)))
             writers = [stack.enter_context(StoreWriter(path, **self.store_kwargs, options={**self.options, **extra}))
                        for path, _, extra in outputs]
