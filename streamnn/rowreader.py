@@ -81,6 +81,8 @@ PREAD_THREADS = 16
 #: rows, or ``AHEAD_ROWS`` rows if fewer (enough requests to keep every thread busy).
 AHEAD_BYTES = 96 << 20
 AHEAD_ROWS = 2048
+#: ... and at most this many batches (small batches: announcing costs per batch).
+AHEAD_BATCHES = 64
 #: Longest single ``preadv`` (a longer run of consecutive rows is split, and read in parallel).
 MAX_RUN_BYTES = 1 << 20
 #: Rows per pool task (fewer tasks: less Python overhead; enough of them: every thread busy).
@@ -127,6 +129,10 @@ class RowReader:
     reads_ahead = False
     #: Rows the reader may hold ahead (the caller announces about this many).
     ahead_rows = 0
+
+    def ahead_batches(self, batch_size: int) -> int:
+        """How many coming batches of ``batch_size`` rows the caller should announce."""
+        return min(AHEAD_BATCHES, -(-self.ahead_rows // batch_size)) if self.reads_ahead else 0
     #: Reads after which an array returned by :meth:`read` may be reused (see ``read``).
     lend = 0
 
