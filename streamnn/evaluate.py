@@ -120,17 +120,18 @@ def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | No
     """Rebuild the model and preprocessing from loaded checkpoint content (validated, see :mod:`streamnn.runstate`)."""
     from .runstate import read_data, read_model
 
+    where = path_text(path) if path is not None else None
     data = read_data(content, path)
     model = read_model(content, path)
     outputs = getattr(model, "n_classes", None)
     if outputs is not None and outputs != (1 if len(data.class_names) == 2 else len(data.class_names)):
-        raise StreamnnError(f"checkpoint model has {outputs} outputs for {len(data.class_names)} classes", path)
+        raise StreamnnError(f"checkpoint model has {outputs} outputs for {len(data.class_names)} classes", where)
     prep = Preprocess(data.image_shape, data.mean, data.std, dtype=model_dtype(model))
     try:  # one image of the recorded shape must go through (a hand-edited shape or model would not)
         model.predict_proba(np.zeros((data.n_features, 1), model_dtype(model)))
     except (ValueError, StreamnnError) as exc:
         raise StreamnnError(f"checkpoint model does not take images of shape {data.image_shape} ({exc})",
-                            path) from None
+                            where) from None
     return Predictor(model, prep, data.class_names, data.image_shape, data.options, data.channel_order,
                      data.fingerprint, Path(path) if path is not None else None)
 
@@ -138,15 +139,16 @@ def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | No
 def load_predictor(path: str | os.PathLike) -> Predictor:
     """Load a checkpoint file for inference (one-line StreamnnError if unusable)."""
     content = load_checkpoint(path)
+    where = path_text(path)
     try:
         return predictor_from_content(content, path)
     except StreamnnError as exc:
-        if str(path) in str(exc):
+        if where in str(exc):
             raise
-        raise StreamnnError(str(exc), path) from None
+        raise StreamnnError(str(exc), where) from None
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise StreamnnError(f"checkpoint cannot be used for inference ({exc.__class__.__name__}: {exc})",
-                            path) from None
+                            where) from None
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.PathLike, split: str = "test", *,
@@ -201,7 +203,7 @@ def _checked_predictor(checkpoint: str | os.PathLike, store_path: str | os.PathL
     with open_store(store_path) as store:
         if list(store.class_names) != pred.class_names or tuple(store.image_shape) != pred.image_shape:
             raise StreamnnError(f"store has classes {store.class_names} and images {store.image_shape}, the "
-                                f"checkpoint {pred.class_names} and {pred.image_shape}", store_path)
+                                f"checkpoint {pred.class_names} and {pred.image_shape}", path_text(store_path))
         if store.n_rows(split) == 0:  # an unknown split is a clear error too
             raise StreamnnError(f"split {split!r} is empty: nothing to evaluate", path_text(store_path))
         return pred, store.fingerprint == pred.fingerprint
@@ -268,5 +270,6 @@ def load_image_as_packed(load_image: Callable[..., np.ndarray], path: Path, pred
     if img.ndim == 2:
         img = img[:, :, None]
     if img.shape != (h, w, c) or img.dtype != np.uint8:
-        raise StreamnnError(f"decoded to {img.dtype} {img.shape}, the model expects uint8 {(h, w, c)}", path)
+        raise StreamnnError(f"decoded to {img.dtype} {img.shape}, the model expects uint8 {(h, w, c)}",
+                            path_text(path))
     return img

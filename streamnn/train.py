@@ -255,15 +255,16 @@ class Trainer:
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint of this run; on any error raise StreamnnError and change nothing."""
         content = load_checkpoint(path)
+        where = path_text(path)
         try:
             parts, progress, history = self._restore(content, path)
         except StreamnnError as exc:
-            if str(path) in str(exc):
+            if where in str(exc):
                 raise
-            raise StreamnnError(str(exc), path) from None
+            raise StreamnnError(str(exc), where) from None
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise StreamnnError(f"checkpoint does not fit this run ({exc.__class__.__name__}: "
-                                f"{' '.join(str(exc).split())[:160]})", path) from None
+                                f"{' '.join(str(exc).split())[:160]})", where) from None
         old, self.parts = self.parts, parts
         with contextlib.suppress(Exception):
             old.loader.close()
@@ -276,7 +277,7 @@ class Trainer:
         saved = read_data(content, path)
         if saved.fingerprint != fp:
             raise StreamnnError(f"checkpoint was trained on another store (fingerprint {saved.fingerprint[:12]}..., "
-                                f"this store {fp[:12]}...)", path)
+                                f"this store {fp[:12]}...)", path_text(path))
         parts = self._build()
         try:
             progress, history = restore(content, path, model=parts.model, optimizer=parts.optimizer,
@@ -299,7 +300,7 @@ class Trainer:
         """
         path = Path(out_dir) / LATEST
         if not path.is_file():
-            raise StreamnnError(f"nothing to resume: no {LATEST} in this folder", out_dir)
+            raise StreamnnError(f"nothing to resume: no {LATEST} in this folder", path_text(out_dir))
         config = read_config(load_checkpoint(path), path)
         for key, value in (changes or {}).items():
             if key not in RESUMABLE:

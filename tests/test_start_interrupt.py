@@ -55,8 +55,10 @@ def test_ctrl_c_while_starting_exits_130_without_traceback_or_output(inputs, tmp
         out.mkdir()
         for name, args in _commands(inputs, out).items():
             marker = tmp_path / f"{name}-{delay}.started"
-            code = (f"import sys; from streamnn.cli import {name}; open({str(marker)!r}, 'w').close(); "
-                    f"sys.argv[0] = 'streamnn-{name}'; {name}()")
+            # the marker is made as the very last step before the entry point (a bare os.open, so
+            # that an interrupt cannot land in the test's own code after it)
+            code = (f"import os, sys; from streamnn.cli import {name}; sys.argv[0] = 'streamnn-{name}'; "
+                    f"os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_WRONLY)); {name}()")
             proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, cwd=out)
             pending.append([name, delay, out, proc, marker, None])

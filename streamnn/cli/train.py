@@ -187,7 +187,7 @@ def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, pro
     run.check_run_names()
     path = run / LATEST
     if not path.is_file():
-        raise StreamnnError(f"nothing to resume: no {LATEST} here", out)
+        raise StreamnnError(f"nothing to resume: no {LATEST} here", path_text(out))
     saved = load_run_config(path)
     with open_store(store or saved["store"]) as s:
         wanted = resolve_config({**saved, **given, "store": saved["store"]}, s)
