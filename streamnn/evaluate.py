@@ -125,6 +125,11 @@ def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | No
     if outputs is not None and outputs != (1 if len(data.class_names) == 2 else len(data.class_names)):
         raise StreamnnError(f"checkpoint model has {outputs} outputs for {len(data.class_names)} classes", path)
     prep = Preprocess(data.image_shape, data.mean, data.std, dtype=model_dtype(model))
+    try:  # one image of the recorded shape must go through (a hand-edited shape or model would not)
+        model.predict_proba(np.zeros((data.n_features, 1), model_dtype(model)))
+    except (ValueError, StreamnnError) as exc:
+        raise StreamnnError(f"checkpoint model does not take images of shape {data.image_shape} ({exc})",
+                            path) from None
     return Predictor(model, prep, data.class_names, data.image_shape, data.options, data.channel_order,
                      data.fingerprint, Path(path) if path is not None else None)
 

@@ -13,6 +13,10 @@ A parameter whose true gradient is zero has no meaningful relative error (the ro
 ``J(theta + eps) - J(theta - eps)`` alone gives about 1): check at a point where the
 gradients do not vanish, e.g. with random rather than zero biases.
 
+:func:`layer_gradient_errors` checks one layer on its own (parameters and the input
+gradient) through the scalar ``J = sum(R * layer.forward(X))`` for a fixed random ``R``,
+whose gradient with respect to the output is ``R``.
+
 Any model with ``params`` / ``grads`` (dicts of arrays by name), ``forward(X, train_mode)``,
 ``backward(Y)``, ``loss(Y, Y_hat)`` and a generator ``rng`` can be checked, with any loss it
 computes. A model that is not float64 is checked through a float64 copy (rebuilt with
@@ -47,6 +51,20 @@ def as_float64(model: Any) -> Any:
     return copy
 
 
+def _numerical(flat: np.ndarray, entries: Any, cost: Any, eps: float) -> np.ndarray:
+    """Centered differences of ``cost()`` for the given entries of ``flat`` (a view into what cost reads)."""
+    numerical = np.empty(len(entries))
+    for j, i in enumerate(entries):
+        theta = flat[i]
+        flat[i] = theta + eps
+        plus = cost()
+        flat[i] = theta - eps
+        minus = cost()
+        flat[i] = theta
+        numerical[j] = (plus - minus) / (2 * eps)
+    return numerical
+
+
 def gradient_errors(model: Any, X: np.ndarray, Y: np.ndarray, eps: float = 1e-5, *,
                     max_entries: int | None = None,
                     seed: int = 0) -> dict[str, float]:
@@ -72,15 +90,7 @@ def gradient_errors(model: Any, X: np.ndarray, Y: np.ndarray, eps: float = 1e-5,
         entries = np.arange(p.size)
         if max_entries is not None and p.size > max_entries:
             entries = pick.choice(p.size, max_entries, replace=False)
-        numerical = np.empty(len(entries))
-        for j, i in enumerate(entries):
-            theta = flat[i]
-            flat[i] = theta + eps
-            plus = cost()
-            flat[i] = theta - eps
-            minus = cost()
-            flat[i] = theta
-            numerical[j] = (plus - minus) / (2 * eps)
+        numerical = _numerical(flat, entries, cost, eps)
         errors[name] = relative_error(model.grads[name].reshape(-1)[entries], numerical)
     set_rng_state(model.rng, start)
     return errors
@@ -91,3 +101,32 @@ def gradient_check(model: Any, X: np.ndarray, Y: np.ndarray, eps: float = 1e-5, 
                    seed: int = 0) -> float:
     """The largest relative error over the model's parameters (see :func:`gradient_errors`)."""
     return max(gradient_errors(model, X, Y, eps, max_entries=max_entries, seed=seed).values())
+
+
+def layer_gradient_errors(layer: Any, X: np.ndarray, eps: float = 1e-5, *, seed: int = 0) -> dict[str, float]:
+    """Relative error of a built float64 layer's parameter gradients and of its input gradient ("input").
+
+    A layer drawing random numbers (dropout) has its generator rewound before every pass.
+    """
+    X = np.array(X, np.float64)
+    rng = getattr(layer, "rng", None)
+    start = rng_state(rng) if rng is not None else None
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if rng is not None:
+            set_rng_state(rng, start)
+        return np.array(layer.forward(x, True), np.float64)
+
+    R = make_rng(seed).standard_normal(run(X).shape)
+
+    def cost() -> float:
+        return float(np.sum(R * run(X)))
+
+    cost()
+    layer.needs_input_grad = True
+    dX = np.array(layer.backward(R.copy()))
+    errors = {name: g.copy() for name, g in layer.grads.items()}
+    for name, p in layer.params.items():
+        errors[name] = relative_error(errors[name].reshape(-1), _numerical(p.reshape(-1), range(p.size), cost, eps))
+    errors["input"] = relative_error(dX.reshape(-1), _numerical(X.reshape(-1), range(X.size), cost, eps))
+    return {name: float(e) for name, e in errors.items()}

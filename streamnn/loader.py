@@ -123,7 +123,7 @@ from typing import Any
 import numpy as np
 
 from .errors import StreamnnError
-from .rowreader import RowReader, open_rows
+from .rowreader import READERS, RowReader, open_rows
 from .store import open_store
 from .transforms import DEFAULT_SHIFT, Augment, flip_images, shift_images, standardization
 
@@ -164,7 +164,8 @@ class Loader:
                  seed: int = 0, drop_last: bool = False, standardize: bool = False, augment: str | None = None,
                  one_hot: bool = False, rank: int = 0, world_size: int = 1, order: str = "exact",
                  prefetch: int = 2, subset: Any = None, block_rows: int | None = None,
-                 window_blocks: int = WINDOW_BLOCKS, shift: int = DEFAULT_SHIFT, shift_padding: str = "reflect") -> None:
+                 window_blocks: int = WINDOW_BLOCKS, shift: int = DEFAULT_SHIFT, shift_padding: str = "reflect",
+                 reader: str = "auto") -> None:
         self.path = Path(os.path.abspath(os.fspath(path)))
         self.split = str(split)
         self.batch_size = _int(batch_size, "batch size", 1, self.path)
@@ -178,6 +179,10 @@ class Loader:
             raise StreamnnError(f"unknown order {order!r} (choose exact or block)")
         self._augment = Augment.parse(augment, shift, shift_padding)
         self.order, self.augment = order, self._augment.spec
+        if reader not in READERS:
+            raise StreamnnError(f"unknown reader {reader!r} (choose {', '.join(READERS)})")
+        #: I/O of the default store layout: "auto" (by size), "mmap" or "pread" (not part of the state).
+        self.reader = reader
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         self.one_hot, self.standardize = bool(one_hot), bool(standardize)
         self.window_blocks = _int(window_blocks, "window_blocks", 1)
@@ -299,7 +304,11 @@ class Loader:
         rows = self.batch_rows(epoch, k)
         b = len(rows)
         out = buf[:b]
-        self._reader.read(rows, out)
+        reader = self._reader
+        if reader.reads_ahead:  # announce the next batches along the epoch order (read meanwhile)
+            for key in self._ahead(epoch, k + 1, -(-reader.ahead_rows // self.batch_size)):
+                reader.expect(key, self.batch_rows(*key))
+        out = reader.read(rows, out, key=(epoch, k))  # or the reader's own buffer (zero copy)
         aug = self._augment
         if aug.flip or aug.shift:
             h, w, c = self.image_shape
@@ -359,10 +368,11 @@ class Loader:
         self._adopt_process()
         if self._reader is None:
             reader = open_rows(self.path, self.split, fingerprint=self.fingerprint,
-                               cached_bands=self.window_blocks + 2)
+                               cached_bands=self.window_blocks + 2, reader=self.reader)
             if reader.n_rows != self.split_rows:
                 reader.close()
                 raise StreamnnError(f"split {self.split!r} changed size since the loader was made", self.path)
+            reader.lend = self.prefetch + 2  # as the X ring: the caller's two batches + the prefetched
             self._reader, self._pid = reader, os.getpid()
 
     @property
@@ -372,7 +382,7 @@ class Loader:
 
     @property
     def reader_mode(self) -> str:
-        """The I/O strategy: "memmap", "hdf5" or "chunks" (opens the reader)."""
+        """The I/O strategy: "memmap", "pread", "hdf5" or "chunks" (opens the reader)."""
         self._open()
         return self._reader.mode  # type: ignore[union-attr]
 
@@ -549,6 +559,8 @@ class Loader:
         # All checked: stop the prefetch work of the old stream, then apply.
         self._adopt_process()
         self._discard_all()
+        if self._reader is not None:
+            self._reader.forget()
         changed = any(getattr(self, k) != v for k, v in new.items())
         for k, v in new.items():
             setattr(self, k, v)

@@ -132,14 +132,13 @@ class ConvNet(Network):
             layers += [Dense(units, "he"), Activation("relu")]
             if self.dropout > 0:
                 layers.append(Dropout(self.dropout))
-        self.n_classes_arg = int(n_classes)
         layers.append(Dense(1 if n_classes == 2 else int(n_classes), "xavier"))
         super().__init__(layers, self.image_shape, "sigmoid" if n_classes == 2 else "softmax", dtype=dtype,
                          weight_decay=weight_decay, seed=seed)
 
     def config(self) -> dict[str, Any]:
         return {"type": "ConvNet", "image_shape": list(self.image_shape), "conv": list(self.conv),
-                "hidden": list(self.hidden), "n_classes": self.n_classes_arg, "kernel": self.kernel,
+                "hidden": list(self.hidden), "n_classes": max(self.n_classes, 2), "kernel": self.kernel,
                 "batch_norm": self.batch_norm, "dtype": self.dtype.name, "weight_decay": self.weight_decay,
                 "dropout": self.dropout, "seed": self.seed}
 

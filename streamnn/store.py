@@ -74,7 +74,24 @@ def fingerprint(class_names: Sequence[str], image_shape: Sequence[int],
 
 
 def _decode(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def _valid_text(value: Any) -> bool:
+    """False for a str holding bytes that were not UTF-8 (h5py hands them over as surrogates)."""
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(value: Any) -> str:
+    """A stored path or reason as text; a damaged one (not UTF-8) in the lossless escaped form."""
+    text = _decode(value)
+    return text if _valid_text(text) else path_text(text.encode("utf-8", "surrogateescape"))
 
 
 READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError)
@@ -134,7 +151,11 @@ class _Checker:
         value = self.f.attrs[name]
         if isinstance(value, np.ndarray) and value.dtype.kind in "OSU":
             value = np.array([_decode(v) for v in value.ravel()], dtype=object).reshape(value.shape)
-        return _decode(value)
+        value = _decode(value)
+        texts = value.ravel() if isinstance(value, np.ndarray) and value.dtype == object else [value]
+        if not all(_valid_text(t) for t in texts):
+            raise self.fail(f"store attribute {name!r} is not valid UTF-8 text (damaged?)")
+        return value
 
     def text(self, name: str, required: bool = True, choices: Sequence[str] | None = None) -> str | None:
         value = self.attr(name, required)
@@ -248,6 +269,8 @@ class Store:
                          f"not {_shown(scale)}")
         self.scale = float(scale)
         self.fingerprint = c.text("fingerprint")
+        if len(self.fingerprint) != 64 or set(self.fingerprint) - set("0123456789abcdef"):
+            raise c.fail("store attribute 'fingerprint' must be 64 hex digits (sha256)")
         self.options = c.json_object("options") if "options" in self._file.attrs else {}
         self.command = c.text("command", required=False) or ""
         self.created = c.text("created", required=False) or ""
@@ -338,7 +361,7 @@ class Store:
     def paths(self, split: str) -> list[str]:
         """Source path of every row of ``split``."""
         with reading(self.path):
-            return [_decode(p) for p in self.dataset(split, "paths")[...]]
+            return [_printable(p) for p in self.dataset(split, "paths")[...]]
 
     def paths_at(self, split: str, rows: Sequence[int] | np.ndarray) -> list[str]:
         """Source paths of the given rows of ``split`` (in the order given)."""
@@ -347,7 +370,7 @@ class Store:
         out: list[str] = [""] * len(rows)
         with reading(self.path):
             for i, p in zip(order, self.dataset(split, "paths")[rows[order]] if len(rows) else []):
-                out[i] = _decode(p)
+                out[i] = _printable(p)
         return out
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -367,7 +390,7 @@ class Store:
             return []
         with reading(self.path):
             g = self._file["skipped"]
-            return [(_decode(p), _decode(r)) for p, r in zip(g["paths"][...], g["reasons"][...])]
+            return [(_printable(p), _printable(r)) for p, r in zip(g["paths"][...], g["reasons"][...])]
 
     # -- data -----------------------------------------------------------------------------
     def normalize(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -106,12 +106,13 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "seed": 0,
     "order": "exact",            # loader shuffle order: "exact" | "block"
+    "reader": "auto",            # loader I/O: "auto" | "mmap" | "pread" (streamnn.rowreader; may change on resume)
     "checkpoint_every": 0,       # steps; 0: only at epoch ends
 }
 # Schedule parameters (see streamnn.schedules) filled in when not given.
 SCHEDULE_DEFAULTS: dict[str, dict[str, float]] = {
     "hyperbolic": {"decay": 1.0}, "step": {"every": 10.0}, "exponential": {"factor": 0.95}}
-RESUMABLE = ("epochs",)          # options that may change when a run is resumed
+RESUMABLE = ("epochs", "reader")  # options that may change when a run is resumed
 CURVES_SECONDS = 5.0             # curves.png is redrawn at most this often (and at the last epoch)
 
 
@@ -154,7 +155,7 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
 
     for key, choices in (("model", MODELS), ("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
                          ("dtype", DTYPES), ("order", ("exact", "block")), ("augment", AUGMENTS),
-                         ("shift_padding", ("reflect", "zero"))):
+                         ("shift_padding", ("reflect", "zero")), ("reader", ("auto", "mmap", "pread"))):
         need(cfg[key] in choices, f"{key.replace('_', '-')} must be one of "
                                   f"{', '.join(str(c) for c in choices)}, not {cfg[key]!r}")
     cfg["hidden"] = [int(h) for h in (cfg["hidden"] or [])]
@@ -356,7 +357,8 @@ class Trainer:
         loader = Loader(cfg["store"], cfg["train_split"], batch_size=cfg["batch_size"], shuffle=True,
                         seed=derive_seed(cfg["seed"], "loader"), standardize=cfg["standardize"],
                         augment=cfg["augment"], one_hot=self.n_classes > 2, order=cfg["order"],
-                        subset=self.train_rows, shift=cfg["shift"], shift_padding=cfg["shift_padding"])
+                        subset=self.train_rows, shift=cfg["shift"], shift_padding=cfg["shift_padding"],
+                        reader=cfg["reader"])
         return Components(model, optimizer, schedule, loader, Metrics(self.n_classes))
 
     @property
@@ -441,7 +443,7 @@ class Trainer:
         """Continue the run in ``out_dir`` from its latest checkpoint, with the saved configuration.
 
         ``store`` may point to the same store moved elsewhere (checked by fingerprint);
-        ``changes`` may only hold keys in RESUMABLE (``epochs``: extend or shorten the run).
+        ``changes`` may only hold keys in RESUMABLE (``epochs``: extend or shorten the run; ``reader``).
         """
         path = Path(out_dir) / LATEST
         if not path.is_file():
@@ -490,6 +492,7 @@ class Trainer:
             try:
                 with self._signal_handlers():
                     self._say_selection()
+                    self.say(f"reading the store with {self.parts.loader.reader_mode} (--reader {self.config['reader']})")
                     while self.epoch < self.config["epochs"]:
                         self._run_epoch(on_step)
             finally:

@@ -120,6 +120,7 @@ def test_every_parameter_and_gradient_is_a_view_into_one_flat_buffer(model):
     X = np.ones((model.n_features, 2))
     model.forward(X)
     model.backward(np.zeros((model.n_classes, 2)) if model.n_classes > 1 else np.zeros((1, 2)))
+    assert model.layers[0].needs_input_grad is False  # no gradient for the input is computed
     offset = 0
     for name, g in model.grads.items():
         np.testing.assert_array_equal(model.flat_grads[offset:offset + g.size], g.reshape(-1))

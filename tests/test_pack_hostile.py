@@ -473,3 +473,31 @@ def test_signal_stress_at_random_moments(tmp_path):
         check_interrupted(proc, token, sig, err, out, previous)
         previous = out.read_bytes()
     assert interrupted >= 3
+
+
+def test_a_stop_swallowed_inside_a_destructor_is_raised_at_the_next_check(capfd):
+    """Python prints and drops an exception raised by a signal handler while a destructor runs
+    (the intermittent "KeyboardInterrupt traceback, then exit 0"): the request remembers it."""
+    from streamnn.cli.common import Terminated, sigterm_as_interrupt
+
+    class SignalsInDestructor:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(1000))  # the handler runs here, inside __del__
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved_hook = sys.unraisablehook
+    survived = []
+    try:
+        with pytest.raises(Terminated), sigterm_as_interrupt() as stop:
+            obj = SignalsInDestructor()
+            del obj
+            survived.append(stop.signum)  # the exception was swallowed: we are still running
+            stop.check()
+        assert survived == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # stopping: later signals are ignored
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        sys.unraisablehook = saved_hook
+    assert "Traceback" not in capfd.readouterr().err

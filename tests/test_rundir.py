@@ -160,3 +160,74 @@ def test_random_bytes_at_a_run_name_are_foreign_unless_they_are_a_run_file(tmp_p
     is_lock = name == LOCK_FILE and (stripped == b"" or stripped.isdigit())
     is_steps = name == STEPS_CSV and (content.startswith(b"step,epoch,loss\n") or content == b"step,epoch,loss")
     assert RunDir(folder).is_ours(name) == (is_lock or is_steps)  # 64 bytes cannot hold the other headers
+
+
+def test_train_cli_never_replaces_a_users_files(tmp_path):
+    """The issue's example: a folder holding the user's own config.json, metrics.csv, curves.png."""
+    from click.testing import CliRunner
+
+    from streamnn.cli.train import main as train_main
+    from tinystore import make_store
+
+    store = make_store(tmp_path / "s.h5")
+    out = tmp_path / "mine"
+    out.mkdir()
+    mine = {CONFIG_JSON: b'{"my": "settings"}', METRICS_CSV: b"a,b\n1,2\n", CURVES_PNG: b"\x89PNG\r\n\x1a\nmine"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    args = [str(store), "--out", str(out), "--epochs", "1", "--hidden", "4", "-q", "--no-progress"]
+    for extra in ([], ["--force"]):
+        r = CliRunner().invoke(train_main, [*args, *extra])
+        assert r.exit_code == 1 and r.output.startswith(f"Error: {out}: ") and r.output.count("\n") == 1, r.output
+        assert "not the file of a streamnn run" in r.output
+    assert {name: (out / name).read_bytes() for name in mine} == mine
+    (out / "notes.txt").write_text("mine")  # beside a finished run: kept by --force
+    for name in mine:
+        (out / name).unlink()
+    assert CliRunner().invoke(train_main, args).exit_code == 1  # foreign file, no --force
+    assert CliRunner().invoke(train_main, [*args, "--force"]).exit_code == 0
+    assert CliRunner().invoke(train_main, [*args, "--force"]).exit_code == 0  # our own run: replaced
+    assert (out / "notes.txt").read_text() == "mine" and RunDir(out).survey()[1] == ["notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from streamnn.cli.train import main as train_main
+    from tinystore import make_store
+
+    folder = tmp_path_factory.mktemp("finished")
+    store = make_store(folder / "s.h5")
+    args = [str(store), "--out", str(folder / "run"), "--epochs", "1", "--hidden", "4", "--batch-size", "4", "-q",
+            "--no-progress"]
+    assert CliRunner().invoke(train_main, args).exit_code == 0
+    return folder / "run"
+
+
+@pytest.mark.parametrize("damage", ["steps not utf-8", "steps folder", "lock folder", "lock symlink"])
+def test_resume_with_damaged_run_files_is_one_line(finished_run, tmp_path, damage):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from streamnn.cli.train import main as train_main
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (tmp_path / "victim").write_text("precious")
+    if damage == "steps not utf-8":
+        (out / STEPS_CSV).write_bytes(b"step,epoch,loss\n1,1,0.6\n2,1,\xff\n3,1,0.5\n")
+    elif damage == "steps folder":
+        (out / STEPS_CSV).unlink()
+        (out / STEPS_CSV).mkdir()
+    else:
+        (out / LOCK_FILE).unlink()
+        if damage == "lock folder":
+            (out / LOCK_FILE).mkdir()
+        else:
+            os.symlink(tmp_path / "victim", out / LOCK_FILE)
+    r = CliRunner().invoke(train_main, ["--resume", "--out", str(out), "--epochs", "2", "-q"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)
+    assert r.output.startswith("Error: ") and r.output.count("\n") == 1 and str(out) in r.output, r.output
+    assert (tmp_path / "victim").read_text() == "precious"

@@ -63,9 +63,10 @@ def assert_same_store(a_path: Path, b_path: Path) -> None:
             np.testing.assert_array_equal(a.read_rows(s, rows), b.read_rows(s, rows))
         for x, y in zip(a.stats(), b.stats()):
             np.testing.assert_array_equal(x, y)  # bit for bit: exact integer sums, one rounding
-    for split in ("train", "test"):  # the loader's exact shuffle, through the shard memory maps
-        with Loader(a_path, split, batch_size=5, seed=1) as la, Loader(b_path, split, batch_size=5, seed=1) as lb:
-            assert lb.reader_mode.startswith("segments:")
+    for split, reader in (("train", "mmap"), ("test", "mmap"), ("train", "pread")):  # the loader's exact shuffle
+        with Loader(a_path, split, batch_size=5, seed=1, reader=reader) as la, \
+                Loader(b_path, split, batch_size=5, seed=1, reader=reader) as lb:
+            assert lb.reader_mode == f"segments:{'memmap' if reader == 'mmap' else reader}"
             for (xa, ya), (xb, yb) in zip(la, lb, strict=True):
                 np.testing.assert_array_equal(xa, xb)
                 np.testing.assert_array_equal(ya, yb)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -47,6 +48,12 @@ RUNS: dict[str, tuple[int, list[str], str]] = {
                         "--optimizer", "adam", "--lr", "3e-4", "--lr-schedule", "cosine", "--batch-size", "64",
                         "--epochs", "30"],
                    "32x32, standardized, flip augmentation, L2 1e-3, [256, 64], Adam 3e-4 cosine, 30 epochs"),
+    # chosen on validation accuracy only (--eval-split none; see the README): CNN_OPTIONS below
+    "cnn32": (32, ["--model", "cnn", "--conv", "32,64,128", "--batch-norm", "--hidden", "128", "--dropout", "0.5",
+                   "--standardize", "--augment", "flip,shift", "--shift", "3", "--optimizer", "adam", "--lr", "1e-3",
+                   "--lr-schedule", "cosine", "--batch-size", "64", "--epochs", "25"],
+              "CNN conv 32,64,128 + batch norm, dense 128 (dropout 0.5), 32x32, standardized, flips + shifts <= 3 px, "
+              "Adam 1e-3 cosine, 25 epochs"),
 }
 VAL_FRACTION = "0.15"
 
@@ -92,7 +99,9 @@ def main() -> None:
                          "--seed", str(seed), "--out", str(out), "--no-progress"]
             if (out / "checkpoint-latest.h5").exists():
                 train_cmd.append("--resume")
-            print(sh(train_cmd, commands).strip().splitlines()[-2], flush=True)
+            log = sh(train_cmd, commands)
+            print(log.strip().splitlines()[-2], flush=True)
+            seconds = [float(m) for m in re.findall(r"^epoch \d+/\d+ .*?  ([\d.]+)s", log, flags=re.M)]
             evals = {}
             for which in ("best", "latest"):
                 for tta in ("none", "flip"):
@@ -105,7 +114,8 @@ def main() -> None:
                             "train_last": float(last["train_accuracy"]), "val_last": float(last["val_accuracy"]),
                             "test_best": evals["best/none"], "test_best_tta": evals["best/flip"],
                             "test_latest": evals["latest/none"], "test_latest_tta": evals["latest/flip"],
-                            "minutes": round((time.time() - started) / 60, 1)}
+                            "minutes": round((time.time() - started) / 60, 1),
+                            "epoch_seconds": round(float(np.median(seconds)), 1) if seconds else None}
             print(json.dumps({key: results[key]}), flush=True)
             results_path.write_text(json.dumps(results, indent=2) + "\n")
     with open(work / "commands.sh", "a") as f:
@@ -117,16 +127,18 @@ def table(results: dict[str, dict]) -> str:
     """Markdown: one row per run and seed, then the mean and standard deviation over seeds."""
     cols = ("train_last", "val_last", "val_accuracy", "test_best", "test_best_tta", "test_latest", "test_latest_tta")
     lines = ["| run | best epoch | train acc (last) | val acc (last) | val acc (best) | test, best "
-             "| test, best + flip TTA | test, last epoch | test, last epoch + flip TTA |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| test, best + flip TTA | test, last epoch | test, last epoch + flip TTA | s/epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[str, list[dict]] = {}
     for key, r in results.items():
         groups.setdefault(key.split("/")[0], []).append(r)
-        lines.append(f"| {key} | {r['best_epoch']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+        lines.append(f"| {key} | {r['best_epoch']} | " + " | ".join(f"{r[c]:.4f}" for c in cols)
+                     + f" | {r.get('epoch_seconds') or ''} |")
     for name, rs in groups.items():
         stats = [(np.mean([r[c] for r in rs]), np.std([r[c] for r in rs])) for c in cols]
+        secs = [r["epoch_seconds"] for r in rs if r.get("epoch_seconds")]
         lines.append(f"| **{name}** mean ± sd of {len(rs)} | | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in stats)
-                     + " |")
+                     + f" | {np.median(secs) if secs else ''} |")
     return "\n".join(lines)
 
 

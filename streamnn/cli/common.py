@@ -71,27 +71,53 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill <pid>``), raised like Ctrl-C so that it cleans up the same way."""
 
 
+class StopRequest:
+    """The first SIGINT/SIGTERM received inside :func:`sigterm_as_interrupt` (None: none yet)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def exception(self) -> KeyboardInterrupt:
+        return Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def check(self) -> None:
+        """Raise the stop again if one was received: Python swallows (prints as "Exception
+        ignored in ...") an exception that a signal handler raises while a destructor or a
+        weakref callback runs, so long loops call this at safe points."""
+        if self.signum is not None:
+            raise self.exception()
+
+
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[StopRequest]:
     """Inside, SIGTERM raises :class:`Terminated` and SIGINT :class:`KeyboardInterrupt`, once:
     after the first of them, further SIGINT/SIGTERM are ignored (also after the block: the
     command is then exiting), so a second Ctrl-C cannot cut the clean-up short (leaving a
     temporary file or a child behind) or turn the exit into a traceback. Put it outside
-    :func:`user_errors`, so that the error message and the exit are covered too."""
-    stopping = False
+    :func:`user_errors`, so that the error message and the exit are covered too.
+
+    The yielded :class:`StopRequest` remembers the signal: if the exception was swallowed
+    (raised inside a destructor; that is then not printed), :meth:`StopRequest.check` at the
+    command's next safe point raises it again."""
+    request = StopRequest()
 
     def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        request.signum = signum
         for sig in previous:  # ignored by the OS from now on, also during interpreter shutdown
             signal.signal(sig, signal.SIG_IGN)
-        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        raise request.exception()
 
+    def unraisable(info: Any) -> None:
+        if request.signum is None or not isinstance(info.exc_value, KeyboardInterrupt):
+            previous_hook(info)
+
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield request
     finally:
-        if not stopping:  # once stopping, the process is on its way out: keep ignoring them
+        if request.signum is None:  # once stopping, the process is on its way out: keep ignoring them
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            sys.unraisablehook = previous_hook
 

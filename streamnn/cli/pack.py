@@ -18,7 +18,7 @@ from ..errors import StreamnnError
 from ..pack import PackResult, default_workers, is_store_file, pack
 from ..paths import path_text
 from ..shards import CollectiveError, mpi_world, pack_sharded, rank_workers
-from .common import CONTEXT_SETTINGS, Terminated, fail, sigterm_as_interrupt, user_errors
+from .common import CONTEXT_SETTINGS, StopRequest, Terminated, fail, sigterm_as_interrupt, user_errors
 
 EPILOG = """\b
 Layouts: SRC/training_set/<class>/*, SRC/test_set/<class>/* (Kaggle; the splits
@@ -70,8 +70,8 @@ def _command_line(ctx: click.Context) -> str:
     return shlex.join(args)
 
 
-def _run(run: Callable[..., PackResult], comm: Any, before: tuple[int, int, int] | None, src: str, out: str,
-         **kwargs: Any) -> PackResult:
+def _run(run: Callable[..., PackResult], comm: Any, before: tuple[int, int, int] | None, stop: StopRequest,
+         src: str, out: str, **kwargs: Any) -> PackResult:
     """``run(src, out, **kwargs)`` inside the error boundary. Under MPI, an error every rank
     shares (rank 0 decided it) and Ctrl-C (mpiexec sends it to every rank) are printed once,
     by rank 0; any other error of a rank ends every rank (MPI_Abort, after this rank has
@@ -79,9 +79,11 @@ def _run(run: Callable[..., PackResult], comm: Any, before: tuple[int, int, int]
     rank = comm.Get_rank() if comm is not None else 0
     shared = False
     try:
-        with sigterm_as_interrupt(), user_errors(f"interrupted; nothing written ({path_text(out)} left as it was)"):
+        with user_errors(f"interrupted; nothing written ({path_text(out)} left as it was)"):
             try:
-                return run(src, out, **kwargs)
+                result = run(src, out, **kwargs)
+                stop.check()  # a stop swallowed after the last progress call
+                return result
             except CollectiveError:
                 shared = True
                 if rank:
@@ -192,6 +194,7 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
 
     def progress(done: int, total: int) -> None:
         nonlocal bar
+        stop.check()
         if quiet or not sys.stderr.isatty():  # a bar only for a person watching
             return
         if bar is None:
@@ -205,17 +208,18 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
         fail("--classes is empty; give comma-separated class names")
     before = _identity(out)
     run = pack if comm is None and shards is None else functools.partial(pack_sharded, shards=shards, comm=comm)
-    try:
-        result = _run(run, comm, before, src, out, size=size, per_class=per_class,
-                      classes=classes.split(",") if classes is not None else None, dtype=dtype,
-                      compression=None if compression == "none" else compression, seed=seed,
-                      workers=workers, force=force, max_pixels=max_pixels, max_file_size=file_limit,
-                      max_skip_fraction=max_skip_fraction, grayscale=grayscale,
-                      exif_orientation=not ignore_exif_orientation, reduced_decoding=not full_decode,
-                      command=command, progress=progress)
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+    with sigterm_as_interrupt() as stop:
+        try:
+            result = _run(run, comm, before, stop, src, out, size=size, per_class=per_class,
+                          classes=classes.split(",") if classes is not None else None, dtype=dtype,
+                          compression=None if compression == "none" else compression, seed=seed,
+                          workers=workers, force=force, max_pixels=max_pixels, max_file_size=file_limit,
+                          max_skip_fraction=max_skip_fraction, grayscale=grayscale,
+                          exif_orientation=not ignore_exif_orientation, reduced_decoding=not full_decode,
+                          command=command, progress=progress)
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
     if not quiet:
         with user_errors(f"interrupted (the store {path_text(out)} is written)"):
             click.echo(result.summary())

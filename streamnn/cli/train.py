@@ -92,6 +92,10 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
               help="Split evaluated after every epoch: 'auto' = test when the store has it; 'none' to skip.")
 @click.option("--order", type=click.Choice(["exact", "block"]), default=DEFAULTS["order"], show_default=True,
               help="Shuffle order: exact permutation, or contiguous blocks (faster on slow disks).")
+@click.option("--reader", type=click.Choice(["auto", "mmap", "pread"]), default=DEFAULTS["reader"],
+              show_default=True, help="How the store is read: mmap (memory map, fastest in the page cache), "
+              "pread (positional reads from 16 threads: a store bigger than RAM), auto (pread when X is over "
+              "half the available memory). May change on --resume.")
 @click.option("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"], show_default=True,
               metavar="N", help="Also write checkpoint-latest.h5 every N steps (0: only at epoch ends).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -110,7 +114,7 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
 
     Ctrl-C or SIGTERM saves a checkpoint after the current step and exits with 130 / 143;
     `--resume` continues it exactly. When resuming, options given on the command line must
-    match the saved configuration (only --epochs may change).
+    match the saved configuration (only --epochs and --reader may change).
     """
     explicit = {name for name in ctx.params
                 if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}

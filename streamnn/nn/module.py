@@ -111,17 +111,15 @@ class Sequential(Layer):
         return X
 
     def backward(self, dY: np.ndarray) -> np.ndarray | None:
-        for i, layer in enumerate(reversed(self.layers)):
-            if i == len(self.layers) - 1:
-                layer.needs_input_grad = self.needs_input_grad
+        """Back through every layer; the first one computes its input gradient only if this does."""
+        if self.layers:
+            self.layers[0].needs_input_grad = self.needs_input_grad
+        for layer in reversed(self.layers):
             dY = layer.backward(dY)
         return dY
 
     def named_layers(self) -> Iterator[tuple[str, Layer]]:
         yield from zip(self.names, self.layers)
-
-    def config(self) -> dict[str, Any]:
-        return {"type": "Sequential", "layers": [layer.config() for layer in self.layers], "names": self.names}
 
     @property
     def state(self) -> dict[str, np.ndarray]:

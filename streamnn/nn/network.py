@@ -88,8 +88,7 @@ class Network:
             raise StreamnnError("a softmax output needs at least 2 neurons")
         self.flat_params, self.flat_grads = bind_flat(self.body.layers, self.dtype)
         self.body._refresh()
-        if self.body.layers:
-            self.body.layers[0].needs_input_grad = False
+        self.body.needs_input_grad = False  # nothing needs the gradient of the input images
         self.params = {self._public(k): v for k, v in self.body.params.items()}
         self.grads = {self._public(k): v for k, v in self.body.grads.items()}
         self._decayed = [self._public(k) for k in self.body.decay_names]

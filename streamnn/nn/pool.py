@@ -7,7 +7,8 @@ MaxPool2D (2x2 windows, stride 2; an odd last row / column is dropped, as in Ker
 computed as a reshape ``(B, Ho, 2, Wo, 2, C)`` and three elementwise maxima. The backward
 pass routes each window's gradient to ONE maximum: the first of the four positions, in the
 order (0,0), (0,1), (1,0), (1,1), that equals the window's maximum (ties, e.g. a ReLU's
-zeros, would otherwise receive the gradient several times)::
+zeros, would otherwise receive the gradient several times); its input gradient is written
+into a buffer reused across steps (valid until the next backward)::
 
     dX[n, 2y + a, 2x + b, c] = dY[n, y, x, c] * [(a, b) is that first maximum]
 
@@ -47,6 +48,7 @@ class MaxPool2D(Layer):
             raise StreamnnError(f"MaxPool2D supports 2x2 windows (stride 2) only, not {pool}")
         self.pool = 2
         self._cache: tuple[np.ndarray, np.ndarray] | None = None
+        self._bufs: dict[str, np.ndarray] = {}  # backward buffers, reused while the batch shape holds
 
     def build(self, input_shape: Shape, rng: np.random.Generator, dtype: np.dtype) -> Shape:
         super().build(input_shape, rng, dtype)
@@ -70,16 +72,26 @@ class MaxPool2D(Layer):
         self._cache = (Xr, out) if train_mode else self._cache
         return out
 
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape != shape:
+            buf = self._bufs[name] = np.empty(shape, dtype)
+        return buf
+
     def backward(self, dY: np.ndarray) -> np.ndarray | None:
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() in train mode first")
         Xr, out = self._cache
         B, (H, W, C) = Xr.shape[0], self.in_shape
-        dX = np.zeros((B, H, W, C), self.dtype)
+        dX = self._buffer("dX", (B, H, W, C), self.dtype)
         Ho, Wo = H // 2, W // 2
-        dXr = dX[:, :2 * Ho, :2 * Wo].reshape(B, Ho, 2, Wo, 2, C) if (H % 2 == 0 and W % 2 == 0) else None
-        taken = np.zeros(out.shape, bool)
-        hit = np.empty(out.shape, bool)
+        even = H % 2 == 0 and W % 2 == 0
+        if not even:
+            dX.fill(0)  # the dropped last row / column get no gradient
+        dXr = dX.reshape(B, Ho, 2, Wo, 2, C) if even else None
+        taken = self._buffer("taken", out.shape, np.dtype(bool))
+        taken.fill(False)
+        hit = self._buffer("hit", out.shape, np.dtype(bool))
         for a, b in _WINDOW:
             np.equal(Xr[:, :, a, :, b], out, out=hit)
             hit &= ~taken

@@ -1,0 +1,95 @@
+"""Ctrl-C in the first fraction of a second (while a command imports numpy, h5py, OpenCV): exit 130,
+no traceback, nothing written, for all five commands, through their console-script entry points."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from streamnn.cli.train import main as train_main
+from streamnn.rundir import LATEST, LOCK_FILE
+from tinystore import make_store
+
+DELAYS = (0.0, 0.03, 0.1, 0.2)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    store = make_store(folder / "s.h5")
+    r = CliRunner().invoke(train_main, [str(store), "--out", str(folder / "run"), "--epochs", "1", "--hidden", "4",
+                                        "-q", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    for cls in ("cats", "dogs"):
+        (folder / "src" / cls).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(folder / "src" / cls / f"{i}.png"), np.full((8, 8, 3), 40 * i, np.uint8))
+    return folder
+
+
+def _commands(folder: Path, out: Path):
+    ck = str(folder / "run" / LATEST)
+    return {
+        "pack": [str(folder / "src"), "-o", str(out / "new.h5"), "--size", "4"],
+        "info": [str(folder / "s.h5")],
+        "train": [str(folder / "s.h5"), "--out", str(out / "run"), "--epochs", "1", "--no-progress"],
+        "eval": [ck, str(folder / "s.h5"), "--errors", str(out / "errors.png")],
+        "predict": [ck, str(folder / "src")],
+    }
+
+
+def test_ctrl_c_while_starting_exits_130_without_traceback_or_output(inputs, tmp_path):
+    """SIGINT at several small delays after the entry point was reached (the interpreter's own
+    start-up before it, site imports included, is Python's and not covered)."""
+    pending = []
+    for delay in DELAYS:
+        out = tmp_path / f"d{delay}"
+        out.mkdir()
+        for name, args in _commands(inputs, out).items():
+            marker = tmp_path / f"{name}-{delay}.started"
+            code = (f"import sys; from streamnn.cli import {name}; open({str(marker)!r}, 'w').close(); "
+                    f"sys.argv[0] = 'streamnn-{name}'; {name}()")
+            proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=out)
+            pending.append([name, delay, out, proc, marker, None])
+    deadline = time.monotonic() + 60
+    while any(p[5] is None for p in pending) and time.monotonic() < deadline:
+        for p in pending:
+            if p[5] is None and p[4].exists():
+                p[5] = time.monotonic() + p[1]  # when to signal
+        time.sleep(0.005)
+    for p in sorted(pending, key=lambda p: p[5]):
+        time.sleep(max(0.0, p[5] - time.monotonic()))
+        p[3].send_signal(signal.SIGINT)
+    for name, delay, out, proc, _, _ in pending:
+        stdout, stderr = proc.communicate(timeout=60)
+        what = f"{name} at {delay}s: rc {proc.returncode}, stderr {stderr!r}"
+        assert proc.returncode == 130, what
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, what
+        assert stderr.startswith("Error: interrupted") and stderr.count("\n") == 1, what
+        # nothing written: no store, no grid, no run file (a lock file alone may be left by train)
+        left = [p.name for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE]
+        assert left == [], what
+
+
+def test_console_scripts_enter_through_the_light_wrapper():
+    """The entry points import nothing heavy before they can catch an interrupt."""
+    code = ("import sys, streamnn.cli; heavy = [m for m in ('numpy', 'h5py', 'cv2', 'click', 'matplotlib') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out
+    try:
+        from importlib.metadata import entry_points
+    except ImportError:  # pragma: no cover
+        return
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("streamnn-")}
+    if scripts:  # installed: every command goes through streamnn.cli
+        assert scripts == {f"streamnn-{n}": f"streamnn.cli:{n}" for n in ("pack", "info", "train", "eval",
+                                                                          "predict")}

@@ -1,0 +1,252 @@
+"""Training throughput of streamnn's NumPy CNN against the same network in PyTorch (CPU), and peak memory.
+
+Design. One run times a training step (forward, loss, backward, Adam step) of the network
+``--conv 32,64,128 --hidden 128`` (3x3 "same" conv + ReLU + 2x2 max-pool per entry, flatten,
+dense 128 + ReLU, one sigmoid output) on 64x64x3 float32 images, batch 64:
+
+* streamnn: :class:`streamnn.models.ConvNet` + :class:`streamnn.optim.Adam`, inputs as the
+  loader gives them (X features x batch, F-ordered, read as NHWC);
+* PyTorch: ``Conv2d``/``ReLU``/``MaxPool2d``/``Linear``, ``BCEWithLogitsLoss``, ``torch.optim.Adam``
+  (NCHW, oneDNN), skipped with a message when torch is not installed.
+
+Both get the same thread count (BLAS variables set before NumPy loads, ``torch.set_num_threads``).
+The machine is shared and noisy: contenders alternate within each repeat and the figures
+are medians over ``--repeats``. Then a per-layer profile of the streamnn step (median time of
+every layer's forward and backward and of the Adam step).
+
+``--rss STORE`` instead reports peak memory of CNN training: a child process trains
+``--steps`` steps on STORE and on a store 10x larger (the training split repeated, written
+with :class:`streamnn.StoreWriter` into a temporary folder, deleted afterwards), and prints
+its peak RSS (VmHWM; mapped store pages count in it) and its peak private memory (RssAnon).
+
+Usage::
+
+    python tools/bench_cnn.py [--threads 2] [--repeats 5] [--steps 3] [--size 64] [--batch 64]
+    python tools/bench_cnn.py --rss runs/recipe/cats64.h5 [--steps 60] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="steps per repeat (with --rss: steps per run)")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--conv", default="32,64,128")
+    parser.add_argument("--hidden", default="128")
+    parser.add_argument("--rss", metavar="STORE", help="measure peak memory of training on STORE and on 10x it")
+    parser.add_argument("--rss-child", metavar="STORE", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+ARGS = parse_args()
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(ARGS.threads)  # before NumPy (or torch) loads a BLAS
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT)]
+
+from streamnn.models import ConvNet  # noqa: E402
+from streamnn.optim import Adam  # noqa: E402
+
+CONV = [int(c) for c in ARGS.conv.split(",")]
+HIDDEN = [int(h) for h in ARGS.hidden.split(",") if h]
+
+
+def streamnn_step(X: np.ndarray, Y: np.ndarray) -> tuple[ConvNet, Callable[[], None]]:
+    model = ConvNet((ARGS.size, ARGS.size, 3), CONV, HIDDEN, 2, seed=0)
+    opt = Adam(model, 1e-3)
+
+    def step() -> None:
+        P = model.forward(X, train_mode=True)
+        model.loss(Y, P)
+        model.backward(Y)
+        opt.step()
+
+    return model, step
+
+
+def torch_step(X: np.ndarray, Y: np.ndarray) -> Callable[[], None] | None:
+    try:
+        import torch
+    except ImportError:
+        print("PyTorch is not installed: skipped (pip install torch==2.13.0, the CPU build)")
+        return None
+    torch.set_num_threads(ARGS.threads)
+    torch.manual_seed(0)
+    layers: list = []
+    channels, side = 3, ARGS.size
+    for c in CONV:
+        layers += [torch.nn.Conv2d(channels, c, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+        channels, side = c, side // 2
+    layers.append(torch.nn.Flatten())
+    features = channels * side * side
+    for h in HIDDEN:
+        layers += [torch.nn.Linear(features, h), torch.nn.ReLU()]
+        features = h
+    layers.append(torch.nn.Linear(features, 1))
+    net = torch.nn.Sequential(*layers)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    images = torch.from_numpy(np.ascontiguousarray(X.T.reshape(-1, ARGS.size, ARGS.size, 3).transpose(0, 3, 1, 2)))
+    target = torch.from_numpy(Y.T.copy())
+
+    def step() -> None:
+        opt.zero_grad()
+        loss_fn(net(images), target).backward()
+        opt.step()
+
+    return step
+
+
+def per_second(step: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    for _ in range(ARGS.steps):
+        step()
+    return ARGS.steps * ARGS.batch / (time.perf_counter() - started)
+
+
+def profile(model: ConvNet, X: np.ndarray, Y: np.ndarray, opt: Adam) -> None:
+    """Median milliseconds of every layer's forward and backward, over the repeats."""
+    times: dict[str, list[float]] = {}
+    for _ in range(ARGS.repeats):
+        A = X.T.reshape(-1, ARGS.size, ARGS.size, 3)
+        for name, layer in model.body.named_layers():
+            t = time.perf_counter()
+            A = layer.forward(A, True)
+            times.setdefault(f"{name} forward", []).append(time.perf_counter() - t)
+        d = model._loss.gradient(model._loss.output(A), Y)
+        for name, layer in reversed(list(model.body.named_layers())):
+            t = time.perf_counter()
+            d = layer.backward(d)
+            times.setdefault(f"{name} backward", []).append(time.perf_counter() - t)
+        t = time.perf_counter()
+        opt.step()
+        times.setdefault("adam step", []).append(time.perf_counter() - t)
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    total = sum(med.values())
+    print(f"\nper-layer profile (median ms of {ARGS.repeats}; total {total:.1f} ms = {ARGS.batch / total * 1000:.0f} "
+          "samples/s):")
+    for name, ms in sorted(med.items(), key=lambda kv: -kv[1]):
+        if ms >= 0.05 * total / 10:
+            print(f"  {name:<20} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
+
+
+def speed() -> None:
+    rng = np.random.default_rng(0)
+    X = np.asfortranarray(rng.random((ARGS.size * ARGS.size * 3, ARGS.batch), dtype=np.float32))
+    Y = (rng.random((1, ARGS.batch)) < 0.5).astype(np.float32)
+    model, ours = streamnn_step(X, Y)
+    theirs = torch_step(X, Y)
+    ours()  # warm-up: allocates the reused buffers
+    if theirs:
+        theirs()
+    rates: dict[str, list[float]] = {"streamnn": [], "pytorch": []}
+    for _ in range(ARGS.repeats):
+        rates["streamnn"].append(per_second(ours))
+        if theirs:
+            rates["pytorch"].append(per_second(theirs))
+    print(f"CNN conv {ARGS.conv} hidden {ARGS.hidden}, {ARGS.size}x{ARGS.size}x3 float32, batch {ARGS.batch}, "
+          f"{ARGS.threads} thread(s), training step (forward, backward, Adam); median of {ARGS.repeats}")
+    ours_rate = statistics.median(rates["streamnn"])
+    print(f"  streamnn  {ours_rate:8.1f} samples/s   (runs: {', '.join(f'{r:.0f}' for r in rates['streamnn'])})")
+    if theirs:
+        torch_rate = statistics.median(rates["pytorch"])
+        print(f"  pytorch   {torch_rate:8.1f} samples/s   (runs: {', '.join(f'{r:.0f}' for r in rates['pytorch'])})")
+        print(f"  ratio streamnn / pytorch: {ours_rate / torch_rate:.2f}x")
+    profile(model, X, Y, Adam(model, 1e-3))
+
+
+# -- peak memory ---------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def rss_child(store: str) -> None:
+    """Train --steps steps of the CNN on ``store``; print peak RSS and peak private memory (KiB)."""
+    from streamnn.train import Trainer, TrainingInterrupted
+
+    peak_anon = [0]
+
+    def hook(t: Trainer) -> None:
+        peak_anon[0] = max(peak_anon[0], _status_kb("RssAnon"))
+        if t.step >= ARGS.steps:
+            t.request_stop()
+
+    with tempfile.TemporaryDirectory() as out:
+        config = {"store": store, "model": "cnn", "conv": CONV, "hidden": HIDDEN, "batch_size": ARGS.batch,
+                  "standardize": True, "augment": "flip,shift", "eval_split": None, "epochs": 1}
+        with Trainer(config, out, verbose=False) as trainer:
+            try:
+                trainer.fit(on_step=hook)
+            except TrainingInterrupted:
+                pass
+    print(f"{_status_kb('VmHWM')} {peak_anon[0]}")
+
+
+def ten_times(store: str, folder: Path) -> Path:
+    """The store's training split repeated 10 times (test split once), written with StoreWriter."""
+    from streamnn.store import StoreWriter, open_store
+
+    path = folder / "x10.h5"
+    with open_store(store) as s:
+        splits = {name: (s.dataset(name), s.labels(name)) for name in s.splits}
+        dtype = splits["train"][0].dtype
+        with StoreWriter(path, class_names=list(s.class_names), image_shape=tuple(s.image_shape),
+                         dtype=dtype.name, options=dict(s.options)) as w:
+            for name, (X, y) in splits.items():
+                times = 10 if name == "train" else 1
+                w.add_split(name, len(y) * times)
+                for _ in range(times):
+                    for start in range(0, len(y), 500):
+                        rows = X[start:start + 500]
+                        if rows.dtype != np.uint8:  # normalized rows back to the pixels they came from
+                            rows = np.clip(np.rint(rows.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+                        w.write_rows(name, rows.reshape(len(rows), *s.image_shape), y[start:start + 500],
+                                     [f"{name}/{i}" for i in range(start, start + len(rows))])
+            stats = s.stats()
+            if stats is not None:
+                w.set_stats(*stats)
+            w.commit()
+    return path
+
+
+def rss(store: str) -> None:
+    with tempfile.TemporaryDirectory(dir=Path(store).resolve().parent) as tmp:
+        big = ten_times(store, Path(tmp))
+        print(f"peak memory of {ARGS.steps} CNN training steps (conv {ARGS.conv}, hidden {ARGS.hidden}, batch "
+              f"{ARGS.batch}, flip+shift, standardized):")
+        for path in (store, big):
+            out = subprocess.run([sys.executable, __file__, "--rss-child", str(path), "--steps", str(ARGS.steps),
+                                  "--threads", str(ARGS.threads), "--conv", ARGS.conv, "--hidden", ARGS.hidden,
+                                  "--batch", str(ARGS.batch)], capture_output=True, text=True, check=True)
+            hwm, anon = (int(v) for v in out.stdout.split())
+            size = Path(path).stat().st_size / 2**20
+            print(f"  {Path(path).name:<12} {size:8.0f} MiB store: peak RSS {hwm / 1024:7.1f} MiB, "
+                  f"peak private (RssAnon) {anon / 1024:7.1f} MiB")
+
+
+if __name__ == "__main__":
+    if ARGS.rss_child:
+        rss_child(ARGS.rss_child)
+    elif ARGS.rss:
+        rss(ARGS.rss)
+    else:
+        speed()
