@@ -70,7 +70,7 @@ from .errors import StreamnnError
 from .pack import (PackJob, PackResult, RunningMoments, SourcePlan, _within, _writing, default_workers,
                    prepare_pack, remove_stale_temps)
 from .paths import path_text
-from .rowreader import MemmapReader, RowReader, fits_in_memory, open_rows
+from .rowreader import MemmapReader, PreadReader, RowReader, fits_in_memory, open_rows
 from .store import StoreWriter
 
 FOLDER_SUFFIX = ".shards"
@@ -190,12 +190,13 @@ class SegmentReader(RowReader):
     """Rows of a split spread over segments (one row reader per shard), read as one.
 
     Memory-mapped segments (the default) are copied row by row straight from the maps into
-    ``out`` (float32) or into a staging buffer converted in one pass (float16, uint8), as
-    the one-file gather does; a row of a few KB or more copies as fast this way as with
-    ``np.take`` (``tools/bench_shards.py``). Other segments (``pread``, ``chunks``, ``hdf5``)
-    read their share of the batch into a float32 staging buffer, which is then put in batch
-    order; batches announced ahead (:meth:`expect`) are announced to each segment for its
-    rows, so a ``pread`` segment reads them ahead as it does for a one-file store.
+    ``out`` (float32), or into a staging buffer of the stored dtype converted in one pass
+    (float16, uint8), as the one-file gather does; rows of a few KB copy about as fast this
+    way as with one ``np.take`` (``tools/bench_shards.py``).
+    (Shards read with ``pread`` are one :class:`~streamnn.rowreader.PreadReader` over all the
+    files, not a SegmentReader.) Other segments (``chunks``, ``hdf5``) read their share of
+    the batch into a float32 staging buffer, which is then put in batch order; batches
+    announced ahead (:meth:`expect`) are announced to each segment for its rows.
     """
 
     def __init__(self, readers: Sequence[RowReader]) -> None:
@@ -209,7 +210,7 @@ class SegmentReader(RowReader):
         for r in readers:
             r.lend = 0  # what a segment returns is copied at once
         self._starts = np.cumsum([0] + [r.n_rows for r in readers])
-        self._maps = ([r.row for r in readers] if all(isinstance(r, MemmapReader) for r in readers)
+        self._maps = ([r.array for r in readers] if all(isinstance(r, MemmapReader) for r in readers)
                       else None)
         self._float: np.ndarray | None = None
 
@@ -229,9 +230,9 @@ class SegmentReader(RowReader):
     def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
         seg = self._segments(rows)
         if self._maps is not None:
-            row, dest = self._maps, out if self._direct else self._staging(len(rows))
+            maps, dest = self._maps, out if self._direct else self._staging(len(rows))
             for j, (s, r) in enumerate(zip(seg.tolist(), (rows - self._starts[seg]).tolist())):
-                dest[j] = row[s](r)
+                dest[j] = maps[s][r]  # one copy per row, straight from the map
             if not self._direct:
                 self._convert(dest, out)
             return out
@@ -277,6 +278,13 @@ def open_segments(f: h5py.File, index: Path, split: str, *, reader: str = "auto"
                                     f"the index {rows}", path_text(index))
         if not readers:
             raise StreamnnError(f"split {split!r} has no shard", path_text(index))
+        if all(isinstance(part, PreadReader) for part in readers):  # one pread reader over every file
+            first = readers[0]
+            combined = PreadReader(first.path, 0, 0, first.n_features, first.dtype, first.scale, first.threads,
+                                   segments=[(part.path, part.offsets[0], part.n_rows) for part in readers])
+            for part in readers:
+                part.close()
+            return combined
         return SegmentReader(readers)
     except BaseException:
         for part in readers:

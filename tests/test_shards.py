@@ -66,7 +66,7 @@ def assert_same_store(a_path: Path, b_path: Path) -> None:
     for split, reader in (("train", "mmap"), ("test", "mmap"), ("train", "pread")):  # the loader's exact shuffle
         with Loader(a_path, split, batch_size=5, seed=1, reader=reader) as la, \
                 Loader(b_path, split, batch_size=5, seed=1, reader=reader) as lb:
-            assert lb.reader_mode == f"segments:{'memmap' if reader == 'mmap' else reader}"
+            assert lb.reader_mode == ("segments:memmap" if reader == "mmap" else "pread")
             for (xa, ya), (xb, yb) in zip(la, lb, strict=True):
                 np.testing.assert_array_equal(xa, xb)
                 np.testing.assert_array_equal(ya, yb)
