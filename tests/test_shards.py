@@ -61,6 +61,13 @@ def assert_same_store(a_path: Path, b_path: Path) -> None:
             assert a.paths(s) == b.paths(s)
             np.testing.assert_array_equal(a.labels(s), b.labels(s))
             np.testing.assert_array_equal(a.read_rows(s, rows), b.read_rows(s, rows))
+            for reader in ("mmap", "pread"):  # every row in order: runs across the shard boundaries
+                part = open_rows(b_path, s, reader=reader)
+                try:
+                    got = part.read(rows, np.empty((len(rows), a.n_features), np.float32))
+                    np.testing.assert_array_equal(got, a.read_rows(s, rows))
+                finally:
+                    part.close()
         for x, y in zip(a.stats(), b.stats()):
             np.testing.assert_array_equal(x, y)  # bit for bit: exact integer sums, one rounding
     for split, reader in (("train", "mmap"), ("test", "mmap"), ("train", "pread")):  # the loader's exact shuffle
