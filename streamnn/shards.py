@@ -258,7 +258,7 @@ class SegmentReader(RowReader):
         self._maps = self._float = None
 
 
-def open_segments(f: h5py.File, index: Path, split: str, *, reader: str = "auto", **kwargs: Any) -> SegmentReader:
+def open_segments(f: h5py.File, index: Path, split: str, *, reader: str = "auto", **kwargs: Any) -> RowReader:
     """The row reader of a sharded store's split: each shard's opened by
     :func:`~streamnn.rowreader.open_rows` (``kwargs``); ``reader="auto"`` chooses memory maps
     or ``pread`` by the size of the whole split, as for one file."""
