@@ -32,9 +32,10 @@ nothing is written.
 
 *Order.* Each split's rows are a permutation of its files drawn from ``make_rng(seed)``
 (splits in sorted name order), so classes are interleaved and contiguous reads are mixed;
-``paths`` keeps each row's source. Decoding happens in a process pool (``workers``; 1 means
-in-process) fed a bounded window of chunks and read back in submission order, so the output
-does not depend on the number of workers and memory does not grow with the dataset.
+``paths`` keeps each row's source. Decoding happens in ``workers`` decoders (this process and
+``workers - 1`` worker processes; 1 means in-process), fed a bounded window of chunks and
+read back in submission order, so the output does not depend on the number of workers and
+memory does not grow with the dataset.
 
 *Statistics.* Per-feature mean and (population, ddof=0) std of the normalized pixels
 (uint8 / 255, whatever ``dtype`` stores) of split ``train``, or of the first split in
@@ -43,8 +44,8 @@ return exact integer pixel sums per chunk; this process adds them up exactly and
 once at the end (see :class:`RunningMoments`), so the results depend neither on ``workers``
 nor on how the rows are cut into chunks or shards.
 
-*Processes and failure.* Workers are ``subprocess`` children running :func:`streamnn.packworker.worker_main`
-(no fork of this process, whose OpenCV threads would deadlock a forked child; no
+*Processes and failure.* Workers are ``subprocess`` children running
+:func:`streamnn.packworker.worker_main` (no fork of this process, whose OpenCV threads would deadlock a forked child; no
 multiprocessing fork server or resource tracker; no pickle: paths go as bytes, results as
 JSON and raw arrays; no ``__main__`` guard needed in scripts). They start with SIGINT and
 SIGTERM blocked, so only this process acts on them, and die with it (see :class:`_Decoder`);
@@ -433,16 +434,21 @@ class _Worker:
 class _Decoder:
     """Decodes chunks of files and yields the results in submission order.
 
-    One worker: in-process. More: that many worker processes (:func:`streamnn.packworker.worker_main`, started
-    with ``subprocess``: no fork of this process, no multiprocessing machinery, no pickle),
-    each fed at most ``WINDOW_PER_WORKER`` chunks, so memory stays flat. Until the first
-    worker has started (~0.3 s: it imports NumPy and OpenCV) this process decodes the chunks
-    itself. Workers die with this process: on exit they are killed (error or Ctrl-C) or
+    One worker: in-process. More: this process and ``workers - 1`` worker processes
+    (:func:`streamnn.packworker.worker_main`, started with ``subprocess``: no fork of this
+    process, no multiprocessing machinery, no pickle), each fed at most ``WINDOW_PER_WORKER``
+    chunks, so memory stays flat. This process decodes a chunk itself whenever no worker can
+    take it (all busy, or none started yet: a start takes ~0.2 s, it imports NumPy and
+    OpenCV), after taking in every result that is ready, so the workers never wait for it:
+    one worker start-up and one hand-off fewer than ``workers`` processes (measured with
+    ``tools/bench_pack.py``: 2 workers on 2 cores spent ~20% more CPU per image than
+    decoding in-process, mostly the start-ups). Workers die with this process: on exit they are killed (error or Ctrl-C) or
     stopped after their last request and reaped; if this process is killed, Linux kills
     them (``PR_SET_PDEATHSIG``) and elsewhere their request pipe ends.
     """
 
-    decode_while_booting = True  # tests turn it off to force every chunk through the workers
+    decode_while_booting = True  # this process decodes too; tests turn it off to force every chunk
+    #                              through ``workers`` worker processes
 
     def __init__(self, workers: int, kwargs: dict[str, Any]) -> None:
         self.kwargs, self.workers = kwargs, []
@@ -456,7 +462,7 @@ class _Decoder:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
             try:
-                for _ in range(workers):
+                for _ in range(workers - 1 if self.decode_while_booting else workers):
                     self.workers.append(_Worker(env, kwargs))
             except BaseException:
                 self._close(failed=True)
@@ -511,6 +517,8 @@ class _Decoder:
         for chunk in chunks:
             while True:
                 self._pump(until=None)
+                while pending and (isinstance(pending[0], tuple) or pending[0].has_frame()):
+                    yield self._result(pending.popleft())  # what is ready: the workers' windows refill
                 free = [w for w in self.workers if w.ready and w.in_flight < WINDOW_PER_WORKER]
                 if free:
                     w = min(free, key=lambda w: w.in_flight)
@@ -519,8 +527,8 @@ class _Decoder:
                     w.in_flight += 1
                     pending.append(w)
                     break
-                if self.decode_while_booting and not any(w.ready for w in self.workers):
-                    pending.append(decode_chunk(*chunk, self.kwargs))  # no worker has started yet
+                if self.decode_while_booting and sum(isinstance(p, tuple) for p in pending) < WINDOW_PER_WORKER:
+                    pending.append(decode_chunk(*chunk, self.kwargs))  # no worker can take it: decode here
                     break
                 if pending:  # every worker is busy: take the oldest result
                     yield self._result(pending.popleft())
