@@ -1,7 +1,9 @@
 """Memory budget: refuse a model that cannot fit before allocating it.
 
 A model's size follows from its configuration: a dense layer of ``n_in`` inputs and ``n_out``
-units holds ``n_out * (n_in + 1)`` parameters. Training keeps about :data:`TRAINING_COPIES`
+units holds ``n_out * (n_in + 1)`` parameters; a ``k x k`` convolution of ``c_in`` to ``c_out``
+channels ``c_out * (k * k * c_in + 1)`` (plus ``2 c_out`` with BatchNorm), each conv block's
+2x2 pooling halves height and width (rounding down). Training keeps about :data:`TRAINING_COPIES`
 arrays of that size (parameters, gradients, the weight-decay buffer, up to two optimizer
 moments, one scratch buffer), inference about :data:`INFERENCE_COPIES` (parameters and
 gradients). A configuration whose arrays exceed the memory the system reports as available
@@ -32,6 +34,17 @@ def _positive_ints(value: Any, what: str) -> list[int]:
     return list(value)
 
 
+def conv_parameter_count(image_shape: Sequence[int], conv: Sequence[int], hidden: Sequence[int], n_classes: int,
+                         kernel: int, batch_norm: bool) -> int:
+    """Parameters of a ConvNet (conv blocks with 2x2 pooling, then dense layers)."""
+    h, w, c = image_shape
+    total = 0
+    for filters in conv:
+        total += filters * (kernel * kernel * c + 1) + (2 * filters if batch_norm else 0)
+        h, w, c = h // 2, w // 2, filters
+    return total + dense_parameter_count([h * w * c, *hidden, 1 if n_classes == 2 else n_classes])
+
+
 def parameter_count(model_config: Mapping[str, Any]) -> int | None:
     """Parameters the model of ``model_config`` (:meth:`config` of a model) holds; None if unknown."""
     kind = model_config.get("type")
@@ -39,6 +52,16 @@ def parameter_count(model_config: Mapping[str, Any]) -> int | None:
         return dense_parameter_count(_positive_ints(model_config.get("neuron_cnt"), "neuron_cnt"))
     if kind == "LogisticRegression":
         return dense_parameter_count([*_positive_ints([model_config.get("n_features")], "n_features"), 1])
+    if kind == "ConvNet":
+        shape = _positive_ints(model_config.get("image_shape"), "image_shape")
+        if len(shape) != 3:
+            raise StreamnnError(f"image_shape must be (H, W, C), got {shape}")
+        hidden = model_config.get("hidden") or []
+        return conv_parameter_count(shape, _positive_ints(model_config.get("conv"), "conv"),
+                                    _positive_ints(hidden, "hidden") if hidden else [],
+                                    _positive_ints([model_config.get("n_classes")], "n_classes")[0],
+                                    _positive_ints([model_config.get("kernel", 3)], "kernel")[0],
+                                    bool(model_config.get("batch_norm")))
     return None
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import load_checkpoint
+from .dist import AgreedError, Comm, SingleComm, agreed
 from .errors import StreamnnError
 from .metrics import Metrics
 from .paths import path_text
@@ -119,17 +120,18 @@ def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | No
     """Rebuild the model and preprocessing from loaded checkpoint content (validated, see :mod:`streamnn.runstate`)."""
     from .runstate import read_data, read_model
 
+    where = path_text(path) if path is not None else None
     data = read_data(content, path)
     model = read_model(content, path)
     outputs = getattr(model, "n_classes", None)
     if outputs is not None and outputs != (1 if len(data.class_names) == 2 else len(data.class_names)):
-        raise StreamnnError(f"checkpoint model has {outputs} outputs for {len(data.class_names)} classes", path)
+        raise StreamnnError(f"checkpoint model has {outputs} outputs for {len(data.class_names)} classes", where)
     prep = Preprocess(data.image_shape, data.mean, data.std, dtype=model_dtype(model))
     try:  # one image of the recorded shape must go through (a hand-edited shape or model would not)
         model.predict_proba(np.zeros((data.n_features, 1), model_dtype(model)))
     except (ValueError, StreamnnError) as exc:
         raise StreamnnError(f"checkpoint model does not take images of shape {data.image_shape} ({exc})",
-                            path) from None
+                            where) from None
     return Predictor(model, prep, data.class_names, data.image_shape, data.options, data.channel_order,
                      data.fingerprint, Path(path) if path is not None else None)
 
@@ -137,43 +139,50 @@ def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | No
 def load_predictor(path: str | os.PathLike) -> Predictor:
     """Load a checkpoint file for inference (one-line StreamnnError if unusable)."""
     content = load_checkpoint(path)
+    where = path_text(path)
     try:
         return predictor_from_content(content, path)
     except StreamnnError as exc:
-        if str(path) in str(exc):
+        if where in str(exc):
             raise
-        raise StreamnnError(str(exc), path) from None
+        raise StreamnnError(str(exc), where) from None
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise StreamnnError(f"checkpoint cannot be used for inference ({exc.__class__.__name__}: {exc})",
-                            path) from None
+                            where) from None
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.PathLike, split: str = "test", *,
-                        tta: bool = False, batch_size: int = 256, max_errors: int = 0) -> tuple[dict, Misclassified]:
-    """Evaluate a checkpoint on ``split`` of a store; returns (summary dict, misclassified images)."""
-    from .loader import Loader
-    from .store import checked_batches, open_store
+                        tta: bool = False, batch_size: int = 256, max_errors: int = 0,
+                        comm: Comm | None = None) -> tuple[dict, Misclassified]:
+    """Evaluate a checkpoint on ``split`` of a store; returns (summary dict, misclassified images).
 
-    pred = load_predictor(checkpoint)
-    with open_store(store_path) as store:
-        if list(store.class_names) != pred.class_names or tuple(store.image_shape) != pred.image_shape:
-            raise StreamnnError(f"store has classes {store.class_names} and images {store.image_shape}, the "
-                                f"checkpoint {pred.class_names} and {pred.image_shape}", store_path)
-        if store.n_rows(split) == 0:  # an unknown split is a clear error too
-            raise StreamnnError(f"split {split!r} is empty: nothing to evaluate", path_text(store_path))
-        same_store = store.fingerprint == pred.fingerprint
+    With a ``comm`` of K > 1 ranks (:mod:`streamnn.dist`) each rank evaluates its interleaved
+    share of every batch and the sums are reduced: every rank returns the one-process numbers
+    (the loss up to the rounding of its sum); misclassified images need one process.
+    """
+    from .loader import Loader
+    from .store import checked_batches
+
+    comm = comm or SingleComm()
+    if max_errors and comm.size > 1:
+        raise AgreedError("the grid of misclassified images needs one process: run it without mpiexec")
+    pred, same_store = agreed(comm, lambda: _checked_predictor(checkpoint, store_path, split))
     errors = Misclassified(max_errors)
-    loader = Loader(store_path, split, batch_size=batch_size, shuffle=False, one_hot=pred.n_classes > 2)
+    loader = Loader(store_path, split, batch_size=batch_size, shuffle=False, one_hot=pred.n_classes > 2,
+                    rank=comm.rank, world_size=comm.size)
     try:
         metrics = evaluate_batches(pred.model, pred.prep, checked_batches(loader, store_path, split), pred.n_classes,
                                    tta=tta,
                                    errors=errors if max_errors else None, class_names=pred.class_names)
     finally:
         loader.close()
+    metrics.reduce(comm)
     if not np.isfinite(metrics.loss):
-        raise StreamnnError(f"evaluation of split {split!r} gave a non-finite loss ({metrics.loss}): the model "
-                            "overflows on these images", path_text(checkpoint))
+        raise AgreedError(f"evaluation of split {split!r} gave a non-finite loss ({metrics.loss}): the model "
+                          "overflows on these images", path_text(checkpoint))
     if errors.rows:
+        from .store import open_store
+
         with open_store(store_path) as store:
             names = store.paths_at(split, errors.rows)
         for i, name in enumerate(names):
@@ -183,6 +192,21 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.Path
                    same_store_as_training=same_store, misclassified=errors.total if max_errors else None,
                    channel_order=pred.channel_order)
     return summary, errors
+
+
+def _checked_predictor(checkpoint: str | os.PathLike, store_path: str | os.PathLike,
+                       split: str) -> tuple[Predictor, bool]:
+    """The checkpoint's predictor, checked against the store's classes, images and split; same store?"""
+    from .store import open_store
+
+    pred = load_predictor(checkpoint)
+    with open_store(store_path) as store:
+        if list(store.class_names) != pred.class_names or tuple(store.image_shape) != pred.image_shape:
+            raise StreamnnError(f"store has classes {store.class_names} and images {store.image_shape}, the "
+                                f"checkpoint {pred.class_names} and {pred.image_shape}", path_text(store_path))
+        if store.n_rows(split) == 0:  # an unknown split is a clear error too
+            raise StreamnnError(f"split {split!r} is empty: nothing to evaluate", path_text(store_path))
+        return pred, store.fingerprint == pred.fingerprint
 
 
 def iter_image_files(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:
@@ -246,5 +270,6 @@ def load_image_as_packed(load_image: Callable[..., np.ndarray], path: Path, pred
     if img.ndim == 2:
         img = img[:, :, None]
     if img.shape != (h, w, c) or img.dtype != np.uint8:
-        raise StreamnnError(f"decoded to {img.dtype} {img.shape}, the model expects uint8 {(h, w, c)}", path)
+        raise StreamnnError(f"decoded to {img.dtype} {img.shape}, the model expects uint8 {(h, w, c)}",
+                            path_text(path))
     return img

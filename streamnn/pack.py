@@ -76,7 +76,6 @@ import math
 import os
 import re
 import select
-import signal
 import stat
 import subprocess
 import sys
@@ -92,10 +91,11 @@ import numpy as np
 import h5py
 
 from .atomic import temporary_prefix, write_error
-from .decode import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, decode_kwargs, decode_options, parse_size
+from .decode import (DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, decode_kwargs, decode_options, parse_size,
+                     signals_deferred)
 from .errors import StreamnnError
 from .paths import path_text
-from .packworker import LEN, ChunkResult, decode_chunk, decode_result, encode_request, pixel_sums
+from .packworker import LEN, WORKER_BOOT, ChunkResult, decode_chunk, decode_result, encode_request, pixel_sums
 from .rng import make_rng
 from .store import COMPRESSIONS, DTYPES, FORMAT, StoreWriter
 
@@ -376,12 +376,11 @@ class _Worker:
     def __init__(self, env: dict[str, str], kwargs: dict[str, Any]) -> None:
         req_r, self.send_fd = os.pipe()
         self.recv_fd, res_w = os.pipe()
-        cmd = [sys.executable, "-c", "from streamnn.packworker import worker_main; worker_main()",
-               str(req_r), str(res_w), str(os.getpid())]
+        cmd = [sys.executable, "-c", WORKER_BOOT, str(req_r), str(res_w), str(os.getpid())]
         # Started with SIGINT and SIGTERM blocked (the mask is inherited through exec): a
         # Ctrl-C sent to the whole process group never interrupts a worker's start-up.
         try:
-            with _signals_deferred():
+            with signals_deferred():
                 self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                              pass_fds=(req_r, res_w), env=env)
         except BaseException:
@@ -414,10 +413,16 @@ class _Worker:
         del self.inbox[:LEN.size + n]
         return data
 
+    def end_requests(self) -> None:
+        """Close the request pipe (once): the worker ends after the requests it has."""
+        if self.send_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.send_fd)
+            self.send_fd = -1
+
     def close(self, kill: bool) -> None:
         """End the process (at once if ``kill``, else at the end of its requests) and reap it."""
-        with contextlib.suppress(OSError):
-            os.close(self.send_fd)
+        self.end_requests()
         if kill:
             with contextlib.suppress(OSError):
                 self.proc.kill()
@@ -542,8 +547,7 @@ class _Decoder:
     def _close(self, failed: bool) -> None:
         cv2.setNumThreads(self._threads)
         for w in self.workers:  # first signal every process, then wait: no worker is left behind
-            with contextlib.suppress(OSError):
-                os.close(w.send_fd)
+            w.end_requests()
             if failed:
                 with contextlib.suppress(OSError):
                     w.proc.kill()
@@ -568,18 +572,6 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM wait (blocked) until the block is left: for steps that create
-    something to clean up and register it, which a signal in between would leak."""
-    stop = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -820,7 +812,7 @@ class PackJob:
         """The decoder and a store writer per output (path, its items, options added), each
         with room for its items in every split, registered on ``stack`` with signals
         deferred, so that a Ctrl-C finds the workers and the temporary files registered."""
-        with _signals_deferred():
+        with signals_deferred():
             decoder = stack.enter_context(_Decoder(self.workers, decode_kwargs(self.options)))
             writers = [stack.enter_context(StoreWriter(path, **self.store_kwargs, options={**self.options, **extra}))
                        for path, _, extra in outputs]

@@ -1,8 +1,7 @@
 """The decoding worker of ``streamnn-pack``: decode a chunk of files, and the wire format.
 
 A worker is a separate Python process (started by :class:`streamnn.pack._Decoder` as
-``python -c "from streamnn.packworker import worker_main; worker_main()" <request fd>
-<result fd> <parent pid>``). This module is all it imports besides NumPy, OpenCV and
+``python -c WORKER_BOOT <request fd> <result fd> <parent pid>``). This module is all it imports besides NumPy, OpenCV and
 :mod:`streamnn.decode`: no h5py and no store code, so a worker starts in about two thirds of
 the time a worker importing :mod:`streamnn.pack` takes (its start-up is a fixed cost of every
 pack, a noticeable one for a few thousand images). Workers compute the exact integer pixel
@@ -10,8 +9,6 @@ sums of their chunks (:func:`pixel_sums`) for the statistics.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -138,22 +135,35 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: get SIGKILL when the parent dies, even by SIGKILL; then check that the parent
-    is still the one that started us (it may have died before the request took effect).
-    Elsewhere the worker ends when its request pipe reaches end of file."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
+# A worker's first lines, before the imports (about a second on a busy machine): on Linux, get
+# SIGKILL when the parent dies, even by SIGKILL (PR_SET_PDEATHSIG = 1). Elsewhere the worker
+# ends when its request pipe reaches end of file.
+WORKER_BOOT = """\
+import ctypes, signal, sys
+if sys.platform.startswith("linux"):
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+from streamnn.packworker import worker_main
+worker_main()
+"""
 
 
 def worker_main() -> None:
-    """A decoding worker (``python -c "from streamnn.pack import worker_main; worker_main()"
-    <request fd> <result fd> <parent pid>``): decode requested chunks until end of file."""
+    """A decoding worker (``python -c WORKER_BOOT <request fd> <result fd> <parent pid>``):
+    decode requested chunks until end of file."""
     requests, results, parent = (int(a) for a in sys.argv[1:4])
-    _die_with_parent(parent)
+    if os.getppid() != parent:  # the parent died before the death signal was arranged
+        os._exit(1)
+    try:
+        _serve(requests, results)
+    except BrokenPipeError:  # the parent stopped listening (it is ending): end quietly
+        os._exit(1)
+
+
+def _serve(requests: int, results: int) -> None:
+    """Read the options, say ready, then answer every request until end of file."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # the parent handles them
     cv2.setNumThreads(1)
     config = _read_frame(requests)

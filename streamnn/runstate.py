@@ -35,6 +35,7 @@ import numpy as np
 
 from .checkpoint import get, load_checkpoint
 from .errors import StreamnnError
+from .paths import path_text
 
 CHANNEL_ORDERS = ("BGR", "RGB", "GRAY")
 
@@ -81,7 +82,12 @@ def run_content(*, config: Mapping[str, Any], model: Any, optimizer: Any, optimi
 
 
 # -- reading ----------------------------------------------------------------------------------------
-def _json(content: Mapping[str, Any], dotted: str, path: str | os.PathLike | None, kind: type = dict) -> Any:
+def _where(path: str | os.PathLike | None) -> str | None:
+    """The file name as messages print it."""
+    return None if path is None else path_text(path)
+
+
+def _json(content: Mapping[str, Any], dotted: str, path: str | None, kind: type = dict) -> Any:
     text = get(content, dotted, path)
     try:
         value = json.loads(text) if isinstance(text, str) else None
@@ -94,7 +100,7 @@ def _json(content: Mapping[str, Any], dotted: str, path: str | os.PathLike | Non
 
 def read_config(content: Mapping[str, Any], path: str | os.PathLike | None = None) -> dict[str, Any]:
     """The run configuration saved in a checkpoint."""
-    return _json(content, "config", path)
+    return _json(content, "config", _where(path))
 
 
 def load_run_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -104,6 +110,7 @@ def load_run_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_data(content: Mapping[str, Any], path: str | os.PathLike | None = None) -> RunData:
     """The validated ``data/`` entries of a checkpoint."""
+    path = _where(path)
     data = get(content, "data", path)
 
     def bad(entry: str, must: str) -> StreamnnError:
@@ -150,6 +157,7 @@ def read_model(content: Mapping[str, Any], path: str | os.PathLike | None = None
     available before anything is allocated, parameters checked finite, then built and loaded."""
     from . import budget, models
 
+    path = _where(path)
     config = _json(content, "model.config", path)
     state = get(content, "model.state", path)
     if not isinstance(state, Mapping):
@@ -161,9 +169,9 @@ def read_model(content: Mapping[str, Any], path: str | os.PathLike | None = None
         raise StreamnnError(f"checkpoint model config: {exc}", path) from None
     stored = sum(int(a.size) for a in arrays.values())
     if expected is not None:
-        if expected != stored:
+        if expected > stored:  # the state holds every parameter (and layer statistics besides)
             raise StreamnnError(f"checkpoint model config asks for {expected:,} parameters but the file "
-                                f"holds {stored:,} (edited or not written by streamnn)", path)
+                                f"holds {stored:,} values (edited or not written by streamnn)", path)
         itemsize = 8 if config.get("dtype") == "float64" else 4
         budget.check_fits(expected, itemsize, budget.INFERENCE_COPIES, "the checkpoint's model")
     for name, arr in arrays.items():
@@ -175,6 +183,8 @@ def read_model(content: Mapping[str, Any], path: str | os.PathLike | None = None
         model.load_state_dict(dict(state))
     except StreamnnError as exc:
         raise StreamnnError(f"checkpoint model: {exc}", path) from None
+    except MemoryError:  # a model type whose size budget cannot tell in advance
+        raise StreamnnError("checkpoint model does not fit in memory", path) from None
     return model
 
 
@@ -185,6 +195,7 @@ def restore(content: Mapping[str, Any], path: str | os.PathLike, *, model: Any, 
 
     The caller has checked the store fingerprint; here the architecture, optimizer, every
     state and the progress counters are checked (a mismatch raises StreamnnError)."""
+    path = _where(path)  # type: ignore[assignment]
     saved_model = _json(content, "model.config", path)
     if saved_model != json.loads(json.dumps(model.config())):
         raise StreamnnError(f"checkpoint holds another architecture: {_short(saved_model)} "

@@ -183,3 +183,22 @@ def test_predict_output_keeps_odd_names_on_one_line_and_json_strict(run):
 
     rows = [json.loads(line, parse_constant=no_constants) for line in r.output.splitlines()]
     assert len(rows) == 4 and {os.path.basename(path_bytes(row["path"])) for row in rows} == names
+
+
+def test_odd_file_names_are_printed_in_their_one_line_text_form(run, tmp_path):
+    from streamnn.cli.info import main as info_main
+
+    store, checkpoint, _ = run
+    odd = os.fsencode(tmp_path) + b"/ck \xe9\n.h5"
+    Path(os.fsdecode(odd)).write_bytes(checkpoint.read_bytes())
+    shown = str(tmp_path) + "/ck \\xe9\\x0a.h5"
+    r = CliRunner().invoke(eval_main, [os.fsdecode(odd), str(store), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["checkpoint"] == shown, r.output
+    bad = _edited(checkpoint, Path(os.fsdecode(odd)), _nan_weight)
+    _error(CliRunner().invoke(predict_main, [str(bad), str(run[2])]), shown, "non-finite")
+    odd_store = Path(os.fsdecode(os.fsencode(tmp_path) + b"/s\tore\xff.h5"))
+    odd_store.write_bytes(store.read_bytes())
+    r = CliRunner().invoke(info_main, [str(odd_store)])
+    assert r.exit_code == 0 and f"{tmp_path}/s\\x09ore\\xff.h5" in r.output.splitlines()[0], r.output
+    _error(CliRunner().invoke(eval_main, [str(checkpoint), str(odd_store), "--split", "nope"]),
+           f"{tmp_path}/s\\x09ore\\xff.h5: unknown split 'nope'")
