@@ -28,8 +28,9 @@ reader is opened (lazily, in the process that reads):
     then waits for that batch and converts it into ``out`` in one pass, or lends its staging
     buffer (float32: no copy); an unannounced batch is read at once, the same way. The fd
     is advised ``POSIX_FADV_RANDOM``: no readahead, so the bytes read are the rows asked for
-    (through a memory map each random row drags ~100 KB-1 MB of readahead with it, 14x the
-    store per epoch measured on a 29.6 GB store), and the process's memory is its buffers:
+    (through a memory map each random row drags readahead with it: 55-68x the bytes
+    delivered, exact shuffle of a 31.6 GB store, ``tools/bench_bigstore.py``; this reader:
+    1.04x, at the disk's own 16-thread random-row rate), and the process's memory is its buffers:
     nothing of the store is mapped, so RSS does not grow with the pages touched. The pool
     is created on the first read in the reading process and joined by :meth:`close`.
 ``hdf5``    (contiguous but not mappable: non-native byte order, a non-default driver)
@@ -45,12 +46,14 @@ reader is opened (lazily, in the process that reads):
 Choice between ``memmap`` and ``pread`` (``reader="auto"``): ``pread`` when the split's X is
 larger than ``FIT_FRACTION`` (1/2) of the memory available to the page cache (``MemAvailable``
 of ``/proc/meminfo``, capped by the cgroup's ``memory.max``), ``memmap`` otherwise. The cost
-of a wrong guess is asymmetric: a map over a store that does not stay cached re-reads it ~14x
-per epoch, while ``pread`` over a cached store stays a fast copy, hence the margin.
+of a wrong guess is asymmetric: a map over a store that does not stay cached reads ~60x the
+bytes it delivers (40x slower measured), while ``pread`` over a cached store stays a copy from
+the cache (0.55-0.85x the map's speed measured), hence the margin.
 ``reader="mmap"`` / ``"pread"`` force one (chunked stores are always read by chunks).
 
 Readers are not thread-safe; the loader uses each one from a single thread. They hold no
-state that matters across ``fork``: the loader drops its reader in a child and opens another.
+state that matters across ``fork``: the loader drops its reader in a child and opens another
+(the pread pool is created lazily in the reading process; a fork does not copy its threads).
 """
 from __future__ import annotations
 
@@ -79,6 +82,8 @@ PREAD_THREADS = 16
 #: rows, or ``AHEAD_ROWS`` rows if fewer (enough requests to keep every thread busy).
 AHEAD_BYTES = 96 << 20
 AHEAD_ROWS = 2048
+#: ... and at most this many batches (small batches: announcing costs per batch).
+AHEAD_BATCHES = 64
 #: Longest single ``preadv`` (a longer run of consecutive rows is split, and read in parallel).
 MAX_RUN_BYTES = 1 << 20
 #: Rows per pool task (fewer tasks: less Python overhead; enough of them: every thread busy).
@@ -125,6 +130,10 @@ class RowReader:
     reads_ahead = False
     #: Rows the reader may hold ahead (the caller announces about this many).
     ahead_rows = 0
+
+    def ahead_batches(self, batch_size: int) -> int:
+        """How many coming batches of ``batch_size`` rows the caller should announce."""
+        return min(AHEAD_BATCHES, -(-self.ahead_rows // batch_size)) if self.reads_ahead else 0
     #: Reads after which an array returned by :meth:`read` may be reused (see ``read``).
     lend = 0
 
