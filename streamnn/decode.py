@@ -29,8 +29,8 @@ Design, in the order the steps run on every file:
    a small image: "Corrupt JPEG data: premature end of data segment", and a uniform grey
    picture). Those warnings are the only signal, and they are written by C code straight to
    file descriptor 2, so the decode runs with fd 2 pointed at a temporary file (a few
-   microseconds: ``dup2`` there and back under a lock; the one write a damaged file causes
-   cannot fill it). A ``Corrupt JPEG data`` or ``Premature end of JPEG file`` warning makes
+   microseconds: ``dup2`` there and back under a lock, with SIGINT/SIGTERM held back so that
+   a Ctrl-C cannot leave fd 2 redirected). A ``Corrupt JPEG data`` or ``Premature end of JPEG file`` warning makes
    the file a skipped one with that reason, except ``N extraneous bytes before marker``
    (junk between segments: the pixels are complete, the image is kept and the warning
    dropped). Anything else written there is passed on to stderr unchanged. libjpeg prints
@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import stat
 import struct
 import tempfile
@@ -301,6 +302,21 @@ def decode_image(data: bytes | bytearray | memoryview | np.ndarray, size: int | 
     return np.ascontiguousarray(img)
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait (blocked) until the block is left: for steps that a signal
+    must not cut in the middle (redirecting fd 2 and back; creating something to clean up and
+    registering it)."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 _capture_lock = threading.Lock()
 _capture_file: Any = None  # a temporary file, opened once per process
 
@@ -312,7 +328,7 @@ def _c_stderr() -> Iterator[list[bytes]]:
     or no temporary file can be made, nothing is captured."""
     global _capture_file
     said: list[bytes] = []
-    with _capture_lock:
+    with _capture_lock, signals_deferred():  # a Ctrl-C must not leave fd 2 pointing at the file
         try:
             if _capture_file is None:
                 _capture_file = tempfile.TemporaryFile()

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import load_checkpoint
+from .dist import AgreedError, Comm, SingleComm, agreed
 from .errors import StreamnnError
 from .metrics import Metrics
 from .paths import path_text
@@ -151,31 +152,37 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.PathLike, split: str = "test", *,
-                        tta: bool = False, batch_size: int = 256, max_errors: int = 0) -> tuple[dict, Misclassified]:
-    """Evaluate a checkpoint on ``split`` of a store; returns (summary dict, misclassified images)."""
-    from .loader import Loader
-    from .store import checked_batches, open_store
+                        tta: bool = False, batch_size: int = 256, max_errors: int = 0,
+                        comm: Comm | None = None) -> tuple[dict, Misclassified]:
+    """Evaluate a checkpoint on ``split`` of a store; returns (summary dict, misclassified images).
 
-    pred = load_predictor(checkpoint)
-    with open_store(store_path) as store:
-        if list(store.class_names) != pred.class_names or tuple(store.image_shape) != pred.image_shape:
-            raise StreamnnError(f"store has classes {store.class_names} and images {store.image_shape}, the "
-                                f"checkpoint {pred.class_names} and {pred.image_shape}", path_text(store_path))
-        if store.n_rows(split) == 0:  # an unknown split is a clear error too
-            raise StreamnnError(f"split {split!r} is empty: nothing to evaluate", path_text(store_path))
-        same_store = store.fingerprint == pred.fingerprint
+    With a ``comm`` of K > 1 ranks (:mod:`streamnn.dist`) each rank evaluates its interleaved
+    share of every batch and the sums are reduced: every rank returns the one-process numbers
+    (the loss up to the rounding of its sum); misclassified images need one process.
+    """
+    from .loader import Loader
+    from .store import checked_batches
+
+    comm = comm or SingleComm()
+    if max_errors and comm.size > 1:
+        raise AgreedError("the grid of misclassified images needs one process: run it without mpiexec")
+    pred, same_store = agreed(comm, lambda: _checked_predictor(checkpoint, store_path, split))
     errors = Misclassified(max_errors)
-    loader = Loader(store_path, split, batch_size=batch_size, shuffle=False, one_hot=pred.n_classes > 2)
+    loader = Loader(store_path, split, batch_size=batch_size, shuffle=False, one_hot=pred.n_classes > 2,
+                    rank=comm.rank, world_size=comm.size)
     try:
         metrics = evaluate_batches(pred.model, pred.prep, checked_batches(loader, store_path, split), pred.n_classes,
                                    tta=tta,
                                    errors=errors if max_errors else None, class_names=pred.class_names)
     finally:
         loader.close()
+    metrics.reduce(comm)
     if not np.isfinite(metrics.loss):
-        raise StreamnnError(f"evaluation of split {split!r} gave a non-finite loss ({metrics.loss}): the model "
-                            "overflows on these images", path_text(checkpoint))
+        raise AgreedError(f"evaluation of split {split!r} gave a non-finite loss ({metrics.loss}): the model "
+                          "overflows on these images", path_text(checkpoint))
     if errors.rows:
+        from .store import open_store
+
         with open_store(store_path) as store:
             names = store.paths_at(split, errors.rows)
         for i, name in enumerate(names):
@@ -185,6 +192,21 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.Path
                    same_store_as_training=same_store, misclassified=errors.total if max_errors else None,
                    channel_order=pred.channel_order)
     return summary, errors
+
+
+def _checked_predictor(checkpoint: str | os.PathLike, store_path: str | os.PathLike,
+                       split: str) -> tuple[Predictor, bool]:
+    """The checkpoint's predictor, checked against the store's classes, images and split; same store?"""
+    from .store import open_store
+
+    pred = load_predictor(checkpoint)
+    with open_store(store_path) as store:
+        if list(store.class_names) != pred.class_names or tuple(store.image_shape) != pred.image_shape:
+            raise StreamnnError(f"store has classes {store.class_names} and images {store.image_shape}, the "
+                                f"checkpoint {pred.class_names} and {pred.image_shape}", path_text(store_path))
+        if store.n_rows(split) == 0:  # an unknown split is a clear error too
+            raise StreamnnError(f"split {split!r} is empty: nothing to evaluate", path_text(store_path))
+        return pred, store.fingerprint == pred.fingerprint
 
 
 def iter_image_files(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:

@@ -33,21 +33,22 @@ depth, and a resumed run continues exactly where it stopped.
   a slow disk. For the default uncompressed store in the page cache the exact order is as
   fast (both are a gather from the memory map), so it stays the default.
 
-Sharding. With ``world_size`` W > 1 every rank computes the same epoch order, pads it to a
-multiple of W by repeating its first ``(-n) % W`` rows (PyTorch ``DistributedSampler``
-style) and takes its contiguous share of ``ceil(n / W)`` rows. Shares are disjoint except
-for those < W repeated rows and together cover the epoch; every rank has the same number of
-rows and hence of batches. ``drop_last`` then applies to each rank's share.
+Sharding (:mod:`streamnn.order`). ``batch_size`` B is the *global* batch: batch k of an
+epoch is positions ``[k*B, (k+1)*B)`` of the epoch order (the last one partial unless
+``drop_last``) for any ``world_size`` W, and rank r yields its interleaved share of it, every
+W-th row ``batch[r::W]``. The ranks' rows of batch k are exactly the one-process batch k;
+every rank has the same number of batches; no row is padded or repeated (a share may be one
+row shorter than another's, or empty when the batch has fewer than W rows).
 
-Batches. Batch k of an epoch is rows ``[k*B, (k+1)*B)`` of the rank's share (the last one
-partial unless ``drop_last``). X is ``(D, b)`` float32 normalized to [0, 1] (``stored *
-scale``), then augmented and standardized by :mod:`streamnn.transforms` (the functions
-inference uses too): ``augment="flip"`` mirrors each image left-right with probability 1/2,
-``"shift"`` translates it by up to ``shift`` pixels (``shift_padding`` "reflect" or "zero"),
-``"flip,shift"`` does both; the draws are pure functions of (seed, epoch, batch, row), so
-resumed runs see the same images; ``standardize=True`` computes ``(x - mean) * (1 / std)``
-with the store's ``/stats`` (float32 copies made once, features with std <= 1e-8 only
-centred). Y: two classes -> ``(1, b)`` float32 0/1;
+Batches. X is ``(D, b)`` float32 normalized to [0, 1] (``stored * scale``), then augmented
+and standardized by :mod:`streamnn.transforms` (the functions inference uses too):
+``augment="flip"`` mirrors each image left-right with probability 1/2, ``"shift"`` translates
+it by up to ``shift`` pixels (``shift_padding`` "reflect" or "zero"), ``"flip,shift"`` does
+both; the draws are pure functions of (seed, epoch, global batch, row in it), each rank keeping
+its rows' draws of the whole global batch, so resumed runs and any number of ranks see the
+same images; ``standardize=True`` computes ``(x - mean) * (1 / std)`` with the store's
+``/stats`` (float32 copies made once, features with std <= 1e-8 only centred). Y: two classes
+-> ``(1, b)`` float32 0/1;
 K > 2 -> ``(1, b)`` int64 labels; ``one_hot=True`` -> ``(K, b)`` float32.
 
 X layout. Rows are gathered into a C-ordered ``(b, D)`` buffer and X is its transpose view
@@ -64,16 +65,24 @@ keep it longer. Y is a fresh array every batch. (A fresh 3 MB X per batch made t
 loop ~4x slower: page faults on every new buffer.)
 
 I/O (:mod:`streamnn.rowreader`). Whole batches, never an h5py call per row. The default
-store layout (uncompressed, contiguous X) is memory-mapped: a batch is one ``np.take``
-gather from the map into the X buffer (uint8 / float16 via a staging buffer, scaled in one
-pass). Mapped pages are OS page cache, not private memory, so private memory is bounded by
-the buffers: ``(prefetch + 2)`` X buffers + one staging batch (+ augmentation scratch),
-plus index memory that does grow with N but is tiny next to the rows: 4 bytes per row of
-the split for labels and 8 per row for each cached epoch order (at most 3).
+store layout (uncompressed, contiguous X) is read one of two ways (``reader``: "auto",
+"mmap", "pread"; ``reader_mode`` says which was chosen). A store that fits in the page cache
+is memory-mapped: a batch is one ``np.take`` gather from the map into the X buffer (uint8 /
+float16 via a staging buffer, scaled in one pass). Mapped pages are OS page cache, not
+private memory, so private memory is bounded by the buffers: ``(prefetch + 2)`` X buffers +
+one staging batch (+ augmentation scratch), plus index memory that does grow with N but is
+tiny next to the rows: 4 bytes per row of the split for labels and 8 per row for each cached
+epoch order (at most 3). A store bigger than that ("auto": X over half the available memory)
+is read with positional reads from a pool of threads, nothing mapped: before producing batch
+k the loader announces the next batches of the order (about ``rowreader.AHEAD_ROWS`` rows,
+at most ``AHEAD_BYTES``) to the reader, which reads them ahead; float32 batches are then
+handed over in the reader's buffer (no copy; it stays untouched for ``prefetch + 2`` more
+batches, as the X ring). The reads ahead are pure work-ahead: a batch is still a function
+of (epoch, index) alone, the same bit for bit whatever the reader.
 Chunked/compressed stores read whole chunks, one h5py call each, into an LRU of
 ``window_blocks + 2`` decompressed chunks.
 
-Prefetch. With the memory map and ``prefetch`` > 0, one background thread can produce the
+Prefetch. With the memory map or pread and ``prefetch`` > 0, one background thread can produce the
 next ``prefetch`` batches (crossing into the next epoch) while the caller trains: the gather
 releases the GIL and never touches h5py, so it overlaps with the caller's BLAS calls. The
 thread is used only while it pays: the loader keeps running means of the caller's time
@@ -90,22 +99,24 @@ choice. The h5py readers are always used synchronously in the caller's thread (h
 serializes every call under one global lock and decompresses with the GIL held). Batches
 are the same with any prefetch depth or policy: each is a pure function of (epoch, index).
 
-Position and state. ``position`` counts batches handed to the caller in the current epoch.
+Position and state. ``position`` counts (global) batches handed to the caller in the current
+epoch; the state also records it as ``samples``, the samples consumed by all ranks together.
 Breaking out of a ``for`` keeps it; the next ``for`` resumes there. Finishing an epoch
 (the ``for`` ends) increments ``epoch`` and resets ``position``; a position at the end of
 an epoch (caller broke after the last batch, or a state saved there) moves on to the next
 epoch when iteration starts. ``state_dict()`` is a str/int dict; ``load_state_dict`` is
 O(1): it only checks and sets numbers (the epoch's order is recomputed lazily). It checks
-store fingerprint, split, batch size, world size and subset (size and content digest), and
+store fingerprint, split, (global) batch size and subset (size and content digest), and
 adopts the saved order-defining settings (seed, shuffle, order, block sizes, drop_last,
-augment): the state decides the stream. Each rank keeps its own ``rank``, so every rank may
-load rank 0's state.
+augment): the state decides the stream. Each rank keeps its own ``rank`` and ``world_size``,
+so every rank may load rank 0's state, saved with any world size (elastic resume).
 
 Processes. Nothing is opened in ``__init__`` except a validating look at the store
-(closed at once). The reader (and the prefetch thread) is created on first iteration in
-the process that iterates; ``close()`` / the context manager release them, and a later
-iteration reopens. A child made by ``fork`` notices the new pid and opens its own reader
-(never touching the parent's h5py handle or thread); pickling (``spawn``, ``forkserver``)
+(closed at once). The reader (its file, its pool of read threads) and the prefetch thread
+are created on first iteration in the process that iterates; ``close()`` / the context
+manager release them and join every thread, and a later iteration reopens. A child made by
+``fork`` notices the new pid and opens its own reader (never touching the parent's h5py
+handle, file or threads, which a fork does not copy anyway); pickling (``spawn``, ``forkserver``)
 drops reader, thread and buffers (``__getstate__``) and keeps the position.
 """
 from __future__ import annotations
@@ -123,16 +134,18 @@ from typing import Any
 import numpy as np
 
 from .errors import StreamnnError
+from .order import ORDERS, batch_span, batches_consumed, block_order, epoch_order, n_batches, samples_consumed, \
+    share, share_size
 from .rowreader import READERS, RowReader, open_rows
 from .store import open_store
 from .transforms import DEFAULT_SHIFT, Augment, flip_images, shift_images, standardization
 
-ORDERS = ("exact", "block")
+__all__ = ["Loader", "block_order", "ORDERS"]
 #: Contiguous data: block size of ``order="block"``, in bytes of stored rows.
 BLOCK_BYTES = 1 << 20
 #: Blocks shuffled together by ``order="block"``.
 WINDOW_BLOCKS = 16
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: global batches with interleaved shares, position also as samples
 #: Default of ``Loader.prefetch_policy``.
 PREFETCH_POLICY = "auto"
 
@@ -243,61 +256,50 @@ class Loader:
         return arr, digest
 
     # -- sizes -----------------------------------------------------------------------------------
-    @property
-    def rows_per_rank(self) -> int:
-        """Rows of each rank's share of an epoch (after padding to a multiple of world_size)."""
-        return -(-self.n_rows // self.world_size)
-
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        n = self.rows_per_rank
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        """Batches per epoch (global batches: the same number on every rank)."""
+        return n_batches(self.n_rows, self.batch_size, self.drop_last)
 
     @property
     def n_batches(self) -> int:
         return len(self)
 
     @property
+    def local_batch_size(self) -> int:
+        """Most rows of a batch this rank yields (its share of a full global batch)."""
+        return share_size(self.batch_size, 0, self.world_size)
+
+    def global_batch_size(self, k: int) -> int:
+        """Rows of global batch ``k`` over all ranks (the count a mean over the batch divides by)."""
+        span = batch_span(self.n_rows, self.batch_size, k)
+        return span.stop - span.start
+
+    @property
     def n_samples(self) -> int:
         """Samples per epoch on this rank."""
-        return len(self) * self.batch_size if self.drop_last else self.rows_per_rank
+        full, last = divmod(self.n_rows, self.batch_size)
+        rest = share_size(last, self.rank, self.world_size) if last and not self.drop_last else 0
+        return full * share_size(self.batch_size, self.rank, self.world_size) + rest
 
     # -- the order -------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        """All rows of the epoch (stored row numbers), before sharding: pure function of the settings."""
-        n = self.n_rows
-        base = self._subset
-        if not self.shuffle:
-            return base if base is not None else np.arange(n, dtype=np.int64)
-        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-        if self.order == "exact":
-            perm = rng.permutation(n)
-            return base[perm] if base is not None else perm
-        rows = np.sort(base) if base is not None else np.arange(n, dtype=np.int64)
-        return block_order(rows, self.block_rows, self.window_blocks, rng)
-
-    def _share(self, epoch: int) -> np.ndarray:
-        """This rank's rows of the epoch (cached for the last few epochs)."""
+        """All rows of the epoch (stored row numbers), on every rank (cached for the last few epochs)."""
         with self._plan_lock:
-            share = self._plans.get(epoch)
-            if share is None:
-                order = self._epoch_order(epoch)
-                per, w = self.rows_per_rank, self.world_size
-                if w > 1:
-                    pad = per * w - len(order)
-                    if pad:
-                        order = np.concatenate([order, np.resize(order, pad)])
-                    order = order[self.rank * per:(self.rank + 1) * per]
-                share = np.ascontiguousarray(order, dtype=np.int64)
-                self._plans[epoch] = share
+            rows = self._plans.get(epoch)
+            if rows is None:
+                base = self._subset if self._subset is not None else np.arange(self.n_rows, dtype=np.int64)
+                rows = np.ascontiguousarray(epoch_order(base, self.seed, epoch, shuffle=self.shuffle, order=self.order,
+                                                        block_rows=self.block_rows,
+                                                        window_blocks=self.window_blocks), dtype=np.int64)
+                self._plans[epoch] = rows
                 while len(self._plans) > 3:
                     self._plans.popitem(last=False)
-            return share
+            return rows
 
     def batch_rows(self, epoch: int, k: int) -> np.ndarray:
-        """Stored row numbers of batch ``k`` of ``epoch`` on this rank."""
-        share = self._share(epoch)
-        return share[k * self.batch_size:min((k + 1) * self.batch_size, len(share))]
+        """Stored row numbers of this rank's share of global batch ``k`` of ``epoch``."""
+        rows = self._epoch_order(epoch)[batch_span(self.n_rows, self.batch_size, k)]
+        return share(rows, self.rank, self.world_size)
 
     # -- producing one batch ---------------------------------------------------------------------
     def _produce(self, epoch: int, k: int, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -306,23 +308,22 @@ class Loader:
         out = buf[:b]
         reader = self._reader
         if reader.reads_ahead:  # announce the next batches along the epoch order (read meanwhile)
-            for key in self._ahead(epoch, k + 1, -(-reader.ahead_rows // self.batch_size)):
+            for key in self._ahead(epoch, k + 1, -(-reader.ahead_rows // self.local_batch_size)):
                 reader.expect(key, self.batch_rows(*key))
         out = reader.read(rows, out, key=(epoch, k))  # or the reader's own buffer (zero copy)
         aug = self._augment
         if aug.flip or aug.shift:
             h, w, c = self.image_shape
             imgs = out.reshape(b, h, w, c)
-            n = aug.shift
+            n, gb, where = aug.shift, self.global_batch_size(k), (self.rank, self.world_size)
             if aug.flip:
                 if self._flip_scratch is None:
-                    self._flip_scratch = np.empty((self.batch_size, h, w, c), np.float32)
-                flip_images(imgs, aug.flips(self.seed, epoch, self.rank, k, b), self._flip_scratch)
+                    self._flip_scratch = np.empty((self.local_batch_size, h, w, c), np.float32)
+                flip_images(imgs, aug.flips(self.seed, epoch, k, gb, *where), self._flip_scratch)
             if n:
                 if self._shift_scratch is None:
-                    self._shift_scratch = np.empty((self.batch_size, h + 2 * n, w + 2 * n, c), np.float32)
-                shifts = aug.shifts(self.seed, epoch, k, self.rank * self.batch_size, b)
-                shift_images(imgs, shifts, n, aug.padding, self._shift_scratch)
+                    self._shift_scratch = np.empty((self.local_batch_size, h + 2 * n, w + 2 * n, c), np.float32)
+                shift_images(imgs, aug.shifts(self.seed, epoch, k, gb, *where), n, aug.padding, self._shift_scratch)
         if self._mean32 is not None:
             out -= self._mean32
             out *= self._inv32
@@ -389,7 +390,7 @@ class Loader:
     def _acquire(self) -> int:
         if self._free:
             return self._free.pop()
-        self._buffers.append(np.empty((self.batch_size, self.n_features), np.float32))
+        self._buffers.append(np.empty((self.local_batch_size, self.n_features), np.float32))
         return len(self._buffers) - 1
 
     def _discard(self, key: tuple[int, int]) -> None:
@@ -497,7 +498,8 @@ class Loader:
         return {
             "version": STATE_VERSION, "fingerprint": self.fingerprint, "split": self.split,
             "seed": self.seed, "epoch": self.epoch, "position": self.position,
-            "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
+            "samples": samples_consumed(self.n_rows, self.batch_size, self.position), "batch_size": self.batch_size,
+            "rank": self.rank, "world_size": self.world_size,
             "n_samples": self.n_samples, "n_rows": self.n_rows, "subset": self._subset_digest,
             "order": self.order, "block_rows": self.block_rows, "window_blocks": self.window_blocks,
             "drop_last": int(self.drop_last), "augment": self.augment or "none", "shuffle": int(self.shuffle),
@@ -531,8 +533,9 @@ class Loader:
             raise StreamnnError(f"loader state is for split {text('split')!r}, this loader reads {self.split!r}")
         if num("batch_size", 1) != self.batch_size:
             raise StreamnnError(f"loader state has batch size {num('batch_size')}, this loader {self.batch_size}")
-        if num("world_size", 1) != self.world_size:
-            raise StreamnnError(f"loader state has world size {num('world_size')}, this loader {self.world_size}")
+        if int(state.get("version", 1)) < 2 and num("world_size", 1) > 1:
+            raise StreamnnError(f"loader state of version {num('version')} has contiguous shares of "
+                                f"{num('world_size')} ranks, which this version does not continue")
         if num("n_rows") != self.n_rows or text("subset") != self._subset_digest:
             raise StreamnnError(f"loader state iterates {num('n_rows')} rows "
                                 f"({'a subset' if text('subset') else 'the whole split'}), this loader "
@@ -552,10 +555,14 @@ class Loader:
             "window_blocks": num("window_blocks", 1) if "window_blocks" in state else self.window_blocks,
         }
         epoch, position = num("epoch"), num("position")
-        per = self.rows_per_rank
-        n_batches = per // self.batch_size if new["drop_last"] else -(-per // self.batch_size)
-        if position > n_batches:
-            raise StreamnnError(f"loader state is at batch {position} of an epoch that has {n_batches}")
+        nb = n_batches(self.n_rows, self.batch_size, new["drop_last"])
+        if position > nb:
+            raise StreamnnError(f"loader state is at batch {position} of an epoch that has {nb}")
+        if "samples" in state:
+            samples = num("samples")
+            if samples != samples_consumed(self.n_rows, self.batch_size, position) \
+                    or batches_consumed(self.n_rows, self.batch_size, samples) != position:
+                raise StreamnnError(f"loader state is at {samples} samples but batch {position}: they disagree")
         # All checked: stop the prefetch work of the old stream, then apply.
         self._adopt_process()
         self._discard_all()
@@ -567,7 +574,7 @@ class Loader:
         if changed:
             with self._plan_lock:
                 self._plans.clear()
-        if n_batches and position == n_batches:
+        if nb and position == nb:
             epoch, position = epoch + 1, 0
         self.epoch, self.position = epoch, position
         self._iteration += 1  # a loop that was running stops with a clear error
@@ -605,23 +612,4 @@ class Loader:
     def __repr__(self) -> str:
         return (f"Loader({str(self.path)!r}, {self.split!r}, batch_size={self.batch_size}, rows={self.n_rows}, "
                 f"epoch={self.epoch}, position={self.position}/{len(self)})")
-
-
-def block_order(rows: np.ndarray, block_rows: int, window_blocks: int, rng: np.random.Generator) -> np.ndarray:
-    """Quasi-random order of sorted ``rows``: permute blocks, then rows within windows of blocks.
-
-    A block is the rows that share ``row // block_rows`` (one chunk of the dataset). Returns a
-    permutation of ``rows``.
-    """
-    n = len(rows)
-    if n == 0:
-        return rows.copy()
-    blk = rows // block_rows
-    starts = np.flatnonzero(np.r_[True, blk[1:] != blk[:-1]])
-    lengths = np.diff(np.r_[starts, n])
-    g = rng.permutation(len(starts))
-    L, S = lengths[g], starts[g]
-    idx = np.repeat(S - (np.cumsum(L) - L), L) + np.arange(n)
-    window = np.repeat(np.arange(len(g)) // window_blocks, L)
-    return rows[idx[np.lexsort((rng.random(n), window))]]
 

@@ -12,7 +12,8 @@ gradient are computed from the logits ``Z`` (K x batch), where they are stable:
       L = -1/m sum( y * log_softmax(z) )
 
 Both give the same gradient with respect to the logits, ``dL/dZ = (A - Y) / m``, which is
-why the output activation has no separate backward rule. ``from_probabilities`` is the
+why the output activation has no separate backward rule. Data-parallel training divides by
+the *global* batch count ``m`` (``gradient(A, Y, m)``) and reduces ``sum_from_logits``. ``from_probabilities`` is the
 fallback for probabilities whose logits are unknown: it clips them to the open interval
 (0, 1) of the dtype, so it too stays finite, but saturated outputs are then only bounded,
 not exact. ``accuracy`` reads predictions the way the labels are encoded.
@@ -28,9 +29,14 @@ class CrossEntropy:
     """What the two losses share: the gradient with respect to the logits."""
 
     @staticmethod
-    def gradient(A: np.ndarray, Y: np.ndarray) -> np.ndarray:
-        """dL/dZ = (A - Y) / m."""
-        return (A - Y) / Y.shape[1]
+    def gradient(A: np.ndarray, Y: np.ndarray, m: int | None = None) -> np.ndarray:
+        """dL/dZ = (A - Y) / m; ``m`` defaults to the batch's columns (data-parallel: the global batch)."""
+        return (A - Y) / (Y.shape[1] if m is None else m)
+
+    @classmethod
+    def from_logits(cls, Z: np.ndarray, Y: np.ndarray) -> float:
+        """Mean loss over the batch, from the logits."""
+        return float(cls.sum_from_logits(Z, Y) / Y.shape[1])
 
 
 class BinaryCrossEntropy(CrossEntropy):
@@ -44,10 +50,9 @@ class BinaryCrossEntropy(CrossEntropy):
         return sigmoid(Z)
 
     @staticmethod
-    def from_logits(Z: np.ndarray, Y: np.ndarray) -> float:
-        """Mean loss over the batch, from the logits."""
-        m = Y.shape[1]
-        return float(np.sum(np.maximum(Z, 0) - Z * Y + np.log1p(np.exp(-np.abs(Z)))) / m)
+    def sum_from_logits(Z: np.ndarray, Y: np.ndarray) -> np.floating:
+        """Summed loss over the batch, from the logits (in the dtype of Z)."""
+        return np.sum(np.maximum(Z, 0) - Z * Y + np.log1p(np.exp(-np.abs(Z))))
 
     @staticmethod
     def from_probabilities(A: np.ndarray, Y: np.ndarray) -> float:
@@ -74,10 +79,9 @@ class CategoricalCrossEntropy(CrossEntropy):
         return softmax(Z)
 
     @staticmethod
-    def from_logits(Z: np.ndarray, Y: np.ndarray) -> float:
-        """Mean loss over the batch, from the logits."""
-        m = Y.shape[1]
-        return float(-np.sum(Y * log_softmax(Z)) / m)
+    def sum_from_logits(Z: np.ndarray, Y: np.ndarray) -> np.floating:
+        """Summed loss over the batch, from the logits (in the dtype of Z)."""
+        return -np.sum(Y * log_softmax(Z))
 
     @staticmethod
     def from_probabilities(A: np.ndarray, Y: np.ndarray) -> float:

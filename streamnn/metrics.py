@@ -83,6 +83,23 @@ class Metrics:
         self.confusion += confusion_matrix(labels, predicted, self.n_classes)
         return predicted
 
+    def sums(self) -> np.ndarray:
+        """``[loss_sum, count, *confusion]`` as float64 (counts are exact below 2**53), for reductions."""
+        return np.concatenate([[self.loss_sum, self.count], self.confusion.ravel()]).astype(np.float64)
+
+    def add_sums(self, sums: np.ndarray) -> None:
+        """Add :meth:`sums` of other batches (e.g. summed over the ranks)."""
+        self.loss_sum += float(sums[0])
+        self.count += int(sums[1])
+        self.confusion += np.asarray(sums[2:]).astype(np.int64).reshape(self.confusion.shape)
+
+    def reduce(self, comm: Any) -> None:
+        """Replace the sums by their total over the ranks of ``comm`` (a :class:`streamnn.dist.Comm`)."""
+        sums = self.sums()
+        comm.allreduce(sums)
+        self.reset()
+        self.add_sums(sums)
+
     @property
     def loss(self) -> float:
         return self.loss_sum / self.count if self.count else float("nan")

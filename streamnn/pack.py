@@ -39,9 +39,9 @@ does not depend on the number of workers and memory does not grow with the datas
 *Statistics.* Per-feature mean and (population, ddof=0) std of the normalized pixels
 (uint8 / 255, whatever ``dtype`` stores) of split ``train``, or of the first split in
 sorted order when there is no ``train`` (recorded as ``options.stats_split``). Workers
-return exact integer pixel sums per chunk; this process turns each into the chunk's exact
-mean and M2 and merges them in float64 with Chan et al.'s parallel update (see
-:class:`RunningMoments`). Chunks do not depend on ``workers``, so neither do the results.
+return exact integer pixel sums per chunk; this process adds them up exactly and rounds
+once at the end (see :class:`RunningMoments`), so the results depend neither on ``workers``
+nor on how the rows are cut into chunks or shards.
 
 *Processes and failure.* Workers are ``subprocess`` children running :func:`_worker_main`
 (no fork of this process, whose OpenCV threads would deadlock a forked child; no
@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import json
 import logging
 import math
@@ -94,7 +93,7 @@ import h5py
 
 from .atomic import temporary_prefix, write_error
 from .decode import (DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, DecodeError, decode_kwargs, decode_options,
-                     load_image, parse_size)
+                     load_image, parse_size, signals_deferred)
 from .errors import StreamnnError
 from .paths import path_text
 from .rng import make_rng
@@ -332,41 +331,42 @@ def _rel(path: Path, root: Path) -> str:
 
 # -- statistics ------------------------------------------------------------------------------
 class RunningMoments:
-    """Per-feature mean and variance of uint8 pixels / 255, streamed batch by batch in float64.
+    """Per-feature mean and variance of uint8 pixels / 255, from exact integer sums.
 
-    A batch's own moments are exact: its sums of x and x**2 are integers, so
-    ``M2 = (n * sum(x**2) - sum(x)**2) / n`` has no cancellation. Batches are then merged
-    with the pairwise update of Chan, Golub & LeVeque (1979), stable for any number of
-    batches. Workers compute the sums of their chunks (:func:`pixel_sums`); this process
-    only merges.
+    The sums of x and x**2 (x uint8) and the row count are integers, accumulated exactly in
+    int64 (overflow-free below 1.4e14 rows); the results are computed once at the end,
+    ``mean = s1 / (255 n)`` and ``var = (n s2 - s1**2) / (255**2 n**2)`` with the numerator
+    in Python integers (no cancellation, one rounding). So they do not depend on how the
+    rows were cut into batches, in which order they were added, or on how many processes
+    (or MPI ranks, adding up their ``n``, ``s1``, ``s2``) summed them. Workers compute the sums of
+    their chunks (:func:`pixel_sums`); this process only adds.
     """
 
     def __init__(self, n_features: int) -> None:
         self.n = 0
-        self.mean = np.zeros(n_features, np.float64)
-        self.m2 = np.zeros(n_features, np.float64)
+        self.s1 = np.zeros(n_features, np.int64)
+        self.s2 = np.zeros(n_features, np.int64)
 
     def add_sums(self, n: int, s1: np.ndarray, s2: np.ndarray) -> None:
-        """Merge a batch given by its row count and exact integer sums of x and x**2 (x uint8)."""
-        if n == 0:
-            return
-        s1, s2 = s1.astype(np.int64), s2.astype(np.int64)
-        mean_b = s1 / (255.0 * n)
-        m2_b = (n * s2 - s1 * s1) / (255.0 * 255.0 * n)
-        total = self.n + n
-        delta = mean_b - self.mean
-        self.mean += delta * (n / total)
-        self.m2 += m2_b + delta * delta * (self.n * n / total)
-        self.n = total
+        """Add a batch given by its row count and exact integer sums of x and x**2 (x uint8)."""
+        self.n += int(n)
+        self.s1 += s1.astype(np.int64)
+        self.s2 += s2.astype(np.int64)
 
     def update(self, rows: np.ndarray) -> None:
         """Add uint8 rows (B, D)."""
         self.add_sums(len(rows), *pixel_sums(rows))
 
     @property
+    def mean(self) -> np.ndarray:
+        return self.s1 / (255.0 * max(self.n, 1))
+
+    @property
     def std(self) -> np.ndarray:
         """Population standard deviation (ddof=0), as ``np.std``."""
-        return np.sqrt(self.m2 / max(self.n, 1))
+        n = max(self.n, 1)
+        num = n * self.s2.astype(object) - self.s1.astype(object) ** 2  # exact integers
+        return np.sqrt((num / (65025 * n * n)).astype(np.float64))
 
 
 def pixel_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -482,22 +482,27 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: get SIGKILL when the parent dies, even by SIGKILL; then check that the parent
-    is still the one that started us (it may have died before the request took effect).
-    Elsewhere the worker ends when its request pipe reaches end of file."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
+# A worker's first lines, before the imports (about a second on a busy machine): on Linux, get
+# SIGKILL when the parent dies, even by SIGKILL (PR_SET_PDEATHSIG = 1). Elsewhere the worker
+# ends when its request pipe reaches end of file.
+_WORKER_BOOT = """\
+import ctypes, signal, sys
+if sys.platform.startswith("linux"):
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+from streamnn.pack import _worker_main
+_worker_main()
+"""
 
 
 def _worker_main() -> None:
-    """A decoding worker (``python -c "from streamnn.pack import _worker_main; _worker_main()"
-    <request fd> <result fd> <parent pid>``): decode requested chunks until end of file."""
+    """A decoding worker (``python -c _WORKER_BOOT <request fd> <result fd> <parent pid>``):
+    decode requested chunks until end of file."""
     requests, results, parent = (int(a) for a in sys.argv[1:4])
-    _die_with_parent(parent)
+    if os.getppid() != parent:  # the parent died before the death signal was arranged
+        os._exit(1)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # the parent handles them
     cv2.setNumThreads(1)
     config = _read_frame(requests)
@@ -517,12 +522,11 @@ class _Worker:
     def __init__(self, env: dict[str, str], kwargs: dict[str, Any]) -> None:
         req_r, self.send_fd = os.pipe()
         self.recv_fd, res_w = os.pipe()
-        cmd = [sys.executable, "-c", "from streamnn.pack import _worker_main; _worker_main()",
-               str(req_r), str(res_w), str(os.getpid())]
+        cmd = [sys.executable, "-c", _WORKER_BOOT, str(req_r), str(res_w), str(os.getpid())]
         # Started with SIGINT and SIGTERM blocked (the mask is inherited through exec): a
         # Ctrl-C sent to the whole process group never interrupts a worker's start-up.
         try:
-            with _signals_deferred():
+            with signals_deferred():
                 self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                              pass_fds=(req_r, res_w), env=env)
         except BaseException:
@@ -555,10 +559,16 @@ class _Worker:
         del self.inbox[:_LEN.size + n]
         return data
 
+    def end_requests(self) -> None:
+        """Close the request pipe (once): the worker ends after the requests it has."""
+        if self.send_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.send_fd)
+            self.send_fd = -1
+
     def close(self, kill: bool) -> None:
         """End the process (at once if ``kill``, else at the end of its requests) and reap it."""
-        with contextlib.suppress(OSError):
-            os.close(self.send_fd)
+        self.end_requests()
         if kill:
             with contextlib.suppress(OSError):
                 self.proc.kill()
@@ -676,8 +686,7 @@ class _Decoder:
     def _close(self, failed: bool) -> None:
         cv2.setNumThreads(self._threads)
         for w in self.workers:  # first signal every process, then wait: no worker is left behind
-            with contextlib.suppress(OSError):
-                os.close(w.send_fd)
+            w.end_requests()
             if failed:
                 with contextlib.suppress(OSError):
                     w.proc.kill()
@@ -702,18 +711,6 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM wait (blocked) until the block is left: for steps that create
-    something to clean up and register it, which a signal in between would leak."""
-    stop = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -905,19 +902,108 @@ class _RowSink:
         self.labels, self.paths = [], []
 
 
-def pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | str | tuple[int, int] = 64,
-         per_class: int | None = None, classes: Sequence[str] | None = None, dtype: str = "float32",
-         compression: str | None = None, seed: int = 0, workers: int | None = None, force: bool = False,
-         max_pixels: int = DEFAULT_MAX_PIXELS, max_skip_fraction: float = 0.1, grayscale: bool = False,
-         exif_orientation: bool = True, reduced_decoding: bool = True, command: str | None = None,
-         max_file_size: int = DEFAULT_MAX_FILE_SIZE, progress: Callable[[int, int], None] | None = None) -> PackResult:
-    """Pack the image tree ``src`` into the store ``out``; see the module docstring for the rules.
+@dataclass
+class PackJob:
+    """Everything decided before decoding (the scan, the row order, options, sizes), and the
+    steps every way of packing shares: a writer for some of the rows, decoding rows into it,
+    the skip checks, the result. :func:`pack` runs it into one file, :mod:`streamnn.shards`
+    into shards."""
 
-    ``size`` is a side, ``"HxW"`` or ``(H, W)``. ``progress(done, total)`` is called as files
-    are processed. Raises :class:`StreamnnError` (nothing written, a previous ``out``
-    untouched) on bad arguments or layout, an existing ``out`` without ``force``, too many
-    skipped files, or no usable image.
-    """
+    src: Path
+    out: Path
+    plan: SourcePlan
+    items: list[tuple[str, str, int]]   # (split, relative path, label) in row order
+    options: dict[str, Any]
+    image_shape: tuple[int, int, int]
+    chunk: int                          # images per decoding task
+    workers: int
+    store_kwargs: dict[str, Any]        # StoreWriter arguments besides the path
+    max_skip_fraction: float
+    t0: float
+    stale: list[Path] = field(default_factory=list)
+    done: int = 0                       # files processed (for progress)
+
+    @property
+    def total(self) -> int:
+        return len(self.items) + len(self.plan.skipped)
+
+    @property
+    def n_features(self) -> int:
+        return int(np.prod(self.image_shape))
+
+    def check_skips(self, skipped: Sequence[tuple[str, str]]) -> None:
+        """Fail once more files are skipped than ``max_skip_fraction`` allows (of all files)."""
+        if len(skipped) > math.floor(self.max_skip_fraction * self.total + 1e-9):
+            first = min(skipped)
+            raise StreamnnError(f"{len(skipped)} of {self.total} files could not be packed, more than "
+                                f"max-skip-fraction {self.max_skip_fraction:g} allows (first: "
+                                f"{first[0]}: {first[1]}); nothing written", path_text(self.src))
+
+    def check_usable(self, rows: int, skipped: Sequence[tuple[str, str]]) -> None:
+        if rows == 0:
+            first = min(skipped)
+            raise StreamnnError(f"no usable image ({len(skipped)} files skipped; first: "
+                                f"{first[0]}: {first[1]}); nothing written", path_text(self.src))
+
+    def start(self, stack: contextlib.ExitStack, outputs: Sequence[tuple[Path, Sequence[tuple[str, str, int]],
+                                                                         dict[str, Any]]]
+              ) -> tuple[_Decoder, list[StoreWriter]]:
+        """The decoder and a store writer per output (path, its items, options added), each
+        with room for its items in every split, registered on ``stack`` with signals
+        deferred, so that a Ctrl-C finds the workers and the temporary files registered."""
+        with signals_deferred():
+            decoder = stack.enter_context(_Decoder(self.workers, decode_kwargs(self.options)))
+            writers = [stack.enter_context(StoreWriter(path, **self.store_kwargs, options={**self.options, **extra}))
+                       for path, _, extra in outputs]
+        for writer, (_, items, _) in zip(writers, outputs):
+            sizes = collections.Counter(split for split, _, _ in items)
+            for split in sorted(self.plan.files):
+                writer.add_split(split, sizes[split])
+        return decoder, writers
+
+    def decode_into(self, writer: StoreWriter, items: Sequence[tuple[str, str, int]], decoder: _Decoder,
+                    moments: RunningMoments, skipped: list[tuple[str, str]],
+                    progress: Callable[[int, int], None] | None) -> int:
+        """Decode ``items`` in order and append them to ``writer``; add the statistics split's
+        pixels to ``moments`` and failures to ``skipped``. Returns the rows written."""
+        sink, done = _RowSink(writer, self.image_shape), 0
+        for images, reasons, sums in decoder.map(_chunks(items, self.plan.root, self.chunk, self.plan.stats_split)):
+            if sums is not None:
+                moments.add_sums(*sums)
+            decoded = iter(images)
+            for (split, rel, label), reason in zip(items[done:done + len(reasons)], reasons):
+                if reason is None:
+                    sink.add(split, next(decoded), label, path_text(rel))
+                else:
+                    skipped.append((path_text(rel), reason))
+            done += len(reasons)
+            self.done += len(reasons)
+            self.check_skips(skipped)
+            if progress is not None:
+                progress(self.done, self.total)
+        sink.flush()
+        return sink.rows
+
+    def result(self, skipped: list[tuple[str, str]], fingerprint: str, size_bytes: int) -> PackResult:
+        counts: dict[str, dict[str, int]] = {s: {c: 0 for c in self.plan.class_names} for s in sorted(self.plan.files)}
+        failed = {p for p, _ in skipped}
+        for split, rel, label in self.items:
+            if path_text(rel) not in failed:
+                counts[split][self.plan.class_names[label]] += 1
+        return PackResult(out=self.out, class_names=self.plan.class_names, image_shape=self.image_shape,
+                          counts=counts, skipped=skipped, ignored_hidden=self.plan.ignored_hidden,
+                          warnings=self.plan.warnings, seconds=time.perf_counter() - self.t0,
+                          size_bytes=size_bytes, fingerprint=fingerprint, stale_removed=self.stale)
+
+
+def prepare_pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | str | tuple[int, int] = 64,
+                 per_class: int | None = None, classes: Sequence[str] | None = None, dtype: str = "float32",
+                 compression: str | None = None, seed: int = 0, workers: int | None = None, force: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_skip_fraction: float = 0.1, grayscale: bool = False,
+                 exif_orientation: bool = True, reduced_decoding: bool = True, command: str | None = None,
+                 max_file_size: int = DEFAULT_MAX_FILE_SIZE, plan: SourcePlan | None = None) -> PackJob:
+    """Check the arguments and the output, scan ``src`` (unless its ``plan`` is given: MPI
+    ranks other than 0 get it from rank 0) and draw the row order: a :class:`PackJob`."""
     t0, wall0 = time.perf_counter(), time.time()
     hw = parse_size(size)
     _check_arguments(dtype, compression, per_class, max_skip_fraction, max_pixels, max_file_size)
@@ -925,11 +1011,13 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | str | tu
     if workers < 1:
         raise StreamnnError(f"workers must be at least 1, not {workers}")
     out = Path(out)
-    plan = scan_source(src, classes=classes, per_class=per_class)
-    _check_output(out, Path(src), force)
-    for warning in plan.warnings:
-        log.warning(warning)
-    stale = remove_stale_temps(out, older_than=wall0)
+    stale: list[Path] = []
+    if plan is None:
+        plan = scan_source(src, classes=classes, per_class=per_class)
+        _check_output(out, Path(src), force)
+        for warning in plan.warnings:
+            log.warning(warning)
+        stale = remove_stale_temps(out, older_than=wall0)
 
     rng = make_rng(seed)
     items: list[tuple[str, str, int]] = []  # (split, relative path, label) in row order
@@ -942,64 +1030,48 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | str | tu
                "split_folders": plan.split_folders, "classes": plan.class_names if classes else None,
                "per_class": per_class, "file_order": "natural sort", "dtype": dtype, "compression": compression,
                "seed": seed, "max_skip_fraction": max_skip_fraction, "stats_split": plan.stats_split,
-               "stats": "mean and population std (ddof=0) of uint8/255; exact per chunk, Chan merge in float64",
+               "stats": "mean and population std (ddof=0) of uint8/255 from exact integer sums",
                "ignored_hidden": plan.ignored_hidden, "warnings": plan.warnings}
     if command is None:
         command = f"streamnn.pack.pack({path_text(src)!r}, {path_text(out)!r}, size={hw}, dtype={dtype!r}, seed={seed})"
     image_shape = (hw[0], hw[1], 1 if grayscale else 3)
-    # Chunks do not depend on `workers`: the statistics are merged chunk by chunk, in order.
     chunk = max(1, min(MAX_CHUNK_IMAGES, MAX_CHUNK_BYTES // int(np.prod(image_shape))))
-    workers = min(workers, math.ceil(len(items) / chunk))
+    job = PackJob(src=Path(src), out=out, plan=plan, items=items, options=options, image_shape=image_shape,
+                  chunk=chunk, workers=min(workers, max(1, math.ceil(len(items) / chunk))),
+                  store_kwargs={"class_names": plan.class_names, "image_shape": image_shape, "dtype": dtype,
+                                "compression": compression, "channel_order": "GRAY" if grayscale else "BGR",
+                                "command": command},
+                  max_skip_fraction=max_skip_fraction, t0=t0, stale=stale, done=len(plan.skipped))
+    job.check_skips(plan.skipped)
+    return job
 
-    total = len(items) + len(plan.skipped)
-    skipped = list(plan.skipped)
 
-    def check_skips() -> None:
-        if len(skipped) > math.floor(max_skip_fraction * total + 1e-9):
-            raise StreamnnError(f"{len(skipped)} of {total} files could not be packed, more than "
-                                f"max-skip-fraction {max_skip_fraction:g} allows (first: "
-                                f"{skipped[0][0]}: {skipped[0][1]}); nothing written", path_text(src))
+def pack(src: str | os.PathLike, out: str | os.PathLike, *, progress: Callable[[int, int], None] | None = None,
+         **kwargs: Any) -> PackResult:
+    """Pack the image tree ``src`` into the store ``out``; see the module docstring for the rules.
 
-    check_skips()
-    counts: dict[str, dict[str, int]] = {s: {c: 0 for c in plan.class_names} for s in sorted(plan.files)}
-    with _writing(out), contextlib.ExitStack() as stack:
-        with _signals_deferred():  # a Ctrl-C now finds the workers and the temporary file registered
-            decoder = stack.enter_context(_Decoder(workers, decode_kwargs(options)))
-            writer = stack.enter_context(StoreWriter(
-                out, class_names=plan.class_names, image_shape=image_shape, dtype=dtype, compression=compression,
-                channel_order="GRAY" if grayscale else "BGR", command=command, options=options))
-        for split in sorted(plan.files):
-            writer.add_split(split, len(plan.files[split]))
-        sink, moments, done = _RowSink(writer, image_shape), RunningMoments(int(np.prod(image_shape))), 0
-        for images, reasons, sums in decoder.map(_chunks(items, plan.root, chunk, plan.stats_split)):
-            if sums is not None:
-                moments.add_sums(*sums)
-            decoded = iter(images)
-            for (split, rel, label), reason in zip(items[done:done + len(reasons)], reasons):
-                if reason is None:
-                    sink.add(split, next(decoded), label, path_text(rel))
-                    counts[split][plan.class_names[label]] += 1
-                else:
-                    skipped.append((path_text(rel), reason))
-            done += len(reasons)
-            check_skips()
-            if progress is not None:
-                progress(done + len(plan.skipped), total)
-        sink.flush()
-        if sink.rows == 0:
-            raise StreamnnError(f"no usable image ({len(skipped)} files skipped; first: "
-                                f"{skipped[0][0]}: {skipped[0][1]}); nothing written", path_text(src))
+    Keyword arguments are those of :func:`prepare_pack`: ``size`` (a side, ``"HxW"`` or
+    ``(H, W)``), ``per_class``, ``classes``, ``dtype``, ``compression``, ``seed``, ``workers``,
+    ``force``, ``max_pixels``, ``max_file_size``, ``max_skip_fraction``, ``grayscale``,
+    ``exif_orientation``, ``reduced_decoding``, ``command``. ``progress(done, total)`` is
+    called as files are processed. Raises :class:`StreamnnError` (nothing written, a previous
+    ``out`` untouched) on bad arguments or layout, an existing ``out`` without ``force``, too
+    many skipped files, or no usable image.
+    """
+    job = prepare_pack(src, out, **kwargs)
+    skipped = list(job.plan.skipped)
+    moments = RunningMoments(job.n_features)
+    with _writing(job.out), contextlib.ExitStack() as stack:
+        decoder, (writer,) = job.start(stack, [(job.out, job.items, {})])
+        rows = job.decode_into(writer, job.items, decoder, moments, skipped, progress)
+        job.check_usable(rows, skipped)
         if moments.n:
             writer.set_stats(moments.mean, moments.std)
         skipped.sort()
         writer.set_skipped(skipped)
         decoder.close()  # the workers are gone before the store appears: nothing is left to do after
         fingerprint = writer.commit()
-
-    return PackResult(out=out, class_names=plan.class_names, image_shape=image_shape, counts=counts,
-                      skipped=skipped, ignored_hidden=plan.ignored_hidden, warnings=plan.warnings,
-                      seconds=time.perf_counter() - t0, size_bytes=out.stat().st_size,
-                      fingerprint=fingerprint, stale_removed=stale)
+    return job.result(skipped, fingerprint, job.out.stat().st_size)
 
 
 def _check_arguments(dtype: str, compression: str | None, per_class: int | None, max_skip_fraction: float,

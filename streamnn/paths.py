@@ -23,8 +23,14 @@ _CONTROL = {c for c in range(0x20)} | {0x7F}
 _ESCAPE = re.compile(rb"\\\\|\\x([0-9a-f]{2})")
 
 
+#: What path_text changes in a ``str``: backslashes, control characters, escaped bytes.
+_SPECIAL = re.compile("[\\\\\x00-\x1f\x7f\udc80-\udcff]")
+
+
 def path_text(path: str | bytes | os.PathLike) -> str:
     """The printable, lossless text form of a path (see the module docstring)."""
+    if isinstance(path, str) and not _SPECIAL.search(path):
+        return path  # the common case, once per packed file: nothing to escape
     raw = os.fsencode(path)
     out: list[str] = []
     text = raw.decode("utf-8", "surrogateescape")

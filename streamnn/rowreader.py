@@ -260,15 +260,24 @@ class PreadReader(RowReader):
             offset += len(view)
 
     def _wait(self, tasks: list[concurrent.futures.Future]) -> None:
-        for t in tasks:
-            self.calls += t.result()
+        try:
+            for t in tasks:
+                self.calls += t.result()
+        except BaseException:  # an I/O error: no task may write into the buffer once we return
+            for t in tasks:
+                t.cancel()
+            concurrent.futures.wait(tasks)
+            raise
 
     def _drop(self, batch: _Batch) -> None:
         self._ahead_keys.discard(batch.key)
         for t in batch.tasks:  # a running task finishes before its buffer is reused
             if not t.cancel():
                 concurrent.futures.wait([t])
-        self._spare.append(batch.stage)
+        self._release(batch.stage)
+
+    def _release(self, stage: np.ndarray) -> None:
+        self._spare.append(stage if stage.base is None else stage.base)  # whole, for any batch size
 
     def _stage_for(self, n: int) -> np.ndarray:
         for i, buf in enumerate(self._spare):
@@ -297,7 +306,7 @@ class PreadReader(RowReader):
                         self._ahead_keys.discard(batch.key)
                         self._lent.append(batch.stage)
                         while len(self._lent) > self.lend:
-                            self._spare.append(self._lent.popleft())
+                            self._release(self._lent.popleft())
                         return batch.stage
                     self._convert(batch.stage, out)
                 except BaseException:
@@ -458,6 +467,13 @@ def open_rows(path: str | os.PathLike, split: str, *, fingerprint: str | None = 
         if split not in f or "X" not in f[split]:
             raise StreamnnError(f"unknown split {split!r}", path)
         dset = f[split]["X"]
+        if dset.is_virtual:  # a sharded store's index: read the shards themselves
+            from .shards import open_segments
+
+            try:
+                return open_segments(f, Path(path), split, cached_bands=cached_bands, allow_memmap=allow_memmap)
+            finally:
+                f.close()
         stored = str(attrs["dtype"].decode() if isinstance(attrs["dtype"], bytes) else attrs["dtype"])
         dtype = np.dtype(DTYPES[stored])
         scale = float(attrs["scale"])

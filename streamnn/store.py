@@ -281,6 +281,13 @@ class Store:
         self.splits = [name for name in self._file if name not in RESERVED_GROUPS]
         if not self.splits:
             raise c.fail("store has no split")
+        #: Shard files of a sharded store (its index: see :mod:`streamnn.shards`), checked
+        #: before anything is read through its virtual datasets.
+        self.shards: list[Path] = []
+        if "shards" in self._file.attrs:
+            from .shards import check_index
+
+            self.shards = check_index(self._file, self.path, self._file.attrs["shards"])
         self._counts = {name: self._check_split(c, name) for name in self.splits}
         recorded = c.json_object("counts")
         if recorded != self._counts:
@@ -414,6 +421,9 @@ class Store:
         if actual != self.fingerprint:
             raise StreamnnError("content does not match its fingerprint (store altered or corrupt)",
                                 path_text(self.path))
+        for shard in self.shards:
+            with Store(shard) as part:
+                part.verify()
 
     def loader(self, split: str, batch_size: int = 64, **kwargs: Any):
         """A shuffling mini-batch iterator over ``split``; see :class:`streamnn.loader.Loader`."""
@@ -490,6 +500,26 @@ class StoreWriter:
         g.create_dataset("y", shape=(capacity,), dtype=np.int32)
         g.create_dataset("paths", shape=(capacity,), dtype=_STR)
         self._filled[name] = 0
+
+    def add_virtual_split(self, name: str, parts: Sequence[tuple[str, int]]) -> None:
+        """Create split ``name`` as HDF5 virtual datasets X, y, paths: the same datasets of
+        ``parts``, (store file relative to this store's folder, rows), one after the other."""
+        if name in RESERVED_GROUPS or name in self._filled:
+            raise StreamnnError(f"bad or duplicate split name {name!r}")
+        g, n = self._file.create_group(name), sum(rows for _, rows in parts)
+        for key, dtype, width in (("X", DTYPES[self.dtype], (self.n_features,)), ("y", np.int32, ()),
+                                  ("paths", _STR, ())):
+            layout, start = h5py.VirtualLayout(shape=(n, *width), dtype=dtype), 0
+            for file, rows in parts:
+                if rows:
+                    layout[start:start + rows] = h5py.VirtualSource(file, f"{name}/{key}", shape=(rows, *width))
+                    start += rows
+            g.create_virtual_dataset(key, layout, fillvalue=None)
+        self._filled[name] = n
+
+    def set_attribute(self, name: str, value: Any) -> None:
+        """An extra root attribute (a sharded store's ``shards`` records)."""
+        self._attrs[name] = value
 
     def _create_x(self, group: h5py.Group, n: int) -> h5py.Dataset:
         kw: dict[str, Any] = {}

@@ -35,6 +35,25 @@ to an uninterrupted one: parameters, optimizer state, ``checkpoint-latest.h5``,
 While :meth:`Trainer.fit` runs it holds an exclusive lock on the folder (:mod:`streamnn.rundir`),
 so two trainers never write into one folder.
 
+Data-parallel (``comm``, :mod:`streamnn.dist`). With K ranks every rank holds the whole model
+and runs this same loop on its interleaved share of each global batch (:mod:`streamnn.order`):
+
+    step:        forward of the share, dropout drawn for the global batch (``share``) ->
+                 backward with the global count m (``dZ = (A - Y) / m``, no L2 yet) ->
+                 one allreduce of ``model.flat_grads`` -> ``+= lambd/m W`` -> optimizer step,
+                 identical on every rank; then one small allreduce of the step's numbers
+                 (loss sum, train-metric sums) and of the ranks' stop flags.
+    stops:       a signal only sets this rank's flag; the ranks act on the *agreed* flags at the
+                 same points (after a step, at epoch end, before each evaluation batch), so all
+                 stop at one step and raise TrainingInterrupted together.
+    epoch end:   each rank evaluates its share, the metric sums are reduced; the ranks compare
+                 a digest of their parameters (an error if they differ).
+
+Only rank 0 writes (:mod:`streamnn.runwriter`: lock, CSVs, curves, checkpoints); its
+checkpoint is the one-process format, with the loader position as samples consumed, so a run
+resumes on any K. fit() starts by broadcasting rank 0's parameters (new or restored). With one
+process every collective is the identity and the numbers are those of the one-process loop.
+
 Loading (:meth:`Trainer.load`) reads and verifies the file, checks store fingerprint and
 architecture, builds *new* model, optimizer and loader objects and loads their states; only
 when every check passed does it swap them in, so a bad checkpoint leaves the trainer as it was.
@@ -42,8 +61,7 @@ when every check passed does it swap them in, so a bad checkpoint leaves the tra
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
+import hashlib
 import json
 import math
 import os
@@ -60,10 +78,12 @@ import numpy as np
 
 from . import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
+from .dist import AgreedError, Comm, SingleComm, agreed
 from .errors import StreamnnError
 from .evaluate import EvaluationStopped, Preprocess, evaluate_batches, model_dtype
 from .metrics import Metrics
 from .paths import path_text
+from .runwriter import read_metrics_csv, write_metrics_csv, writer_for  # noqa: F401 - public here too
 from .rundir import (BEST, CONFIG_FORMAT, CONFIG_JSON, CURVES_METADATA, CURVES_PNG, HISTORY_COLUMNS, LATEST,
                      LOCK_FILE, METRICS_CSV, RUN_FILES, STEPS_CSV, RunDir, run_lock)
 from .runstate import RunData, read_config, read_data, restore, run_content
@@ -113,7 +133,6 @@ DEFAULTS: dict[str, Any] = {
 SCHEDULE_DEFAULTS: dict[str, dict[str, float]] = {
     "hyperbolic": {"decay": 1.0}, "step": {"every": 10.0}, "exponential": {"factor": 0.95}}
 RESUMABLE = ("epochs", "reader")  # options that may change when a run is resumed
-CURVES_SECONDS = 5.0             # curves.png is redrawn at most this often (and at the last epoch)
 
 
 class TrainingInterrupted(Exception):
@@ -131,7 +150,11 @@ class TrainingInterrupted(Exception):
 
 
 class _Stop(Exception):
-    """Internal: a stop request seen during the epoch-end evaluation."""
+    """Internal: a stop agreed on during the epoch-end evaluation."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -309,14 +332,17 @@ class Trainer:
     """
 
     def __init__(self, config: dict[str, Any], out_dir: str | os.PathLike, *, verbose: bool = True,
-                 echo: Callable[[str], None] | None = None, progress: bool | None = None) -> None:
+                 echo: Callable[[str], None] | None = None, progress: bool | None = None,
+                 comm: Comm | None = None) -> None:
         from .store import open_store
 
+        self.comm = comm or SingleComm()
         self.out = Path(out_dir)
         self.run = RunDir(self.out)
-        self.verbose = verbose
+        self.verbose = verbose and self.comm.rank == 0  # rank 0 speaks and writes for the run
         self._echo = echo or (lambda msg: print(msg, flush=True))
-        self.progress = verbose and (sys.stderr.isatty() if progress is None else progress)
+        self.progress = self.verbose and (sys.stderr.isatty() if progress is None else progress)
+        self.writer = writer_for(self.comm.rank, self.run, self.say)
         if not config.get("store"):
             raise StreamnnError("the configuration needs a 'store' path")
         with open_store(config["store"]) as store:
@@ -332,6 +358,9 @@ class Trainer:
             labels = store.labels(self.config["train_split"])
         self.n_classes = len(self.class_names)
         cfg = self.config
+        if self.comm.size > 1 and cfg["model"] == "cnn" and cfg["batch_norm"]:
+            raise AgreedError("--batch-norm is not data-parallel here (each rank would normalize its share with "
+                              "its own statistics, unlike one process): train it without mpiexec")
         self.train_rows, self.val_rows = (split_validation(labels, cfg["val_fraction"], cfg["seed"])
                                           if cfg["val_fraction"] > 0 else (None, None))
         self.n_train = len(self.train_rows) if self.train_rows is not None else len(labels)
@@ -344,9 +373,7 @@ class Trainer:
         self.best = -math.inf   # best selection accuracy so far
         self.best_epoch = 0
         self.history: dict[str, list[float]] = {c: [] for c in HISTORY_COLUMNS}
-        self._stop: int | None = None
-        self._steps_file: io.TextIOBase | None = None
-        self._curves_drawn: float | None = None
+        self._stop: int | None = None  # a signal this rank received (the ranks agree before acting on it)
         self._speed: float | None = None
         self.parts = self._build()
 
@@ -364,8 +391,21 @@ class Trainer:
                         seed=derive_seed(cfg["seed"], "loader"), standardize=cfg["standardize"],
                         augment=cfg["augment"], one_hot=self.n_classes > 2, order=cfg["order"],
                         subset=self.train_rows, shift=cfg["shift"], shift_padding=cfg["shift_padding"],
-                        reader=cfg["reader"])
+                        reader=cfg["reader"], rank=self.comm.rank, world_size=self.comm.size)
         return Components(model, optimizer, schedule, loader, Metrics(self.n_classes))
+
+    def _share_parameters(self) -> None:
+        """Every rank starts from rank 0's parameters (as Horovod broadcasts at start and after a restore)."""
+        self.comm.broadcast(self.parts.model.flat_params)
+
+    def ranks_digest(self) -> str:
+        """SHA-256 of the parameters; raises AgreedError unless every rank holds bit-identical ones."""
+        digest = hashlib.sha256(self.parts.model.flat_params.tobytes()).digest()
+        differs = np.array([digest != self.comm.broadcast_bytes(digest)], np.int64)
+        self.comm.allreduce(differs)
+        if differs[0]:
+            raise AgreedError(f"the ranks' parameters differ at step {self.step} (a rank computed differently)")
+        return digest.hex()
 
     @property
     def model(self) -> Any:
@@ -488,24 +528,16 @@ class Trainer:
             self.say(f"nothing to do: all {self.config['epochs']} epochs are done (resume with a larger "
                      "--epochs to train longer)")
             return self.history
-        with self.run.lock():
-            self.run.check_run_names()
-            for name in self.run.remove_stale_temporaries():
-                self.say(f"removed {name}, left by an interrupted write")
-            self._write_config()
-            self._steps_file = self.run.steps_log(self.step)
-            if self.history["epoch"]:  # outputs as of the checkpoint (a crash may have left them ahead or behind)
-                write_metrics_csv(self.run, self.history)
-            try:
-                with self._signal_handlers():
-                    self._say_selection()
-                    self.say(f"reading the store with {self.parts.loader.reader_mode} (--reader {self.config['reader']})")
-                    while self.epoch < self.config["epochs"]:
-                        self._run_epoch(on_step)
-            finally:
-                if self._steps_file is not None:
-                    self._steps_file.close()
-                    self._steps_file = None
+        config_text = json.dumps({"format": CONFIG_FORMAT, **self.config, "streamnn_version": __version__},
+                                 indent=2, sort_keys=True) + "\n"
+        with contextlib.ExitStack() as stack:  # rank 0 takes the lock; a refusal is every rank's error
+            agreed(self.comm, lambda: stack.enter_context(self.writer.session(self.step, config_text, self.history)))
+            stack.enter_context(self._signal_handlers())
+            self._share_parameters()
+            self._say_selection()
+            self.say(f"reading the store with {self.parts.loader.reader_mode} (--reader {self.config['reader']})")
+            while self.epoch < self.config["epochs"]:
+                self._run_epoch(on_step)
         return self.history
 
     def _run_epoch(self, on_step: Callable[[Trainer], None] | None) -> None:
@@ -518,46 +550,69 @@ class Trainer:
         with self._progressbar(n_steps) as bar:
             if self.epoch_step < n_steps:
                 for X, Y in checked_batches(parts.loader, cfg["store"], cfg["train_split"]):
-                    self._train_step(X, Y)
-                    samples += X.shape[1]
-                    if bar is not None:
-                        bar.update(1, (parts.train_metrics.loss, samples / max(time.perf_counter() - started, 1e-9)))
+                    step = self._train_step(X, Y)
+                    samples += step.m
                     if on_step is not None:
                         on_step(self)
+                    stop = self._finish_step(step)
+                    if bar is not None:
+                        bar.update(1, (parts.train_metrics.loss, samples / max(time.perf_counter() - started, 1e-9)))
                     if self.epoch_step < n_steps:  # mid-epoch states only (see the module docstring)
-                        if self._stop is not None:
-                            self._interrupt()
+                        if stop is not None:
+                            self._interrupt(stop)
                         if cfg["checkpoint_every"] and self.step % cfg["checkpoint_every"] == 0:
-                            self.save(self.out / LATEST)
+                            self.writer.checkpoint(LATEST, self.state)
             if self.epoch_step != n_steps:
                 raise StreamnnError(f"the loader gave {self.epoch_step} batches, expected {n_steps}")
         self._speed = samples / max(time.perf_counter() - started, 1e-9) if samples else None
-        if self._stop is not None:
-            self._interrupt()
+        stop = self._agreed_stop()
+        if stop is not None:
+            self._interrupt(stop)
         try:
             row = self._epoch_end()
-        except _Stop:
-            self._interrupt()
+        except _Stop as s:
+            self._interrupt(s.signum)
         self._finish_epoch(row, time.perf_counter() - started)
 
-    def _train_step(self, X: np.ndarray, Y: np.ndarray) -> None:
-        p = self.parts
+    def _train_step(self, X: np.ndarray, Y: np.ndarray) -> _Step:
+        """Forward and backward on this rank's rows of global batch ``epoch_step``, the gradients
+        summed over the ranks (one allreduce of the flat buffer), the optimizer step."""
+        p, comm = self.parts, self.comm
+        m = p.loader.global_batch_size(self.epoch_step)
         dtype = model_dtype(p.model)
         X, Y = X.astype(dtype, copy=False), Y.astype(dtype, copy=False)
         p.optimizer.zero_grad()
-        Y_hat = p.model.forward(X, train_mode=True)
-        loss = float(p.model.loss(Y, Y_hat))
-        p.model.backward(Y)
+        Y_hat = p.model.forward(X, train_mode=True, share=(comm.rank, comm.size, m))
+        step = _Step(m, float(p.model.loss_sum(Y)), p.model.l2_cost(m), Metrics(self.n_classes))
+        p.model.backward(Y, count=m, decay=False)
+        comm.allreduce(p.model.flat_grads)
+        p.model.add_weight_decay(m)
         p.optimizer.step()
-        p.train_metrics.update(Y_hat, Y)
+        step.metrics.update(Y_hat, Y)
         self.epoch_step += 1
         self.step += 1
-        if self._steps_file is not None:
-            self._steps_file.write(f"{self.step},{self.epoch + 1},{loss!r}\n")
-            self._steps_file.flush()
+        return step
+
+    def _finish_step(self, step: _Step) -> int | None:
+        """Agree on the step's numbers and on stopping (one small allreduce); log it; the agreed stop."""
+        stats = np.concatenate([[step.loss_sum], step.metrics.sums(), self._stop_flags()])
+        self.comm.allreduce(stats)
+        self.parts.train_metrics.add_sums(stats[1:-2])
+        loss = self.parts.model.mean_loss(stats[0], step.m) + step.l2
+        self.writer.log_step(self.step, self.epoch + 1, loss)
         if not math.isfinite(loss):
-            raise StreamnnError(f"training diverged: loss is {loss} at step {self.step} (try a smaller --lr); "
-                                f"{LATEST} keeps the last good state")
+            raise AgreedError(f"training diverged: loss is {loss} at step {self.step} (try a smaller --lr); "
+                              f"{LATEST} keeps the last good state")
+        return _agreed_signal(stats[-2:])
+
+    def _stop_flags(self) -> np.ndarray:
+        return np.array([self._stop == signal.SIGINT, self._stop == signal.SIGTERM], np.float64)
+
+    def _agreed_stop(self) -> int | None:
+        """The stop every rank agrees on now (a collective: all ranks call it at the same point)."""
+        flags = self._stop_flags()
+        self.comm.allreduce(flags)
+        return _agreed_signal(flags)
 
     def evaluate_split(self, which: str) -> Metrics:
         """Streaming evaluation of the current model on "val" or "eval" (stops on a stop request)."""
@@ -566,14 +621,23 @@ class Trainer:
         cfg = self.config
         split, subset = (cfg["train_split"], self.val_rows) if which == "val" else (cfg["eval_split"], None)
         loader = Loader(cfg["store"], split, batch_size=cfg["eval_batch_size"], shuffle=False,
-                        one_hot=self.n_classes > 2, subset=subset)
+                        one_hot=self.n_classes > 2, subset=subset, rank=self.comm.rank, world_size=self.comm.size)
+        stopping: list[int] = []
+
+        def stop() -> bool:
+            agreed = self._agreed_stop()
+            stopping.extend([agreed] if agreed is not None else [])
+            return bool(stopping)
+
         try:
-            return evaluate_batches(self.model, self.preprocess(), checked_batches(loader, cfg["store"], split),
-                                    self.n_classes, stop=lambda: self._stop is not None)
+            metrics = evaluate_batches(self.model, self.preprocess(), checked_batches(loader, cfg["store"], split),
+                                       self.n_classes, stop=stop)
         except EvaluationStopped:
-            raise _Stop() from None
+            raise _Stop(stopping[0]) from None
         finally:
             loader.close()
+        metrics.reduce(self.comm)
+        return metrics
 
     def _epoch_end(self) -> dict[str, float]:
         cfg, train = self.config, self.parts.train_metrics
@@ -596,37 +660,26 @@ class Trainer:
             self.history[c].append(float(row[c]))
         self.epoch += 1
         self.epoch_step = 0
+        self.ranks_digest()
         improved = row["best"] == 1.0
         if improved:
             self.best, self.best_epoch = row[f"{self.selection}_accuracy"], self.epoch
         if improved:
-            self.save(self.out / BEST)
-        self.save(self.out / LATEST)
-        write_metrics_csv(self.run, self.history)
+            self.writer.checkpoint(BEST, self.state)
+        self.writer.checkpoint(LATEST, self.state)
+        self.writer.metrics(self.history)
         self._draw_curves(final=self.epoch >= self.config["epochs"])
         self.say(self._epoch_line(row, seconds))
 
     def _draw_curves(self, final: bool) -> None:
-        """curves.png at the first and last epoch, and between them at most every CURVES_SECONDS."""
-        now = time.monotonic()
-        if not final and self._curves_drawn is not None and now - self._curves_drawn < CURVES_SECONDS:
-            return
-        self._curves_drawn = now
-        try:
-            from .plots import save_curves  # lazily: matplotlib is only needed here
+        self.writer.curves(self.history, self.config["eval_split"] or "eval", final)
 
-            save_curves(self.history, self.out / CURVES_PNG, eval_name=self.config["eval_split"] or "eval",
-                        metadata=CURVES_METADATA)
-        except Exception as exc:  # noqa: BLE001 - a plotting problem must not stop training
-            self.say(f"warning: could not draw {CURVES_PNG} ({exc.__class__.__name__}: {exc})")
-
-    def _interrupt(self) -> None:
-        assert self._stop is not None
-        path = self.out / LATEST
-        self.save(path)
+    def _interrupt(self, signum: int) -> None:
+        """Every rank stops at this step (they agreed on it); rank 0 saves."""
+        self.writer.checkpoint(LATEST, self.state)
         if self.history["epoch"]:
             self._draw_curves(final=True)
-        raise TrainingInterrupted(self._stop, path, self.epoch, self.step)
+        raise TrainingInterrupted(signum, self.out / LATEST, self.epoch, self.step)
 
     # -- outputs -----------------------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -655,11 +708,6 @@ class Trainer:
         if self._speed:
             parts.append(f"{self._speed:.0f} samples/s")
         return "  ".join(parts) + ("  *best" if row["best"] == 1.0 else "")
-
-    def _write_config(self) -> None:
-        self.run.write_text(CONFIG_JSON, json.dumps({"format": CONFIG_FORMAT, **self.config,
-                                                     "streamnn_version": __version__}, indent=2,
-                                                    sort_keys=True) + "\n")
 
     @contextlib.contextmanager
     def _progressbar(self, n_steps: int) -> Iterator[Any]:
@@ -699,23 +747,16 @@ class Trainer:
                 signal.signal(s, h)
 
 
-# -- files ------------------------------------------------------------------------------------------
-def write_metrics_csv(run: RunDir, history: dict[str, list[float]]) -> None:
-    """One row per epoch; empty cells for metrics not measured; exact (repr) floats."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(HISTORY_COLUMNS)
-    for i in range(len(history["epoch"])):
-        row = []
-        for c in HISTORY_COLUMNS:
-            v = history[c][i]
-            row.append("" if math.isnan(v) else str(int(v)) if c in ("epoch", "step", "best") else repr(v))
-        writer.writerow(row)
-    run.write_text(METRICS_CSV, buf.getvalue())
+@dataclass
+class _Step:
+    """One step's numbers on this rank, before the ranks agree on them."""
+
+    m: int            # rows of the global batch (the means divide by it)
+    loss_sum: float   # this rank's summed cross-entropy (model dtype, held exactly in a float)
+    l2: float         # the L2 term lambd/(2m) sum ||W||^2, before the update
+    metrics: Metrics  # this rank's rows of the batch
 
 
-def read_metrics_csv(path: str | os.PathLike) -> list[dict[str, str]]:
-    """metrics.csv as a list of row dicts (strings)."""
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
+def _agreed_signal(flags: np.ndarray) -> int | None:
+    """From the summed [SIGINT, SIGTERM] flags of the ranks: SIGTERM if any rank had it, else SIGINT."""
+    return signal.SIGTERM if flags[1] else signal.SIGINT if flags[0] else None

@@ -13,11 +13,13 @@ functions here, so they agree exactly:
   repeated) or zeros (``"zero"``) (:func:`shift_images`).
 
 Augmentation draws (:class:`Augment`) are pure functions, so that resumed runs and any
-number of ranks see the same images. Flips: image j of rank r's batch k of an epoch is
-mirrored with probability 1/2, from ``PCG64([seed, epoch, rank, k, FLIP])``. Shifts: from
-``PCG64([seed, epoch, k, SHIFT])``, the (dy, dx) pair number ``rank * batch_size + j``, its row
-in the *global* batch k (the union of every rank's batch k), uniform on ``[-N, N]^2``.
-Flips come before shifts, standardization last.
+number of ranks see the same images: the draws for the whole *global* batch k (the union of
+every rank's batch k, :mod:`streamnn.order`), of which rank r of W keeps its interleaved
+share ``[r::W]`` (the rows it holds). Flips: row i of global batch k of an epoch is mirrored
+with probability 1/2, draw i of ``PCG64([seed, epoch, 0, k, FLIP])`` (the 0 stands where the
+rank was before batches were global, so one-process flips did not change). Shifts: the (dy,
+dx) pair i of ``PCG64([seed, epoch, k, SHIFT])``, uniform on ``[-N, N]^2``. Flips come before
+shifts, standardization last.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import StreamnnError
+from .order import share
 
 #: Constant features (std <= this) are only centred by standardization.
 STD_FLOOR = 1e-8
@@ -109,15 +112,15 @@ class Augment:
         parts = (["flip"] if self.flip else []) + ([f"shift={self.shift}/{self.padding}"] if self.shift else [])
         return ",".join(parts) or None
 
-    def flips(self, seed: int, epoch: int, rank: int, k: int, b: int) -> np.ndarray:
-        """Rows of the batch to mirror."""
-        rng = np.random.Generator(np.random.PCG64([seed, epoch, rank, k, _FLIP]))
-        return np.flatnonzero(rng.random(b) < 0.5)
+    def flips(self, seed: int, epoch: int, k: int, b: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """Positions, in rank ``rank``'s interleaved share of the ``b``-row global batch k, of the rows to mirror."""
+        rng = np.random.Generator(np.random.PCG64([seed, epoch, 0, k, _FLIP]))
+        return np.flatnonzero(share(rng.random(b), rank, world_size) < 0.5)
 
-    def shifts(self, seed: int, epoch: int, k: int, first_row: int, b: int) -> np.ndarray:
-        """(b, 2) shifts for rows ``first_row .. first_row + b - 1`` of global batch k."""
+    def shifts(self, seed: int, epoch: int, k: int, b: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """(dy, dx) of the rows of rank ``rank``'s interleaved share of the ``b``-row global batch k."""
         rng = np.random.Generator(np.random.PCG64([seed, epoch, k, _SHIFT]))
-        return rng.integers(-self.shift, self.shift + 1, size=(first_row + b, 2))[first_row:]
+        return share(rng.integers(-self.shift, self.shift + 1, size=(b, 2)), rank, world_size)
 
 
 @dataclass

@@ -72,57 +72,47 @@ def epoch_rows(loader, px):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(0, 50), batch=st.integers(1, 20), drop_last=st.booleans(), world=st.integers(1, 4),
        shuffle=st.booleans(), order=st.sampled_from(["exact", "block"]), block_rows=st.integers(1, 9),
-       prefetch=st.sampled_from([0, 2]))
-def test_every_row_once_per_epoch(store50, threaded, n, batch, drop_last, world, shuffle, order, block_rows, prefetch):
+       prefetch=st.sampled_from([0, 2]), augment=st.sampled_from([None, "flip", "shift=1/reflect", "flip,shift=2/zero"]))
+def test_ranks_together_give_the_one_process_batches(store50, threaded, n, batch, drop_last, world, shuffle, order,
+                                                     block_rows, prefetch, augment):
+    """Every epoch yields every sample once; rank r of W yields rows r, r+W, ... of each one-process batch."""
     path, px, _ = store50
     subset = np.random.default_rng(n).permutation(50)[:n]
-    loaders = [Loader(path, "train", batch, shuffle=shuffle, drop_last=drop_last, rank=r, world_size=world,
-                      order=order, subset=subset, block_rows=block_rows, window_blocks=2, prefetch=prefetch)
-               for r in range(world)]
+
+    def loader(rank, world_size):
+        return Loader(path, "train", batch, shuffle=shuffle, drop_last=drop_last, rank=rank, world_size=world_size,
+                      order=order, subset=subset, block_rows=block_rows, window_blocks=2, prefetch=prefetch,
+                      augment=augment)
+
+    one, ranks = loader(0, 1), [loader(r, world) for r in range(world)]
     try:
-        per = -(-n // world)
+        def batches(L, epoch):
+            out = [(L.batch_rows(epoch, k).tolist(), X.copy()) for k, (X, _) in enumerate(L)]
+            if not augment:  # the pixels say which rows were read (a shift moves the pixels that tell)
+                assert all(ids == row_ids(X, px) for ids, X in out)
+            return out
+
         for epoch in range(2):
-            shares = []
-            for L in loaders:
-                assert L.epoch == epoch and L.position == 0
-                batches = epoch_rows(L, px)
-                assert len(batches) == len(L) and L.epoch == epoch + 1
-                assert all(len(b) == batch for b in batches[:-1])
-                if drop_last:
-                    assert all(len(b) == batch for b in batches)
-                assert sum(map(len, batches)) == L.n_samples
-                shares.append([i for b in batches for i in b])
-            assert len({len(L) for L in loaders}) == 1  # same number of batches on every rank
-            everything = Counter(i for s in shares for i in s)
-            assert all(len(sh) == len(set(sh)) for sh in shares)  # no row twice on one rank
-            if not drop_last:
-                assert set(everything) == set(subset.tolist())  # together they cover the epoch
-                assert sum(everything.values()) == per * world  # padding: (-n) % world repeats
-                assert sum(c - 1 for c in everything.values()) == per * world - n
-            else:
-                assert len(shares[0]) == (per // batch) * batch
-                if per * world == n:
-                    assert all(c == 1 for c in everything.values())
-            if world == 1:
-                assert all(c == 1 for c in everything.values())
-                if not shuffle:
-                    assert shares[0] == subset.tolist()[:len(shares[0])]
+            whole = batches(one, epoch)
+            assert len(whole) == len(one) and one.epoch == epoch + 1
+            assert all(len(ids) == batch for ids, _ in whole[:-1])
+            seen = [i for ids, _ in whole for i in ids]
+            assert len(seen) == len(set(seen))  # every row at most once
+            assert len(seen) == ((n // batch) * batch if drop_last else n)
+            if not shuffle:
+                assert seen == subset.tolist()[:len(seen)]
+            for r, L in enumerate(ranks):
+                assert L.epoch == epoch and L.position == 0 and len(L) == len(one)
+                got = batches(L, epoch)
+                assert len(got) == len(whole) and L.epoch == epoch + 1
+                assert sum(len(ids) for ids, _ in got) == L.n_samples
+                for k, ((ids, X), (all_ids, all_X)) in enumerate(zip(got, whole)):
+                    assert ids == all_ids[r::world]  # the interleaved share of batch k
+                    assert np.array_equal(X, all_X[:, r::world])  # same pixels, same flips
+                    assert L.global_batch_size(k) == len(all_ids)
     finally:
-        for L in loaders:
+        for L in [one, *ranks]:
             L.close()
-
-
-def test_shards_disjoint_and_exhaustive(store50):
-    path, px, _ = store50
-    for world in (2, 3, 7):
-        shares = [sum(epoch_rows(Loader(path, "train", 4, rank=r, world_size=world, seed=3), px), [])
-                  for r in range(world)]
-        assert len({len(s) for s in shares}) == 1
-        flat = sum(shares, [])
-        assert set(flat) == set(range(50))
-        assert len(flat) - 50 == (-50) % world  # only the padding repeats
-        if 50 % world == 0:
-            assert len(flat) == len(set(flat))
 
 
 def test_block_order_is_a_permutation_of_local_windows():
@@ -245,6 +235,27 @@ def test_resume_at_every_position_equals_uninterrupted(store50, threaded, kw):
         assert all(np.array_equal(g[1], f[1]) for g, f in zip(got, full))
 
 
+def test_state_saved_on_some_ranks_continues_on_any_number(store50):
+    """Elastic resume: the position is in global batches (and samples), so W=2 -> W'=1 or 3 continues the stream."""
+    path, px, _ = store50
+    with Loader(path, "train", 6, seed=5, augment="flip") as one:
+        full = [(row_ids(X, px), X.copy()) for X, _ in one]
+    with Loader(path, "train", 6, seed=5, augment="flip", rank=1, world_size=2) as L:
+        for _ in zip(range(3), L):
+            pass
+        state = L.state_dict()
+    assert state["samples"] == 18 and state["position"] == 3
+    for world in (1, 3):
+        tails = []
+        for r in range(world):
+            with Loader(path, "train", 6, seed=0, rank=r, world_size=world) as M:
+                M.load_state_dict(state)
+                tails.append([(row_ids(X, px), X.copy()) for X, _ in M])
+        for k, (ids, X) in enumerate(full[3:]):
+            for r in range(world):
+                assert tails[r][k][0] == ids[r::world] and np.array_equal(tails[r][k][1], X[:, r::world])
+
+
 def test_break_resumes_mid_epoch_in_the_same_loader(store50):
     path, px, _ = store50
     with Loader(path, "train", 8, seed=2) as L:
@@ -287,7 +298,8 @@ def test_state_errors_change_nothing(store50, tmp_path):
         "fingerprint": dict(good, fingerprint="0" * 64),
         "split": dict(good, split="test"),
         "batch size": dict(good, batch_size=16),
-        "world size": dict(good, world_size=2),
+        "contiguous shares": dict(good, version=1, world_size=2),
+        "disagree": dict(good, samples=good["samples"] + 1),
         "rows": dict(good, n_rows=40),
         "subset": dict(good, subset="abc"),
         "batch 99": dict(good, position=99),

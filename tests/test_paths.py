@@ -34,3 +34,9 @@ def test_reversible_printable_and_encodable(raw):
 def test_different_names_never_share_a_text_form(a, b):
     if a != b:
         assert path_text(a) != path_text(b)
+
+
+@given(st.text(max_size=30) | st.binary(max_size=30).map(os.fsdecode))
+def test_text_names_take_the_fast_path_only_when_nothing_changes(name):
+    slow = path_text(os.fsencode(name))  # bytes: always the character loop
+    assert path_text(name) == slow

@@ -11,8 +11,11 @@ the store afresh, then measures, in one process:
   sequential    the split read front to back with ``read_direct`` into a reused 64 MB buffer:
                 the disk's streaming rate, the bound (ratios are to it) and what loading the
                 split into memory would cost, were it to fit
-  loader-exact  one epoch of the streamnn Loader, exact shuffle (the default)
+  loader-exact  one epoch of the streamnn Loader, exact shuffle (the default; a store this
+                small is memory-mapped)
   loader-block  one epoch with ``order="block"`` (blocks of rows, then rows in a window)
+  pread-exact   the exact shuffle with ``reader="pread"`` (what a store bigger than RAM gets;
+                ``tools/bench_bigstore.py`` measures that case itself)
 
 Samples/s and MB/s are medians over --repeats cold epochs. On a virtual machine the host
 may cache the disk image: "cold" then means cold for this machine's kernel only.
@@ -58,12 +61,12 @@ def sequential(path: str) -> int:
     return n
 
 
-def loader_epoch(order: str) -> Callable[[str], int]:
+def loader_epoch(order: str, reader: str = "auto") -> Callable[[str], int]:
     def run(path: str) -> int:
         from streamnn.loader import Loader
 
         n = 0
-        with Loader(path, "train", BATCH, seed=0, order=order) as L:
+        with Loader(path, "train", BATCH, seed=0, order=order, reader=reader) as L:
             for X, _ in L:
                 n += X.shape[1]
         return n
@@ -72,6 +75,7 @@ def loader_epoch(order: str) -> Callable[[str], int]:
 
 METHODS: dict[str, Callable[[str], int]] = {
     "sequential": sequential, "loader-exact": loader_epoch("exact"), "loader-block": loader_epoch("block"),
+    "pread-exact": loader_epoch("exact", "pread"),
 }
 
 

@@ -216,13 +216,14 @@ def worker(method: str, store: str, repeats: int, subset_rows: int) -> dict:
 
 
 # -- driver -------------------------------------------------------------------------------------------------
-def make_store(path: str, rows: int, dtype: str, compression: str | None = None) -> None:
+def make_store(path: str, rows: int, dtype: str = "uint8", compression: str | None = None,
+               shape: tuple[int, int, int] = (64, 64, 3), command: str = "bench_loader") -> None:
+    """A store of ``rows`` random images (also used by the other benchmarks)."""
     from streamnn import StoreWriter
 
     rng = np.random.default_rng(0)
-    shape = (64, 64, 3)
     with StoreWriter(path, class_names=["cats", "dogs"], image_shape=shape, dtype=dtype,
-                     compression=compression, command="bench_loader") as w:
+                     compression=compression, command=command) as w:
         w.add_split("train", rows)
         for i in range(0, rows, 1000):
             m = min(1000, rows - i)

@@ -16,6 +16,11 @@ name too long, permission denied, ...)
 =========================================  ====================================  ======
 
 Paths in messages are in :func:`streamnn.paths.path_text` form.
+
+Under ``mpiexec -n K`` (K > 1, :mod:`streamnn.dist`), an error every rank raises alike
+(:class:`~streamnn.dist.AgreedError`) is printed by rank 0 only and every rank exits with
+its status; any other error is printed as ``Error: rank r of K: ...`` and ends the whole job
+(``MPI_Abort``), so no rank is left waiting for one that left.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from typing import Any, NoReturn
 
 import click
 
+from ..dist import AgreedError, launcher_world, leave
 from ..errors import StreamnnError
 from ..paths import path_text
 
@@ -57,14 +63,34 @@ def user_errors(interrupted: str = "interrupted") -> Iterator[None]:
     """Turn streamnn errors, OS errors and Ctrl-C raised inside into ``Error: ...`` and an exit status."""
     try:
         yield
+    except AgreedError as exc:
+        cause = exc.__cause__
+        rank_fail(os_error_message(cause) if isinstance(cause, OSError) else str(exc), 1, agreed=True)
     except StreamnnError as exc:
-        fail(str(exc))
+        rank_fail(str(exc))
     except OSError as exc:
-        fail(os_error_message(exc))
+        rank_fail(os_error_message(exc))
     except Terminated:
-        fail(interrupted, 143)
+        rank_fail(interrupted, 143)
     except KeyboardInterrupt:
-        fail(interrupted, 130)
+        rank_fail(interrupted, 130)
+
+
+def rank_fail(message: str, status: int = 1, *, agreed: bool = False) -> NoReturn:
+    """:func:`fail`, on one of K > 1 MPI ranks: an ``agreed`` error (every rank has it) is printed by
+    rank 0 alone (an empty message by nobody); another one names the rank and ends the job."""
+    try:
+        rank, size = launcher_world()
+    except StreamnnError:  # a malformed launcher environment: report it as one process
+        rank, size = 0, 1
+    if size == 1:
+        fail(message, status)
+    if agreed:
+        if rank == 0 and message:
+            click.echo(f"Error: {message}", err=True)
+        sys.exit(status)
+    click.echo(f"Error: rank {rank} of {size}: {message}", err=True)
+    leave(status)
 
 
 class Terminated(KeyboardInterrupt):
@@ -108,7 +134,12 @@ def sigterm_as_interrupt() -> Iterator[StopRequest]:
         raise request.exception()
 
     def unraisable(info: Any) -> None:
-        if request.signum is None or not isinstance(info.exc_value, KeyboardInterrupt):
+        """Once stopping, drop the two messages Python prints for what we do on purpose: the
+        stop swallowed by a destructor, and a second signal already pending when it was set
+        to be ignored ("Signal N ignored due to race condition")."""
+        exc = info.exc_value
+        ours = isinstance(exc, KeyboardInterrupt) or (isinstance(exc, OSError) and "race condition" in str(exc))
+        if request.signum is None or not ours:
             previous_hook(info)
 
     previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from ..dist import world
 from ..evaluate import evaluate_checkpoint
 from ..paths import path_text
 from .common import CONTEXT_SETTINGS, user_errors
@@ -26,17 +27,22 @@ from .common import CONTEXT_SETTINGS, user_errors
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 def main(checkpoint: str, store: str, split: str, as_json: bool, errors_png: str | None, max_errors: int,
          tta: str, batch_size: int) -> None:
-    """Evaluate CHECKPOINT on a split of STORE (streamed; memory does not grow with the split)."""
+    """Evaluate CHECKPOINT on a split of STORE (streamed; memory does not grow with the split).
+
+    Under `mpiexec -n K` every rank evaluates a share of the split and rank 0 prints the sums.
+    """
     with user_errors():
+        comm = world()
         if errors_png:
             from ..plots import check_figure_path
 
             check_figure_path(errors_png)
         summary, errors = evaluate_checkpoint(checkpoint, store, split, tta=tta == "flip", batch_size=batch_size,
-                                              max_errors=max_errors if errors_png else 0)
+                                              max_errors=max_errors if errors_png else 0, comm=comm)
         if errors_png:
             summary["errors_png"] = _save_errors(errors_png, errors, summary["channel_order"])
-    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+    if comm.rank == 0:
+        click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
 def _save_errors(path: str, errors: Any, channel_order: str) -> str | None:

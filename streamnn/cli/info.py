@@ -20,7 +20,9 @@ def describe(store: Store) -> dict[str, Any]:
         compression = store.dataset(store.splits[0]).compression
     stats = store.stats()
     return {
-        "path": path_text(store.path), "size_bytes": os.path.getsize(store.path),
+        "path": path_text(store.path),
+        "size_bytes": os.path.getsize(store.path) + sum(os.path.getsize(p) for p in store.shards),
+        "shards": [path_text(p) for p in store.shards],
         "format_version": FORMAT_VERSION, "streamnn_version": store.streamnn_version, "created": store.created,
         "command": store.command, "class_names": store.class_names, "image_shape": list(store.image_shape),
         "channel_order": store.channel_order, "dtype": store.dtype, "scale": store.scale,
@@ -44,6 +46,9 @@ def _text(d: dict[str, Any], max_skipped: int) -> str:
              f"classes      {', '.join(f'{i}={n}' for i, n in enumerate(d['class_names']))}",
              f"image        {h}x{w}x{c} {d['channel_order']}, row = HxWxC flattened ({h * w * c} values)",
              f"stored as    {kind}, {d['compression'] or 'uncompressed, contiguous'}"]
+    if d["shards"]:
+        lines.append(f"shards       {len(d['shards'])} files in {os.path.dirname(d['shards'][0])}/ "
+                     "(present and as the index recorded them)")
     names = d["class_names"]
     width = max(5, *(len(n) for n in names))
     lines.append("splits       " + "split".ljust(10) + "".join(n.rjust(width + 2) for n in names) + "total".rjust(9))
@@ -96,7 +101,7 @@ def render_grid(store: Store, split: str, n: int, path: str) -> int:
               help="Number of images in the grid.")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON (for scripts).")
 @click.option("--all-skipped", is_flag=True, help="List every skipped file (default: the first 20).")
-@click.option("--verify", is_flag=True, help="Recompute the fingerprint and fail if the store was altered.")
+@click.option("--verify", is_flag=True, help="Recompute the fingerprint (and every shard's) and fail if the store was altered.")
 def main(store: str, grid: str | None, split: str | None, n_images: int, as_json: bool,
          all_skipped: bool, verify: bool) -> None:
     """Describe the streamnn store STORE: splits, counts per class, image shape, dtype, size
@@ -119,7 +124,7 @@ def main(store: str, grid: str | None, split: str | None, n_images: int, as_json
         return
     click.echo(_text(d, max_skipped=len(d["skipped"]) if all_skipped else 20))
     if verify:
-        click.echo("verified     content matches the fingerprint")
+        click.echo("verified     content matches the fingerprint" + (" (and every shard its own)" if d["shards"] else ""))
     if grid:
         g = d["grid"]
         click.echo(f"grid         {g['images']} images of {g['split']!r} saved to {g['path']}")

@@ -1,18 +1,24 @@
 """``streamnn-pack SRC -o OUT.h5``: image folders to a streamnn store (wraps :func:`streamnn.pack.pack`)."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shlex
 import sys
 import time
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 from ..decode import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS
-from ..pack import default_workers, is_store_file, pack
+from ..errors import StreamnnError
+from ..pack import PackResult, default_workers, is_store_file, pack
 from ..paths import path_text
-from .common import CONTEXT_SETTINGS, Terminated, fail, sigterm_as_interrupt, user_errors
+from ..shards import CollectiveError, mpi_world, pack_sharded, rank_workers
+from .common import CONTEXT_SETTINGS, StopRequest, Terminated, fail, sigterm_as_interrupt, user_errors
 
 EPILOG = """\b
 Layouts: SRC/training_set/<class>/*, SRC/test_set/<class>/* (Kaggle; the splits
@@ -36,6 +42,12 @@ OUT is never a file that is not ours: it is refused when it lies inside SRC,
 is a folder, a symbolic link, a device or FIFO, or exists without --force;
 --force replaces only an existing streamnn store (recognised by content).
 \b
+Sharded stores: --shards N, or under MPI (mpiexec -n K streamnn-pack SRC -o
+OUT.h5, with the streamnn[mpi] extra: rank r decodes its share of every split),
+write OUT.shards/part-<r>-of-<K>.h5 and the index OUT.h5, which opens as one
+store (HDF5 virtual datasets; the same rows, order, statistics and fingerprint
+as a one-file store). Move OUT.h5 and OUT.shards together.
+\b
 Exit status: 0 when the store is written (even with skipped files), 1 on an
 error, 130 on Ctrl-C (SIGINT), 143 on SIGTERM; OUT is then not written (a
 previous OUT stays as it was; only a signal after the final rename finds the
@@ -56,6 +68,45 @@ def _command_line(ctx: click.Context) -> str:
         else:
             args += [flag, path_text(str(value))]
     return shlex.join(args)
+
+
+def _run(run: Callable[..., PackResult], comm: Any, before: tuple[int, int, int] | None, stop: StopRequest,
+         src: str, out: str, **kwargs: Any) -> PackResult:
+    """``run(src, out, **kwargs)`` inside the error boundary. Under MPI, an error every rank
+    shares (rank 0 decided it) and Ctrl-C (mpiexec sends it to every rank) are printed once,
+    by rank 0; any other error of a rank ends every rank (MPI_Abort, after this rank has
+    cleaned up)."""
+    rank = comm.Get_rank() if comm is not None else 0
+    shared = False
+    try:
+        with user_errors(f"interrupted; nothing written ({path_text(out)} left as it was)"):
+            try:
+                result = run(src, out, **kwargs)
+                stop.check()  # a stop swallowed after the last progress call
+                return result
+            except CollectiveError:
+                shared = True
+                if rank:
+                    sys.exit(1)
+                raise
+            except StreamnnError as exc:
+                if rank:
+                    raise StreamnnError(f"rank {rank}: {exc}") from None
+                raise
+            except KeyboardInterrupt as exc:  # after the rename into place, the store cannot be unwritten
+                status = 143 if isinstance(exc, Terminated) else 130
+                if rank:
+                    sys.exit(status)
+                if _identity(out) != before and is_store_file(out):
+                    fail(f"interrupted after the store was written ({path_text(out)} is the new, complete store)",
+                         status)
+                raise
+    except SystemExit as exc:
+        if comm is not None and not shared:
+            sys.stderr.flush()
+            time.sleep(0.2)  # let mpiexec pass the error line on before it ends the ranks
+            comm.Abort(exc.code if isinstance(exc.code, int) else 1)
+        raise
 
 
 def _identity(path: str) -> tuple[int, int, int] | None:
@@ -102,6 +153,9 @@ def _byte_size(text: str) -> int:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help=f"Decoding processes (default: all cores, {default_workers()} here); 1 decodes in-process. "
                    "The output does not depend on it.")
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="Write a sharded store: N shard files in OUT.shards/ and the index OUT (under "
+                   "mpiexec: one shard per rank, the default).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an earlier streamnn store (otherwise refuse).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Skip images whose header claims more pixels than this (decompression bombs).")
@@ -117,7 +171,7 @@ def _byte_size(text: str) -> int:
                    "decoded at 1/2, 1/4 or 1/8 scale when still at least the target size).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def main(src: str, out: str, size: str, per_class: int | None, classes: str | None, dtype: str,
-         compression: str, seed: int, workers: int | None, force: bool, max_pixels: int,
+         compression: str, seed: int, workers: int | None, shards: int | None, force: bool, max_pixels: int,
          max_file_size: str, max_skip_fraction: float, grayscale: bool, ignore_exif_orientation: bool, full_decode: bool,
          quiet: bool) -> None:
     """Pack the image folders under SRC into one HDF5 store OUT of flattened images.
@@ -128,6 +182,13 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
     logging.basicConfig(format="Warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
     file_limit = _byte_size(max_file_size)
     command = _command_line(click.get_current_context())
+    with user_errors():
+        comm = mpi_world()
+    rank = comm.Get_rank() if comm is not None else 0
+    if comm is not None:
+        command = f"mpiexec -n {comm.Get_size()} {command}"
+        workers = rank_workers(comm) if workers is None else workers
+        quiet = quiet or rank != 0
     bar = None
     start = time.perf_counter()
 
@@ -146,22 +207,16 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
     if classes is not None and not classes.strip():
         fail("--classes is empty; give comma-separated class names")
     before = _identity(out)
-    with sigterm_as_interrupt() as stop, \
-            user_errors(f"interrupted; nothing written ({path_text(out)} left as it was)"):
+    run = pack if comm is None and shards is None else functools.partial(pack_sharded, shards=shards, comm=comm)
+    with sigterm_as_interrupt() as stop:
         try:
-            result = pack(src, out, size=size, per_class=per_class,
+            result = _run(run, comm, before, stop, src, out, size=size, per_class=per_class,
                           classes=classes.split(",") if classes is not None else None, dtype=dtype,
                           compression=None if compression == "none" else compression, seed=seed,
                           workers=workers, force=force, max_pixels=max_pixels, max_file_size=file_limit,
                           max_skip_fraction=max_skip_fraction, grayscale=grayscale,
                           exif_orientation=not ignore_exif_orientation, reduced_decoding=not full_decode,
                           command=command, progress=progress)
-            stop.check()  # a stop swallowed after the last progress call
-        except KeyboardInterrupt as exc:  # after the rename into place, the store cannot be unwritten
-            if _identity(out) != before and is_store_file(out):
-                fail(f"interrupted after the store was written ({path_text(out)} is the new, complete store)",
-                     143 if isinstance(exc, Terminated) else 130)
-            raise
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)

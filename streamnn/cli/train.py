@@ -10,11 +10,12 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from .common import CONTEXT_SETTINGS, fail, user_errors
+from ..dist import Comm, agreed, world
 from ..errors import StreamnnError
 from ..paths import path_text
 from ..rundir import BEST, LATEST, RunDir
 from ..train import DEFAULTS, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES, Trainer, TrainingInterrupted, resolve_config
+from .common import CONTEXT_SETTINGS, rank_fail, user_errors
 
 # configuration keys set by differently named options
 _SOURCES = {"schedule_params": ("lr_decay", "lr_factor", "lr_every", "lr_min", "lr_param"),
@@ -116,6 +117,10 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
     Ctrl-C or SIGTERM saves a checkpoint after the current step and exits with 130 / 143;
     `--resume` continues it exactly. When resuming, options given on the command line must
     match the saved configuration (only --epochs and --reader may change).
+
+    `mpiexec -n K streamnn-train ...` trains data-parallel on K ranks (pip install
+    'streamnn[mpi]'): the same run as one process, --batch-size being the global batch;
+    rank 0 writes the outputs, and --resume works on any number of ranks.
     """
     explicit = {name for name in ctx.params
                 if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
@@ -127,28 +132,35 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
         out = str(Path("runs") / Path(store).stem)
     if force and resume:
         raise click.UsageError("--force and --resume exclude each other")
+    if not resume and store is None:
+        raise click.UsageError("missing argument STORE")
     with user_errors():
+        comm = world()  # under mpiexec -n K: K ranks, rank 0 writes and speaks (streamnn.dist)
         try:
             if resume:
-                trainer = _resume(out, store, given, quiet, progress)
+                trainer = agreed(comm, lambda: _resume(out, store, given, quiet or comm.rank > 0, progress, comm))
             else:
-                if store is None:
-                    raise click.UsageError("missing argument STORE")
-                run = RunDir(out)
-                with run.lock():  # not while another trainer uses the folder
-                    run.prepare_new(force)
-                trainer = Trainer({**config, "store": store}, out, verbose=not quiet, echo=click.echo,
-                                  progress=progress)
+                agreed(comm, lambda: _prepare_new(RunDir(out), force, comm.rank))
+                trainer = agreed(comm, lambda: Trainer({**config, "store": store}, out, verbose=not quiet,
+                                                       echo=click.echo, progress=progress, comm=comm))
             history = trainer.fit()
-        except TrainingInterrupted as exc:
-            click.echo(f"{exc}\nresume with: streamnn-train --resume --out {path_text(out)}", err=True)
+        except TrainingInterrupted as exc:  # every rank stops at the same step
+            if comm.rank == 0:
+                click.echo(f"{exc}\nresume with: streamnn-train --resume --out {path_text(out)}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second signal: no agreement, so under mpiexec this ends the job
             latest = Path(out) / LATEST
-            fail(f"interrupted: aborted without saving; {path_text(latest)} holds the last saved state"
-                 if latest.is_file() else "interrupted before anything was saved", 130)
-    if not quiet:
+            rank_fail(f"interrupted: aborted without saving; {path_text(latest)} holds the last saved state"
+                      if latest.is_file() else "interrupted before anything was saved", 130)
+    if not quiet and comm.rank == 0:
         click.echo(_final_summary(trainer, history))
+
+
+def _prepare_new(run: RunDir, force: bool, rank: int) -> None:
+    """Rank 0 checks (and with ``force`` empties) the folder for a new run; other ranks leave it alone."""
+    if rank == 0:
+        with run.lock():  # not while another trainer uses the folder
+            run.prepare_new(force)
 
 
 def _config_from_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +177,8 @@ def _config_from_options(options: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, progress: bool | None) -> Trainer:
+def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, progress: bool | None,
+            comm: Comm) -> Trainer:
     """Resume, refusing command-line options that contradict the saved configuration."""
     from ..runstate import load_run_config
     from ..store import open_store
@@ -187,7 +200,8 @@ def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, pro
     changes = {k: wanted[k] for k in RESUMABLE if k in given and wanted[k] != saved.get(k)}
     if changes and not quiet:
         click.echo(f"resuming with {', '.join(f'{k} {saved.get(k)} -> {v}' for k, v in changes.items())}")
-    return Trainer.resume(out, store=store, changes=changes, verbose=not quiet, echo=click.echo, progress=progress)
+    return Trainer.resume(out, store=store, changes=changes, verbose=not quiet, echo=click.echo, progress=progress,
+                          comm=comm)
 
 
 def _final_summary(trainer: Trainer, history: dict[str, list[float]]) -> str:

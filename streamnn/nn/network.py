@@ -107,8 +107,16 @@ class Network:
         return self.body.layers
 
     # -- the maths ----------------------------------------------------------------------
-    def forward(self, X: np.ndarray, train_mode: bool = True) -> np.ndarray:
-        """Output probabilities (K x m) for inputs X (D x m); train mode caches for backward."""
+    def forward(self, X: np.ndarray, train_mode: bool = True, share: tuple[int, int, int] | None = None) -> np.ndarray:
+        """Output probabilities (K x m) for inputs X (D x m); train mode caches for backward.
+
+        ``share = (rank, world_size, m_global)``: X holds the columns ``rank::world_size`` of a
+        global batch of ``m_global`` (data-parallel training); per-row draws (dropout) are those
+        of the global batch, so every rank draws what one process would.
+        """
+        for layer in self.layers:
+            if hasattr(layer, "share"):
+                layer.share = share
         A = np.asarray(X, dtype=self.dtype)
         if A.ndim != 2 or A.shape[0] != self.n_features:
             raise StreamnnError(f"input must be {self.n_features} features x batch, got shape {A.shape}")
@@ -126,13 +134,22 @@ class Network:
             self._output = Y_hat
         return Y_hat
 
-    def backward(self, Y: np.ndarray) -> None:
-        """Fill ``grads`` with the gradient of the mean cost of the last train-mode forward."""
+    def backward(self, Y: np.ndarray, count: int | None = None, decay: bool = True) -> None:
+        """Fill ``grads`` with the gradient of the mean cost of the last train-mode forward.
+
+        Data-parallel training passes the global batch's ``count`` (the mean's divisor) and
+        ``decay=False``, sums the ranks' gradients, then calls :meth:`add_weight_decay` once.
+        """
         if self._output is None:
             raise RuntimeError("backward() needs a forward() in train mode first")
         Y = self._labels(Y, self._output.shape)
-        m = Y.shape[1]
-        self.body.backward(self._loss.gradient(self._output, Y))
+        m = Y.shape[1] if count is None else int(count)
+        self.body.backward(self._loss.gradient(self._output, Y, m))
+        if decay:
+            self.add_weight_decay(m)
+
+    def add_weight_decay(self, m: int) -> None:
+        """``grads[W] += lambd/m W`` for every decayed weight (the L2 term's gradient)."""
         if self.weight_decay:
             for name in self._decayed:
                 W = self.params[name]
@@ -157,6 +174,20 @@ class Network:
         else:
             cross_entropy = self._loss.from_probabilities(Y_hat.astype(self.dtype), Y)
         return cross_entropy + self._l2_cost(Y.shape[1])
+
+    def loss_sum(self, Y: np.ndarray) -> np.floating:
+        """Summed cross-entropy (model dtype) of the last forward pass, from its logits."""
+        if self._last is None:
+            raise RuntimeError("loss_sum() needs a forward() first")
+        return self._loss.sum_from_logits(self._last[1], self._labels(Y, self._last[0].shape))
+
+    def mean_loss(self, loss_sum: float, m: int) -> float:
+        """The cross-entropy part of :meth:`loss`, from a (reduced) :meth:`loss_sum` over a batch of ``m``."""
+        return float(self.dtype.type(loss_sum) / m)
+
+    def l2_cost(self, m: int) -> float:
+        """The L2 part of :meth:`loss`: lambd/(2m) sum ||W||^2."""
+        return self._l2_cost(m)
 
     def _l2_cost(self, m: int) -> float:
         if not self.weight_decay:

@@ -7,17 +7,22 @@ known point instead of racing it:
   is requested (SIGINT / SIGTERM) or the process is killed.
 - ``STREAMNN_TEST_BLOCK_IN_SAVE=<n>``: the n-th checkpoint save waits half-way (content written,
   file neither closed nor renamed) until the process is killed.
+- ``STREAMNN_TEST_SIGNAL_AT=<rank>:<n>:<SIGNAL>``: under mpiexec, MPI rank ``rank`` of
+  ``streamnn-train`` sends itself ``SIGNAL`` (e.g. KILL, TERM) before step n + 1 (a signal
+  that reaches one rank only).
 
 On starting to wait, the process creates the file named by ``STREAMNN_TEST_BLOCKED`` (the
 test waits for it). The waits are loops of short sleeps: a signal is acted on within 50 ms.
 """
 import os
+import signal
 import time
 from pathlib import Path
 
 BLOCK_ON = os.environ.get("STREAMNN_TEST_BLOCK_ON")
 BLOCK_AT_STEP = os.environ.get("STREAMNN_TEST_BLOCK_AT_STEP")
 BLOCK_IN_SAVE = os.environ.get("STREAMNN_TEST_BLOCK_IN_SAVE")
+SIGNAL_AT = os.environ.get("STREAMNN_TEST_SIGNAL_AT")
 
 
 def _waiting() -> None:
@@ -48,7 +53,7 @@ if BLOCK_AT_STEP:
             _waiting()
             while self._stop is None:
                 time.sleep(0.05)
-        _train_step(self, X, Y)
+        return _train_step(self, X, Y)
 
     streamnn.train.Trainer._train_step = _blocking_train_step
 
@@ -69,3 +74,16 @@ if BLOCK_IN_SAVE:
                     time.sleep(0.05)
 
     streamnn.checkpoint._write_group = _blocking_write_group
+
+if SIGNAL_AT:
+    import streamnn.train
+
+    _rank, _step, _name = SIGNAL_AT.split(":")
+    _step_before_signal = streamnn.train.Trainer._train_step
+
+    def _signalling_train_step(self, X, Y):
+        if self.comm.rank == int(_rank) and self.step == int(_step):
+            os.kill(os.getpid(), getattr(signal, "SIG" + _name))
+        return _step_before_signal(self, X, Y)
+
+    streamnn.train.Trainer._train_step = _signalling_train_step

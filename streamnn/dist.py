@@ -1,0 +1,220 @@
+"""Data-parallel communication: a :class:`Comm` for one process, or for the ranks of an MPI job.
+
+Usage::
+
+    comm = world()                  # MPI under `mpiexec -n K` (K > 1), else one process
+    comm.allreduce(grads, stats)    # in-place sums over the ranks, started together
+    blob = comm.broadcast_bytes(blob if comm.rank == 0 else b"")
+
+Engine. MPI through ``mpi4py`` (``pip install 'streamnn[mpi]'``: mpi4py and the MPICH wheel,
+which brings ``mpiexec``), the way Horovod uses it: every rank holds the whole model and the
+gradients are summed with an allreduce. Only mpi4py's *uppercase* buffer calls are used
+(``Iallreduce`` on NumPy arrays, ``Ibcast`` of ``uint8`` arrays for bytes): the lowercase ones
+pickle, and nothing received may execute code.
+
+Which run is distributed. The launcher says so in the environment: MPICH's hydra and Intel MPI
+set ``PMI_SIZE`` / ``PMI_RANK``, Open MPI ``OMPI_COMM_WORLD_SIZE`` / ``OMPI_COMM_WORLD_RANK``,
+MVAPICH ``MV2_COMM_WORLD_SIZE`` / ``MV2_COMM_WORLD_RANK`` (Slurm's ``srun --mpi=pmi2`` sets the
+``PMI_*`` ones). A world of K > 1 ranks imports mpi4py (only then); the plain
+command, and ``mpiexec -n 1``, is one process and needs no MPI. Under a K > 1 launcher without
+mpi4py, :func:`world` raises one line saying how to install it (the CLIs print it on rank 0
+only), before anything trains. If mpi4py's MPI reports another world size than the launcher's
+environment (mpi4py built for another MPI than the ``mpiexec`` used), every rank would train
+alone into the same folder: that is an error too.
+
+Faults (measured with the MPICH 5.0 wheel, 2 ranks, `tests/test_dist.py`). A rank killed by a
+signal (SIGKILL, the OOM killer) ends the whole job within a second: hydra kills the other
+ranks and exits with the dead rank's status. But a rank that *leaves* while the others wait in
+a collective (an exception, ``sys.exit``) hangs the job for ever: its ``MPI_Finalize`` and
+their allreduce wait for each other. So:
+
+* a rank that leaves with an error ends the job (:func:`leave`: ``MPI_Abort``), unless the
+  error is an :class:`AgreedError`, raised alike by every rank at the same point (a setup
+  step checked with :func:`agreed`, or a decision taken from reduced numbers): then rank 0
+  alone reports it and every rank exits normally. The CLIs' one error boundary,
+  :func:`streamnn.cli.common.user_errors`, applies this;
+* every collective here is non-blocking and polled against a deadline (``timeout`` seconds,
+  default :data:`TIMEOUT` or ``$STREAMNN_MPI_TIMEOUT``): a rank whose peers stop answering
+  (stopped, hung, on a lost machine) aborts the job with a message instead of waiting for ever.
+  Polling spins for the first :data:`SPIN_SECONDS` (a step's allreduce is milliseconds; MPICH
+  only progresses a non-blocking collective inside calls), then sleeps 1 ms between tests.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn, Protocol, TypeVar
+
+import numpy as np
+
+from .errors import StreamnnError
+
+T = TypeVar("T")
+#: Seconds a collective may wait for the other ranks before the job is aborted.
+TIMEOUT = 300.0
+SPIN_SECONDS = 0.01
+INSTALL_HINT = "pip install 'streamnn[mpi]' (mpi4py and MPICH), or mpi4py built for your cluster's MPI"
+#: (size, rank) variables of the launchers, first match wins.
+LAUNCHER_VARS = (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+                 ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"))
+
+
+class AgreedError(StreamnnError):
+    """An error every rank raises alike at the same point: reported once (rank 0), no abort."""
+
+
+class Comm(Protocol):
+    """What training needs from its ranks: sums, a broadcast from rank 0, a barrier, an abort."""
+
+    rank: int
+    size: int
+
+    def allreduce(self, *buffers: np.ndarray) -> None:
+        """Replace each contiguous array by its elementwise sum over the ranks (all at once)."""
+
+    def broadcast(self, buffer: np.ndarray) -> None:
+        """Overwrite ``buffer`` with rank 0's (same shape and dtype on every rank)."""
+
+    def broadcast_bytes(self, data: bytes) -> bytes:
+        """Rank 0's ``data`` on every rank (what the others pass is ignored)."""
+
+    def barrier(self) -> None:
+        """Return once every rank has called it."""
+
+    def abort(self, status: int) -> NoReturn:
+        """End every rank of the job now with ``status``."""
+
+
+class SingleComm:
+    """One process: every collective is the identity."""
+
+    rank, size = 0, 1
+
+    def allreduce(self, *buffers: np.ndarray) -> None:
+        pass
+
+    def broadcast(self, buffer: np.ndarray) -> None:
+        pass
+
+    def broadcast_bytes(self, data: bytes) -> bytes:
+        return bytes(data)
+
+    def barrier(self) -> None:
+        pass
+
+    def abort(self, status: int) -> NoReturn:
+        sys.exit(status)
+
+
+class MPIComm:
+    """The ranks of ``MPI.COMM_WORLD`` through mpi4py buffer calls, each with a deadline."""
+
+    def __init__(self, timeout: float | None = None) -> None:
+        from mpi4py import MPI  # imported here only: importing it initializes MPI
+
+        self._MPI = MPI
+        self._comm = MPI.COMM_WORLD
+        self.rank, self.size = self._comm.Get_rank(), self._comm.Get_size()
+        self.timeout = float(os.environ.get("STREAMNN_MPI_TIMEOUT", TIMEOUT) if timeout is None else timeout)
+
+    def _wait(self, requests: list[Any], what: str) -> None:
+        start = time.monotonic()
+        while not self._MPI.Request.Testall(requests):
+            waited = time.monotonic() - start
+            if waited > self.timeout:
+                print(f"Error: rank {self.rank}: no answer from the other ranks for {self.timeout:g} s in {what} "
+                      "(a rank hung or was stopped); aborting the job", file=sys.stderr, flush=True)
+                self.abort(1)
+            if waited > SPIN_SECONDS:
+                time.sleep(1e-3)
+
+    def allreduce(self, *buffers: np.ndarray) -> None:
+        for b in buffers:
+            if not b.flags.c_contiguous:
+                raise ValueError("allreduce needs C-contiguous arrays")
+        self._wait([self._comm.Iallreduce(self._MPI.IN_PLACE, b, op=self._MPI.SUM) for b in buffers], "allreduce")
+
+    def broadcast(self, buffer: np.ndarray) -> None:
+        self._wait([self._comm.Ibcast(buffer, root=0)], "broadcast")
+
+    def broadcast_bytes(self, data: bytes) -> bytes:
+        n = np.array([len(data) if self.rank == 0 else 0], np.int64)
+        self.broadcast(n)
+        buf = np.frombuffer(bytearray(data), np.uint8) if self.rank == 0 else np.empty(int(n[0]), np.uint8)
+        self.broadcast(buf)
+        return buf.tobytes()
+
+    def barrier(self) -> None:
+        self._wait([self._comm.Ibarrier()], "barrier")
+
+    def abort(self, status: int) -> NoReturn:
+        sys.stderr.flush()
+        self._comm.Abort(status)
+        raise SystemExit(status)  # not reached: Abort ends the process
+
+
+def launcher_world(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(rank, size)`` that an MPI launcher put in the environment; ``(0, 1)`` outside one."""
+    env = os.environ if environ is None else environ
+    for size_var, rank_var in LAUNCHER_VARS:
+        if size_var in env:
+            try:
+                return int(env.get(rank_var, "0")), int(env[size_var])
+            except ValueError:
+                raise StreamnnError(f"the MPI launcher set {size_var}={env[size_var]!r}, "
+                                    f"{rank_var}={env.get(rank_var)!r}: not integers") from None
+    return 0, 1
+
+
+def world(timeout: float | None = None) -> Comm:
+    """The communicator of this run: MPI when a launcher started K > 1 ranks, else one process."""
+    rank, size = launcher_world()
+    if size <= 1:
+        return SingleComm()
+    try:
+        import mpi4py  # noqa: F401 - only whether it is there
+    except ImportError:
+        raise AgreedError(f"started by mpiexec as rank {rank} of {size}, but mpi4py is not installed: "
+                            f"{INSTALL_HINT}") from None
+    comm = MPIComm(timeout)
+    if comm.size != size:
+        raise AgreedError(f"the launcher started {size} ranks but mpi4py's MPI sees {comm.size}: mpi4py is "
+                            "built for another MPI than this mpiexec (use the mpiexec of the MPI mpi4py uses)")
+    return comm
+
+
+def agreed(comm: Comm, step: Callable[[], T]) -> T:
+    """Run ``step`` on every rank, then agree (one small allreduce) that it worked everywhere.
+
+    If it failed on some rank, every rank raises :class:`AgreedError`: from the original
+    error on the rank that reports (rank 0 if it failed, else the first rank that failed), with
+    no message elsewhere (printed by nobody), so a bad input gives one line, not K.
+    """
+    if comm.size == 1:
+        return step()
+    error: BaseException | None = None
+    result: Any = None
+    try:
+        result = step()
+    except (StreamnnError, OSError) as exc:
+        error = exc
+    failed = np.zeros(comm.size, np.int64)
+    failed[comm.rank] = error is not None
+    comm.allreduce(failed)
+    if failed.any():
+        reporter = int(np.flatnonzero(failed)[0])
+        if comm.rank == reporter and error is not None:
+            raise AgreedError(str(error) if isinstance(error, StreamnnError) else "") from error
+        raise AgreedError("")
+    return result
+
+
+def leave(status: int) -> NoReturn:
+    """Exit this rank with ``status``; under MPI with K > 1 ranks, end the whole job (``MPI_Abort``),
+    since the others may be waiting in a collective for this rank for ever."""
+    sys.stderr.flush()
+    if launcher_world()[1] > 1 and "mpi4py.MPI" in sys.modules:
+        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(status)
+    sys.exit(status)
