@@ -36,8 +36,11 @@ their allreduce wait for each other. So:
 * every collective here is non-blocking and polled against a deadline (``timeout`` seconds,
   default :data:`TIMEOUT` or ``$STREAMNN_MPI_TIMEOUT``): a rank whose peers stop answering
   (stopped, hung, on a lost machine) aborts the job with a message instead of waiting for ever.
-  Polling spins for the first :data:`SPIN_SECONDS` (a step's allreduce is milliseconds; MPICH
-  only progresses a non-blocking collective inside calls), then sleeps 1 ms between tests.
+  Polling spins for the first :data:`SPIN_SECONDS` (a small reduction completes in
+  microseconds), then sleeps :data:`POLL_SECONDS` between tests: MPICH only progresses a
+  non-blocking collective inside calls, and measured on 12.6 MB (2 ranks, shared memory) tests
+  100 us apart complete it as fast as spinning or the blocking call, without taking the core
+  from a rank that is still computing.
 """
 from __future__ import annotations
 
@@ -54,7 +57,8 @@ from .errors import StreamnnError
 T = TypeVar("T")
 #: Seconds a collective may wait for the other ranks before the job is aborted.
 TIMEOUT = 300.0
-SPIN_SECONDS = 0.01
+SPIN_SECONDS = 0.001
+POLL_SECONDS = 1e-4
 INSTALL_HINT = "pip install 'streamnn[mpi]' (mpi4py and MPICH), or mpi4py built for your cluster's MPI"
 #: (size, rank) variables of the launchers, first match wins.
 LAUNCHER_VARS = (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
@@ -77,6 +81,9 @@ class Comm(Protocol):
     def broadcast(self, buffer: np.ndarray) -> None:
         """Overwrite ``buffer`` with rank 0's (same shape and dtype on every rank)."""
 
+    def allgather(self, buffer: np.ndarray) -> None:
+        """Overwrite every rank's :func:`part` of the flat ``buffer`` with that rank's (in place)."""
+
     def broadcast_bytes(self, data: bytes) -> bytes:
         """Rank 0's ``data`` on every rank (what the others pass is ignored)."""
 
@@ -96,6 +103,9 @@ class SingleComm:
         pass
 
     def broadcast(self, buffer: np.ndarray) -> None:
+        pass
+
+    def allgather(self, buffer: np.ndarray) -> None:
         pass
 
     def broadcast_bytes(self, data: bytes) -> bytes:
@@ -128,7 +138,7 @@ class MPIComm:
                       "(a rank hung or was stopped); aborting the job", file=sys.stderr, flush=True)
                 self.abort(1)
             if waited > SPIN_SECONDS:
-                time.sleep(1e-3)
+                time.sleep(POLL_SECONDS)
 
     def allreduce(self, *buffers: np.ndarray) -> None:
         for b in buffers:
@@ -138,6 +148,13 @@ class MPIComm:
 
     def broadcast(self, buffer: np.ndarray) -> None:
         self._wait([self._comm.Ibcast(buffer, root=0)], "broadcast")
+
+    def allgather(self, buffer: np.ndarray) -> None:
+        parts = [part(buffer.size, r, self.size) for r in range(self.size)]
+        from mpi4py.util.dtlib import from_numpy_dtype
+
+        spec = [buffer, [p.stop - p.start for p in parts], [p.start for p in parts], from_numpy_dtype(buffer.dtype)]
+        self._wait([self._comm.Iallgatherv(self._MPI.IN_PLACE, spec)], "allgather")
 
     def broadcast_bytes(self, data: bytes) -> bytes:
         n = np.array([len(data) if self.rank == 0 else 0], np.int64)
@@ -153,6 +170,13 @@ class MPIComm:
         sys.stderr.flush()
         self._comm.Abort(status)
         raise SystemExit(status)  # not reached: Abort ends the process
+
+
+def part(n: int, rank: int, size: int) -> slice:
+    """Rank ``rank``'s contiguous part of a flat buffer of ``n`` entries split over ``size`` ranks."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
 
 
 def launcher_world(environ: Mapping[str, str] | None = None) -> tuple[int, int]:

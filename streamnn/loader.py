@@ -308,7 +308,7 @@ class Loader:
         out = buf[:b]
         reader = self._reader
         if reader.reads_ahead:  # announce the next batches along the epoch order (read meanwhile)
-            for key in self._ahead(epoch, k + 1, -(-reader.ahead_rows // self.local_batch_size)):
+            for key in self._ahead(epoch, k + 1, reader.ahead_batches(self.local_batch_size)):
                 reader.expect(key, self.batch_rows(*key))
         out = reader.read(rows, out, key=(epoch, k))  # or the reader's own buffer (zero copy)
         aug = self._augment

@@ -90,13 +90,19 @@ class Optimizer:
         for _, _, flat_g in _segments(self.model):
             flat_g.fill(0)
 
-    def step(self) -> None:
-        """One update of every model parameter from its gradient, chunk by chunk."""
+    def step(self, part: slice | None = None) -> None:
+        """One update of every model parameter from its gradient, chunk by chunk.
+
+        ``part``: update only the entries ``part`` of the model's flat buffer (data-parallel
+        training updates one slice per rank, then the ranks gather the parameters); the state
+        buffers outside it are then left behind until :attr:`flat_state` is gathered too.
+        """
         self.t += 1
         lr = float(self.lr)
         for (_, flat_p, flat_g), flats in zip(_segments(self.model), self._flat_buffers):
-            for start in range(0, flat_p.size, CHUNK):
-                part = slice(start, start + CHUNK)
+            lo, hi = (0, flat_p.size) if part is None else (part.start, part.stop)
+            for start in range(lo, hi, CHUNK):
+                part = slice(start, min(start + CHUNK, hi))
                 p_part = flat_p[part]
                 if self.weight_decay:
                     p_part *= 1 - lr * self.weight_decay
@@ -107,6 +113,11 @@ class Optimizer:
                 *buffers: np.ndarray) -> None:
         """Update ``p`` in place from ``g``, with ``tmp`` as scratch and the buffers as state."""
         raise NotImplementedError
+
+    @property
+    def flat_state(self) -> list[np.ndarray]:
+        """The flat state buffers (``m``, ``v``, ...), laid out like the model's flat buffer."""
+        return [flat for flats in self._flat_buffers for flat in flats]
 
     def config(self) -> dict[str, Any]:
         """Keyword arguments of :func:`make_optimizer` that rebuild this optimizer."""

@@ -22,11 +22,15 @@ reader is opened (lazily, in the process that reads):
     once: a disk or SSD only reaches its rate with many requests queued). The caller
     announces the coming batches (``expect(key, rows)``, along the epoch order, which is
     known in advance) and the pool reads them ahead into staging buffers, up to
-    ``AHEAD_BYTES`` of rows; ``read(rows, out, key)`` then waits for that batch and converts
-    it into ``out`` in one pass (an unannounced batch is read at once, the same way). The fd
+    ``AHEAD_BYTES`` of rows. Announced batches go to the pool in groups of a third of that,
+    sorted together, so runs of adjacent rows cross batch boundaries (block order: 5.3 rows a
+    read instead of 2.2 for 64x64x3 float32 rows, batches of 256). ``read(rows, out, key)``
+    then waits for that batch and converts it into ``out`` in one pass, or lends its staging
+    buffer (float32: no copy); an unannounced batch is read at once, the same way. The fd
     is advised ``POSIX_FADV_RANDOM``: no readahead, so the bytes read are the rows asked for
-    (through a memory map each random row drags ~100 KB-1 MB of readahead with it, 14x the
-    store per epoch measured on a 29.6 GB store), and the process's memory is its buffers:
+    (through a memory map each random row drags readahead with it: 55-68x the bytes
+    delivered, exact shuffle of a 31.6 GB store, ``tools/bench_bigstore.py``; this reader:
+    1.04x, at the disk's own 16-thread random-row rate), and the process's memory is its buffers:
     nothing of the store is mapped, so RSS does not grow with the pages touched. The pool
     is created on the first read in the reading process and joined by :meth:`close`.
 ``hdf5``    (contiguous but not mappable: non-native byte order, a non-default driver)
@@ -42,12 +46,14 @@ reader is opened (lazily, in the process that reads):
 Choice between ``memmap`` and ``pread`` (``reader="auto"``): ``pread`` when the split's X is
 larger than ``FIT_FRACTION`` (1/2) of the memory available to the page cache (``MemAvailable``
 of ``/proc/meminfo``, capped by the cgroup's ``memory.max``), ``memmap`` otherwise. The cost
-of a wrong guess is asymmetric: a map over a store that does not stay cached re-reads it ~14x
-per epoch, while ``pread`` over a cached store stays a fast copy, hence the margin.
+of a wrong guess is asymmetric: a map over a store that does not stay cached reads ~60x the
+bytes it delivers (40x slower measured), while ``pread`` over a cached store stays a copy from
+the cache (0.55-0.85x the map's speed measured), hence the margin.
 ``reader="mmap"`` / ``"pread"`` force one (chunked stores are always read by chunks).
 
 Readers are not thread-safe; the loader uses each one from a single thread. They hold no
-state that matters across ``fork``: the loader drops its reader in a child and opens another.
+state that matters across ``fork``: the loader drops its reader in a child and opens another
+(the pread pool is created lazily in the reading process; a fork does not copy its threads).
 """
 from __future__ import annotations
 
@@ -73,8 +79,10 @@ FIT_FRACTION = 0.5
 PREAD_THREADS = 16
 #: The ``pread`` strategy reads ahead of the batch being used up to this many bytes of stored
 #: rows, or ``AHEAD_ROWS`` rows if fewer (enough requests to keep every thread busy).
-AHEAD_BYTES = 32 << 20
+AHEAD_BYTES = 96 << 20
 AHEAD_ROWS = 2048
+#: ... and at most this many batches (small batches: announcing costs per batch).
+AHEAD_BATCHES = 64
 #: Longest single ``preadv`` (a longer run of consecutive rows is split, and read in parallel).
 MAX_RUN_BYTES = 1 << 20
 #: Rows per pool task (fewer tasks: less Python overhead; enough of them: every thread busy).
@@ -121,6 +129,10 @@ class RowReader:
     reads_ahead = False
     #: Rows the reader may hold ahead (the caller announces about this many).
     ahead_rows = 0
+
+    def ahead_batches(self, batch_size: int) -> int:
+        """How many coming batches of ``batch_size`` rows the caller should announce."""
+        return min(AHEAD_BATCHES, -(-self.ahead_rows // batch_size)) if self.reads_ahead else 0
     #: Reads after which an array returned by :meth:`read` may be reused (see ``read``).
     lend = 0
 
@@ -162,14 +174,24 @@ class MemmapReader(RowReader):
         self._map = None  # type: ignore[assignment]  # unmapped when the last view goes
 
 
+class _Reads:
+    """The pool tasks of one submission (shared by the batches read together)."""
+
+    __slots__ = ("tasks", "done")
+
+    def __init__(self, tasks: list[concurrent.futures.Future]) -> None:
+        self.tasks, self.done = tasks, False
+
+
 class _Batch:
-    """A batch being read ahead: its rows, the staging buffer they land in, the pool tasks."""
+    """A batch announced ahead: its rows, the staging buffer they land in, its reads (None: not
+    sent to the pool yet)."""
 
-    __slots__ = ("key", "rows", "stage", "tasks")
+    __slots__ = ("key", "rows", "stage", "reads")
 
-    def __init__(self, key: Hashable, rows: np.ndarray, stage: np.ndarray,
-                 tasks: list[concurrent.futures.Future]) -> None:
-        self.key, self.rows, self.stage, self.tasks = key, rows, stage, tasks
+    def __init__(self, key: Hashable, rows: np.ndarray, stage: np.ndarray) -> None:
+        self.key, self.rows, self.stage = key, rows, stage
+        self.reads: _Reads | None = None
 
 
 class PreadReader(RowReader):
@@ -184,6 +206,9 @@ class PreadReader(RowReader):
         super().__init__(n_rows, n_features, dtype, scale)
         self.path, self.offset, self.threads = path, int(offset), max(1, int(threads))
         self.ahead_rows = max(1, min(AHEAD_ROWS, AHEAD_BYTES // self.row_bytes))
+        #: Announced batches are sent to the pool together once they hold this many rows, so
+        #: that runs of adjacent rows cross batch boundaries (block order: whole blocks).
+        self.group_rows = max(1, self.ahead_rows // 3)
         self._run_rows = max(1, MAX_RUN_BYTES // self.row_bytes)
         self._task_rows = max(1, TASK_BYTES // self.row_bytes)
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -193,6 +218,7 @@ class PreadReader(RowReader):
         self._pid = os.getpid()
         self._ahead: deque[_Batch] = deque()
         self._ahead_keys: set[Hashable] = set()
+        self._unsent: list[_Batch] = []
         self._spare: list[np.ndarray] = []  # staging buffers of finished batches, for reuse
         #: float32 batches are returned in their staging buffer, which stays untouched until
         #: ``lend`` later batches have been read (the caller's batches in use and prefetched).
@@ -203,19 +229,26 @@ class PreadReader(RowReader):
     # -- the reads -------------------------------------------------------------------------------
     def _runs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(first, count, where)``: run j reads ``count[j]`` stored rows from ``first[j]`` into
-        batch places ``where[s[j]:s[j] + count[j]]`` (s the running sum of count)."""
+        places ``where[s[j]:s[j] + count[j]]`` (s the running sum of count). A row asked for
+        twice is read twice: first occurrences in one sorted pass, then second ones, and so on."""
         where = np.argsort(rows, kind="stable")
         srt = rows[where]
         m = len(srt)
+        idx = np.arange(m)
         new = np.ones(m, bool)
-        new[1:] = np.diff(srt) != 1
-        run_start = np.maximum.accumulate(np.where(new, np.arange(m), 0))
-        new |= (np.arange(m) - run_start) % self._run_rows == 0  # split long runs
+        new[1:] = srt[1:] != srt[:-1]
+        repeat = idx - np.maximum.accumulate(np.where(new, idx, 0))  # occurrences before this one
+        if repeat.any():
+            again = np.lexsort((srt, repeat))
+            where, srt = where[again], srt[again]
+        new[0], new[1:] = True, np.diff(srt) != 1
+        run_start = np.maximum.accumulate(np.where(new, idx, 0))
+        new |= (idx - run_start) % self._run_rows == 0  # split long runs
         starts = np.flatnonzero(new)
         return srt[starts], np.diff(np.r_[starts, m]), where
 
-    def _submit(self, rows: np.ndarray, dest: np.ndarray) -> list[concurrent.futures.Future]:
-        """Start reading stored ``rows`` into ``dest`` (stored dtype, one row each) on the pool."""
+    def _submit(self, rows: np.ndarray, dest: list[np.ndarray] | np.ndarray) -> _Reads:
+        """Start reading stored ``rows[i]`` into ``dest[i]`` (one row, stored dtype) on the pool."""
         if self._pool is None or self._pid != os.getpid():
             # Created here, in the reading process, on first use (a pool is never inherited).
             self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="streamnn-pread")
@@ -223,7 +256,7 @@ class PreadReader(RowReader):
         if len(rows) and (rows.min() < 0 or rows.max() >= self.n_rows):
             raise StreamnnError(f"rows outside 0..{self.n_rows - 1}", self.path)
         if not len(rows):
-            return []
+            return _Reads([])
         first, count, where = self._runs(np.asarray(rows, np.int64))
         # A task: the consecutive runs that end in the same TASK_BYTES of the batch's rows.
         ends = np.cumsum(count)
@@ -231,10 +264,20 @@ class PreadReader(RowReader):
         run_lo, run_hi = np.r_[0, cut].tolist(), np.r_[cut, len(first)].tolist()
         row_lo, row_hi = np.r_[0, ends[cut - 1]].tolist(), ends[np.r_[cut, len(first)] - 1].tolist()
         first_, count_, where_ = first.tolist(), count.tolist(), where.tolist()
-        return [self._pool.submit(self._read_runs, first_[a:b], count_[a:b], where_[c:d], dest)
-                for a, b, c, d in zip(run_lo, run_hi, row_lo, row_hi)]
+        return _Reads([self._pool.submit(self._read_runs, first_[a:b], count_[a:b], where_[c:d], dest)
+                       for a, b, c, d in zip(run_lo, run_hi, row_lo, row_hi)])
 
-    def _read_runs(self, first: list[int], count: list[int], where: list[int], dest: np.ndarray) -> int:
+    def _send(self) -> None:
+        """Submit the announced batches not sent yet, as one set of runs."""
+        group, self._unsent = self._unsent, []
+        if group:
+            rows = np.concatenate([b.rows for b in group]) if len(group) > 1 else group[0].rows
+            reads = self._submit(rows, [row for b in group for row in b.stage])
+            for b in group:
+                b.reads = reads
+
+    def _read_runs(self, first: list[int], count: list[int], where: list[int],
+                   dest: list[np.ndarray] | np.ndarray) -> int:
         """In a pool thread: one ``preadv`` per run, straight into the rows of ``dest``."""
         i = 0
         for r, c in zip(first, count):
@@ -259,21 +302,29 @@ class PreadReader(RowReader):
             got -= len(view)
             offset += len(view)
 
-    def _wait(self, tasks: list[concurrent.futures.Future]) -> None:
+    def _wait(self, reads: _Reads) -> None:
+        if reads.done:
+            return
         try:
-            for t in tasks:
-                self.calls += t.result()
+            calls = sum(t.result() for t in reads.tasks)
         except BaseException:  # an I/O error: no task may write into the buffer once we return
-            for t in tasks:
+            for t in reads.tasks:
                 t.cancel()
-            concurrent.futures.wait(tasks)
+            concurrent.futures.wait(reads.tasks)
             raise
+        self.calls += calls
+        reads.done = True
 
-    def _drop(self, batch: _Batch) -> None:
+    def _drop(self, batch: _Batch, cancel: bool = False) -> None:
+        """Forget ``batch`` (its reads may serve others: ``cancel`` only when all are dropped)."""
         self._ahead_keys.discard(batch.key)
-        for t in batch.tasks:  # a running task finishes before its buffer is reused
-            if not t.cancel():
-                concurrent.futures.wait([t])
+        if batch.reads is None:
+            self._unsent.remove(batch)
+        else:
+            if cancel:
+                for t in batch.reads.tasks:
+                    t.cancel()
+            concurrent.futures.wait(batch.reads.tasks)  # no task writes into a reused buffer
         self._release(batch.stage)
 
     def _release(self, stage: np.ndarray) -> None:
@@ -289,9 +340,12 @@ class PreadReader(RowReader):
     def expect(self, key: Hashable, rows: np.ndarray) -> None:
         if key in self._ahead_keys:
             return
-        stage = self._stage_for(len(rows))
-        self._ahead.append(_Batch(key, rows, stage, self._submit(rows, stage)))
+        batch = _Batch(key, rows, self._stage_for(len(rows)))
+        self._ahead.append(batch)
         self._ahead_keys.add(key)
+        self._unsent.append(batch)
+        if sum(len(b.rows) for b in self._unsent) >= self.group_rows:
+            self._send()
 
     def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
         if key is not None and key in self._ahead_keys:
@@ -300,8 +354,10 @@ class PreadReader(RowReader):
                 self._drop(batch)
                 batch = self._ahead.popleft()
             if np.array_equal(batch.rows, rows):
+                if batch.reads is None:
+                    self._send()
                 try:
-                    self._wait(batch.tasks)
+                    self._wait(batch.reads)  # type: ignore[arg-type]
                     if self._direct:  # the staging buffer is the batch: lend it, no copy
                         self._ahead_keys.discard(batch.key)
                         self._lent.append(batch.stage)
@@ -323,7 +379,7 @@ class PreadReader(RowReader):
 
     def forget(self) -> None:
         while self._ahead:
-            self._drop(self._ahead.popleft())
+            self._drop(self._ahead.popleft(), cancel=True)
 
     def row(self, i: int) -> np.ndarray:
         """Stored row ``i``, read in the calling thread (not counted in :attr:`calls`)."""
@@ -335,11 +391,12 @@ class PreadReader(RowReader):
         """Cancel the reads ahead, join the pool's threads, close the file."""
         if self._pid == os.getpid():
             while self._ahead:
-                self._drop(self._ahead.popleft())
+                self._drop(self._ahead.popleft(), cancel=True)
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
         self._ahead.clear()
         self._ahead_keys.clear()
+        self._unsent.clear()
         self._pool = None
         self._spare = []
         self._lent.clear()
@@ -417,7 +474,7 @@ class ChunkReader(_H5Reader):
         self._bands[b] = band
         return band
 
-    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> None:
+    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
         uniq, inverse = np.unique(rows, return_inverse=True)
         stage = self._staging(len(uniq))
         band_of = uniq // self.band_rows

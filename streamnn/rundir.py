@@ -13,6 +13,8 @@ A run folder (``streamnn-train --out DIR``) holds these run files, each recognis
 ``metrics.csv``             first line: the metrics header (:data:`METRICS_HEADER`)
 ``steps.csv``               first line: ``step,epoch,loss``
 ``curves.png``              a PNG holding the text chunk ``Software = streamnn run curves``
+                            (or, as drawn before that marker, matplotlib's ``Software``
+                            chunk, in a folder whose ``checkpoint-latest.h5`` is ours)
 ``.streamnn-train.lock``    a regular file, empty or holding one pid line
 ``.streamnn-tmp-<run file>.*``  a regular file: a temporary of a write that was interrupted
                             (its content is partial, so here the name and the file type decide)
@@ -140,12 +142,16 @@ def png_text_chunks(head: bytes) -> dict[str, str]:
     return out
 
 
-def _is_curves(path: Path) -> bool:
+def _curves_software(path: Path) -> str | None:
+    """The ``Software`` text chunk of the PNG ``path`` (None if it is not a regular PNG file)."""
     head = _read_head(path, 1 << 16)
     if head is None or not head.startswith(_PNG_SIGNATURE):
-        return False
-    chunks = png_text_chunks(head)
-    return all(chunks.get(k) == v for k, v in CURVES_METADATA.items())
+        return None
+    return png_text_chunks(head).get("Software", "")
+
+
+def _is_curves(path: Path) -> bool:
+    return _curves_software(path) == CURVES_METADATA["Software"]
 
 
 def _is_lock(path: Path) -> bool:
@@ -187,6 +193,9 @@ class RunDir:
     def is_ours(self, name: str) -> bool:
         """Whether entry ``name`` is a file of a streamnn run (by content, see the module docstring)."""
         path = self.path / name
+        if name == CURVES_PNG and not _is_curves(path):  # drawn by a release before the marker?
+            legacy = (_curves_software(path) or "").startswith("Matplotlib version")
+            return legacy and _is_checkpoint(self.path / LATEST)
         if name in _RECOGNISE:
             return _RECOGNISE[name](path)
         return _is_temporary(name) and _regular(path) is not None

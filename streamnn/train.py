@@ -40,9 +40,12 @@ and runs this same loop on its interleaved share of each global batch (:mod:`str
 
     step:        forward of the share, dropout drawn for the global batch (``share``) ->
                  backward with the global count m (``dZ = (A - Y) / m``, no L2 yet) ->
-                 one allreduce of ``model.flat_grads`` -> ``+= lambd/m W`` -> optimizer step,
-                 identical on every rank; then one small allreduce of the step's numbers
-                 (loss sum, train-metric sums) and of the ranks' stop flags.
+                 one allreduce of ``model.flat_grads`` -> on this rank's slice of the flat
+                 buffer (``dist.part``) ``+= lambd/m W`` and the optimizer update -> an
+                 allgather of the parameters (the elementwise update is split over the ranks
+                 instead of repeated on each; the optimizer's moments are gathered before a
+                 checkpoint); then one small allreduce of the step's numbers (loss sum,
+                 train-metric sums) and of the ranks' stop flags.
     stops:       a signal only sets this rank's flag; the ranks act on the *agreed* flags at the
                  same points (after a step, at epoch end, before each evaluation batch), so all
                  stop at one step and raise TrainingInterrupted together.
@@ -78,7 +81,7 @@ import numpy as np
 
 from . import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
-from .dist import AgreedError, Comm, SingleComm, agreed
+from .dist import AgreedError, Comm, SingleComm, agreed, part
 from .errors import StreamnnError
 from .evaluate import EvaluationStopped, Preprocess, evaluate_batches, model_dtype
 from .metrics import Metrics
@@ -561,7 +564,7 @@ class Trainer:
                         if stop is not None:
                             self._interrupt(stop)
                         if cfg["checkpoint_every"] and self.step % cfg["checkpoint_every"] == 0:
-                            self.writer.checkpoint(LATEST, self.state)
+                            self._checkpoint(LATEST)
             if self.epoch_step != n_steps:
                 raise StreamnnError(f"the loader gave {self.epoch_step} batches, expected {n_steps}")
         self._speed = samples / max(time.perf_counter() - started, 1e-9) if samples else None
@@ -586,8 +589,10 @@ class Trainer:
         step = _Step(m, float(p.model.loss_sum(Y)), p.model.l2_cost(m), Metrics(self.n_classes))
         p.model.backward(Y, count=m, decay=False)
         comm.allreduce(p.model.flat_grads)
-        p.model.add_weight_decay(m)
-        p.optimizer.step()
+        mine = part(p.model.flat_params.size, comm.rank, comm.size)  # the slice this rank updates
+        p.model.add_weight_decay(m, mine)
+        p.optimizer.step(mine)
+        comm.allgather(p.model.flat_params)
         step.metrics.update(Y_hat, Y)
         self.epoch_step += 1
         self.step += 1
@@ -664,19 +669,24 @@ class Trainer:
         improved = row["best"] == 1.0
         if improved:
             self.best, self.best_epoch = row[f"{self.selection}_accuracy"], self.epoch
-        if improved:
-            self.writer.checkpoint(BEST, self.state)
-        self.writer.checkpoint(LATEST, self.state)
+        self._checkpoint(*((BEST, LATEST) if improved else (LATEST,)))
         self.writer.metrics(self.history)
         self._draw_curves(final=self.epoch >= self.config["epochs"])
         self.say(self._epoch_line(row, seconds))
+
+    def _checkpoint(self, *names: str) -> None:
+        """Gather the optimizer state (each rank updated its slice), then rank 0 writes ``names``."""
+        for buf in self.parts.optimizer.flat_state:
+            self.comm.allgather(buf)
+        for name in names:
+            self.writer.checkpoint(name, self.state)
 
     def _draw_curves(self, final: bool) -> None:
         self.writer.curves(self.history, self.config["eval_split"] or "eval", final)
 
     def _interrupt(self, signum: int) -> None:
         """Every rank stops at this step (they agreed on it); rank 0 saves."""
-        self.writer.checkpoint(LATEST, self.state)
+        self._checkpoint(LATEST)
         if self.history["epoch"]:
             self._draw_curves(final=True)
         raise TrainingInterrupted(signum, self.out / LATEST, self.epoch, self.step)

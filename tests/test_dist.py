@@ -211,3 +211,34 @@ def test_under_mpiexec_without_mpi4py_the_command_stops_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "Error: started by mpiexec as rank 0 of 2, but mpi4py is not installed: pip install 'streamnn[mpi]' "
         "(mpi4py and MPICH), or mpi4py built for your cluster's MPI"]
+
+
+def test_a_rank_draws_the_one_process_dropout_masks_of_its_columns():
+    from streamnn.models import ConvNet, DeepNetwork
+    from streamnn.nn import Dropout
+
+    def masks(model):
+        return [layer.mask for layer in model.layers if isinstance(layer, Dropout)]
+
+    X = np.random.default_rng(0).random((48, 7), dtype=np.float32)
+    for make in (lambda: DeepNetwork([48, 9, 5, 1], ["relu", "relu", "sigmoid"], dropout=0.4, seed=3),
+                 lambda: ConvNet((4, 4, 3), [2], [6], 3, dropout=0.4, seed=3)):
+        one, rank1 = make(), make()
+        one.forward(X)
+        rank1.forward(X[:, 1::3], share=(1, 3, 7))
+        assert len(masks(one)) >= 1
+        for full, part in zip(masks(one), masks(rank1)):
+            np.testing.assert_array_equal(part, full[..., 1::3] if full.shape[-1] == 7 else full[1::3])
+        assert one.rng.bit_generator.state == rank1.rng.bit_generator.state  # the ranks' generators stay equal
+
+
+def test_a_rank_with_no_rows_of_a_batch_adds_nothing():
+    """The uneven last batch can leave a rank without rows: forward and backward still work, gradient 0."""
+    from streamnn.models import ConvNet, DeepNetwork
+
+    for model, Y in ((DeepNetwork([48, 5, 1], ["relu", "sigmoid"], dropout=0.2), np.zeros((1, 0), np.float32)),
+                     (ConvNet((4, 4, 3), [2], [6], 3, dropout=0.2), np.zeros((3, 0), np.float32))):
+        model.forward(np.zeros((48, 0), np.float32), share=(1, 2, 1))
+        assert float(model.loss_sum(Y)) == 0.0
+        model.backward(Y, count=1, decay=False)
+        assert not model.flat_grads.any()

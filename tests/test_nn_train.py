@@ -101,9 +101,9 @@ def test_shift_images_moves_pixels_and_pads_by_reflection_or_zeros():
 def test_shift_draws_are_a_function_of_seed_epoch_batch_and_global_row():
     aug = Augment.parse("flip,shift", 3)
     assert aug.spec == "flip,shift=3/reflect" and Augment.parse(aug.spec) == aug
-    whole = aug.shifts(7, 2, 5, 0, 8)  # rows 0..7 of global batch 5
-    np.testing.assert_array_equal(aug.shifts(7, 2, 5, 4, 4), whole[4:])  # rank 1 of 2, batch size 4
-    assert np.abs(whole).max() <= 3 and not np.array_equal(whole, aug.shifts(7, 3, 5, 0, 8))
+    whole = aug.shifts(7, 2, 5, 8)  # the 8 rows of global batch 5
+    np.testing.assert_array_equal(aug.shifts(7, 2, 5, 8, rank=1, world_size=2), whole[1::2])  # rank 1's rows
+    assert np.abs(whole).max() <= 3 and not np.array_equal(whole, aug.shifts(7, 3, 5, 8))
     with pytest.raises(StreamnnError):
         Augment.parse("shift=0/reflect")
     with pytest.raises(StreamnnError):

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import streamnn.rowreader as rr
-from streamnn import StreamnnError
+from streamnn import StreamnnError, open_store
 from streamnn.loader import Loader
 
 from test_loader import _in_child, make_store, row_ids
@@ -42,15 +42,16 @@ def batches(path, reader, epochs=2, **kw):
 @given(dtype=st.sampled_from(DTYPES), order=st.sampled_from(["exact", "block", "none"]),
        batch=st.integers(1, 40), n_subset=st.one_of(st.none(), st.integers(0, 90)),
        world=st.integers(1, 3), data=st.data(), prefetch=st.sampled_from([0, 1, 3]),
-       policy=st.sampled_from(["inline", "thread"]), flip=st.booleans(), standardize=st.booleans(),
+       policy=st.sampled_from(["inline", "thread"]), augment=st.sampled_from([None, "flip", "flip,shift"]),
+       standardize=st.booleans(),
        drop_last=st.booleans(), threads=st.sampled_from([1, 3, 16]), block_rows=st.integers(1, 12))
 def test_pread_batches_equal_the_memory_maps(stores, monkeypatch, dtype, order, batch, n_subset, world, data,
-                                             prefetch, policy, flip, standardize, drop_last, threads, block_rows):
+                                             prefetch, policy, augment, standardize, drop_last, threads, block_rows):
     path, _ = stores[dtype]
     rank = data.draw(st.integers(0, world - 1))
     subset = None if n_subset is None else np.random.default_rng(n_subset).permutation(90)[:n_subset]
     kw = dict(batch_size=batch, seed=5, shuffle=order != "none", order="exact" if order == "none" else order,
-              subset=subset, rank=rank, world_size=world, prefetch=prefetch, augment="flip" if flip else None,
+              subset=subset, rank=rank, world_size=world, prefetch=prefetch, augment=augment, shift=1,
               standardize=standardize, drop_last=drop_last, block_rows=block_rows, window_blocks=2)
     monkeypatch.setattr(rr, "PREAD_THREADS", threads)
     monkeypatch.setattr("streamnn.loader.PREFETCH_POLICY", policy)
@@ -102,7 +103,36 @@ def test_runs_of_adjacent_rows_are_one_read_each(stores, monkeypatch):
         reader.close()
 
 
-def test_stored_order_is_one_read_per_batch(stores):
+def test_runs_cross_the_batches_read_together(stores):
+    """Batches announced together are read as one set of runs (block order: whole blocks)."""
+    path, px = stores["float32"]
+    with open_store(path) as store:
+        want = store.read_rows("train", np.arange(90))
+    reader = rr.open_rows(path, "train", reader="pread", threads=3)
+    try:
+        reader.group_rows = 30
+        perm = np.random.default_rng(0).permutation(np.r_[0:20, 40:50])  # two runs, shuffled
+        parts = [perm[0:12], perm[12:24], perm[24:]]
+        for k, rows in enumerate(parts):
+            reader.expect(k, rows)
+        for k, rows in enumerate(parts):
+            out = np.empty((len(rows), px.shape[1]), np.float32)
+            got = reader.read(rows, out, key=k)
+            assert np.array_equal(got, want[rows])
+        assert reader.calls == 2
+        # A row asked for twice (shard padding) is read twice, without breaking the runs.
+        reader.expect(3, np.r_[5:10])
+        reader.expect(4, np.r_[0:10])
+        reader.expect(5, np.r_[10:25])
+        got = reader.read(np.r_[0:10], np.empty((10, px.shape[1]), np.float32), key=4)
+        assert np.array_equal(got, want[0:10])
+        assert reader.calls == 2 + 2  # 0..24 once, then 5..9 again
+    finally:
+        reader.close()
+
+
+def test_stored_order_is_one_read_per_batch(stores, monkeypatch):
+    monkeypatch.setattr(rr, "AHEAD_ROWS", 30)  # one batch ahead, sent alone
     path, px = stores["float16"]
     with Loader(path, "train", 30, shuffle=False, reader="pread", prefetch=0) as L:
         for X, _ in L:

@@ -231,3 +231,22 @@ def test_resume_with_damaged_run_files_is_one_line(finished_run, tmp_path, damag
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)
     assert r.output.startswith("Error: ") and r.output.count("\n") == 1 and str(out) in r.output, r.output
     assert (tmp_path / "victim").read_text() == "precious"
+
+
+def test_curves_drawn_before_the_marker_are_ours_only_beside_our_checkpoint(tmp_path):
+    """A run folder of the release before the marker resumes; a lone matplotlib curves.png stays foreign."""
+    from streamnn.plots import save_curves
+
+    history = {"epoch": [1.0], "train_loss": [0.5], "train_accuracy": [0.6]}
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    save_curves(history, lone / CURVES_PNG)  # matplotlib's own Software chunk, no streamnn marker
+    assert png_text_chunks((lone / CURVES_PNG).read_bytes()[:4096])["Software"].startswith("Matplotlib version")
+    assert not RunDir(lone).is_ours(CURVES_PNG)
+    old = tmp_path / "old"
+    old.mkdir()
+    save_curves(history, old / CURVES_PNG)
+    save_checkpoint(old / LATEST, {"a": 1})
+    assert RunDir(old).is_ours(CURVES_PNG)
+    (old / LATEST).write_bytes(b"not a checkpoint")
+    assert not RunDir(old).is_ours(CURVES_PNG)

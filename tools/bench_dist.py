@@ -2,6 +2,7 @@
 
     python tools/bench_dist.py                     # MLP [12288, 256, 64, 1] float32, global batch 128
     python tools/bench_dist.py --model cnn         # the CNN (32x32x3 images, conv 16,32, hidden 64)
+    python tools/bench_dist.py --batch 256         # the same at global batch 256
     python tools/bench_dist.py --steps 20 --repeats 2      # quick look
 
 Writes a store of random 64x64x3 images (32x32x3 for the CNN) in a temporary directory
@@ -10,8 +11,9 @@ alternately, ``--repeats`` times, with ``OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=1`
 cores). Each run trains ``--steps`` steps of the global batch (the first ``--warmup`` are not
 timed: page faults, BLAS warm-up); no evaluation, no checkpoint but the epoch-end one. Reported
 per K (medians over the repeats): samples/s, the step time, the time spent in the gradient
-allreduce per step (rank 0, wall clock, including waiting for the slower rank), the scaling
-efficiency ``samples/s(K=2) / (2 samples/s(K=1))``, and the bytes one step's allreduce carries
+allreduce per step (rank 0, wall clock, including waiting for the slower rank), rank 0's CPU
+time per step (all its threads: what the step costs without waiting for a core, the figure
+to read on a busy machine), the scaling efficiency ``samples/s(K=2) / (2 samples/s(K=1))``, and the bytes one step's allreduce carries
 (the flat gradient buffer) with the time a ring allreduce of them would take on a 10 Gbit/s
 network (each rank sends and receives ``2 (K - 1) / K`` of the buffer).
 """
@@ -30,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-BATCH = 128
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -39,11 +40,12 @@ def worker(args: argparse.Namespace) -> None:
     from streamnn.train import Trainer
 
     comm = world()
-    cfg = {"store": args.store, "batch_size": BATCH, "epochs": 1, "eval_split": "none", "dtype": "float32",
+    cfg = {"store": args.store, "batch_size": args.batch, "epochs": 1, "eval_split": "none", "dtype": "float32",
            "optimizer": "adam", "lr": 1e-4, "seed": 0}
     cfg.update({"model": "cnn", "conv": [16, 32], "hidden": [64]} if args.model == "cnn" else {"hidden": [256, 64]})
     allreduce_s: list[float] = []
     marks: list[float] = []
+    cpu: list[float] = []
     with Trainer(cfg, args.out, verbose=False, comm=comm) as t:
         grads = t.model.flat_grads
         reduce = comm.allreduce
@@ -58,6 +60,7 @@ def worker(args: argparse.Namespace) -> None:
 
         def on_step(tr: Trainer) -> None:
             marks.append(time.perf_counter())
+            cpu.append(time.process_time())
             if tr.step == args.steps:
                 tr.request_stop()
 
@@ -69,7 +72,8 @@ def worker(args: argparse.Namespace) -> None:
         timed_steps = np.diff(marks[args.warmup:])
         if comm.rank == 0:
             print(json.dumps({"step_s": float(np.median(timed_steps)), "allreduce_s": float(np.median(
-                allreduce_s[args.warmup:])), "grad_bytes": int(grads.nbytes), "params": int(grads.size)}))
+                allreduce_s[args.warmup:])), "cpu_s": float(np.median(np.diff(cpu[args.warmup:]))),
+                "grad_bytes": int(grads.nbytes), "params": int(grads.size)}))
 
 
 def run(k: int, store: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -78,7 +82,7 @@ def run(k: int, store: Path, out: Path, args: argparse.Namespace) -> dict[str, f
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [str(mpiexec if mpiexec.is_file() else "mpiexec"), "-n", str(k), sys.executable, __file__, "--worker",
            "--store", str(store), "--out", str(out / f"k{k}-{time.monotonic_ns()}"), "--model", args.model,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -86,7 +90,8 @@ def run(k: int, store: Path, out: Path, args: argparse.Namespace) -> dict[str, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
-    parser.add_argument("--steps", type=int, default=40, help="steps per run (global batch 128)")
+    parser.add_argument("--batch", type=int, default=128, help="global batch")
+    parser.add_argument("--steps", type=int, default=40, help="steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="first steps not timed")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -101,21 +106,23 @@ def main() -> None:
         store = Path(tmp) / "bench.h5"
         from bench_loader import make_store  # tools/ is on sys.path when this file runs as a script
 
-        make_store(str(store), BATCH * (args.steps + 1), shape=shape, command="bench_dist")
+        make_store(str(store), args.batch * (args.steps + 1), shape=shape, command="bench_dist")
         runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
         for _ in range(args.repeats):
             for k in (1, 2):
                 runs[k].append(run(k, store, Path(tmp), args))
     med = {k: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for k, rs in runs.items()}
     grad_bytes = med[1]["grad_bytes"]
-    print(f"{args.model}: {int(med[1]['params']):,} parameters, float32, global batch {BATCH}, "
+    print(f"{args.model}: {int(med[1]['params']):,} parameters, float32, global batch {args.batch}, "
           f"{args.steps - args.warmup} timed steps, medians of {args.repeats} runs, 1 BLAS thread per rank")
-    print(f"{'ranks':>5} {'samples/s':>10} {'step ms':>8} {'allreduce ms':>13}")
+    print(f"load average when done: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'ranks':>5} {'samples/s':>10} {'step ms':>8} {'allreduce ms':>13} {'rank 0 CPU ms/step':>19}")
     for k in (1, 2):
-        print(f"{k:>5} {BATCH / med[k]['step_s']:>10.0f} {1e3 * med[k]['step_s']:>8.1f} "
-              f"{1e3 * med[k]['allreduce_s']:>13.2f}")
+        print(f"{k:>5} {args.batch / med[k]['step_s']:>10.0f} {1e3 * med[k]['step_s']:>8.1f} "
+              f"{1e3 * med[k]['allreduce_s']:>13.2f} {1e3 * med[k]['cpu_s']:>19.1f}")
     speedup = med[1]["step_s"] / med[2]["step_s"]
-    print(f"speed-up 2 ranks / 1 rank: {speedup:.2f}x (scaling efficiency {speedup / 2:.0%}; target >= 1.7x)")
+    print(f"speed-up 2 ranks / 1 rank: {speedup:.2f}x (scaling efficiency {speedup / 2:.0%}; target >= 1.7x); "
+          f"CPU time per step, 1 rank / rank 0 of 2: {med[1]['cpu_s'] / med[2]['cpu_s']:.2f}x")
     ring = 2 * (2 - 1) / 2 * grad_bytes
     print(f"allreduce per step: {grad_bytes / 1e6:.1f} MB of float32 gradients (one buffer); a ring allreduce "
           f"on 2 ranks sends and receives {ring / 1e6:.1f} MB per rank: {1e3 * ring * 8 / 10e9:.1f} ms at 10 Gbit/s "

@@ -17,10 +17,11 @@ name too long, permission denied, ...)
 
 Paths in messages are in :func:`streamnn.paths.path_text` form.
 
-Under ``mpiexec -n K`` (K > 1, :mod:`streamnn.dist`), an error every rank raises alike
-(:class:`~streamnn.dist.AgreedError`) is printed by rank 0 only and every rank exits with
-its status; any other error is printed as ``Error: rank r of K: ...`` and ends the whole job
-(``MPI_Abort``), so no rank is left waiting for one that left.
+With ``ranks=True`` (``streamnn-train``, ``streamnn-eval``), under ``mpiexec -n K`` (K > 1,
+:mod:`streamnn.dist`), an error every rank raises alike (:class:`~streamnn.dist.AgreedError`)
+is printed by rank 0 only and every rank exits with its status; any other error is printed as
+``Error: rank r of K: ...`` and ends the whole job (``MPI_Abort``), so no rank is left waiting
+for one that left. (``streamnn-pack`` coordinates its ranks itself, :mod:`streamnn.shards`.)
 """
 from __future__ import annotations
 
@@ -59,21 +60,26 @@ def os_error_message(exc: OSError) -> str:
 
 
 @contextlib.contextmanager
-def user_errors(interrupted: str = "interrupted") -> Iterator[None]:
-    """Turn streamnn errors, OS errors and Ctrl-C raised inside into ``Error: ...`` and an exit status."""
+def user_errors(interrupted: str = "interrupted", *, ranks: bool = False) -> Iterator[None]:
+    """Turn streamnn errors, OS errors and Ctrl-C raised inside into ``Error: ...`` and an exit status
+    (``ranks``: as one of the ranks of an MPI job, see the module docstring)."""
+    report = rank_fail if ranks else fail
     try:
         yield
     except AgreedError as exc:
         cause = exc.__cause__
-        rank_fail(os_error_message(cause) if isinstance(cause, OSError) else str(exc), 1, agreed=True)
+        message = os_error_message(cause) if isinstance(cause, OSError) else str(exc)
+        if ranks:
+            rank_fail(message, 1, agreed=True)
+        fail(message)
     except StreamnnError as exc:
-        rank_fail(str(exc))
+        report(str(exc))
     except OSError as exc:
-        rank_fail(os_error_message(exc))
+        report(os_error_message(exc))
     except Terminated:
-        rank_fail(interrupted, 143)
+        report(interrupted, 143)
     except KeyboardInterrupt:
-        rank_fail(interrupted, 130)
+        report(interrupted, 130)
 
 
 def rank_fail(message: str, status: int = 1, *, agreed: bool = False) -> NoReturn:

@@ -31,7 +31,7 @@ def main(checkpoint: str, store: str, split: str, as_json: bool, errors_png: str
 
     Under `mpiexec -n K` every rank evaluates a share of the split and rank 0 prints the sums.
     """
-    with user_errors():
+    with user_errors(ranks=True):
         comm = world()
         if errors_png:
             from ..plots import check_figure_path

@@ -134,7 +134,7 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
         raise click.UsageError("--force and --resume exclude each other")
     if not resume and store is None:
         raise click.UsageError("missing argument STORE")
-    with user_errors():
+    with user_errors(ranks=True):
         comm = world()  # under mpiexec -n K: K ranks, rank 0 writes and speaks (streamnn.dist)
         try:
             if resume:

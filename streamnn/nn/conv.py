@@ -56,7 +56,7 @@ class Conv2D(Layer):
             int(filters), int(kernel), int(stride), padding, init)
         self.pad = self.kernel // 2 if padding == "same" else 0
         self._bufs: dict[str, np.ndarray] = {}
-        self._b = 0  # rows of the last train-mode forward
+        self._b: int | None = None  # rows of the last train-mode forward (0: an empty rank's share)
 
     def build(self, input_shape: Shape, rng: np.random.Generator, dtype: np.dtype) -> Shape:
         super().build(input_shape, rng, dtype)
@@ -98,12 +98,12 @@ class Conv2D(Layer):
         np.dot(cols.reshape(B * Ho * Wo, k * k * C), self.params["W"].reshape(k * k * C, F),
                out=out.reshape(B * Ho * Wo, F))
         out += self.params["b"]
-        self._b = B if train_mode else 0
+        self._b = B if train_mode else None
         return out
 
     def backward(self, dY: np.ndarray) -> np.ndarray | None:
         B = self._b
-        if not B:
+        if B is None:
             raise RuntimeError("backward() needs a forward() in train mode first (and no eval forward since)")
         (H, W, C), (Ho, Wo), k, s, p, F = self.in_shape, self.out_hw, self.kernel, self.stride, self.pad, self.filters
         cols = self._bufs["cols"][:B]
@@ -111,7 +111,7 @@ class Conv2D(Layer):
         dY2 = np.ascontiguousarray(dY).reshape(B * Ho * Wo, F)
         np.dot(cols2.T, dY2, out=self.grads["W"].reshape(k * k * C, F))
         np.sum(dY2, axis=0, out=self.grads["b"])
-        self._b = 0
+        self._b = None
         if not self.needs_input_grad:
             return None
         np.dot(dY2, self.params["W"].reshape(k * k * C, F).T, out=cols2)  # dcols, over the columns

@@ -92,6 +92,10 @@ class Network:
         self.params = {self._public(k): v for k, v in self.body.params.items()}
         self.grads = {self._public(k): v for k, v in self.body.grads.items()}
         self._decayed = [self._public(k) for k in self.body.decay_names]
+        item = self.flat_params.itemsize
+        self._decay_spans = [(start, start + self.params[k].size) for k in self._decayed
+                             for start in [(self.params[k].__array_interface__["data"][0]
+                                            - self.flat_params.__array_interface__["data"][0]) // item]]
         largest = max((self.params[k].size for k in self._decayed), default=0)
         # dW += lambd/m W goes through this buffer, so no weight-sized array is allocated per step.
         self._decay_buffer = np.empty(largest if self.weight_decay else 0, self.dtype)
@@ -148,12 +152,17 @@ class Network:
         if decay:
             self.add_weight_decay(m)
 
-    def add_weight_decay(self, m: int) -> None:
-        """``grads[W] += lambd/m W`` for every decayed weight (the L2 term's gradient)."""
-        if self.weight_decay:
-            for name in self._decayed:
-                W = self.params[name]
-                self.grads[name] += np.multiply(W, self.weight_decay / m, out=self._decay_buffer[:W.size].reshape(W.shape))
+    def add_weight_decay(self, m: int, part: slice | None = None) -> None:
+        """``grads[W] += lambd/m W`` for every decayed weight (the L2 term's gradient); ``part``:
+        only for the entries ``part`` of the flat buffers (a data-parallel rank's slice)."""
+        if not self.weight_decay:
+            return
+        lo, hi = (0, self.flat_params.size) if part is None else (part.start, part.stop)
+        for start, stop in self._decay_spans:
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                self.flat_grads[a:b] += np.multiply(self.flat_params[a:b], self.weight_decay / m,
+                                                    out=self._decay_buffer[:b - a])
 
     def _labels(self, Y: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         Y = np.asarray(Y, dtype=self.dtype)

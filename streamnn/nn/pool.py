@@ -135,7 +135,7 @@ class Flatten(Layer):
         return (math.prod(self.in_shape),)
 
     def forward(self, X: np.ndarray, train_mode: bool = True) -> np.ndarray:
-        return X.reshape(X.shape[0], -1).T
+        return X.reshape(X.shape[0], math.prod(self.in_shape)).T  # also for no samples (an empty rank's share)
 
     def backward(self, dY: np.ndarray) -> np.ndarray | None:
         return np.ascontiguousarray(dY.T).reshape(dY.shape[1], *self.in_shape)
