@@ -32,9 +32,10 @@ nothing is written.
 
 *Order.* Each split's rows are a permutation of its files drawn from ``make_rng(seed)``
 (splits in sorted name order), so classes are interleaved and contiguous reads are mixed;
-``paths`` keeps each row's source. Decoding happens in a process pool (``workers``; 1 means
-in-process) fed a bounded window of chunks and read back in submission order, so the output
-does not depend on the number of workers and memory does not grow with the dataset.
+``paths`` keeps each row's source. Decoding happens in ``workers`` decoders (this process and
+``workers - 1`` worker processes; 1 means in-process), fed a bounded window of chunks and
+read back in submission order, so the output does not depend on the number of workers and
+memory does not grow with the dataset.
 
 *Statistics.* Per-feature mean and (population, ddof=0) std of the normalized pixels
 (uint8 / 255, whatever ``dtype`` stores) of split ``train``, or of the first split in
@@ -43,8 +44,8 @@ return exact integer pixel sums per chunk; this process adds them up exactly and
 once at the end (see :class:`RunningMoments`), so the results depend neither on ``workers``
 nor on how the rows are cut into chunks or shards.
 
-*Processes and failure.* Workers are ``subprocess`` children running :func:`_worker_main`
-(no fork of this process, whose OpenCV threads would deadlock a forked child; no
+*Processes and failure.* Workers are ``subprocess`` children running
+:func:`streamnn.packworker.worker_main` (no fork of this process, whose OpenCV threads would deadlock a forked child; no
 multiprocessing fork server or resource tracker; no pickle: paths go as bytes, results as
 JSON and raw arrays; no ``__main__`` guard needed in scripts). They start with SIGINT and
 SIGTERM blocked, so only this process acts on them, and die with it (see :class:`_Decoder`);
@@ -75,9 +76,7 @@ import math
 import os
 import re
 import select
-import signal
 import stat
-import struct
 import subprocess
 import sys
 import time
@@ -92,10 +91,11 @@ import numpy as np
 import h5py
 
 from .atomic import temporary_prefix, write_error
-from .decode import (DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, DecodeError, decode_kwargs, decode_options,
-                     load_image, parse_size, signals_deferred)
+from .decode import (DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, decode_kwargs, decode_options, parse_size,
+                     signals_deferred)
 from .errors import StreamnnError
 from .paths import path_text
+from .packworker import LEN, WORKER_BOOT, ChunkResult, decode_chunk, decode_result, encode_request, pixel_sums
 from .rng import make_rng
 from .store import COMPRESSIONS, DTYPES, FORMAT, StoreWriter
 
@@ -369,160 +369,14 @@ class RunningMoments:
         return np.sqrt((num / (65025 * n * n)).astype(np.float64))
 
 
-def pixel_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact per-feature sums of x and x**2 over uint8 rows (B, D), as int64."""
-    rows = rows.reshape(len(rows), -1)
-    s1 = rows.sum(axis=0, dtype=np.int64)
-    s2 = np.zeros(rows.shape[1], np.int64)
-    for i in range(0, len(rows), 256):  # 256 * 255**2 < 2**32: uint32 partial sums cannot overflow
-        sq = rows[i:i + 256].astype(np.uint32)
-        sq *= sq
-        s2 += sq.sum(axis=0, dtype=np.uint32)
-    return s1, s2
-
-
 # -- decoding workers --------------------------------------------------------------------------
-ChunkResult = tuple[np.ndarray, list[str | None], tuple[int, np.ndarray, np.ndarray] | None]
-
-
-def decode_chunk(paths: Sequence[str], in_stats: Sequence[bool], kwargs: dict[str, Any]) -> ChunkResult:
-    """Decode files. Return the stacked uint8 images that worked, a reason (or None) per file,
-    and (n, sum x, sum x**2) over the decoded images flagged ``in_stats`` (None if none)."""
-    images, reasons, counted = [], [], []
-    for p, flag in zip(paths, in_stats):
-        try:
-            images.append(load_image(p, **kwargs))
-            reasons.append(None)
-            counted.append(flag)
-        except DecodeError as exc:
-            reasons.append(exc.reason)
-        except MemoryError:
-            reasons.append("out of memory while decoding")
-    h, w = kwargs["size"]
-    stack = np.stack(images) if images else np.empty((0, h, w, 1 if kwargs["grayscale"] else 3), np.uint8)
-    sums = None
-    if any(counted):
-        chosen = stack[np.asarray(counted)]
-        s1, s2 = pixel_sums(chosen)
-        sums = (len(chosen), s1.astype(np.uint16), s2.astype(np.uint32))  # chunks <= 257 images: no overflow
-    return stack, reasons, sums
-
-
-# The parent and a worker talk over two pipes in frames (8-byte little-endian length, then
-# the payload), with no pickle: a request is the chunk's paths as bytes with their
-# statistics flags, a result is JSON (reasons, summed-row count) followed by raw arrays.
-_LEN = struct.Struct("<Q")
-_ITEM = struct.Struct("<BI")
-
-
-def _encode_request(paths: Sequence[str], in_stats: Sequence[bool]) -> bytes:
-    parts = [struct.pack("<I", len(paths))]
-    for p, flag in zip(paths, in_stats):
-        raw = os.fsencode(p)
-        parts += [_ITEM.pack(bool(flag), len(raw)), raw]
-    return b"".join(parts)
-
-
-def _decode_request(data: bytes) -> tuple[list[str], list[bool]]:
-    (n,), at, paths, flags = struct.unpack_from("<I", data), 4, [], []
-    for _ in range(n):
-        flag, size = _ITEM.unpack_from(data, at)
-        at += _ITEM.size
-        paths.append(os.fsdecode(data[at:at + size]))
-        flags.append(bool(flag))
-        at += size
-    return paths, flags
-
-
-def _encode_result(result: ChunkResult) -> bytes:
-    stack, reasons, sums = result
-    head = json.dumps({"reasons": reasons, "summed": sums[0] if sums else None}).encode()
-    parts = [struct.pack("<I", len(head)), head]
-    if sums:
-        parts += [sums[1].tobytes(), sums[2].tobytes()]
-    return b"".join([*parts, np.ascontiguousarray(stack).tobytes()])
-
-
-def _decode_result(data: bytes, kwargs: dict[str, Any]) -> ChunkResult:
-    (size,) = struct.unpack_from("<I", data)
-    head = json.loads(data[4:4 + size])
-    reasons, summed, at = head["reasons"], head["summed"], 4 + size
-    h, w = kwargs["size"]
-    shape = (h, w, 1 if kwargs["grayscale"] else 3)
-    d = h * w * shape[2]
-    sums = None
-    if summed is not None:
-        s1 = np.frombuffer(data, np.uint16, d, at)
-        s2 = np.frombuffer(data, np.uint32, d, at + 2 * d)
-        sums, at = (int(summed), s1, s2), at + 6 * d
-    n_images = sum(r is None for r in reasons)
-    stack = np.frombuffer(data, np.uint8, n_images * d, at).reshape(n_images, *shape)
-    return stack, reasons, sums
-
-
-def _read_frame(fd: int) -> bytes | None:
-    """One frame from a blocking file descriptor; None at end of file."""
-    head = _read_exactly(fd, _LEN.size)
-    return None if head is None else _read_exactly(fd, _LEN.unpack(head)[0]) or b""
-
-
-def _read_exactly(fd: int, n: int) -> bytes | None:
-    buf = bytearray()
-    while len(buf) < n:
-        part = os.read(fd, min(n - len(buf), 1 << 20))
-        if not part:
-            return None
-        buf += part
-    return bytes(buf)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-# A worker's first lines, before the imports (about a second on a busy machine): on Linux, get
-# SIGKILL when the parent dies, even by SIGKILL (PR_SET_PDEATHSIG = 1). Elsewhere the worker
-# ends when its request pipe reaches end of file.
-_WORKER_BOOT = """\
-import ctypes, signal, sys
-if sys.platform.startswith("linux"):
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-from streamnn.pack import _worker_main
-_worker_main()
-"""
-
-
-def _worker_main() -> None:
-    """A decoding worker (``python -c _WORKER_BOOT <request fd> <result fd> <parent pid>``):
-    decode requested chunks until end of file."""
-    requests, results, parent = (int(a) for a in sys.argv[1:4])
-    if os.getppid() != parent:  # the parent died before the death signal was arranged
-        os._exit(1)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # the parent handles them
-    cv2.setNumThreads(1)
-    config = _read_frame(requests)
-    if config is None:
-        return
-    kwargs = json.loads(config)
-    kwargs["size"] = tuple(kwargs["size"])
-    _write_all(results, _LEN.pack(5) + b"ready")
-    while (frame := _read_frame(requests)) is not None:
-        payload = _encode_result(decode_chunk(*_decode_request(frame), kwargs))
-        _write_all(results, _LEN.pack(len(payload)) + payload)
-
-
 class _Worker:
     """One decoding process and its two pipes, with the bytes not yet sent or parsed."""
 
     def __init__(self, env: dict[str, str], kwargs: dict[str, Any]) -> None:
         req_r, self.send_fd = os.pipe()
         self.recv_fd, res_w = os.pipe()
-        cmd = [sys.executable, "-c", _WORKER_BOOT, str(req_r), str(res_w), str(os.getpid())]
+        cmd = [sys.executable, "-c", WORKER_BOOT, str(req_r), str(res_w), str(os.getpid())]
         # Started with SIGINT and SIGTERM blocked (the mask is inherited through exec): a
         # Ctrl-C sent to the whole process group never interrupts a worker's start-up.
         try:
@@ -541,22 +395,22 @@ class _Worker:
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # Linux: fewer, larger reads
         os.set_blocking(self.send_fd, False)
         config = json.dumps(kwargs).encode()
-        self.outbox = bytearray(_LEN.pack(len(config)) + config)  # the first frame: the decoding options
+        self.outbox = bytearray(LEN.pack(len(config)) + config)  # the first frame: the decoding options
         self.inbox = bytearray()
         self.ready = False
         self.in_flight = 0
 
     def has_frame(self) -> bool:
         """Whether a complete frame has been received."""
-        return len(self.inbox) >= _LEN.size and len(self.inbox) >= _LEN.size + _LEN.unpack_from(self.inbox)[0]
+        return len(self.inbox) >= LEN.size and len(self.inbox) >= LEN.size + LEN.unpack_from(self.inbox)[0]
 
     def frame(self) -> bytes | None:
         """The next complete frame received, if any."""
         if not self.has_frame():
             return None
-        n = _LEN.unpack_from(self.inbox)[0]
-        data = bytes(self.inbox[_LEN.size:_LEN.size + n])
-        del self.inbox[:_LEN.size + n]
+        n = LEN.unpack_from(self.inbox)[0]
+        data = bytes(self.inbox[LEN.size:LEN.size + n])
+        del self.inbox[:LEN.size + n]
         return data
 
     def end_requests(self) -> None:
@@ -585,16 +439,21 @@ class _Worker:
 class _Decoder:
     """Decodes chunks of files and yields the results in submission order.
 
-    One worker: in-process. More: that many worker processes (:func:`_worker_main`, started
-    with ``subprocess``: no fork of this process, no multiprocessing machinery, no pickle),
-    each fed at most ``WINDOW_PER_WORKER`` chunks, so memory stays flat. Until the first
-    worker has started (~0.3 s: it imports NumPy and OpenCV) this process decodes the chunks
-    itself. Workers die with this process: on exit they are killed (error or Ctrl-C) or
+    One worker: in-process. More: this process and ``workers - 1`` worker processes
+    (:func:`streamnn.packworker.worker_main`, started with ``subprocess``: no fork of this
+    process, no multiprocessing machinery, no pickle), each fed at most ``WINDOW_PER_WORKER``
+    chunks, so memory stays flat. This process decodes a chunk itself whenever no worker can
+    take it (all busy, or none started yet: a start takes ~0.2 s, it imports NumPy and
+    OpenCV), after taking in every result that is ready, so the workers never wait for it:
+    one worker start-up and one hand-off fewer than ``workers`` processes (measured with
+    ``tools/bench_pack.py``: 2 workers on 2 cores spent ~20% more CPU per image than
+    decoding in-process, mostly the start-ups). Workers die with this process: on exit they are killed (error or Ctrl-C) or
     stopped after their last request and reaped; if this process is killed, Linux kills
     them (``PR_SET_PDEATHSIG``) and elsewhere their request pipe ends.
     """
 
-    decode_while_booting = True  # tests turn it off to force every chunk through the workers
+    decode_while_booting = True  # this process decodes too; tests turn it off to force every chunk
+    #                              through ``workers`` worker processes
 
     def __init__(self, workers: int, kwargs: dict[str, Any]) -> None:
         self.kwargs, self.workers = kwargs, []
@@ -608,7 +467,7 @@ class _Decoder:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
             try:
-                for _ in range(workers):
+                for _ in range(workers - 1 if self.decode_while_booting else workers):
                     self.workers.append(_Worker(env, kwargs))
             except BaseException:
                 self._close(failed=True)
@@ -652,7 +511,7 @@ class _Decoder:
             return head
         self._pump(until=head.has_frame)
         head.in_flight -= 1
-        return _decode_result(head.frame() or b"", self.kwargs)
+        return decode_result(head.frame() or b"", self.kwargs)
 
     def map(self, chunks: Iterable[tuple[list[str], list[bool]]]) -> Iterator[ChunkResult]:
         if not self.workers:
@@ -663,16 +522,18 @@ class _Decoder:
         for chunk in chunks:
             while True:
                 self._pump(until=None)
+                while pending and (isinstance(pending[0], tuple) or pending[0].has_frame()):
+                    yield self._result(pending.popleft())  # what is ready: the workers' windows refill
                 free = [w for w in self.workers if w.ready and w.in_flight < WINDOW_PER_WORKER]
                 if free:
                     w = min(free, key=lambda w: w.in_flight)
-                    payload = _encode_request(*chunk)
-                    w.outbox += _LEN.pack(len(payload)) + payload
+                    payload = encode_request(*chunk)
+                    w.outbox += LEN.pack(len(payload)) + payload
                     w.in_flight += 1
                     pending.append(w)
                     break
-                if self.decode_while_booting and not any(w.ready for w in self.workers):
-                    pending.append(decode_chunk(*chunk, self.kwargs))  # no worker has started yet
+                if self.decode_while_booting and sum(isinstance(p, tuple) for p in pending) < WINDOW_PER_WORKER:
+                    pending.append(decode_chunk(*chunk, self.kwargs))  # no worker can take it: decode here
                     break
                 if pending:  # every worker is busy: take the oldest result
                     yield self._result(pending.popleft())

@@ -57,10 +57,11 @@ state that matters across ``fork``: the loader drops its reader in a child and o
 """
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import os
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import h5py
@@ -169,6 +170,11 @@ class MemmapReader(RowReader):
     def row(self, i: int) -> np.ndarray:
         return self._map[i]
 
+    @property
+    def array(self) -> np.ndarray:
+        """The mapped rows (N, D), read-only."""
+        return self._map
+
     def close(self) -> None:
         super().close()
         self._map = None  # type: ignore[assignment]  # unmapped when the last view goes
@@ -195,25 +201,41 @@ class _Batch:
 
 
 class PreadReader(RowReader):
-    """Positional reads into the batch's buffers from a pool of threads; nothing mapped."""
+    """Positional reads into the batch's buffers from a pool of threads; nothing mapped.
+
+    The rows may lie in several files (``segments``: (path, offset, rows) one after the
+    other, a sharded store's split): a run of consecutive rows never crosses a segment, and
+    each run is one ``preadv`` into the batch's rows, whichever file it reads.
+    """
 
     mode = "pread"
     releases_gil = True
     reads_ahead = True
 
     def __init__(self, path: str, offset: int, n_rows: int, n_features: int, dtype: np.dtype,
-                 scale: float, threads: int = PREAD_THREADS) -> None:
-        super().__init__(n_rows, n_features, dtype, scale)
-        self.path, self.offset, self.threads = path, int(offset), max(1, int(threads))
+                 scale: float, threads: int = PREAD_THREADS,
+                 segments: Sequence[tuple[str, int, int]] | None = None) -> None:
+        segments = [(path, int(offset), n_rows)] if segments is None else list(segments)
+        super().__init__(sum(rows for _, _, rows in segments), n_features, dtype, scale)
+        self.path, self.threads = path, max(1, int(threads))
         self.ahead_rows = max(1, min(AHEAD_ROWS, AHEAD_BYTES // self.row_bytes))
         #: Announced batches are sent to the pool together once they hold this many rows, so
         #: that runs of adjacent rows cross batch boundaries (block order: whole blocks).
         self.group_rows = max(1, self.ahead_rows // 3)
         self._run_rows = max(1, MAX_RUN_BYTES // self.row_bytes)
         self._task_rows = max(1, TASK_BYTES // self.row_bytes)
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, self.offset, n_rows * self.row_bytes, os.POSIX_FADV_RANDOM)
+        self.offsets = [int(off) for _, off, _ in segments]  # of each segment's rows in its file
+        self._starts = np.cumsum([0] + [rows for _, _, rows in segments]).tolist()
+        self._fds: list[int] = []
+        try:
+            for seg_path, seg_offset, rows in segments:
+                self._fds.append(os.open(seg_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(self._fds[-1], seg_offset, rows * self.row_bytes, os.POSIX_FADV_RANDOM)
+        except BaseException:
+            for fd in self._fds:
+                os.close(fd)
+            raise
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pid = os.getpid()
         self._ahead: deque[_Batch] = deque()
@@ -242,6 +264,9 @@ class PreadReader(RowReader):
             again = np.lexsort((srt, repeat))
             where, srt = where[again], srt[again]
         new[0], new[1:] = True, np.diff(srt) != 1
+        if len(self._fds) > 1:  # a run stays within one segment (file)
+            seg = np.searchsorted(self._starts, srt, side="right")
+            new[1:] |= seg[1:] != seg[:-1]
         run_start = np.maximum.accumulate(np.where(new, idx, 0))
         new |= (idx - run_start) % self._run_rows == 0  # split long runs
         starts = np.flatnonzero(new)
@@ -279,23 +304,24 @@ class PreadReader(RowReader):
     def _read_runs(self, first: list[int], count: list[int], where: list[int],
                    dest: list[np.ndarray] | np.ndarray) -> int:
         """In a pool thread: one ``preadv`` per run, straight into the rows of ``dest``."""
-        i = 0
+        i, starts = 0, self._starts
         for r, c in zip(first, count):
             bufs = [dest[w] for w in where[i:i + c]]
             i += c
-            offset, size = self.offset + r * self.row_bytes, c * self.row_bytes
-            got = os.preadv(self._fd, bufs, offset)
+            s = bisect.bisect_right(starts, r) - 1
+            fd, offset, size = self._fds[s], self.offsets[s] + (r - starts[s]) * self.row_bytes, c * self.row_bytes
+            got = os.preadv(fd, bufs, offset)
             if got != size:
-                self._finish_short(bufs, offset, got)
+                self._finish_short(fd, bufs, offset, got)
         return len(first)
 
-    def _finish_short(self, bufs: list[np.ndarray], offset: int, got: int) -> None:
+    def _finish_short(self, fd: int, bufs: list[np.ndarray], offset: int, got: int) -> None:
         """A short read (a signal, or a file cut short): read the rest buffer by buffer."""
         for buf in bufs:
             view = memoryview(buf).cast("B")
             have = min(max(got, 0), len(view))
             while have < len(view):
-                n = os.preadv(self._fd, [view[have:]], offset + have)
+                n = os.preadv(fd, [view[have:]], offset + have)
                 if n == 0:
                     raise StreamnnError("the store ended before its rows (truncated?)", self.path)
                 have += n
@@ -400,9 +426,9 @@ class PreadReader(RowReader):
         self._pool = None
         self._spare = []
         self._lent.clear()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
         super().close()
 
 
@@ -528,7 +554,8 @@ def open_rows(path: str | os.PathLike, split: str, *, fingerprint: str | None = 
             from .shards import open_segments
 
             try:
-                return open_segments(f, Path(path), split, cached_bands=cached_bands, allow_memmap=allow_memmap)
+                return open_segments(f, Path(path), split, reader=reader, cached_bands=cached_bands,
+                                     allow_memmap=allow_memmap, threads=threads)
             finally:
                 f.close()
         stored = str(attrs["dtype"].decode() if isinstance(attrs["dtype"], bytes) else attrs["dtype"])

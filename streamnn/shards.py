@@ -70,7 +70,7 @@ from .errors import StreamnnError
 from .pack import (PackJob, PackResult, RunningMoments, SourcePlan, _within, _writing, default_workers,
                    prepare_pack, remove_stale_temps)
 from .paths import path_text
-from .rowreader import MemmapReader, RowReader, open_rows
+from .rowreader import MemmapReader, PreadReader, RowReader, fits_in_memory, open_rows
 from .store import StoreWriter
 
 FOLDER_SUFFIX = ".shards"
@@ -190,10 +190,13 @@ class SegmentReader(RowReader):
     """Rows of a split spread over segments (one row reader per shard), read as one.
 
     Memory-mapped segments (the default) are copied row by row straight from the maps into
-    ``out`` (float32) or into a staging buffer converted in one pass (float16, uint8), as
-    the one-file gather does; a row of a few KB or more copies as fast this way as with
-    ``np.take`` (``tools/bench_shards.py``). Other segments read their rows into a float32
-    staging buffer, which is then put in batch order.
+    ``out`` (float32), or into a staging buffer of the stored dtype converted in one pass
+    (float16, uint8), as the one-file gather does; rows of a few KB copy about as fast this
+    way as with one ``np.take`` (``tools/bench_shards.py``).
+    (Shards read with ``pread`` are one :class:`~streamnn.rowreader.PreadReader` over all the
+    files, not a SegmentReader.) Other segments (``chunks``, ``hdf5``) read their share of
+    the batch into a float32 staging buffer, which is then put in batch order; batches
+    announced ahead (:meth:`expect`) are announced to each segment for its rows.
     """
 
     def __init__(self, readers: Sequence[RowReader]) -> None:
@@ -202,17 +205,34 @@ class SegmentReader(RowReader):
         self.readers = list(readers)
         self.mode = "segments:" + first.mode
         self.releases_gil = all(r.releases_gil for r in readers)
+        self.reads_ahead = any(r.reads_ahead for r in readers)
+        self.ahead_rows = max(r.ahead_rows for r in readers)
+        for r in readers:
+            r.lend = 0  # what a segment returns is copied at once
         self._starts = np.cumsum([0] + [r.n_rows for r in readers])
-        self._maps = ([r.row for r in readers] if all(isinstance(r, MemmapReader) for r in readers)
+        self._maps = ([r.array for r in readers] if all(isinstance(r, MemmapReader) for r in readers)
                       else None)
         self._float: np.ndarray | None = None
 
+    def _segments(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self._starts, rows, side="right") - 1
+
+    def expect(self, key: Hashable, rows: np.ndarray) -> None:
+        seg = self._segments(rows)
+        for s, reader in enumerate(self.readers):
+            if reader.reads_ahead:
+                reader.expect(key, rows[seg == s] - self._starts[s])
+
+    def forget(self) -> None:
+        for reader in self.readers:
+            reader.forget()
+
     def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
-        seg = np.searchsorted(self._starts, rows, side="right") - 1
+        seg = self._segments(rows)
         if self._maps is not None:
-            row, dest = self._maps, out if self._direct else self._staging(len(rows))
+            maps, dest = self._maps, out if self._direct else self._staging(len(rows))
             for j, (s, r) in enumerate(zip(seg.tolist(), (rows - self._starts[seg]).tolist())):
-                dest[j] = row[s](r)
+                dest[j] = maps[s][r]  # one copy per row, straight from the map
             if not self._direct:
                 self._convert(dest, out)
             return out
@@ -224,7 +244,10 @@ class SegmentReader(RowReader):
         for s, reader in enumerate(self.readers):
             lo, hi = int(bounds[s]), int(bounds[s + 1])
             if hi > lo:
-                reader.read(rows[order[lo:hi]] - self._starts[s], stage[lo:hi])
+                view = stage[lo:hi]
+                got = reader.read(rows[order[lo:hi]] - self._starts[s], view, key=key)
+                if not np.may_share_memory(got, view):  # the segment lent its own buffer
+                    view[...] = got
         out[order] = stage
         return out
 
@@ -235,25 +258,37 @@ class SegmentReader(RowReader):
         self._maps = self._float = None
 
 
-def open_segments(f: h5py.File, index: Path, split: str, **kwargs: Any) -> SegmentReader:
-    """The row reader of a sharded store's split (``kwargs`` go to each shard's ``open_rows``)."""
+def open_segments(f: h5py.File, index: Path, split: str, *, reader: str = "auto", **kwargs: Any) -> RowReader:
+    """The row reader of a sharded store's split: each shard's opened by
+    :func:`~streamnn.rowreader.open_rows` (``kwargs``); ``reader="auto"`` chooses memory maps
+    or ``pread`` by the size of the whole split, as for one file."""
     records = {r["file"]: r for r in json.loads(_plain(f.attrs["shards"]))}
     check_index(f, index, f.attrs["shards"])
+    dset = f[split]["X"]
+    if reader == "auto":
+        reader = "mmap" if fits_in_memory(int(np.prod(dset.shape)) * dset.dtype.itemsize) else "pread"
     readers: list[RowReader] = []
     try:
         for path, rows in segments(f, index, split):
             record = records[path.relative_to(index.parent).as_posix()]
-            reader = open_rows(path, split, fingerprint=record["fingerprint"], **kwargs)
-            readers.append(reader)
-            if reader.n_rows != rows:
-                raise StreamnnError(f"shard {record['file']} has {reader.n_rows} rows of split {split!r}, "
+            part = open_rows(path, split, fingerprint=record["fingerprint"], reader=reader, **kwargs)
+            readers.append(part)
+            if part.n_rows != rows:
+                raise StreamnnError(f"shard {record['file']} has {part.n_rows} rows of split {split!r}, "
                                     f"the index {rows}", path_text(index))
         if not readers:
             raise StreamnnError(f"split {split!r} has no shard", path_text(index))
+        if all(isinstance(part, PreadReader) for part in readers):  # one pread reader over every file
+            first = readers[0]
+            combined = PreadReader(first.path, 0, 0, first.n_features, first.dtype, first.scale, first.threads,
+                                   segments=[(part.path, part.offsets[0], part.n_rows) for part in readers])
+            for part in readers:
+                part.close()
+            return combined
         return SegmentReader(readers)
     except BaseException:
-        for reader in readers:
-            reader.close()
+        for part in readers:
+            part.close()
         raise
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from streamnn.activations import ACTIVATIONS
@@ -77,7 +77,15 @@ def test_smooth_networks_of_any_shape(sizes, acts, n_out, seed):
     output = "sigmoid" if n_out == 1 else "softmax"
     model = randomized(DeepNetwork([3, *sizes, n_out], acts[:len(sizes)] + [output],
                                    dtype=np.float64, weight_decay=0.05), seed)
-    assert gradient_check(model, *data(3, n_out, m=4, seed=seed)) < TOL
+    X, Y = data(3, n_out, m=4, seed=seed)
+    model.loss(Y, model.forward(X))
+    model.backward(Y)
+    # A relative error means nothing for a gradient near the centered difference's own noise
+    # (|error| ~ 1e-11 here): 1-unit layers behind saturated units reach norms of 1e-10, and gave
+    # relative errors up to 0.025 for correct gradients. Above 1e-5 (99% of 1,500 random cases,
+    # 1-unit layers included) the worst was 1.9e-7.
+    assume(min(np.linalg.norm(g) for g in model.grads.values()) > 1e-5)
+    assert gradient_check(model, X, Y) < TOL
 
 
 def test_float32_models_are_checked_through_a_float64_copy():

@@ -532,16 +532,16 @@ def test_a_stop_swallowed_inside_a_destructor_is_raised_at_the_next_check(capfd)
 def test_requests_and_results_round_trip_without_pickle(names, flags, ok):
     import numpy as np
 
-    from streamnn.pack import _decode_request, _decode_result, _encode_request, _encode_result
+    from streamnn.packworker import _decode_request, _encode_result, decode_result, encode_request
 
     paths = [os.fsdecode(n) for n in names]
-    assert _decode_request(_encode_request(paths, flags[:len(paths)])) == (paths, flags[:len(paths)])
+    assert _decode_request(encode_request(paths, flags[:len(paths)])) == (paths, flags[:len(paths)])
     kwargs = {"size": (3, 2), "grayscale": False}
     reasons = [None if good else f"bad {i} \u00e9" for i, good in enumerate(ok[:len(paths)])]
     n = reasons.count(None)
     stack = np.random.default_rng(len(paths)).integers(0, 256, (n, 3, 2, 3), dtype=np.uint8)
     sums = (n, np.arange(18, dtype=np.uint16), np.arange(18, dtype=np.uint32) * 7) if n else None
-    got_stack, got_reasons, got_sums = _decode_result(_encode_result((stack, reasons, sums)), kwargs)
+    got_stack, got_reasons, got_sums = decode_result(_encode_result((stack, reasons, sums)), kwargs)
     assert np.array_equal(got_stack, stack) and got_reasons == reasons
     assert (got_sums is None) == (sums is None)
     if sums:
@@ -564,6 +564,6 @@ def test_a_worker_starts_with_stop_signals_blocked_and_ends_when_its_pipe_closes
 
 
 def test_a_worker_whose_parent_is_not_the_expected_one_exits_at_once():
-    code = "from streamnn.pack import _worker_main; _worker_main()"
+    code = "from streamnn.packworker import worker_main; worker_main()"
     r = subprocess.run([sys.executable, "-c", code, "0", "1", "1"], capture_output=True, timeout=60)
     assert r.returncode == 1 and r.stderr == b""

@@ -70,8 +70,8 @@ def make_stores(folder: Path, rows: int, shard_counts: list[int], dtype: str) ->
     return stores
 
 
-def loader_epoch(path: Path) -> float:
-    with Loader(path, "train", BATCH, seed=0) as loader:
+def loader_epoch(path: Path, reader: str) -> float:
+    with Loader(path, "train", BATCH, seed=0, reader=reader) as loader:
         t = time.perf_counter()
         n = sum(x.shape[1] for x, _ in loader)
         return n / (time.perf_counter() - t)
@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--shards", default="2,4", help="comma-separated shard counts")
     ap.add_argument("--dtypes", default="float32,uint8")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--readers", default="mmap", help="loader readers to compare (mmap, pread)")
     ap.add_argument("--pack", type=Path, default=None, help="time packing this image folder instead")
     ap.add_argument("--ranks", type=int, default=2, help="processes for --pack")
     args = ap.parse_args()
@@ -133,23 +134,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
         for dtype in args.dtypes.split(","):
             stores = make_stores(Path(tmp), args.rows, counts, dtype)
-            for path in stores.values():
-                loader_epoch(path)  # map the pages once
-            runs: dict[str, list[float]] = {name: [] for name in stores}
-            for _ in range(args.repeats):
-                for name, path in stores.items():
-                    runs[name].append(loader_epoch(path))
-            base = statistics.median(runs["one-file"])
-            for name, values in runs.items():
-                med = statistics.median(values)
-                print(f"  {dtype:8s} {name:9s} loader {med:9.0f}   ratio {med / base:5.2f}")
+            for reader in args.readers.split(","):
+                for path in stores.values():
+                    loader_epoch(path, reader)  # map (or cache) the pages once
+                runs: dict[str, list[float]] = {name: [] for name in stores}
+                for _ in range(args.repeats):
+                    for name, path in stores.items():
+                        runs[name].append(loader_epoch(path, reader))
+                base = statistics.median(runs["one-file"])
+                for name, values in runs.items():
+                    med = statistics.median(values)
+                    print(f"  {dtype:8s} {reader:6s} {name:9s} loader {med:9.0f}   ratio {med / base:5.2f}")
             last = list(stores)[-1]
             vds = vds_epoch(stores[last])
             print(f"  {dtype:8s} {last:9s} h5py X[sorted rows] through the virtual dataset {vds:7.0f}   "
-                  f"ratio {vds / base:5.2f}")
+                  f"ratio {vds / base:5.2f} (to the last reader's one-file)")
             for path in stores.values():
                 path.unlink()
-
+            for k in counts:
+                for part in shard_folder(Path(tmp) / f"k{k}-{dtype}.h5").iterdir():
+                    part.unlink()
+                shard_folder(Path(tmp) / f"k{k}-{dtype}.h5").rmdir()
 
 if __name__ == "__main__":
     main()

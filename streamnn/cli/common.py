@@ -17,6 +17,12 @@ name too long, permission denied, ...)
 
 Paths in messages are in :func:`streamnn.paths.path_text` form.
 
+Once :func:`sigterm_as_interrupt` has received a stop signal, *any* exception that reaches
+:func:`user_errors` is reported as that stop (130 / 143): the handler raises
+KeyboardInterrupt wherever the main thread is, and a C extension may turn it into an
+exception of its own (h5py's Cython code reports it as ``TypeError: Operation not defined
+for data type class``), which must not become a traceback or exit 1.
+
 With ``ranks=True`` (``streamnn-train``, ``streamnn-eval``), under ``mpiexec -n K`` (K > 1,
 :mod:`streamnn.dist`), an error every rank raises alike (:class:`~streamnn.dist.AgreedError`)
 is printed by rank 0 only and every rank exits with its status; any other error is printed as
@@ -65,7 +71,12 @@ def user_errors(interrupted: str = "interrupted", *, ranks: bool = False) -> Ite
     (``ranks``: as one of the ranks of an MPI job, see the module docstring)."""
     report = rank_fail if ranks else fail
     try:
-        yield
+        try:
+            yield
+        except Exception:
+            if _active is None or _active.signum is None:
+                raise
+            raise _active.exception() from None  # the stop signal, in another exception's clothes
     except AgreedError as exc:
         cause = exc.__cause__
         message = os_error_message(cause) if isinstance(cause, OSError) else str(exc)
@@ -120,6 +131,10 @@ class StopRequest:
             raise self.exception()
 
 
+#: The request of the :func:`sigterm_as_interrupt` block running now, if any.
+_active: StopRequest | None = None
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[StopRequest]:
     """Inside, SIGTERM raises :class:`Terminated` and SIGINT :class:`KeyboardInterrupt`, once:
@@ -150,9 +165,12 @@ def sigterm_as_interrupt() -> Iterator[StopRequest]:
 
     previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    global _active
+    _active = request
     try:
         yield request
     finally:
+        _active = None
         if request.signum is None:  # once stopping, the process is on its way out: keep ignoring them
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 
@@ -220,7 +221,9 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)
-    if not quiet:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the store is written: a signal from now on could
+        signal.signal(sig, signal.SIG_IGN)      # only kill the exit itself (Python's own handlers are
+    if not quiet:                               # gone during interpreter shutdown), so it is ignored
         with user_errors(f"interrupted (the store {path_text(out)} is written)"):
             click.echo(result.summary())
 

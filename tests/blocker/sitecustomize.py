@@ -30,9 +30,9 @@ def _waiting() -> None:
 
 
 if BLOCK_ON:
-    import streamnn.pack
+    import streamnn.packworker
 
-    _load_image = streamnn.pack.load_image
+    _load_image = streamnn.packworker.load_image
 
     def _blocking_load_image(path, *args, **kwargs):
         if os.path.basename(path) == BLOCK_ON:
@@ -41,7 +41,7 @@ if BLOCK_ON:
                 time.sleep(0.05)
         return _load_image(path, *args, **kwargs)
 
-    streamnn.pack.load_image = _blocking_load_image
+    streamnn.packworker.load_image = _blocking_load_image
 
 if BLOCK_AT_STEP:
     import streamnn.train

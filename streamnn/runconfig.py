@@ -1,0 +1,215 @@
+"""A training run's configuration: defaults, validation against the store, the model it builds.
+
+A run is a *configuration* (a JSON-able dict: :data:`DEFAULTS` completed and checked by
+:func:`resolve_config` against the store it trains on) plus an output folder. The same
+configuration builds the same model (:func:`build_model`, seeded by :func:`derive_seed`) and
+the same validation split (:func:`split_validation`) on every rank and in every resumed
+process; :mod:`streamnn.train` runs it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from .errors import StreamnnError
+
+MODELS = ("logistic", "mlp", "cnn")
+AUGMENTS = (None, "flip", "shift", "flip,shift")
+OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
+SCHEDULES = ("constant", "hyperbolic", "step", "exponential", "cosine")
+DTYPES = ("float32", "float64")
+
+DEFAULTS: dict[str, Any] = {
+    "store": None,               # path of the HDF5 store
+    "train_split": "train",
+    "eval_split": "auto",        # "auto": "test" when the store has it; None: no evaluation split
+    "model": "mlp",
+    "hidden": [128, 32],
+    "conv": [32, 64, 128],       # cnn: channels of each 3x3 conv + ReLU + 2x2 max-pool block
+    "kernel": 3,                 # cnn: convolution kernel size (odd)
+    "batch_norm": False,         # cnn: BatchNorm after every convolution
+    "activation": "relu",
+    "optimizer": "adam",
+    "optimizer_params": {},      # e.g. {"beta1": 0.9} for adam, {"beta": 0.9} for momentum (streamnn.optim)
+    "lr": 1e-3,
+    "lr_schedule": "constant",
+    "schedule_params": {},       # e.g. {"decay": 1.0} for hyperbolic (streamnn.schedules)
+    "epochs": 10,
+    "batch_size": 64,
+    "eval_batch_size": 256,
+    "weight_decay": 0.0,
+    "dropout": 0.0,
+    "standardize": False,
+    "augment": None,             # None | "flip" | "shift" | "flip,shift"
+    "shift": 4,                  # shift augmentation: up to this many pixels
+    "shift_padding": "reflect",  # shift augmentation: "reflect" | "zero"
+    "val_fraction": 0.0,         # seeded, stratified part of the training split used for selection
+    "dtype": "float32",
+    "seed": 0,
+    "order": "exact",            # loader shuffle order: "exact" | "block"
+    "reader": "auto",            # loader I/O: "auto" | "mmap" | "pread" (streamnn.rowreader; may change on resume)
+    "checkpoint_every": 0,       # steps; 0: only at epoch ends
+}
+# Schedule parameters (see streamnn.schedules) filled in when not given.
+SCHEDULE_DEFAULTS: dict[str, dict[str, float]] = {
+    "hyperbolic": {"decay": 1.0}, "step": {"every": 10.0}, "exponential": {"factor": 0.95}}
+RESUMABLE = ("epochs", "reader")  # options that may change when a run is resumed
+
+
+# -- configuration -----------------------------------------------------------------------------
+def derive_seed(seed: int, purpose: str) -> int:
+    """An independent 63-bit seed for one purpose ("model", "loader", "split") of a run's seed."""
+    words = [int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF] + [ord(ch) for ch in purpose]
+    return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
+    """Complete and validate a configuration against an open store; raises StreamnnError."""
+    unknown = set(user) - set(DEFAULTS)
+    if unknown:
+        raise StreamnnError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+    cfg = {**DEFAULTS, **{k: v for k, v in user.items()}}
+    cfg["store"] = os.path.abspath(cfg["store"] if cfg["store"] is not None else store.path)
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise StreamnnError(message)
+
+    for key, choices in (("model", MODELS), ("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
+                         ("dtype", DTYPES), ("order", ("exact", "block")), ("augment", AUGMENTS),
+                         ("shift_padding", ("reflect", "zero")), ("reader", ("auto", "mmap", "pread"))):
+        need(cfg[key] in choices, f"{key.replace('_', '-')} must be one of "
+                                  f"{', '.join(str(c) for c in choices)}, not {cfg[key]!r}")
+    cfg["hidden"] = [int(h) for h in (cfg["hidden"] or [])]
+    need(all(h > 0 for h in cfg["hidden"]), f"hidden layer sizes must be positive: {cfg['hidden']}")
+    cfg["conv"] = [int(c) for c in (cfg["conv"] or [])]
+    cfg["kernel"], cfg["shift"], cfg["batch_norm"] = int(cfg["kernel"]), int(cfg["shift"]), bool(cfg["batch_norm"])
+    if cfg["model"] == "cnn":
+        need(all(c > 0 for c in cfg["conv"]), f"conv channel counts must be positive: {cfg['conv']}")
+        need(cfg["kernel"] >= 1 and cfg["kernel"] % 2 == 1, f"kernel must be an odd size, not {cfg['kernel']}")
+        h, w = store.image_shape[:2]
+        need(min(h, w) >= 2 ** len(cfg["conv"]), f"{len(cfg['conv'])} conv blocks halve {h}x{w} images below one "
+                                                 "pixel: give fewer --conv entries")
+    need(cfg["shift"] >= 1 or "shift" not in (cfg["augment"] or ""), "shift must be >= 1 pixel")
+    if cfg["model"] == "logistic":
+        cfg["hidden"], cfg["activation"], cfg["dropout"] = [], None, 0.0
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        cfg[key] = int(cfg[key])
+        need(cfg[key] > 0, f"{key.replace('_', '-')} must be positive, not {cfg[key]}")
+    cfg["checkpoint_every"] = int(cfg["checkpoint_every"] or 0)
+    need(cfg["checkpoint_every"] >= 0, "checkpoint-every must be >= 0 (0: epoch ends only)")
+    for key in ("lr", "weight_decay", "dropout", "val_fraction"):
+        cfg[key] = float(cfg[key])
+    need(cfg["lr"] > 0 and math.isfinite(cfg["lr"]), f"lr must be a positive number, not {cfg['lr']}")
+    need(cfg["weight_decay"] >= 0, "weight-decay must be >= 0")
+    need(0 <= cfg["dropout"] < 1, "dropout must be in [0, 1)")
+    need(0 <= cfg["val_fraction"] < 1, "val-fraction must be in [0, 1)")
+    cfg["seed"] = int(cfg["seed"])
+    cfg["standardize"] = bool(cfg["standardize"])
+    cfg["optimizer_params"] = check_optimizer_params(cfg["optimizer"], dict(cfg["optimizer_params"] or {}))
+    cfg["schedule_params"] = {**SCHEDULE_DEFAULTS.get(cfg["lr_schedule"], {}), **(cfg["schedule_params"] or {})}
+    if cfg["lr_schedule"] == "cosine":  # fix the period now: extending a run must not change past rates
+        cfg["schedule_params"].setdefault("total_epochs", cfg["epochs"])
+    from .schedules import make_schedule
+
+    cfg["schedule_params"] = make_schedule(cfg["lr_schedule"], cfg["lr"], **cfg["schedule_params"]).params
+    need(cfg["train_split"] in store.splits, f"the store has no {cfg['train_split']!r} split "
+                                             f"(it has {', '.join(store.splits)})")
+    if cfg["eval_split"] == "auto":
+        cfg["eval_split"] = "test" if "test" in store.splits else None
+    if cfg["eval_split"] in ("none", ""):
+        cfg["eval_split"] = None
+    need(cfg["eval_split"] is None or cfg["eval_split"] in store.splits,
+         f"the store has no {cfg['eval_split']!r} split to evaluate on (it has {', '.join(store.splits)}; "
+         f"use --eval-split none to skip)")
+    need(cfg["eval_split"] != cfg["train_split"], "the evaluation split must differ from the training split")
+    if cfg["standardize"]:
+        need(store.stats() is not None, "the store has no /stats (mean, std): repack it, or train without "
+                                        "--standardize")
+    if cfg["model"] == "logistic":
+        need(store.n_classes == 2, f"logistic regression is binary but the store has {store.n_classes} "
+                                   "classes: use --model mlp")
+    need(store.n_classes >= 2, "the store needs at least two classes")
+    check_model_size(cfg, store)
+    return cfg
+
+
+def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Optimizer parameters checked by name and by type against the optimizer's signature: a
+    parameter whose default is a bool takes true/false only, a number a finite number."""
+    import inspect
+
+    from .optim import OPTIMIZERS
+
+    signature = inspect.signature(OPTIMIZERS[name].__init__)
+    accepted = {k: p.default for k, p in signature.parameters.items()
+                if k not in ("self", "model", "lr") and p.default is not inspect.Parameter.empty}
+    for key, value in params.items():
+        if key not in accepted:
+            raise StreamnnError(f"the {name} optimizer has no parameter {key!r} (it has {', '.join(accepted)})")
+        if isinstance(accepted[key], bool):
+            if not isinstance(value, bool):
+                raise StreamnnError(f"optimizer parameter {key} must be true or false, not {value!r}")
+        elif (isinstance(value, bool) or not isinstance(value, (int, float))
+              or not math.isfinite(value)):
+            raise StreamnnError(f"optimizer parameter {key} must be a finite number, not {value!r}")
+    return params
+
+
+def check_model_size(cfg: dict[str, Any], store: Any) -> None:
+    """Refuse, before allocating, a model whose parameters and buffers exceed the memory available."""
+    from .budget import TRAINING_COPIES, check_fits, conv_parameter_count, dense_parameter_count
+
+    outputs = 1 if store.n_classes == 2 else store.n_classes
+    if cfg["model"] == "cnn":
+        count = conv_parameter_count(store.image_shape, cfg["conv"], cfg["hidden"], store.n_classes, cfg["kernel"],
+                                     cfg["batch_norm"])
+        what = f"the cnn model (conv {cfg['conv']}, hidden {cfg['hidden']})"
+    else:
+        sizes = [store.n_features, outputs] if cfg["model"] == "logistic" else [store.n_features, *cfg["hidden"],
+                                                                                 outputs]
+        count, what = dense_parameter_count(sizes), f"the {cfg['model']} model {sizes}"
+    check_fits(count, np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES, what)
+
+
+def selection_split(cfg: dict[str, Any]) -> str:
+    """Which accuracy selects checkpoint-best.h5: "val", "eval" or "train"."""
+    return "val" if cfg["val_fraction"] > 0 else "eval" if cfg["eval_split"] else "train"
+
+
+def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified split of row indices into (train, val), each sorted."""
+    rng = np.random.Generator(np.random.PCG64(derive_seed(seed, "split")))
+    val = []
+    for k in np.unique(labels):
+        rows = np.flatnonzero(labels == k)
+        n_val = int(round(fraction * len(rows)))
+        val.append(rng.permutation(rows)[:n_val])
+    val_rows = np.sort(np.concatenate(val)) if val else np.empty(0, np.int64)
+    train_rows = np.setdiff1d(np.arange(len(labels)), val_rows)
+    if len(val_rows) == 0 or len(train_rows) == 0:
+        raise StreamnnError(f"val-fraction {fraction} leaves {len(train_rows)} training and {len(val_rows)} "
+                            "validation rows")
+    return train_rows.astype(np.int64), val_rows.astype(np.int64)
+
+
+# -- components --------------------------------------------------------------------------------
+def build_model(cfg: dict[str, Any], n_features: int, n_classes: int,
+                image_shape: tuple[int, ...] | None = None) -> Any:
+    """A fresh model for the configuration (binary: one sigmoid output; else softmax)."""
+    from . import models
+
+    dtype, seed = np.dtype(cfg["dtype"]).type, derive_seed(cfg["seed"], "model")
+    if cfg["model"] == "cnn":
+        return models.ConvNet(image_shape, cfg["conv"], cfg["hidden"], n_classes, kernel=cfg["kernel"],
+                              batch_norm=cfg["batch_norm"], dtype=dtype, weight_decay=cfg["weight_decay"],
+                              dropout=cfg["dropout"], seed=seed)
+    if cfg["model"] == "logistic":
+        return models.LogisticRegression(n_features, dtype=dtype, weight_decay=cfg["weight_decay"], seed=seed)
+    sizes = [n_features, *cfg["hidden"], 1 if n_classes == 2 else n_classes]
+    activations = [cfg["activation"]] * len(cfg["hidden"]) + ["sigmoid" if n_classes == 2 else "softmax"]
+    return models.DeepNetwork(sizes, activations, dtype=dtype, weight_decay=cfg["weight_decay"],
+                              dropout=cfg["dropout"], seed=seed)
