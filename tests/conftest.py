@@ -18,6 +18,16 @@ _AT_START = {sig: signal.getsignal(sig) for sig in _SIGNALS}
 _HOOK_AT_START = sys.unraisablehook
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _children_write_temporaries_under_pytests_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Children write their temporaries in pytest's own folder, not in /tmp: mpiexec (MPICH's
+    hydra) leaves a topology file in $TMPDIR for every run."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("children-tmp")))
+    yield
+    patch.undo()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     yield

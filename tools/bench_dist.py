@@ -83,7 +83,8 @@ def run(k: int, store: Path, out: Path, args: argparse.Namespace) -> dict[str, f
     cmd = [str(mpiexec if mpiexec.is_file() else "mpiexec"), "-n", str(k), sys.executable, __file__, "--worker",
            "--store", str(store), "--out", str(out / f"k{k}-{time.monotonic_ns()}"), "--model", args.model,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    with tempfile.TemporaryDirectory() as tmp:  # mpiexec (hydra) leaves a topology file in $TMPDIR
+        result = subprocess.run(cmd, capture_output=True, text=True, env={**env, "TMPDIR": tmp}, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
