@@ -66,6 +66,7 @@ import h5py
 import numpy as np
 
 from .atomic import TMP_PREFIX
+from .dist import INSTALL_HINT, launcher_world
 from .errors import StreamnnError
 from .pack import (PackJob, PackResult, RunningMoments, SourcePlan, _within, _writing, default_workers,
                    prepare_pack, remove_stale_temps)
@@ -519,19 +520,18 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, ranks: _Ranks,
 
 
 # -- MPI ---------------------------------------------------------------------------------------------
-_MPI_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
-
-
 def mpi_world() -> Any:
     """``MPI.COMM_WORLD`` when this process is one of several ranks started by ``mpiexec``
-    (judged from the launcher's environment, so that mpi4py is imported only then), else None."""
-    sizes = [os.environ.get(v, "") for v in _MPI_SIZE_VARIABLES]
-    if not any(s.isdigit() and int(s) > 1 for s in sizes):
+    (judged from the launcher's environment by :func:`streamnn.dist.launcher_world`, the one
+    place that knows the launchers, so that mpi4py is imported only then), else None."""
+    rank, size = launcher_world()
+    if size <= 1:
         return None
     try:
         from mpi4py import MPI
     except ImportError:
-        raise StreamnnError("started by mpiexec, but mpi4py is not installed (pip install 'streamnn[mpi]')") from None
+        raise StreamnnError(f"started by mpiexec as rank {rank} of {size}, but mpi4py is not installed: "
+                            f"{INSTALL_HINT}") from None
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
 
 
