@@ -1,8 +1,9 @@
 """streamnn: NumPy neural networks trained on image datasets streamed from HDF5.
 
-Modules, one concept each: ``store`` (the HDF5 format), ``pack`` (image folders to a
-store), ``loader`` (shuffled mini-batches), ``models`` / ``optim`` / ``schedules``
-(the NumPy maths), ``checkpoint`` and ``train`` (resumable training), ``cli`` (commands).
+Packages by pipeline stage: ``pack`` (image folders to a store), ``data`` (the store and its
+mini-batches), ``nn`` (layers, losses, models), ``optim`` (optimizers, schedules), ``run``
+(training runs, checkpoints, evaluation), ``cli`` (the commands); ``dist`` is the one
+communicator (one process or MPI), and ``errors``, ``paths``, ``atomic``, ``rng`` the base.
 
 The public names below are imported lazily, on first use (PEP 562 ``__getattr__``): importing
 ``streamnn`` costs nothing, so a command's entry point (:mod:`streamnn.cli`) starts at once
@@ -13,14 +14,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from streamnn.version import __version__
 
 _EXPORTS = {
-    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint", "load_image": "decode",
-    "StreamnnError": "errors", "gradient_check": "gradcheck", "Loader": "loader",
-    "DeepNetwork": "models", "LogisticRegression": "models", "Adam": "optim", "GradientDescent": "optim",
-    "Momentum": "optim", "RMSProp": "optim", "make_optimizer": "optim", "make_schedule": "schedules",
-    "Store": "store", "StoreWriter": "store", "open_store": "store", "Trainer": "train",
+    "StreamnnError": "errors",
+    "Store": "data.store", "StoreWriter": "data.store", "open_store": "data.store", "Loader": "data.loader",
+    "load_image": "pack.decode",
+    "DeepNetwork": "nn.models", "LogisticRegression": "nn.models", "ConvNet": "nn.models",
+    "gradient_check": "nn.gradcheck",
+    "Adam": "optim", "GradientDescent": "optim", "Momentum": "optim", "RMSProp": "optim",
+    "make_optimizer": "optim", "make_schedule": "optim",
+    "load_checkpoint": "run.checkpoint", "save_checkpoint": "run.checkpoint", "Trainer": "run.trainer",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import StreamnnError
+from streamnn.errors import StreamnnError
 
 TMP_PREFIX = ".streamnn-tmp-"
 _RANDOM_CHARS = 8   # what tempfile.mkstemp adds

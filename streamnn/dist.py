@@ -52,7 +52,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import numpy as np
 
-from .errors import StreamnnError
+from streamnn.errors import StreamnnError
 
 T = TypeVar("T")
 #: Seconds a collective may wait for the other ranks before the job is aborted.

@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamnn import StreamnnError, budget, models
+from streamnn import StreamnnError
+from streamnn.nn import models
+from streamnn.run import budget
 
 
 def _allocated(model) -> int:

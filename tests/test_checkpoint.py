@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streamnn import StreamnnError
-from streamnn.checkpoint import (FORMAT_VERSION, differences, digest, get, load_checkpoint, normalize,
+from streamnn.run.checkpoint import (FORMAT_VERSION, differences, digest, get, load_checkpoint, normalize,
                                  save_checkpoint)
 from streamnn.rng import make_rng, rng_state
 
@@ -72,7 +72,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "c.h5"
     save_checkpoint(path, content())
     before = path.read_bytes()
-    import streamnn.checkpoint as ck
+    import streamnn.run.checkpoint as ck
 
     def boom(group, c):
         group.create_dataset("partial", data=np.zeros(3))

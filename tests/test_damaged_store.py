@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from streamnn.cli.eval import main as eval_main
 from streamnn.cli.info import main as info_main
 from streamnn.cli.train import main as train_main
-from streamnn.rundir import LATEST
+from streamnn.run.folder import LATEST
 from tinystore import D, make_store
 
 def _attr(name, value):

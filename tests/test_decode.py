@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from imagetree import bad_files, encode, jpeg_with_size, pil_bytes, smooth_image
 from streamnn import StreamnnError
-from streamnn.decode import (DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_kwargs, decode_options,
+from streamnn.pack.decode import (DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_kwargs, decode_options,
                              load_image, parse_size, probe, reduction_factor)
 
 
@@ -196,12 +196,12 @@ def test_extraneous_bytes_before_a_marker_are_harmless_and_quiet(capfd):
 
 
 def test_other_c_library_output_is_passed_on(capfd):
-    from streamnn.decode import _c_stderr
+    from streamnn.pack.decode import _c_stderr
 
     with _c_stderr() as said:
         os.write(2, b"libpng warning: something\n")
     assert said == [b"libpng warning: something\n"] and capfd.readouterr().err == ""
-    from streamnn.decode import _judge_warnings
+    from streamnn.pack.decode import _judge_warnings
 
     _judge_warnings(said[0])
     assert capfd.readouterr().err == "libpng warning: something\n"

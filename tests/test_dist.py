@@ -11,7 +11,7 @@ import pytest
 from mpi import ROOT, run_mpiexec, run_ranks
 from streamnn import StoreWriter, StreamnnError
 from streamnn.dist import SingleComm, launcher_world, world
-from streamnn.loader import Loader
+from streamnn.data.loader import Loader
 
 
 def test_the_launcher_environment_decides_the_world():
@@ -137,7 +137,7 @@ SHARDED = """
     import json, sys
     import numpy as np
     from streamnn.dist import world
-    from streamnn.loader import Loader
+    from streamnn.data.loader import Loader
     comm = world()
     with Loader(sys.argv[1], "train", 5, seed=3, augment="flip", rank=comm.rank, world_size=comm.size) as L:
         out = [[[np.rint(X[0] * 255).astype(int).tolist(), X.tolist()] for X, _ in L] for epoch in range(2)]
@@ -178,7 +178,7 @@ def test_mpi_tests_fail_in_ci_without_mpi_and_skip_elsewhere(monkeypatch):
 
 
 def test_streamnn_eval_under_mpiexec_sums_the_shares(tmp_path):
-    from streamnn.train import Trainer
+    from streamnn.run.trainer import Trainer
 
     store = tmp_path / "s.h5"
     make_id_store(store, n=40, n_test=37)
@@ -214,7 +214,7 @@ def test_under_mpiexec_without_mpi4py_the_command_stops_with_one_line(tmp_path):
 
 
 def test_a_rank_draws_the_one_process_dropout_masks_of_its_columns():
-    from streamnn.models import ConvNet, DeepNetwork
+    from streamnn.nn.models import ConvNet, DeepNetwork
     from streamnn.nn import Dropout
 
     def masks(model):
@@ -234,7 +234,7 @@ def test_a_rank_draws_the_one_process_dropout_masks_of_its_columns():
 
 def test_a_rank_with_no_rows_of_a_batch_adds_nothing():
     """The uneven last batch can leave a rank without rows: forward and backward still work, gradient 0."""
-    from streamnn.models import ConvNet, DeepNetwork
+    from streamnn.nn.models import ConvNet, DeepNetwork
 
     for model, Y in ((DeepNetwork([48, 5, 1], ["relu", "sigmoid"], dropout=0.2), np.zeros((1, 0), np.float32)),
                      (ConvNet((4, 4, 3), [2], [6], 3, dropout=0.2), np.zeros((3, 0), np.float32))):

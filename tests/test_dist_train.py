@@ -11,8 +11,8 @@ import pytest
 
 from mpi import run_mpiexec, run_ranks
 from streamnn import StoreWriter
-from streamnn.checkpoint import load_checkpoint
-from streamnn.train import LATEST, Trainer, TrainingInterrupted
+from streamnn.run.checkpoint import load_checkpoint
+from streamnn.run.trainer import LATEST, Trainer, TrainingInterrupted
 from blocking import BLOCKER
 
 # 36 training rows after validation (uneven last batch of 1 row: one rank has none), an odd
@@ -25,7 +25,7 @@ JOB = """
     import hashlib, json, sys
     import numpy as np
     from streamnn.dist import world
-    from streamnn.train import Trainer, TrainingInterrupted
+    from streamnn.run.trainer import Trainer, TrainingInterrupted
     cfg, out, stop, resume, record = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
     comm = world()
     digests = []

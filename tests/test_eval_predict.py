@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from streamnn import StoreWriter
 from streamnn.cli.eval import main as eval_main
 from streamnn.cli.predict import main as predict_main
-from streamnn.evaluate import Preprocess, flip_columns, load_predictor, predict_proba
-from streamnn.metrics import Metrics, class_probabilities, confusion_matrix, precision_recall
-from streamnn.train import BEST, LATEST, Trainer
+from streamnn.run.evaluate import Preprocess, flip_columns, load_predictor, predict_proba
+from streamnn.run.metrics import Metrics, class_probabilities, confusion_matrix, precision_recall
+from streamnn.run.trainer import BEST, LATEST, Trainer
 
 SHAPE = (8, 8, 3)
 
@@ -109,7 +109,7 @@ def test_predict_matches_store_rows_and_reports_bad_files(dataset, tmp_path):
     assert [Path(d["path"]) for d in lines] == sorted(test_files)
     assert "broken.jpg" in r.stderr and "1 of 25 images could not be read" in r.stderr
     # the same probabilities as the store rows through the evaluation path
-    from streamnn.store import open_store
+    from streamnn.data.store import open_store
 
     with open_store(dataset["store"]) as s:
         X = s.read_rows("test", range(24)).T.copy()

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from streamnn.activations import ACTIVATIONS
-from streamnn.gradcheck import gradient_check, gradient_errors, relative_error
-from streamnn.models import DeepNetwork, LogisticRegression
+from streamnn.nn.functional import ACTIVATIONS
+from streamnn.nn.gradcheck import gradient_check, gradient_errors, relative_error
+from streamnn.nn.models import DeepNetwork, LogisticRegression
 from streamnn.nn import Dropout
 
 TOL = 1e-6

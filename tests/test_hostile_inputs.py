@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from streamnn.checkpoint import load_checkpoint, save_checkpoint
+from streamnn.run.checkpoint import load_checkpoint, save_checkpoint
 from streamnn.cli.eval import main as eval_main
 from streamnn.cli.predict import main as predict_main
 from streamnn.cli.train import main as train_main
 from streamnn.paths import path_bytes
-from streamnn.rundir import LATEST
+from streamnn.run.folder import LATEST
 from tinystore import make_store
 
 TRAIN = ["--epochs", "1", "--hidden", "4", "--batch-size", "4", "-q", "--no-progress"]

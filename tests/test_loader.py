@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamnn import StoreWriter, StreamnnError, open_store
-from streamnn.loader import Loader, block_order
+from streamnn.data.loader import Loader, block_order
 
 SHAPE = (4, 5, 3)
 D = 60
@@ -46,7 +46,7 @@ def make_store(path, n=50, dtype="float32", compression=None, classes=("cats", "
 @pytest.fixture
 def threaded(monkeypatch):
     """Loaders made in the test prefetch in their thread whatever the caller's speed."""
-    monkeypatch.setattr("streamnn.loader.PREFETCH_POLICY", "thread")
+    monkeypatch.setattr("streamnn.data.loader.PREFETCH_POLICY", "thread")
 
 
 @pytest.fixture(scope="module")
@@ -357,12 +357,12 @@ def test_values_equal_normalized_stored_rows(tmp_path, dtype, compression):
 
 
 def test_hdf5_fallback_reader(tmp_path, monkeypatch):
-    import streamnn.rowreader as rr
+    import streamnn.data.readers as rr
 
     path = tmp_path / "s.h5"
     px, _ = make_store(path, 100, "uint8")
     real = rr.open_rows
-    monkeypatch.setattr("streamnn.loader.open_rows", lambda *a, **k: real(*a, **dict(k, allow_memmap=False)))
+    monkeypatch.setattr("streamnn.data.loader.open_rows", lambda *a, **k: real(*a, **dict(k, allow_memmap=False)))
     with Loader(path, "train", 16, world_size=3, rank=2) as L:
         assert L.reader_mode == "hdf5"
         for X, _ in L:
@@ -413,7 +413,7 @@ def test_standardize_matches_store_stats(store50):
         X, _ = next(iter(L))
     assert np.array_equal(X, expected.T.astype(np.float32))
     try:
-        from streamnn.evaluate import Preprocess
+        from streamnn.run.evaluate import Preprocess
     except Exception:  # pragma: no cover - another module of the project
         return
     assert np.array_equal(X, Preprocess(SHAPE, mean, std)(rows.T))

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamnn import StreamnnError
-from streamnn.activations import ACTIVATIONS, log_softmax, sigmoid, softmax
-from streamnn.losses import BinaryCrossEntropy, CategoricalCrossEntropy
-from streamnn.models import DeepNetwork, LogisticRegression, from_config
+from streamnn.nn.functional import ACTIVATIONS, log_softmax, sigmoid, softmax
+from streamnn.nn.losses import BinaryCrossEntropy, CategoricalCrossEntropy
+from streamnn.nn.models import DeepNetwork, LogisticRegression, from_config
 from streamnn.nn import Activation, Dropout
 
 DTYPES = [np.float32, np.float64]

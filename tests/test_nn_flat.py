@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamnn.activations import ACTIVATIONS
-from streamnn.losses import LOSSES
-from streamnn.models import DeepNetwork, LogisticRegression, from_config
+from streamnn.nn.functional import ACTIVATIONS
+from streamnn.nn.losses import LOSSES
+from streamnn.nn.models import DeepNetwork, LogisticRegression, from_config
 from streamnn.optim import OPTIMIZERS, make_optimizer
 
 LR = {"sgd": 0.1, "momentum": 0.1, "rmsprop": 0.01, "adam": 0.01}

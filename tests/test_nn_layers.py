@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamnn import StreamnnError
-from streamnn.gradcheck import gradient_check, gradient_errors, layer_gradient_errors
-from streamnn.models import ConvNet, from_config
+from streamnn.nn.gradcheck import gradient_check, gradient_errors, layer_gradient_errors
+from streamnn.nn.models import ConvNet, from_config
 from streamnn.nn import (Activation, BatchNorm, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D, Network,
                          layer_from_config)
 from streamnn.rng import make_rng

@@ -12,13 +12,13 @@ from click.testing import CliRunner
 
 from blocking import start_blocked
 from streamnn import StreamnnError
-from streamnn.checkpoint import get, load_checkpoint
+from streamnn.run.checkpoint import get, load_checkpoint
 from streamnn.cli.eval import main as eval_main
 from streamnn.cli.predict import main as predict_main
 from streamnn.cli.train import main as train_main
-from streamnn.loader import Loader
-from streamnn.train import read_metrics_csv
-from streamnn.transforms import Augment, shift_images
+from streamnn.data.loader import Loader
+from streamnn.run.trainer import read_metrics_csv
+from streamnn.data.transforms import Augment, shift_images
 from test_train import LATEST, _cli, assert_same_run, make_store
 
 SHAPE = (8, 8, 3)

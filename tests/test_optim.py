@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamnn import StreamnnError
-from streamnn.models import DeepNetwork, LogisticRegression, from_config
+from streamnn.nn.models import DeepNetwork, LogisticRegression, from_config
 from streamnn.optim import OPTIMIZERS, Adam, GradientDescent, Momentum, RMSProp, make_optimizer
-from streamnn.schedules import make_schedule
+from streamnn.optim.schedules import make_schedule
 
 
 class Stub:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from streamnn.atomic import TMP_PREFIX
 from streamnn.cli.train import main as train_main
-from streamnn.rundir import BEST, LATEST
+from streamnn.run.folder import BEST, LATEST
 from tinystore import make_store
 
 TRAIN = ["--hidden", "512", "--epochs", "1", "--no-progress", "-q", "--eval-split", "none"]

@@ -16,7 +16,7 @@ import pytest
 from imagetree import bad_files, encode, make_tree, pil_bytes, smooth_image
 from streamnn import StreamnnError, open_store
 from streamnn.atomic import TMP_PREFIX
-from streamnn.pack import RunningMoments, _Decoder, natural_key, pack, scan_source
+from streamnn.pack.job import RunningMoments, _Decoder, natural_key, pack, scan_source
 
 KAGGLE = {"training_set": {"cats": 7, "dogs": 6}, "test_set": {"cats": 3, "dogs": 4}}
 

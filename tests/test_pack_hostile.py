@@ -26,12 +26,12 @@ from imagetree import encode, make_tree, smooth_image
 from streamnn import StreamnnError, open_store
 from streamnn.atomic import TMP_PREFIX
 from streamnn.cli.pack import main as pack_main
-from streamnn.pack import is_store_file, pack, scan_source
+from streamnn.pack.job import is_store_file, pack, scan_source
 from streamnn.paths import path_bytes, path_text
 
 PACK_CLI = [sys.executable, "-m", "streamnn.cli.pack"]
 # The CLI with every chunk sent to the workers (none decoded in the parent while they start).
-POOL_CLI = [sys.executable, "-c", "import sys; from streamnn.pack import _Decoder; "
+POOL_CLI = [sys.executable, "-c", "import sys; from streamnn.pack.job import _Decoder; "
             "_Decoder.decode_while_booting = False; from streamnn.cli.pack import main; "
             "sys.argv[0] = 'streamnn-pack'; main()"]
 
@@ -532,7 +532,7 @@ def test_a_stop_swallowed_inside_a_destructor_is_raised_at_the_next_check(capfd)
 def test_requests_and_results_round_trip_without_pickle(names, flags, ok):
     import numpy as np
 
-    from streamnn.packworker import _decode_request, _encode_result, decode_result, encode_request
+    from streamnn.pack.worker import _decode_request, _encode_result, decode_result, encode_request
 
     paths = [os.fsdecode(n) for n in names]
     assert _decode_request(encode_request(paths, flags[:len(paths)])) == (paths, flags[:len(paths)])
@@ -550,7 +550,7 @@ def test_requests_and_results_round_trip_without_pickle(names, flags, ok):
 
 def test_a_worker_starts_with_stop_signals_blocked_and_ends_when_its_pipe_closes():
     """The portable half of "workers die with the parent": end of file on the request pipe."""
-    from streamnn.pack import _Worker
+    from streamnn.pack.job import _Worker
 
     w = _Worker(dict(os.environ), {"size": [4, 4], "grayscale": False})
     try:
@@ -564,6 +564,6 @@ def test_a_worker_starts_with_stop_signals_blocked_and_ends_when_its_pipe_closes
 
 
 def test_a_worker_whose_parent_is_not_the_expected_one_exits_at_once():
-    code = "from streamnn.packworker import worker_main; worker_main()"
+    code = "from streamnn.pack.worker import worker_main; worker_main()"
     r = subprocess.run([sys.executable, "-c", code, "0", "1", "1"], capture_output=True, timeout=60)
     assert r.returncode == 1 and r.stderr == b""

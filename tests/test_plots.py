@@ -1,4 +1,4 @@
-"""streamnn.plots: headless PNG figures, written atomically, with a legible layout."""
+"""streamnn.run.plots: headless PNG figures, written atomically, with a legible layout."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from streamnn import plots
+from streamnn.run import plots
 from streamnn.atomic import TMP_PREFIX
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -177,9 +177,9 @@ def test_curves_single_epoch_and_overwrite(tmp_path):
 
 
 def test_train_uses_plots_save_curves():
-    import streamnn.train as train
+    import streamnn.run.trainer as train
 
-    assert not hasattr(train, "save_curves")  # one implementation, in streamnn.plots
+    assert not hasattr(train, "save_curves")  # one implementation, in streamnn.run.plots
 
 
 # --- callers and package ---------------------------------------------------------------

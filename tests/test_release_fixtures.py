@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from streamnn import open_store
-from streamnn.checkpoint import differences, load_checkpoint
+from streamnn.run.checkpoint import differences, load_checkpoint
 from streamnn.cli.eval import main as eval_main
 from streamnn.cli.predict import main as predict_main
-from streamnn.train import LATEST, Trainer
+from streamnn.run.trainer import LATEST, Trainer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "release-0.1.0"
 RUNS = {"mlp": "store.h5", "cnn": "store-u8.h5", "sharded": "sharded.h5"}

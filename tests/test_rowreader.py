@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import streamnn.rowreader as rr
+import streamnn.data.readers as rr
 from streamnn import StreamnnError, open_store
-from streamnn.loader import Loader
+from streamnn.data.loader import Loader
 
 from test_loader import _in_child, make_store, row_ids
 
@@ -54,7 +54,7 @@ def test_pread_batches_equal_the_memory_maps(stores, monkeypatch, dtype, order, 
               subset=subset, rank=rank, world_size=world, prefetch=prefetch, augment=augment, shift=1,
               standardize=standardize, drop_last=drop_last, block_rows=block_rows, window_blocks=2)
     monkeypatch.setattr(rr, "PREAD_THREADS", threads)
-    monkeypatch.setattr("streamnn.loader.PREFETCH_POLICY", policy)
+    monkeypatch.setattr("streamnn.data.loader.PREFETCH_POLICY", policy)
     want = batches(path, "mmap", **kw)
     got = batches(path, "pread", **kw)
     assert len(got) == len(want)
@@ -65,7 +65,7 @@ def test_pread_batches_equal_the_memory_maps(stores, monkeypatch, dtype, order, 
 
 def test_batches_stay_valid_through_the_next_two(stores, monkeypatch):
     """The batch buffers the reader lends are not reused while the caller may hold them."""
-    monkeypatch.setattr("streamnn.loader.PREFETCH_POLICY", "thread")
+    monkeypatch.setattr("streamnn.data.loader.PREFETCH_POLICY", "thread")
     monkeypatch.setattr(rr, "AHEAD_ROWS", 8)  # one batch ahead: buffers are reused soon
     path, px = stores["float32"]
     with Loader(path, "train", 8, seed=2, reader="pread", prefetch=3) as L:
@@ -226,7 +226,7 @@ def test_pread_loader_in_a_child_process(stores, monkeypatch, method):
     global PX
     if method not in multiprocessing.get_all_start_methods():
         pytest.skip(f"start method {method!r} does not exist on this platform")
-    monkeypatch.setattr("streamnn.loader.PREFETCH_POLICY", "thread")
+    monkeypatch.setattr("streamnn.data.loader.PREFETCH_POLICY", "thread")
     path, PX = stores["uint8"]
     with Loader(path, "train", 9, seed=4, reader="pread") as L:
         expected = [row_ids(X, PX) for X, _ in L][1:]
@@ -286,9 +286,9 @@ def test_chunked_stores_are_read_by_chunks_whatever_the_reader(tmp_path):
 def test_training_reads_with_the_reader_asked_and_may_switch_on_resume(tmp_path):
     from click.testing import CliRunner
 
-    from streamnn.checkpoint import differences, load_checkpoint
+    from streamnn.run.checkpoint import differences, load_checkpoint
     from streamnn.cli.train import main as train_main
-    from streamnn.train import LATEST
+    from streamnn.run.trainer import LATEST
     from test_train import make_store as make_train_store
 
     store = make_train_store(tmp_path / "t.h5")

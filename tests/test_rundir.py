@@ -12,13 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamnn import StreamnnError
-from streamnn.checkpoint import save_checkpoint
-from streamnn.rundir import (BEST, CONFIG_FORMAT, CONFIG_JSON, CURVES_METADATA, CURVES_PNG, LATEST, LOCK_FILE,
+from streamnn.run.checkpoint import save_checkpoint
+from streamnn.run.folder import (BEST, CONFIG_FORMAT, CONFIG_JSON, CURVES_METADATA, CURVES_PNG, LATEST, LOCK_FILE,
                              METRICS_CSV, METRICS_HEADER, RUN_FILES, STEPS_CSV, RunDir, png_text_chunks)
 
 
 def _curves(path):
-    from streamnn.plots import save_curves
+    from streamnn.run.plots import save_curves
 
     save_curves({"epoch": [1.0], "train_loss": [0.5], "train_accuracy": [0.6]}, path, metadata=CURVES_METADATA)
 
@@ -46,7 +46,7 @@ def _foreign_variants(folder, name):
     if name.endswith(".h5"):
         yield "foreign hdf5", lambda: h5py.File(path, "w").close()
     if name.endswith(".png"):
-        yield "own png", lambda: __import__("streamnn.plots", fromlist=["x"]).save_curves(
+        yield "own png", lambda: __import__("streamnn.run.plots", fromlist=["x"]).save_curves(
             {"epoch": [1.0], "train_loss": [1.0]}, path)
     if name.endswith(".json"):
         yield "other json", lambda: path.write_text('{"epochs": 3}')
@@ -235,7 +235,7 @@ def test_resume_with_damaged_run_files_is_one_line(finished_run, tmp_path, damag
 
 def test_curves_drawn_before_the_marker_are_ours_only_beside_our_checkpoint(tmp_path):
     """A run folder of the release before the marker resumes; a lone matplotlib curves.png stays foreign."""
-    from streamnn.plots import save_curves
+    from streamnn.run.plots import save_curves
 
     history = {"epoch": [1.0], "train_loss": [0.5], "train_accuracy": [0.6]}
     lone = tmp_path / "lone"

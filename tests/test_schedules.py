@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamnn import StreamnnError
-from streamnn.schedules import FORMULAS, make_schedule
+from streamnn.optim.schedules import FORMULAS, make_schedule
 
 
 def values(name, epochs, lr0=0.1, **params):

@@ -19,10 +19,11 @@ from blocking import start_blocked
 from imagetree import make_tree
 from streamnn import StreamnnError, open_store
 from streamnn.atomic import TMP_PREFIX
-from streamnn.loader import Loader
+from streamnn.data.loader import Loader
 from streamnn.pack import pack
-from streamnn.rowreader import open_rows
-from streamnn.shards import pack_sharded, shard_folder, share
+from streamnn.data.readers import open_rows
+from streamnn.data.shards import shard_folder
+from streamnn.pack.sharded import pack_sharded, share
 
 # A 2-file split: with K = 3 one shard holds none of it; one broken file is skipped.
 LAYOUT = {"training_set": {"cats": 9, "dogs": 8}, "test_set": {"cats": 1, "dogs": 1}}

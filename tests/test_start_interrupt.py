@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from streamnn.cli.train import main as train_main
-from streamnn.rundir import LATEST, LOCK_FILE
+from streamnn.run.folder import LATEST, LOCK_FILE
 from tinystore import make_store
 
 DELAYS = (0.0, 0.03, 0.1, 0.2)

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from blocking import start_blocked
 from streamnn import StoreWriter, StreamnnError
 from streamnn.atomic import TMP_PREFIX
-from streamnn.checkpoint import differences, digest, get, load_checkpoint, save_checkpoint
+from streamnn.run.checkpoint import differences, digest, get, load_checkpoint, save_checkpoint
 from streamnn.cli.train import main as train_main
-from streamnn.train import BEST, LATEST, LOCK_FILE, Trainer, TrainingInterrupted, run_lock, split_validation
+from streamnn.run.trainer import BEST, LATEST, LOCK_FILE, Trainer, TrainingInterrupted, run_lock, split_validation
 
 SHAPE = (6, 6, 3)
 

@@ -115,7 +115,7 @@ def _model(d: int):
 
 
 def loader_run(store: str, method: str, batch: int, seconds: float) -> tuple[int, dict]:
-    from streamnn.loader import Loader
+    from streamnn.data.loader import Loader
 
     parts = method.split("-")
     reader, order = parts[-2], parts[-1]
@@ -132,7 +132,7 @@ def loader_run(store: str, method: str, batch: int, seconds: float) -> tuple[int
 
 
 def train_compute(store: str, batch: int, seconds: float) -> int:
-    from streamnn.loader import Loader
+    from streamnn.data.loader import Loader
 
     with Loader(store, "train", batch, seed=0, reader="pread") as L:
         X, Y = next(iter(L))

@@ -1,4 +1,4 @@
-"""Cost of the per-batch pixel check (streamnn.store.checked_batches) next to a training step.
+"""Cost of the per-batch pixel check (streamnn.data.store.checked_batches) next to a training step.
 
     python tools/bench_checks.py [--features 12288] [--batch 64] [--repeats 30]
 
@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from streamnn.models import DeepNetwork
+from streamnn.nn.models import DeepNetwork
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -4,7 +4,7 @@ Design. One run times a training step (forward, loss, backward, Adam step) of th
 ``--conv 32,64,128 --hidden 128`` (3x3 "same" conv + ReLU + 2x2 max-pool per entry, flatten,
 dense 128 + ReLU, one sigmoid output) on 64x64x3 float32 images, batch 64:
 
-* streamnn: :class:`streamnn.models.ConvNet` + :class:`streamnn.optim.Adam`, inputs as the
+* streamnn: :class:`streamnn.nn.models.ConvNet` + :class:`streamnn.optim.Adam`, inputs as the
   loader gives them (X features x batch, F-ordered, read as NHWC);
 * PyTorch: ``Conv2d``/``ReLU``/``MaxPool2d``/``Linear``, ``BCEWithLogitsLoss``, ``torch.optim.Adam``
   (NCHW, oneDNN), skipped with a message when torch is not installed.
@@ -60,7 +60,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from streamnn.models import ConvNet  # noqa: E402
+from streamnn.nn.models import ConvNet  # noqa: E402
 from streamnn.optim import Adam  # noqa: E402
 
 CONV = [int(c) for c in ARGS.conv.split(",")]
@@ -181,7 +181,7 @@ def _status_kb(field: str) -> int:
 
 def rss_child(store: str) -> None:
     """Train --steps steps of the CNN on ``store``; print peak RSS and peak private memory (KiB)."""
-    from streamnn.train import Trainer, TrainingInterrupted
+    from streamnn.run.trainer import Trainer, TrainingInterrupted
 
     peak_anon = [0]
 
@@ -203,7 +203,7 @@ def rss_child(store: str) -> None:
 
 def ten_times(store: str, folder: Path) -> Path:
     """The store's training split repeated 10 times (test split once), written with StoreWriter."""
-    from streamnn.store import StoreWriter, open_store
+    from streamnn.data.store import StoreWriter, open_store
 
     path = folder / "x10.h5"
     with open_store(store) as s:

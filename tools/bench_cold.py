@@ -63,7 +63,7 @@ def sequential(path: str) -> int:
 
 def loader_epoch(order: str, reader: str = "auto") -> Callable[[str], int]:
     def run(path: str) -> int:
-        from streamnn.loader import Loader
+        from streamnn.data.loader import Loader
 
         n = 0
         with Loader(path, "train", BATCH, seed=0, order=order, reader=reader) as L:

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def worker(args: argparse.Namespace) -> None:
     """One rank of a timed run (started by mpiexec): prints JSON on rank 0."""
     from streamnn.dist import world
-    from streamnn.train import Trainer
+    from streamnn.run.trainer import Trainer
 
     comm = world()
     cfg = {"store": args.store, "batch_size": args.batch, "epochs": 1, "eval_split": "none", "dtype": "float32",

@@ -113,7 +113,7 @@ def worker(method: str, store: str, repeats: int, subset_rows: int) -> dict:
     import h5py
 
     from streamnn import open_store
-    from streamnn.loader import Loader
+    from streamnn.data.loader import Loader
 
     with open_store(store) as s:
         n, d, scale = s.n_rows("train"), s.n_features, s.scale

@@ -3,7 +3,7 @@
 Design. One run times a training step (forward, backward, Adam step) at a fixed batch size
 for each network shape and each contender:
 
-* streamnn float32 and float64 (:class:`streamnn.models.DeepNetwork` + :class:`Adam`);
+* streamnn float32 and float64 (:class:`streamnn.nn.models.DeepNetwork` + :class:`Adam`);
 * the tutorial's float64 code (``tools/tutorial_reference.py``);
 * PyTorch on the CPU (Linear/ReLU MLP, BCE-with-logits, ``torch.optim.Adam``), when
   torch is installed; otherwise it is skipped with a message.
@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 import tutorial_reference as tutorial  # noqa: E402
-from streamnn.models import DeepNetwork  # noqa: E402
+from streamnn.nn.models import DeepNetwork  # noqa: E402
 from streamnn.optim import Adam  # noqa: E402
 
 Step = Callable[[], None]

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from streamnn.pack import _Decoder, pack
+from streamnn.pack.job import _Decoder, pack
 
 
 def _cpu() -> float:

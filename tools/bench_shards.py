@@ -7,7 +7,7 @@
 
 Writes, in a temporary folder (deleted at the end), a one-file store of random pixels and
 the same rows as sharded stores (K shards written with StoreWriter, indexed by
-:func:`streamnn.shards.write_index`, exactly as ``streamnn-pack --shards K`` lays them out),
+:func:`streamnn.pack.sharded.write_index`, exactly as ``streamnn-pack --shards K`` lays them out),
 then runs Loader epochs (exact shuffle, batch 64, prefetch 2) over each, alternating the
 stores so that noise hits them alike. Prints the median samples/s of each and the ratio
 sharded / one-file (the issue's target: >= 0.9), and, for reference, h5py reading the
@@ -35,9 +35,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from streamnn.loader import Loader
-from streamnn.shards import part_name, shard_folder, share, write_index
-from streamnn.store import StoreWriter
+from streamnn.data.loader import Loader
+from streamnn.data.shards import part_name, shard_folder
+from streamnn.pack.sharded import share, write_index
+from streamnn.data.store import StoreWriter
 
 BATCH = 64
 SHAPE = (64, 64, 3)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from streamnn.checkpoint import load_checkpoint
-from streamnn.train import read_metrics_csv
+from streamnn.run.checkpoint import load_checkpoint
+from streamnn.run.trainer import read_metrics_csv
 
 DATA = "/work/shared/data/cat-and-dog/dataset"
 

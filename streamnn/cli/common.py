@@ -27,7 +27,7 @@ With ``ranks=True`` (``streamnn-train``, ``streamnn-eval``), under ``mpiexec -n 
 :mod:`streamnn.dist`), an error every rank raises alike (:class:`~streamnn.dist.AgreedError`)
 is printed by rank 0 only and every rank exits with its status; any other error is printed as
 ``Error: rank r of K: ...`` and ends the whole job (``MPI_Abort``), so no rank is left waiting
-for one that left. (``streamnn-pack`` coordinates its ranks itself, :mod:`streamnn.shards`.)
+for one that left. (``streamnn-pack`` coordinates its ranks itself, :mod:`streamnn.pack.sharded`.)
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ from typing import Any, NoReturn
 
 import click
 
-from ..dist import AgreedError, launcher_world, leave
-from ..errors import StreamnnError
-from ..paths import path_text
+from streamnn.dist import AgreedError, launcher_world, leave
+from streamnn.errors import StreamnnError
+from streamnn.paths import path_text
 
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import click
 
-from ..dist import world
-from ..evaluate import evaluate_checkpoint
-from ..paths import path_text
-from .common import CONTEXT_SETTINGS, user_errors
+from streamnn.dist import world
+from streamnn.run.evaluate import evaluate_checkpoint
+from streamnn.paths import path_text
+from streamnn.cli.common import CONTEXT_SETTINGS, user_errors
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -34,7 +34,7 @@ def main(checkpoint: str, store: str, split: str, as_json: bool, errors_png: str
     with user_errors(ranks=True):
         comm = world()
         if errors_png:
-            from ..plots import check_figure_path
+            from streamnn.run.plots import check_figure_path
 
             check_figure_path(errors_png)
         summary, errors = evaluate_checkpoint(checkpoint, store, split, tta=tta == "flip", batch_size=batch_size,
@@ -46,7 +46,7 @@ def main(checkpoint: str, store: str, split: str, as_json: bool, errors_png: str
 
 
 def _save_errors(path: str, errors: Any, channel_order: str) -> str | None:
-    from ..plots import save_image_grid
+    from streamnn.run.plots import save_image_grid
 
     if not errors.images:
         click.echo(f"no misclassified image: {path_text(path)} not written", err=True)

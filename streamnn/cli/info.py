@@ -8,10 +8,10 @@ from typing import Any
 import click
 import numpy as np
 
-from ..errors import StreamnnError
-from ..paths import path_text
-from ..store import FORMAT_VERSION, Store, open_store, reading
-from .common import CONTEXT_SETTINGS, user_errors
+from streamnn.errors import StreamnnError
+from streamnn.paths import path_text
+from streamnn.data.store import FORMAT_VERSION, Store, open_store, reading
+from streamnn.cli.common import CONTEXT_SETTINGS, user_errors
 
 
 def describe(store: Store) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def render_grid(store: Store, split: str, n: int, path: str) -> int:
     count = min(n, store.n_rows(split))
     if count == 0:
         raise StreamnnError(f"split {split!r} is empty, nothing to draw", path_text(store.path))
-    from ..plots import save_image_grid  # matplotlib only when a grid is asked for
+    from streamnn.run.plots import save_image_grid  # matplotlib only when a grid is asked for
     rows = store.read_rows(split, np.arange(count))
     labels = store.labels(split)[:count]
     titles = [store.class_names[i] for i in labels]
@@ -108,7 +108,7 @@ def main(store: str, grid: str | None, split: str | None, n_images: int, as_json
     on disk, skipped files, the packing command and options, and the fingerprint."""
     with user_errors():
         if grid:
-            from ..plots import check_figure_path
+            from streamnn.run.plots import check_figure_path
 
             check_figure_path(grid)
         with open_store(store) as s:

@@ -1,4 +1,4 @@
-"""``streamnn-pack SRC -o OUT.h5``: image folders to a streamnn store (wraps :func:`streamnn.pack.pack`)."""
+"""``streamnn-pack SRC -o OUT.h5``: image folders to a streamnn store (wraps :func:`streamnn.pack.job.pack`)."""
 from __future__ import annotations
 
 import functools
@@ -14,12 +14,12 @@ from typing import Any
 
 import click
 
-from ..decode import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS
-from ..errors import StreamnnError
-from ..pack import PackResult, default_workers, is_store_file, pack
-from ..paths import path_text
-from ..shards import CollectiveError, mpi_world, pack_sharded, rank_workers
-from .common import CONTEXT_SETTINGS, StopRequest, Terminated, fail, sigterm_as_interrupt, user_errors
+from streamnn.pack.decode import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS
+from streamnn.errors import StreamnnError
+from streamnn.pack.job import PackResult, default_workers, is_store_file, pack
+from streamnn.paths import path_text
+from streamnn.pack.sharded import CollectiveError, mpi_world, pack_sharded, rank_workers
+from streamnn.cli.common import CONTEXT_SETTINGS, StopRequest, Terminated, fail, sigterm_as_interrupt, user_errors
 
 EPILOG = """\b
 Layouts: SRC/training_set/<class>/*, SRC/test_set/<class>/* (Kaggle; the splits

@@ -6,9 +6,9 @@ import sys
 
 import click
 
-from ..evaluate import iter_image_files, load_predictor, predict_files
-from ..paths import path_text
-from .common import CONTEXT_SETTINGS, user_errors
+from streamnn.run.evaluate import iter_image_files, load_predictor, predict_files
+from streamnn.paths import path_text
+from streamnn.cli.common import CONTEXT_SETTINGS, user_errors
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)

@@ -1,4 +1,4 @@
-"""``streamnn-train``: train a model on a store, resumably (see :mod:`streamnn.train`)."""
+"""``streamnn-train``: train a model on a store, resumably (see :mod:`streamnn.run.trainer`)."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,12 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..dist import Comm, agreed, world
-from ..errors import StreamnnError
-from ..paths import path_text
-from ..rundir import BEST, LATEST, RunDir
-from ..train import DEFAULTS, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES, Trainer, TrainingInterrupted, resolve_config
-from .common import CONTEXT_SETTINGS, rank_fail, user_errors
+from streamnn.dist import Comm, agreed, world
+from streamnn.errors import StreamnnError
+from streamnn.paths import path_text
+from streamnn.run.folder import BEST, LATEST, RunDir
+from streamnn.run.trainer import DEFAULTS, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES, Trainer, TrainingInterrupted, resolve_config
+from streamnn.cli.common import CONTEXT_SETTINGS, rank_fail, user_errors
 
 # configuration keys set by differently named options
 _SOURCES = {"schedule_params": ("lr_decay", "lr_factor", "lr_every", "lr_min", "lr_param"),
@@ -180,8 +180,8 @@ def _config_from_options(options: dict[str, Any]) -> dict[str, Any]:
 def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, progress: bool | None,
             comm: Comm) -> Trainer:
     """Resume, refusing command-line options that contradict the saved configuration."""
-    from ..runstate import load_run_config
-    from ..store import open_store
+    from streamnn.run.state import load_run_config
+    from streamnn.data.store import open_store
 
     run = RunDir(out)
     run.check_run_names()

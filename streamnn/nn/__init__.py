@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import StreamnnError
-from .activations import Activation
-from .conv import Conv2D
-from .dense import Dense
-from .dropout import Dropout
-from .module import Layer, Sequential
-from .network import Network
-from .norm import BatchNorm
-from .pool import Flatten, GlobalAvgPool2D, MaxPool2D
+from streamnn.errors import StreamnnError
+from streamnn.nn.activation import Activation
+from streamnn.nn.conv import Conv2D
+from streamnn.nn.dense import Dense
+from streamnn.nn.dropout import Dropout
+from streamnn.nn.module import Layer, Sequential
+from streamnn.nn.network import Network
+from streamnn.nn.norm import BatchNorm
+from streamnn.nn.pool import Flatten, GlobalAvgPool2D, MaxPool2D
 
 LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (
     Activation, BatchNorm, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D)}

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StreamnnError
-from .dense import initial_weights
-from .module import Layer, Shape
+from streamnn.errors import StreamnnError
+from streamnn.nn.dense import initial_weights
+from streamnn.nn.module import Layer, Shape
 
 PADDINGS = ("same", "valid")
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StreamnnError
-from .module import Layer, Shape
+from streamnn.errors import StreamnnError
+from streamnn.nn.module import Layer, Shape
 
 
 class Dropout(Layer):

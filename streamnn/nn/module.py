@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StreamnnError, check_array_like
+from streamnn.errors import StreamnnError, check_array_like
 
 Shape = tuple[int, ...]
 

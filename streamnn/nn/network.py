@@ -2,7 +2,7 @@
 
 Design. ``Network(layers, input_shape, output)`` builds the layers for samples of
 ``input_shape`` (``(D,)`` for a dense net, ``(H, W, C)`` for a conv net) and adds the
-output activation fused with its loss (:mod:`streamnn.losses`: sigmoid + binary
+output activation fused with its loss (:mod:`streamnn.nn.losses`: sigmoid + binary
 cross-entropy for one output, softmax + categorical cross-entropy for K >= 2). Inputs are
 always the tutorial's ``X`` = features x batch ``(D, m)``; a conv net reads the same batch
 as ``X.T.reshape(m, H, W, C)`` (free for the loader's F-ordered batches). The cost is::
@@ -20,13 +20,13 @@ Flat buffers. After building, every parameter and gradient array is a view into
 ``flat_params`` / ``flat_grads`` (one contiguous array each, in the model's dtype, layer
 order): optimizers update the whole model in one pass and data-parallel training can
 allreduce ``flat_grads`` with no copy. ``params`` / ``grads`` name the views
-(``conv0.W``, or the tutorial's ``W0``, ``b0`` for :class:`~streamnn.models.DeepNetwork`).
+(``conv0.W``, or the tutorial's ``W0``, ``b0`` for :class:`~streamnn.nn.models.DeepNetwork`).
 
 State. ``state_dict()`` holds copies of the parameters, each layer's state (batch-norm
 running statistics, ``bn0.mean``) and the model generator's state under ``"rng"`` (it
 drew the initial weights and draws the dropout masks). ``load_state_dict`` checks every
 name, shape and dtype before copying anything in. ``config()`` rebuilds the model with
-:func:`streamnn.models.from_config`.
+:func:`streamnn.nn.models.from_config`.
 """
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import StreamnnError, check_array_like
-from ..losses import LOSSES
-from ..rng import make_rng, rng_state, set_rng_state
-from .module import Layer, Sequential, bind_flat
+from streamnn.errors import StreamnnError, check_array_like
+from streamnn.nn.losses import LOSSES
+from streamnn.rng import make_rng, rng_state, set_rng_state
+from streamnn.nn.module import Layer, Sequential, bind_flat
 
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 StateDict = dict[str, Any]

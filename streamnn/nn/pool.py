@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StreamnnError
-from .module import Layer, Shape
+from streamnn.errors import StreamnnError
+from streamnn.nn.module import Layer, Shape
 
 _WINDOW = ((0, 0), (0, 1), (1, 0), (1, 1))
 

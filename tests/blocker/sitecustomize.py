@@ -30,9 +30,9 @@ def _waiting() -> None:
 
 
 if BLOCK_ON:
-    import streamnn.packworker
+    import streamnn.pack.worker
 
-    _load_image = streamnn.packworker.load_image
+    _load_image = streamnn.pack.worker.load_image
 
     def _blocking_load_image(path, *args, **kwargs):
         if os.path.basename(path) == BLOCK_ON:
@@ -41,12 +41,12 @@ if BLOCK_ON:
                 time.sleep(0.05)
         return _load_image(path, *args, **kwargs)
 
-    streamnn.packworker.load_image = _blocking_load_image
+    streamnn.pack.worker.load_image = _blocking_load_image
 
 if BLOCK_AT_STEP:
-    import streamnn.train
+    import streamnn.run.trainer
 
-    _train_step = streamnn.train.Trainer._train_step
+    _train_step = streamnn.run.trainer.Trainer._train_step
 
     def _blocking_train_step(self, X, Y):
         if self.step == int(BLOCK_AT_STEP):
@@ -55,12 +55,12 @@ if BLOCK_AT_STEP:
                 time.sleep(0.05)
         return _train_step(self, X, Y)
 
-    streamnn.train.Trainer._train_step = _blocking_train_step
+    streamnn.run.trainer.Trainer._train_step = _blocking_train_step
 
 if BLOCK_IN_SAVE:
-    import streamnn.checkpoint
+    import streamnn.run.checkpoint
 
-    _write_group = streamnn.checkpoint._write_group
+    _write_group = streamnn.run.checkpoint._write_group
     _saves = 0
 
     def _blocking_write_group(group, content):
@@ -73,17 +73,17 @@ if BLOCK_IN_SAVE:
                 while True:
                     time.sleep(0.05)
 
-    streamnn.checkpoint._write_group = _blocking_write_group
+    streamnn.run.checkpoint._write_group = _blocking_write_group
 
 if SIGNAL_AT:
-    import streamnn.train
+    import streamnn.run.trainer
 
     _rank, _step, _name = SIGNAL_AT.split(":")
-    _step_before_signal = streamnn.train.Trainer._train_step
+    _step_before_signal = streamnn.run.trainer.Trainer._train_step
 
     def _signalling_train_step(self, X, Y):
         if self.comm.rank == int(_rank) and self.step == int(_step):
             os.kill(os.getpid(), getattr(signal, "SIG" + _name))
         return _step_before_signal(self, X, Y)
 
-    streamnn.train.Trainer._train_step = _signalling_train_step
+    streamnn.run.trainer.Trainer._train_step = _signalling_train_step

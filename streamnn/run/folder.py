@@ -46,9 +46,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
-from .atomic import TMP_PREFIX, atomic_write
-from .errors import StreamnnError
-from .paths import path_text
+from streamnn.atomic import TMP_PREFIX, atomic_write
+from streamnn.errors import StreamnnError
+from streamnn.paths import path_text
 
 LATEST, BEST = "checkpoint-latest.h5", "checkpoint-best.h5"
 METRICS_CSV, STEPS_CSV, CURVES_PNG, CONFIG_JSON = "metrics.csv", "steps.csv", "curves.png", "config.json"

@@ -1,7 +1,7 @@
 """The one writer of a run's outputs; under MPI only rank 0 has one.
 
 :class:`RunWriter` writes everything a training run leaves in its folder (through
-:class:`streamnn.rundir.RunDir`): the lock, ``config.json``, ``steps.csv``, ``metrics.csv``,
+:class:`streamnn.run.folder.RunDir`): the lock, ``config.json``, ``steps.csv``, ``metrics.csv``,
 ``curves.png`` and the checkpoints. The trainer holds a :class:`RunWriter` on rank 0 and a
 :class:`NoWriter` (same methods, nothing written) on every other rank, chosen once
 (:func:`writer_for`), so the training loop never asks which rank it is on. Checkpoint content
@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
-from .checkpoint import save_checkpoint
-from .rundir import CONFIG_JSON, CURVES_METADATA, CURVES_PNG, HISTORY_COLUMNS, METRICS_CSV, RunDir
+from streamnn.run.checkpoint import save_checkpoint
+from streamnn.run.folder import CONFIG_JSON, CURVES_METADATA, CURVES_PNG, HISTORY_COLUMNS, METRICS_CSV, RunDir
 
 #: curves.png is redrawn at most this often (and at the last epoch).
 CURVES_SECONDS = 5.0
@@ -72,7 +72,7 @@ class RunWriter:
             return
         self._curves_drawn = now
         try:
-            from .plots import save_curves  # lazily: matplotlib is only needed here
+            from streamnn.run.plots import save_curves  # lazily: matplotlib is only needed here
 
             save_curves(history, self.run / CURVES_PNG, eval_name=eval_name, metadata=CURVES_METADATA)
         except Exception as exc:  # noqa: BLE001 - a plotting problem must not stop training

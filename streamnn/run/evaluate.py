@@ -1,18 +1,18 @@
 """Inference: evaluate a checkpoint on a store split, and predict classes of image files.
 
-Design. A checkpoint records everything inference needs (see :mod:`streamnn.train`): the
+Design. A checkpoint records everything inference needs (see :mod:`streamnn.run.trainer`): the
 model (config and parameters), the class names and image shape, the packing options that
 turned a photo into a stored row, and the standardization mean/std when training used it.
-:class:`~streamnn.transforms.Preprocess` turns normalized rows (values in [0, 1], HWC order,
+:class:`~streamnn.data.transforms.Preprocess` turns normalized rows (values in [0, 1], HWC order,
 one column per image) into model inputs: optional horizontal flip, then standardization,
-with the functions the training loader uses (:mod:`streamnn.transforms`).
+with the functions the training loader uses (:mod:`streamnn.data.transforms`).
 The trainer's per-epoch evaluation, ``streamnn-eval`` and ``streamnn-predict`` all go through
 it and through :func:`evaluate_batches`, so their numbers agree exactly.
 
-Evaluation streams: an unshuffled loader feeds batches, :class:`streamnn.metrics.Metrics`
+Evaluation streams: an unshuffled loader feeds batches, :class:`streamnn.run.metrics.Metrics`
 keeps running sums, and at most ``max_errors`` misclassified images are kept for the
 ``--errors`` grid. Prediction reads images in small batches with
-:func:`streamnn.decode.load_image`, the function packing used; an unreadable file yields an
+:func:`streamnn.pack.decode.load_image`, the function packing used; an unreadable file yields an
 error entry and the others continue.
 """
 from __future__ import annotations
@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import load_checkpoint
-from .dist import AgreedError, Comm, SingleComm, agreed
-from .errors import StreamnnError
-from .metrics import Metrics
-from .paths import path_text
-from .transforms import STD_FLOOR, Preprocess, flip_columns, standardization  # noqa: F401 (re-exported)
+from streamnn.run.checkpoint import load_checkpoint
+from streamnn.dist import AgreedError, Comm, SingleComm, agreed
+from streamnn.errors import StreamnnError
+from streamnn.run.metrics import Metrics
+from streamnn.paths import path_text
+from streamnn.data.transforms import STD_FLOOR, Preprocess, flip_columns, standardization  # noqa: F401 (re-exported)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 def model_dtype(model: Any) -> np.dtype:
@@ -83,7 +83,7 @@ def evaluate_batches(model: Any, prep: Preprocess, batches: Iterable[tuple[np.nd
 
 def _keep_errors(errors: Misclassified, X: np.ndarray, Y: np.ndarray, P: np.ndarray, predicted: np.ndarray,
                  offset: int, class_names: Sequence[str] | None, image_shape: Sequence[int]) -> None:
-    from .metrics import class_probabilities, true_labels
+    from streamnn.run.metrics import class_probabilities, true_labels
 
     labels = true_labels(Y)
     wrong = np.flatnonzero(labels != predicted)
@@ -117,8 +117,8 @@ class Predictor:
 
 
 def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | None = None) -> Predictor:
-    """Rebuild the model and preprocessing from loaded checkpoint content (validated, see :mod:`streamnn.runstate`)."""
-    from .runstate import read_data, read_model
+    """Rebuild the model and preprocessing from loaded checkpoint content (validated, see :mod:`streamnn.run.state`)."""
+    from streamnn.run.state import read_data, read_model
 
     where = path_text(path) if path is not None else None
     data = read_data(content, path)
@@ -160,8 +160,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.Path
     share of every batch and the sums are reduced: every rank returns the one-process numbers
     (the loss up to the rounding of its sum); misclassified images need one process.
     """
-    from .loader import Loader
-    from .store import checked_batches
+    from streamnn.data.loader import Loader
+    from streamnn.data.store import checked_batches
 
     comm = comm or SingleComm()
     if max_errors and comm.size > 1:
@@ -181,7 +181,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.Path
         raise AgreedError(f"evaluation of split {split!r} gave a non-finite loss ({metrics.loss}): the model "
                           "overflows on these images", path_text(checkpoint))
     if errors.rows:
-        from .store import open_store
+        from streamnn.data.store import open_store
 
         with open_store(store_path) as store:
             names = store.paths_at(split, errors.rows)
@@ -197,7 +197,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.Path
 def _checked_predictor(checkpoint: str | os.PathLike, store_path: str | os.PathLike,
                        split: str) -> tuple[Predictor, bool]:
     """The checkpoint's predictor, checked against the store's classes, images and split; same store?"""
-    from .store import open_store
+    from streamnn.data.store import open_store
 
     pred = load_predictor(checkpoint)
     with open_store(store_path) as store:
@@ -224,11 +224,11 @@ def iter_image_files(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:
 def predict_files(pred: Predictor, files: Iterable[Path], *, tta: bool = False,
                   batch_size: int = 64) -> Iterator[tuple[Path, dict[str, Any] | None, str | None]]:
     """For each file: (path, {"class", "probability", "probabilities"}, None) or (path, None, error)."""
-    from .decode import load_image
+    from streamnn.pack.decode import load_image
 
     def flush(batch: list[tuple[Path, np.ndarray]]) -> Iterator[tuple[Path, dict[str, Any], None]]:
         X = pred.prep.rows_from_images(np.stack([img for _, img in batch]))
-        from .metrics import class_probabilities
+        from streamnn.run.metrics import class_probabilities
 
         probs = class_probabilities(predict_proba(pred.model, pred.prep, X, tta))
         if not np.isfinite(probs).all():
@@ -260,7 +260,7 @@ def predict_files(pred: Predictor, files: Iterable[Path], *, tta: bool = False,
 
 def load_image_as_packed(load_image: Callable[..., np.ndarray], path: Path, pred: Predictor) -> np.ndarray:
     """Decode one file exactly as packing did; uint8 (H, W, C) in the store's channel order."""
-    from .decode import decode_kwargs
+    from streamnn.pack.decode import decode_kwargs
 
     h, w, c = pred.image_shape
     kwargs = {**decode_kwargs(pred.options), "size": (h, w)}

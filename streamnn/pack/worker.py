@@ -1,9 +1,9 @@
 """The decoding worker of ``streamnn-pack``: decode a chunk of files, and the wire format.
 
-A worker is a separate Python process (started by :class:`streamnn.pack._Decoder` as
+A worker is a separate Python process (started by :class:`streamnn.pack.job._Decoder` as
 ``python -c WORKER_BOOT <request fd> <result fd> <parent pid>``). This module is all it imports besides NumPy, OpenCV and
-:mod:`streamnn.decode`: no h5py and no store code, so a worker starts in about two thirds of
-the time a worker importing :mod:`streamnn.pack` takes (its start-up is a fixed cost of every
+:mod:`streamnn.pack.decode`: no h5py and no store code, so a worker starts in about two thirds of
+the time a worker importing :mod:`streamnn.pack.job` takes (its start-up is a fixed cost of every
 pack, a noticeable one for a few thousand images). Workers compute the exact integer pixel
 sums of their chunks (:func:`pixel_sums`) for the statistics.
 """
@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .decode import DecodeError, load_image
+from streamnn.pack.decode import DecodeError, load_image
 
 
 def pixel_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +145,7 @@ if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-from streamnn.packworker import worker_main
+from streamnn.pack.worker import worker_main
 worker_main()
 """
 

@@ -20,7 +20,7 @@ whose gradient with respect to the output is ``R``.
 Any model with ``params`` / ``grads`` (dicts of arrays by name), ``forward(X, train_mode)``,
 ``backward(Y)``, ``loss(Y, Y_hat)`` and a generator ``rng`` can be checked, with any loss it
 computes. A model that is not float64 is checked through a float64 copy (rebuilt with
-:func:`streamnn.models.from_config` from its ``config()`` and ``state_dict()``); a float64
+:func:`streamnn.nn.models.from_config` from its ``config()`` and ``state_dict()``); a float64
 model is perturbed in place and left with its parameters and generator state unchanged.
 Forward passes run in train mode (``backward`` needs one). The generator is rewound before
 every evaluation, so every pass draws the same dropout masks: the masks are held fixed.
@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from .models import from_config
-from .rng import make_rng, rng_state, set_rng_state
+from streamnn.nn.models import from_config
+from streamnn.rng import make_rng, rng_state, set_rng_state
 
 
 def relative_error(analytic: np.ndarray, numerical: np.ndarray) -> float:

@@ -11,7 +11,7 @@ activation is an :class:`Activation` with
 
 The output-layer functions :func:`sigmoid` and :func:`softmax` are plain functions: they
 are computed stably (no overflow for any finite logit) and their derivatives are fused
-with the cross-entropy in :mod:`streamnn.losses` (``dZ = A - Y``), so they have no
+with the cross-entropy in :mod:`streamnn.nn.losses` (``dZ = A - Y``), so they have no
 ``backward`` of their own. ``ACTIVATIONS`` maps the names accepted in a model's
 ``activation_func`` list to hidden-layer activations.
 """

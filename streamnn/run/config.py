@@ -4,7 +4,7 @@ A run is a *configuration* (a JSON-able dict: :data:`DEFAULTS` completed and che
 :func:`resolve_config` against the store it trains on) plus an output folder. The same
 configuration builds the same model (:func:`build_model`, seeded by :func:`derive_seed`) and
 the same validation split (:func:`split_validation`) on every rank and in every resumed
-process; :mod:`streamnn.train` runs it.
+process; :mod:`streamnn.run.trainer` runs it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import StreamnnError
+from streamnn.errors import StreamnnError
 
 MODELS = ("logistic", "mlp", "cnn")
 AUGMENTS = (None, "flip", "shift", "flip,shift")
@@ -33,10 +33,10 @@ DEFAULTS: dict[str, Any] = {
     "batch_norm": False,         # cnn: BatchNorm after every convolution
     "activation": "relu",
     "optimizer": "adam",
-    "optimizer_params": {},      # e.g. {"beta1": 0.9} for adam, {"beta": 0.9} for momentum (streamnn.optim)
+    "optimizer_params": {},      # e.g. {"beta1": 0.9} for adam, {"beta": 0.9} for momentum (streamnn.optim.optimizers)
     "lr": 1e-3,
     "lr_schedule": "constant",
-    "schedule_params": {},       # e.g. {"decay": 1.0} for hyperbolic (streamnn.schedules)
+    "schedule_params": {},       # e.g. {"decay": 1.0} for hyperbolic (streamnn.optim.schedules)
     "epochs": 10,
     "batch_size": 64,
     "eval_batch_size": 256,
@@ -50,10 +50,10 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "seed": 0,
     "order": "exact",            # loader shuffle order: "exact" | "block"
-    "reader": "auto",            # loader I/O: "auto" | "mmap" | "pread" (streamnn.rowreader; may change on resume)
+    "reader": "auto",            # loader I/O: "auto" | "mmap" | "pread" (streamnn.data.readers; may change on resume)
     "checkpoint_every": 0,       # steps; 0: only at epoch ends
 }
-# Schedule parameters (see streamnn.schedules) filled in when not given.
+# Schedule parameters (see streamnn.optim.schedules) filled in when not given.
 SCHEDULE_DEFAULTS: dict[str, dict[str, float]] = {
     "hyperbolic": {"decay": 1.0}, "step": {"every": 10.0}, "exponential": {"factor": 0.95}}
 RESUMABLE = ("epochs", "reader")  # options that may change when a run is resumed
@@ -113,7 +113,7 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
     cfg["schedule_params"] = {**SCHEDULE_DEFAULTS.get(cfg["lr_schedule"], {}), **(cfg["schedule_params"] or {})}
     if cfg["lr_schedule"] == "cosine":  # fix the period now: extending a run must not change past rates
         cfg["schedule_params"].setdefault("total_epochs", cfg["epochs"])
-    from .schedules import make_schedule
+    from streamnn.optim.schedules import make_schedule
 
     cfg["schedule_params"] = make_schedule(cfg["lr_schedule"], cfg["lr"], **cfg["schedule_params"]).params
     need(cfg["train_split"] in store.splits, f"the store has no {cfg['train_split']!r} split "
@@ -142,7 +142,7 @@ def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     parameter whose default is a bool takes true/false only, a number a finite number."""
     import inspect
 
-    from .optim import OPTIMIZERS
+    from streamnn.optim.optimizers import OPTIMIZERS
 
     signature = inspect.signature(OPTIMIZERS[name].__init__)
     accepted = {k: p.default for k, p in signature.parameters.items()
@@ -161,7 +161,7 @@ def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
 
 def check_model_size(cfg: dict[str, Any], store: Any) -> None:
     """Refuse, before allocating, a model whose parameters and buffers exceed the memory available."""
-    from .budget import TRAINING_COPIES, check_fits, conv_parameter_count, dense_parameter_count
+    from streamnn.run.budget import TRAINING_COPIES, check_fits, conv_parameter_count, dense_parameter_count
 
     outputs = 1 if store.n_classes == 2 else store.n_classes
     if cfg["model"] == "cnn":
@@ -200,7 +200,7 @@ def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 def build_model(cfg: dict[str, Any], n_features: int, n_classes: int,
                 image_shape: tuple[int, ...] | None = None) -> Any:
     """A fresh model for the configuration (binary: one sigmoid output; else softmax)."""
-    from . import models
+    from streamnn.nn import models
 
     dtype, seed = np.dtype(cfg["dtype"]).type, derive_seed(cfg["seed"], "model")
     if cfg["model"] == "cnn":

@@ -1,7 +1,7 @@
 """Preprocessing: normalized store rows to model inputs, for training and inference alike.
 
 Design. A store row is an image in H x W x C order, normalized to [0, 1] by the reader.
-Training (:class:`streamnn.loader.Loader`) and inference (:class:`Preprocess`, used by the
+Training (:class:`streamnn.data.loader.Loader`) and inference (:class:`Preprocess`, used by the
 trainer's evaluation, ``streamnn-eval`` and ``streamnn-predict``) both go through the
 functions here, so they agree exactly:
 
@@ -14,7 +14,7 @@ functions here, so they agree exactly:
 
 Augmentation draws (:class:`Augment`) are pure functions, so that resumed runs and any
 number of ranks see the same images: the draws for the whole *global* batch k (the union of
-every rank's batch k, :mod:`streamnn.order`), of which rank r of W keeps its interleaved
+every rank's batch k, :mod:`streamnn.data.order`), of which rank r of W keeps its interleaved
 share ``[r::W]`` (the rows it holds). Flips: row i of global batch k of an epoch is mirrored
 with probability 1/2, draw i of ``PCG64([seed, epoch, 0, k, FLIP])`` (the 0 stands where the
 rank was before batches were global, so one-process flips did not change). Shifts: the (dy,
@@ -28,8 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import StreamnnError
-from .order import share
+from streamnn.errors import StreamnnError
+from streamnn.data.order import share
 
 #: Constant features (std <= this) are only centred by standardization.
 STD_FLOOR = 1e-8

@@ -1,8 +1,8 @@
 """The checkpoint layout of a training run: written and read here only.
 
-A run's checkpoint (a :mod:`streamnn.checkpoint` file) holds this content::
+A run's checkpoint (a :mod:`streamnn.run.checkpoint` file) holds this content::
 
-    config          JSON of the run configuration (:func:`streamnn.train.resolve_config`)
+    config          JSON of the run configuration (:func:`streamnn.run.trainer.resolve_config`)
     model/config    JSON of the model's ``config()`` (rebuilds it with ``models.from_config``)
     model/state     the model's ``state_dict()``: parameter arrays and the dropout generator
     optimizer/      name, lr, state (moments and step count)
@@ -18,8 +18,8 @@ Reading validates before anything is allocated from it: every entry is checked a
 type, shape and range (a list of class names that are strings, three positive image sizes,
 finite mean and std of shape (D,), finite model parameters), and the model configuration is
 checked against the parameter arrays stored next to it and against the memory available
-(:mod:`streamnn.budget`), so a file rebuilt by hand gets a one-line error naming it and the
-entry, never a MemoryError or a traceback. The digest check of :mod:`streamnn.checkpoint`
+(:mod:`streamnn.run.budget`), so a file rebuilt by hand gets a one-line error naming it and the
+entry, never a MemoryError or a traceback. The digest check of :mod:`streamnn.run.checkpoint`
 comes first and catches corruption.
 """
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import get, load_checkpoint
-from .errors import StreamnnError
-from .paths import path_text
+from streamnn.run.checkpoint import get, load_checkpoint
+from streamnn.errors import StreamnnError
+from streamnn.paths import path_text
 
 CHANNEL_ORDERS = ("BGR", "RGB", "GRAY")
 
@@ -155,7 +155,8 @@ def read_data(content: Mapping[str, Any], path: str | os.PathLike | None = None)
 def read_model(content: Mapping[str, Any], path: str | os.PathLike | None = None) -> Any:
     """The model of a checkpoint: configuration checked against the stored arrays and the memory
     available before anything is allocated, parameters checked finite, then built and loaded."""
-    from . import budget, models
+    from streamnn.nn import models
+    from streamnn.run import budget
 
     path = _where(path)
     config = _json(content, "model.config", path)

@@ -19,7 +19,7 @@ depth, and a resumed run continues exactly where it stopped.
 * ``order="exact"`` (default): ``rng.permutation(n)``, a uniform random permutation.
 * ``order="block"``: FFCV-like quasi-random order. Rows are grouped in blocks of
   ``block_rows`` consecutive stored rows (default: the dataset's chunk rows, or ~1 MiB of
-  rows for contiguous data, which equals what :class:`~streamnn.store.StoreWriter` uses as
+  rows for contiguous data, which equals what :class:`~streamnn.data.store.StoreWriter` uses as
   chunk rows); the blocks are permuted, taken ``window_blocks`` (default 16) at a time, and
   the rows of each such window are permuted together. Every row still comes exactly once
   per epoch, but a batch holds rows of at most ``window_blocks`` blocks (twice that where
@@ -33,7 +33,7 @@ depth, and a resumed run continues exactly where it stopped.
   a slow disk. For the default uncompressed store in the page cache the exact order is as
   fast (both are a gather from the memory map), so it stays the default.
 
-Sharding (:mod:`streamnn.order`). ``batch_size`` B is the *global* batch: batch k of an
+Sharding (:mod:`streamnn.data.order`). ``batch_size`` B is the *global* batch: batch k of an
 epoch is positions ``[k*B, (k+1)*B)`` of the epoch order (the last one partial unless
 ``drop_last``) for any ``world_size`` W, and rank r yields its interleaved share of it, every
 W-th row ``batch[r::W]``. The ranks' rows of batch k are exactly the one-process batch k;
@@ -41,7 +41,7 @@ every rank has the same number of batches; no row is padded or repeated (a share
 row shorter than another's, or empty when the batch has fewer than W rows).
 
 Batches. X is ``(D, b)`` float32 normalized to [0, 1] (``stored * scale``), then augmented
-and standardized by :mod:`streamnn.transforms` (the functions inference uses too):
+and standardized by :mod:`streamnn.data.transforms` (the functions inference uses too):
 ``augment="flip"`` mirrors each image left-right with probability 1/2, ``"shift"`` translates
 it by up to ``shift`` pixels (``shift_padding`` "reflect" or "zero"), ``"flip,shift"`` does
 both; the draws are pure functions of (seed, epoch, global batch, row in it), each rank keeping
@@ -64,7 +64,7 @@ two after it is requested (the current and the previous batch are always valid).
 keep it longer. Y is a fresh array every batch. (A fresh 3 MB X per batch made the gather
 loop ~4x slower: page faults on every new buffer.)
 
-I/O (:mod:`streamnn.rowreader`). Whole batches, never an h5py call per row. The default
+I/O (:mod:`streamnn.data.readers`). Whole batches, never an h5py call per row. The default
 store layout (uncompressed, contiguous X) is read one of two ways (``reader``: "auto",
 "mmap", "pread"; ``reader_mode`` says which was chosen). A store that fits in the page cache
 is memory-mapped: a batch is one ``np.take`` gather from the map into the X buffer (uint8 /
@@ -133,12 +133,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import StreamnnError
-from .order import ORDERS, batch_span, batches_consumed, block_order, epoch_order, n_batches, samples_consumed, \
+from streamnn.errors import StreamnnError
+from streamnn.data.order import ORDERS, batch_span, batches_consumed, block_order, epoch_order, n_batches, samples_consumed, \
     share, share_size
-from .rowreader import READERS, RowReader, open_rows
-from .store import open_store
-from .transforms import DEFAULT_SHIFT, Augment, flip_images, shift_images, standardization
+from streamnn.data.readers import READERS, RowReader, open_rows
+from streamnn.data.store import open_store
+from streamnn.data.transforms import DEFAULT_SHIFT, Augment, flip_images, shift_images, standardization
 
 __all__ = ["Loader", "block_order", "ORDERS"]
 #: Contiguous data: block size of ``order="block"``, in bytes of stored rows.

@@ -1,4 +1,4 @@
-"""Pack an image folder tree into a streamnn store (see :mod:`streamnn.store` for the format).
+"""Pack an image folder tree into a streamnn store (see :mod:`streamnn.data.store` for the format).
 
 Design: ``scan_source`` -> ``pack`` (plan, permute, decode in a pool, write in order).
 
@@ -25,7 +25,7 @@ sets may lack one), reported before packing, in the summary and in ``options.war
 Hidden files and folders (names starting with ``.``) and ``__MACOSX`` folders are
 ignored silently: they are counted (``options.ignored_hidden`` and the summary) but are
 not skipped files. Every other file is a candidate image, whatever its extension; the ones
-that do not decode (see :mod:`streamnn.decode`) are skipped and listed with their reason,
+that do not decode (see :mod:`streamnn.pack.decode`) are skipped and listed with their reason,
 as are files lying in a split folder outside any class folder. If more than
 ``max_skip_fraction`` of the candidates are skipped, or none decodes, packing fails and
 nothing is written.
@@ -45,12 +45,12 @@ once at the end (see :class:`RunningMoments`), so the results depend neither on 
 nor on how the rows are cut into chunks or shards.
 
 *Processes and failure.* Workers are ``subprocess`` children running
-:func:`streamnn.packworker.worker_main` (no fork of this process, whose OpenCV threads would deadlock a forked child; no
+:func:`streamnn.pack.worker.worker_main` (no fork of this process, whose OpenCV threads would deadlock a forked child; no
 multiprocessing fork server or resource tracker; no pickle: paths go as bytes, results as
 JSON and raw arrays; no ``__main__`` guard needed in scripts). They start with SIGINT and
 SIGTERM blocked, so only this process acts on them, and die with it (see :class:`_Decoder`);
 a worker that dies makes packing fail with a message instead of hanging. Output goes through
-:class:`~streamnn.store.StoreWriter`: on any error or Ctrl-C (the CLI maps SIGTERM to it) the
+:class:`~streamnn.data.store.StoreWriter`: on any error or Ctrl-C (the CLI maps SIGTERM to it) the
 workers are killed and reaped and the temporary file removed, and a previous store stays as
 it was. A SIGKILLed run cannot clean up its ``.streamnn-tmp-*`` file; the next run writing the
 same output removes it. Disk full, read-only folders and I/O errors while writing become the
@@ -90,14 +90,14 @@ import numpy as np
 
 import h5py
 
-from .atomic import temporary_prefix, write_error
-from .decode import (DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, decode_kwargs, decode_options, parse_size,
+from streamnn.atomic import temporary_prefix, write_error
+from streamnn.pack.decode import (DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, decode_kwargs, decode_options, parse_size,
                      signals_deferred)
-from .errors import StreamnnError
-from .paths import path_text
-from .packworker import LEN, WORKER_BOOT, ChunkResult, decode_chunk, decode_result, encode_request, pixel_sums
-from .rng import make_rng
-from .store import COMPRESSIONS, DTYPES, FORMAT, StoreWriter
+from streamnn.errors import StreamnnError
+from streamnn.paths import path_text
+from streamnn.pack.worker import LEN, WORKER_BOOT, ChunkResult, decode_chunk, decode_result, encode_request, pixel_sums
+from streamnn.rng import make_rng
+from streamnn.data.store import COMPRESSIONS, DTYPES, FORMAT, StoreWriter
 
 try:
     import fcntl
@@ -440,7 +440,7 @@ class _Decoder:
     """Decodes chunks of files and yields the results in submission order.
 
     One worker: in-process. More: this process and ``workers - 1`` worker processes
-    (:func:`streamnn.packworker.worker_main`, started with ``subprocess``: no fork of this
+    (:func:`streamnn.pack.worker.worker_main`, started with ``subprocess``: no fork of this
     process, no multiprocessing machinery, no pickle), each fed at most ``WINDOW_PER_WORKER``
     chunks, so memory stays flat. This process decodes a chunk itself whenever no worker can
     take it (all busy, or none started yet: a start takes ~0.2 s, it imports NumPy and
@@ -767,7 +767,7 @@ class _RowSink:
 class PackJob:
     """Everything decided before decoding (the scan, the row order, options, sizes), and the
     steps every way of packing shares: a writer for some of the rows, decoding rows into it,
-    the skip checks, the result. :func:`pack` runs it into one file, :mod:`streamnn.shards`
+    the skip checks, the result. :func:`pack` runs it into one file, :mod:`streamnn.pack.sharded`
     into shards."""
 
     src: Path
@@ -894,7 +894,7 @@ def prepare_pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | 
                "stats": "mean and population std (ddof=0) of uint8/255 from exact integer sums",
                "ignored_hidden": plan.ignored_hidden, "warnings": plan.warnings}
     if command is None:
-        command = f"streamnn.pack.pack({path_text(src)!r}, {path_text(out)!r}, size={hw}, dtype={dtype!r}, seed={seed})"
+        command = f"streamnn.pack.job.pack({path_text(src)!r}, {path_text(out)!r}, size={hw}, dtype={dtype!r}, seed={seed})"
     image_shape = (hw[0], hw[1], 1 if grayscale else 3)
     chunk = max(1, min(MAX_CHUNK_IMAGES, MAX_CHUNK_BYTES // int(np.prod(image_shape))))
     job = PackJob(src=Path(src), out=out, plan=plan, items=items, options=options, image_shape=image_shape,

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import StreamnnError, check_array_like
+from streamnn.errors import StreamnnError, check_array_like
 
 # Entries updated at a time: an update makes about a dozen passes over its arrays, and
 # chunks this size keep them in cache between passes (bit-identical to whole arrays).

@@ -67,8 +67,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import StreamnnError
-from .store import DTYPES, FORMAT
+from streamnn.errors import StreamnnError
+from streamnn.data.store import DTYPES, FORMAT
 
 #: Row bands (chunks) kept decompressed by the ``chunks`` strategy, at least.
 MIN_CACHED_BANDS = 4
@@ -551,7 +551,7 @@ def open_rows(path: str | os.PathLike, split: str, *, fingerprint: str | None = 
             raise StreamnnError(f"unknown split {split!r}", path)
         dset = f[split]["X"]
         if dset.is_virtual:  # a sharded store's index: read the shards themselves
-            from .shards import open_segments
+            from streamnn.data.shards import open_segments
 
             try:
                 return open_segments(f, Path(path), split, reader=reader, cached_bands=cached_bands,

@@ -64,8 +64,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import StreamnnError
-from .paths import path_text
+from streamnn.errors import StreamnnError
+from streamnn.paths import path_text
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's MAX_IMAGE_PIXELS: int(1024 * 1024 * 1024 // 4 // 3)
 DEFAULT_MAX_FILE_SIZE = 512 << 20  # bytes; an uncompressed 24-bit BMP of DEFAULT_MAX_PIXELS is 256 MiB

@@ -1,6 +1,6 @@
 """Resumable training: the :class:`Trainer` behind ``streamnn-train``.
 
-Design. A run is a *configuration* (a JSON-able dict, :func:`streamnn.runconfig.resolve_config`)
+Design. A run is a *configuration* (a JSON-able dict, :func:`streamnn.run.config.resolve_config`)
 plus an output folder. :class:`Trainer` builds from the configuration a model, an optimizer, a learning-rate
 schedule and loaders (the training loader shuffles; validation and evaluation loaders do
 not), then runs the epoch loop:
@@ -22,7 +22,7 @@ the end of an epoch.
 
 Every output is written atomically (:mod:`streamnn.atomic`), except ``steps.csv`` which is
 an append-only log: on resume it is cut back to the checkpoint's step (a torn last line
-included). A checkpoint (:mod:`streamnn.checkpoint`) holds the whole state: model parameters
+included). A checkpoint (:mod:`streamnn.run.checkpoint`) holds the whole state: model parameters
 and dropout generator, optimizer moments and step, schedule config and current rate, loader
 state (epoch, position, seed: the order is a function of them), the epoch's running train
 metrics (loss and accuracy accumulate over the epoch's batches, in train mode), the metrics
@@ -32,11 +32,11 @@ It holds no wall-clock time, so a run interrupted anywhere and resumed ends bit-
 to an uninterrupted one: parameters, optimizer state, ``checkpoint-latest.h5``,
 ``metrics.csv`` and ``steps.csv``. Times are only printed.
 
-While :meth:`Trainer.fit` runs it holds an exclusive lock on the folder (:mod:`streamnn.rundir`),
+While :meth:`Trainer.fit` runs it holds an exclusive lock on the folder (:mod:`streamnn.run.folder`),
 so two trainers never write into one folder.
 
 Data-parallel (``comm``, :mod:`streamnn.dist`). With K ranks every rank holds the whole model
-and runs this same loop on its interleaved share of each global batch (:mod:`streamnn.order`):
+and runs this same loop on its interleaved share of each global batch (:mod:`streamnn.data.order`):
 
     step:        forward of the share, dropout drawn for the global batch (``share``) ->
                  backward with the global count m (``dZ = (A - Y) / m``, no L2 yet) ->
@@ -52,7 +52,7 @@ and runs this same loop on its interleaved share of each global batch (:mod:`str
     epoch end:   each rank evaluates its share, the metric sums are reduced; the ranks compare
                  a digest of their parameters (an error if they differ).
 
-Only rank 0 writes (:mod:`streamnn.runwriter`: lock, CSVs, curves, checkpoints); its
+Only rank 0 writes (:mod:`streamnn.run.writer`: lock, CSVs, curves, checkpoints); its
 checkpoint is the one-process format, with the loader position as samples consumed, so a run
 resumes on any K. fit() starts by broadcasting rank 0's parameters (new or restored). With one
 process every collective is the identity and the numbers are those of the one-process loop.
@@ -79,20 +79,20 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .checkpoint import load_checkpoint, save_checkpoint
-from .dist import AgreedError, Comm, SingleComm, agreed, part
-from .errors import StreamnnError
-from .evaluate import EvaluationStopped, Preprocess, evaluate_batches, model_dtype
-from .metrics import Metrics
-from .paths import path_text
-from .runconfig import (DEFAULTS, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES,  # noqa: F401 - public here too
+from streamnn.version import __version__
+from streamnn.run.checkpoint import load_checkpoint, save_checkpoint
+from streamnn.dist import AgreedError, Comm, SingleComm, agreed, part
+from streamnn.errors import StreamnnError
+from streamnn.run.evaluate import EvaluationStopped, Preprocess, evaluate_batches, model_dtype
+from streamnn.run.metrics import Metrics
+from streamnn.paths import path_text
+from streamnn.run.config import (DEFAULTS, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES,  # noqa: F401 - public here too
                         build_model, derive_seed, resolve_config, selection_split, split_validation)
-from .rundir import (BEST, CONFIG_FORMAT, CONFIG_JSON, CURVES_METADATA, CURVES_PNG, HISTORY_COLUMNS, LATEST,
+from streamnn.run.folder import (BEST, CONFIG_FORMAT, CONFIG_JSON, CURVES_METADATA, CURVES_PNG, HISTORY_COLUMNS, LATEST,
                      LOCK_FILE, METRICS_CSV, RUN_FILES, STEPS_CSV, RunDir, run_lock)
-from .runstate import RunData, read_config, read_data, restore, run_content
-from .runwriter import read_metrics_csv, write_metrics_csv, writer_for  # noqa: F401 - public here too
-from .store import checked_batches
+from streamnn.run.state import RunData, read_config, read_data, restore, run_content
+from streamnn.run.writer import read_metrics_csv, write_metrics_csv, writer_for  # noqa: F401 - public here too
+from streamnn.data.store import checked_batches
 
 __all__ = ["BEST", "LATEST", "LOCK_FILE", "METRICS_CSV", "RUN_FILES", "STEPS_CSV", "Trainer", "TrainingInterrupted",
            "resolve_config", "run_lock"]
@@ -140,7 +140,7 @@ class Trainer:
     def __init__(self, config: dict[str, Any], out_dir: str | os.PathLike, *, verbose: bool = True,
                  echo: Callable[[str], None] | None = None, progress: bool | None = None,
                  comm: Comm | None = None) -> None:
-        from .store import open_store
+        from streamnn.data.store import open_store
 
         self.comm = comm or SingleComm()
         self.out = Path(out_dir)
@@ -185,9 +185,9 @@ class Trainer:
 
     # -- building and state ----------------------------------------------------------------------
     def _build(self) -> Components:
-        from .loader import Loader
-        from .optim import make_optimizer
-        from .schedules import make_schedule
+        from streamnn.data.loader import Loader
+        from streamnn.optim.optimizers import make_optimizer
+        from streamnn.optim.schedules import make_schedule
 
         cfg = self.config
         model = build_model(cfg, self.n_features, self.n_classes, self.image_shape)
@@ -239,7 +239,7 @@ class Trainer:
                        self.packing_options, self.mean, self.std)
 
     def state(self) -> dict[str, Any]:
-        """The checkpoint content: the complete, time-free state of the run (:mod:`streamnn.runstate`)."""
+        """The checkpoint content: the complete, time-free state of the run (:mod:`streamnn.run.state`)."""
         p = self.parts
         progress = {"epoch": self.epoch, "epoch_step": self.epoch_step, "step": self.step, "best": self.best,
                     "best_epoch": self.best_epoch, "selection": self.selection}
@@ -424,7 +424,7 @@ class Trainer:
 
     def evaluate_split(self, which: str) -> Metrics:
         """Streaming evaluation of the current model on "val" or "eval" (stops on a stop request)."""
-        from .loader import Loader
+        from streamnn.data.loader import Loader
 
         cfg = self.config
         split, subset = (cfg["train_split"], self.val_rows) if which == "val" else (cfg["eval_split"], None)

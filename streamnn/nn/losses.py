@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .activations import log_softmax, sigmoid, softmax
+from streamnn.nn.functional import log_softmax, sigmoid, softmax
 
 
 class CrossEntropy:

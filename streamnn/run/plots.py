@@ -15,15 +15,15 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .atomic import atomic_output
+from streamnn.atomic import atomic_output
 
 
 def check_figure_path(path: str | os.PathLike) -> None:
     """Raise StreamnnError unless a figure can be saved to ``path``: a format matplotlib writes
     (by the suffix; none means PNG), an existing folder, and no folder or special file there.
     Cheap: commands call it before their work, so a bad name fails at once."""
-    from .errors import StreamnnError
-    from .paths import path_text
+    from streamnn.errors import StreamnnError
+    from streamnn.paths import path_text
 
     p = Path(path)
     fmt = p.suffix.lstrip(".").lower() or "png"

@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import StreamnnError
+from streamnn.errors import StreamnnError
 
 TRAINING_COPIES = 6
 INFERENCE_COPIES = 2

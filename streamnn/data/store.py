@@ -46,10 +46,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_output
-from .errors import StreamnnError
-from .paths import path_text
+from streamnn.version import __version__
+from streamnn.atomic import atomic_output
+from streamnn.errors import StreamnnError
+from streamnn.paths import path_text
 
 FORMAT = "streamnn-store"
 FORMAT_VERSION = 1
@@ -281,11 +281,11 @@ class Store:
         self.splits = [name for name in self._file if name not in RESERVED_GROUPS]
         if not self.splits:
             raise c.fail("store has no split")
-        #: Shard files of a sharded store (its index: see :mod:`streamnn.shards`), checked
+        #: Shard files of a sharded store (its index: see :mod:`streamnn.pack.sharded`), checked
         #: before anything is read through its virtual datasets.
         self.shards: list[Path] = []
         if "shards" in self._file.attrs:
-            from .shards import check_index
+            from streamnn.data.shards import check_index
 
             self.shards = check_index(self._file, self.path, self._file.attrs["shards"])
         self._counts = {name: self._check_split(c, name) for name in self.splits}
@@ -426,8 +426,8 @@ class Store:
                 part.verify()
 
     def loader(self, split: str, batch_size: int = 64, **kwargs: Any):
-        """A shuffling mini-batch iterator over ``split``; see :class:`streamnn.loader.Loader`."""
-        from .loader import Loader
+        """A shuffling mini-batch iterator over ``split``; see :class:`streamnn.data.loader.Loader`."""
+        from streamnn.data.loader import Loader
 
         return Loader(self.path, split, batch_size=batch_size, **kwargs)
 

@@ -28,12 +28,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .activations import ACTIVATIONS
-from .errors import StreamnnError
-from .losses import LOSSES
-from .nn import (Activation, BatchNorm, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, Network,
+from streamnn.nn.functional import ACTIVATIONS
+from streamnn.errors import StreamnnError
+from streamnn.nn.losses import LOSSES
+from streamnn.nn import (Activation, BatchNorm, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, Network,
                  layer_from_config)
-from .nn.network import DTYPES
+from streamnn.nn.network import DTYPES
 
 __all__ = ["DTYPES", "ConvNet", "DeepNetwork", "LogisticRegression", "Network", "from_config"]
 

@@ -38,10 +38,10 @@ from typing import Any, Union
 import h5py
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_output, write_error
-from .errors import StreamnnError
-from .paths import path_text
+from streamnn.version import __version__
+from streamnn.atomic import atomic_output, write_error
+from streamnn.errors import StreamnnError
+from streamnn.paths import path_text
 
 FORMAT = "streamnn-checkpoint"
 FORMAT_VERSION = 1

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import StreamnnError
+from streamnn.errors import StreamnnError
 
 
 def constant(lr0: float, epoch: float) -> float:
