@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from streamnn import StoreWriter, StreamnnError, open_store
-from streamnn.data.store import FORMAT_VERSION
+from streamnn.data.format import FORMAT_VERSION
 
 SHAPE = (4, 5, 3)
 

@@ -10,7 +10,8 @@ import numpy as np
 
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
-from streamnn.data.store import FORMAT_VERSION, Store, open_store, reading
+from streamnn.data.format import FORMAT_VERSION
+from streamnn.data.store import Store, open_store, reading
 from streamnn.cli.common import CONTEXT_SETTINGS, user_errors
 
 

@@ -68,7 +68,7 @@ import h5py
 import numpy as np
 
 from streamnn.errors import StreamnnError
-from streamnn.data.store import DTYPES, FORMAT
+from streamnn.data.format import FORMAT, STORE_DTYPES
 
 #: Row bands (chunks) kept decompressed by the ``chunks`` strategy, at least.
 MIN_CACHED_BANDS = 4
@@ -559,7 +559,7 @@ def open_rows(path: str | os.PathLike, split: str, *, fingerprint: str | None = 
             finally:
                 f.close()
         stored = str(attrs["dtype"].decode() if isinstance(attrs["dtype"], bytes) else attrs["dtype"])
-        dtype = np.dtype(DTYPES[stored])
+        dtype = np.dtype(STORE_DTYPES[stored])
         scale = float(attrs["scale"])
         n, d = (int(s) for s in dset.shape)
         if dset.chunks is not None:

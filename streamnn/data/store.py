@@ -1,41 +1,12 @@
-"""The streamnn HDF5 store: format, reader and writer, documented in one place.
+"""The streamnn HDF5 store: open, check and read (:class:`Store`), and write (:class:`StoreWriter`).
 
-Format version 1 (``format = "streamnn-store"``)::
-
-    /                       root attributes:
-        format              "streamnn-store"
-        format_version      1
-        streamnn_version    version that wrote the file
-        command             the command line that made it
-        created             ISO 8601 UTC time
-        class_names         label i is class_names[i]
-        image_shape         (H, W, C)
-        pixel_layout        "HWC": a row is the image flattened in H x W x C order
-        channel_order       "BGR" (as OpenCV decodes) or "GRAY"
-        dtype               stored dtype: "float32" | "float16" | "uint8"
-        scale               normalized = stored * scale, in [0, 1] (1.0 or 1/255)
-        options             JSON of the packing options
-        counts              JSON {split: {class_name: count}}
-        fingerprint         sha256 hex of class names, image shape and every split's
-                            labels and paths (content identity for checkpoints)
-    /<split>/X              (N, D) stored dtype, D = H*W*C, one image per row
-    /<split>/y              (N,) int32 labels
-    /<split>/paths          (N,) UTF-8 source path of each row, relative to the source root
-    /stats/mean, /stats/std (D,) float64, of the normalized training split (absent if none)
-    /skipped/paths, /skipped/reasons   files that were not packed, and why
-
-Splits are the groups other than ``stats`` and ``skipped``. The Kaggle folders map to
-``train`` (training_set) and ``test`` (test_set). X is uncompressed and contiguous by
-default: the loader's random row reads are then a gather from a memory map of the file.
-
-:class:`Store` opens and validates a file; :class:`StoreWriter` is the only code that
+The format is :mod:`streamnn.data.format` (and docs/format.md). :class:`Store` opens and validates a file; :class:`StoreWriter` is the only code that
 writes one, atomically (temporary file beside the target, fsync, rename).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -50,28 +21,8 @@ from streamnn.version import __version__
 from streamnn.atomic import atomic_output
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
-
-FORMAT = "streamnn-store"
-FORMAT_VERSION = 1
-RESERVED_GROUPS = ("stats", "skipped")
-DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
-CHANNEL_ORDERS = ("BGR", "RGB", "GRAY")
-COMPRESSIONS = (None, "lzf", "gzip")
-_STR = h5py.string_dtype("utf-8")
-
-
-def fingerprint(class_names: Sequence[str], image_shape: Sequence[int],
-                splits: Iterable[tuple[str, np.ndarray, Sequence[str]]]) -> str:
-    """sha256 over class names, image shape and each split's (name, labels, paths), in order."""
-    h = hashlib.sha256()
-    h.update(json.dumps([list(class_names), [int(s) for s in image_shape]]).encode())
-    for name, y, paths in sorted(splits, key=lambda s: s[0]):
-        h.update(b"\0split\0" + name.encode())
-        h.update(np.ascontiguousarray(y, dtype="<i4").tobytes())
-        for p in paths:
-            h.update(p.encode() + b"\0")
-    return h.hexdigest()
-
+from streamnn.data.format import (STRING_DTYPE, CHANNEL_ORDERS, COMPRESSIONS, FORMAT, FORMAT_VERSION, RESERVED_GROUPS,
+                                  STORE_DTYPES, fingerprint)
 
 def _decode(value: Any) -> Any:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
@@ -260,7 +211,7 @@ class Store:
         if self.image_shape[2] != (1 if self.channel_order == "GRAY" else 3):
             raise c.fail(f"image_shape {self.image_shape} does not fit channel order {self.channel_order}")
         c.text("pixel_layout", required=False, choices=("HWC",))
-        self.dtype = c.text("dtype", choices=tuple(DTYPES))
+        self.dtype = c.text("dtype", choices=tuple(STORE_DTYPES))
         scale = c.attr("scale")
         expected = 1.0 / 255.0 if self.dtype == "uint8" else 1.0
         if (not isinstance(scale, (float, np.floating, int, np.integer)) or isinstance(scale, (bool, np.bool_))
@@ -303,7 +254,7 @@ class Store:
         n = X.shape[0]
         if X.shape[1] != self.n_features:
             raise c.fail(f"split {name!r}: X has shape {X.shape}, expected (N, {self.n_features})")
-        if np.dtype(X.dtype) != np.dtype(DTYPES[self.dtype]):
+        if np.dtype(X.dtype) != np.dtype(STORE_DTYPES[self.dtype]):
             raise c.fail(f"split {name!r}: X is {X.dtype}, the store says {self.dtype}")
         y = c.dataset(group, "y", 1)
         if y.shape[0] != n:
@@ -407,7 +358,7 @@ class Store:
         idx = np.asarray(indices, dtype=np.int64)
         order = np.unique(idx)
         with reading(self.path):
-            rows = self.dataset(split)[order] if len(order) else np.empty((0, self.n_features), DTYPES[self.dtype])
+            rows = self.dataset(split)[order] if len(order) else np.empty((0, self.n_features), STORE_DTYPES[self.dtype])
         return self.normalize(rows[np.searchsorted(order, idx)])
 
     def images(self, rows: np.ndarray) -> np.ndarray:
@@ -469,8 +420,8 @@ class StoreWriter:
     def __init__(self, path: str | os.PathLike, *, class_names: Sequence[str], image_shape: Sequence[int],
                  dtype: str = "float32", compression: str | None = None, channel_order: str = "BGR",
                  command: str = "", options: dict[str, Any] | None = None) -> None:
-        if dtype not in DTYPES:
-            raise StreamnnError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+        if dtype not in STORE_DTYPES:
+            raise StreamnnError(f"unknown dtype {dtype!r} (choose from {', '.join(STORE_DTYPES)})")
         if compression not in COMPRESSIONS:
             raise StreamnnError(f"unknown compression {compression!r} (choose lzf or gzip)")
         self.path = Path(path)
@@ -481,7 +432,7 @@ class StoreWriter:
         self._attrs = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "streamnn_version": __version__,
             "command": command, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "class_names": np.array(self.class_names, dtype=_STR), "image_shape": np.array(self.image_shape),
+            "class_names": np.array(self.class_names, dtype=STRING_DTYPE), "image_shape": np.array(self.image_shape),
             "pixel_layout": "HWC", "channel_order": channel_order, "dtype": dtype,
             "scale": 1.0 / 255.0 if dtype == "uint8" else 1.0, "options": json.dumps(options or {}, sort_keys=True),
         }
@@ -498,7 +449,7 @@ class StoreWriter:
         g = self._file.create_group(name)
         self._create_x(g, capacity)
         g.create_dataset("y", shape=(capacity,), dtype=np.int32)
-        g.create_dataset("paths", shape=(capacity,), dtype=_STR)
+        g.create_dataset("paths", shape=(capacity,), dtype=STRING_DTYPE)
         self._filled[name] = 0
 
     def add_virtual_split(self, name: str, parts: Sequence[tuple[str, int]]) -> None:
@@ -507,8 +458,8 @@ class StoreWriter:
         if name in RESERVED_GROUPS or name in self._filled:
             raise StreamnnError(f"bad or duplicate split name {name!r}")
         g, n = self._file.create_group(name), sum(rows for _, rows in parts)
-        for key, dtype, width in (("X", DTYPES[self.dtype], (self.n_features,)), ("y", np.int32, ()),
-                                  ("paths", _STR, ())):
+        for key, dtype, width in (("X", STORE_DTYPES[self.dtype], (self.n_features,)), ("y", np.int32, ()),
+                                  ("paths", STRING_DTYPE, ())):
             layout, start = h5py.VirtualLayout(shape=(n, *width), dtype=dtype), 0
             for file, rows in parts:
                 if rows:
@@ -524,16 +475,16 @@ class StoreWriter:
     def _create_x(self, group: h5py.Group, n: int) -> h5py.Dataset:
         kw: dict[str, Any] = {}
         if self.compression:
-            rows = max(1, min(n, (1 << 20) // (self.n_features * np.dtype(DTYPES[self.dtype]).itemsize) or 1))
+            rows = max(1, min(n, (1 << 20) // (self.n_features * np.dtype(STORE_DTYPES[self.dtype]).itemsize) or 1))
             kw = {"chunks": (rows, self.n_features), "compression": self.compression}
-        return group.create_dataset("X", shape=(n, self.n_features), dtype=DTYPES[self.dtype], **kw)
+        return group.create_dataset("X", shape=(n, self.n_features), dtype=STORE_DTYPES[self.dtype], **kw)
 
     def to_stored(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 pixels to rows of the stored dtype."""
         rows = pixels.reshape(len(pixels), self.n_features)
         if self.dtype == "uint8":
             return rows
-        return (rows.astype(np.float32) * np.float32(1 / 255)).astype(DTYPES[self.dtype], copy=False)
+        return (rows.astype(np.float32) * np.float32(1 / 255)).astype(STORE_DTYPES[self.dtype], copy=False)
 
     def write_rows(self, split: str, pixels: np.ndarray, labels: Sequence[int], paths: Sequence[str]) -> None:
         """Append uint8 images (B, H, W, C) with their labels and source paths to ``split``."""
@@ -555,8 +506,8 @@ class StoreWriter:
     def set_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
         """Record (path, reason) of every file not packed."""
         g = self._file.require_group("skipped")
-        g.create_dataset("paths", data=np.array([p for p, _ in skipped], dtype=object), dtype=_STR)
-        g.create_dataset("reasons", data=np.array([r for _, r in skipped], dtype=object), dtype=_STR)
+        g.create_dataset("paths", data=np.array([p for p, _ in skipped], dtype=object), dtype=STRING_DTYPE)
+        g.create_dataset("reasons", data=np.array([r for _, r in skipped], dtype=object), dtype=STRING_DTYPE)
 
     def commit(self) -> str:
         """Finish the file (attributes, fingerprint), fsync it and rename it into place. Returns the fingerprint."""
@@ -593,7 +544,7 @@ class StoreWriter:
                     for i in range(0, n, step):
                         new_x[i:i + step] = old["X"][i:min(n, i + step)]
                     g.create_dataset("y", data=old["y"][:n])
-                    g.create_dataset("paths", data=old["paths"][:n], dtype=_STR)
+                    g.create_dataset("paths", data=old["paths"][:n], dtype=STRING_DTYPE)
             src.close()
 
     def abort(self) -> None:

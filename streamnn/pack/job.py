@@ -97,7 +97,8 @@ from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.pack.worker import LEN, WORKER_BOOT, ChunkResult, decode_chunk, decode_result, encode_request, pixel_sums
 from streamnn.rng import make_rng
-from streamnn.data.store import COMPRESSIONS, DTYPES, FORMAT, StoreWriter
+from streamnn.data.format import COMPRESSIONS, FORMAT, STORE_DTYPES
+from streamnn.data.store import StoreWriter
 
 try:
     import fcntl
@@ -937,8 +938,8 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, progress: Callable[[
 
 def _check_arguments(dtype: str, compression: str | None, per_class: int | None, max_skip_fraction: float,
                      max_pixels: int, max_file_size: int) -> None:
-    if dtype not in DTYPES:
-        raise StreamnnError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if dtype not in STORE_DTYPES:
+        raise StreamnnError(f"unknown dtype {dtype!r} (choose from {', '.join(STORE_DTYPES)})")
     if compression not in COMPRESSIONS:
         raise StreamnnError(f"unknown compression {compression!r} (choose lzf or gzip)")
     if per_class is not None and per_class < 1:
