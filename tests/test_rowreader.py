@@ -66,7 +66,7 @@ def test_pread_batches_equal_the_memory_maps(stores, monkeypatch, dtype, order, 
 def test_batches_stay_valid_through_the_next_two(stores, monkeypatch):
     """The batch buffers the reader lends are not reused while the caller may hold them."""
     monkeypatch.setattr("streamnn.data.loader.PREFETCH_POLICY", "thread")
-    monkeypatch.setattr(rr, "AHEAD_ROWS", 8)  # one batch ahead: buffers are reused soon
+    monkeypatch.setattr(rr.pread, "AHEAD_ROWS", 8)  # one batch ahead: buffers are reused soon
     path, px = stores["float32"]
     with Loader(path, "train", 8, seed=2, reader="pread", prefetch=3) as L:
         held = []
@@ -132,7 +132,7 @@ def test_runs_cross_the_batches_read_together(stores):
 
 
 def test_stored_order_is_one_read_per_batch(stores, monkeypatch):
-    monkeypatch.setattr(rr, "AHEAD_ROWS", 30)  # one batch ahead, sent alone
+    monkeypatch.setattr(rr.pread, "AHEAD_ROWS", 30)  # one batch ahead, sent alone
     path, px = stores["float16"]
     with Loader(path, "train", 30, shuffle=False, reader="pread", prefetch=0) as L:
         for X, _ in L:

@@ -22,12 +22,7 @@ dataset shapes, :func:`metadata_digest`); :func:`check_index` (run by every
 error naming the shard that is missing, altered or not recorded. ``Store.verify`` also
 verifies every shard's own fingerprint.
 
-*Reading.* A virtual dataset has no file offset (it cannot be memory-mapped) and h5py reads
-through it slowly, so :class:`SegmentReader` sees a split as a list of segments (shard
-file, rows): each shard's X is opened with the best one-file strategy
-(:func:`~streamnn.data.readers.open_rows`: a memory map for contiguous X) and a batch is
-gathered segment by segment into a staging buffer, then put in batch order.
-
+*Reading* is :mod:`streamnn.data.readers.segments`.
 """
 from __future__ import annotations
 
@@ -35,14 +30,12 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from streamnn.data.readers import MemmapReader, PreadReader, RowReader, fits_in_memory, open_rows
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 
@@ -87,14 +80,22 @@ def shard_record(path: Path, relative: str) -> dict[str, Any]:
     return {"file": relative, "size": path.stat().st_size, "fingerprint": fp, "metadata_sha256": digest}
 
 
+def shard_records(records_json: Any, index: Path) -> list[dict[str, Any]]:
+    """The shard records of an index (its ``shards`` attribute, JSON)."""
+    try:
+        records = json.loads(_plain(records_json))
+        if not all(isinstance(r, dict) and "file" in r for r in records):
+            raise TypeError
+    except (ValueError, TypeError):
+        raise StreamnnError("the index's 'shards' attribute is unreadable", path_text(index)) from None
+    return records
+
+
 def check_index(f: h5py.File, index: Path, records_json: Any) -> list[Path]:
     """Check every shard an index records (exists, same size, fingerprint and metadata digest)
     and that its virtual datasets read nothing else; return the shard paths."""
-    try:
-        records = json.loads(_plain(records_json))
-        files = [str(r["file"]) for r in records]
-    except (ValueError, TypeError, KeyError):
-        raise StreamnnError("the index's 'shards' attribute is unreadable", path_text(index)) from None
+    records = shard_records(records_json, index)
+    files = [str(r["file"]) for r in records]
     folder = index.parent
     paths = []
     for record in records:
@@ -140,109 +141,3 @@ def segments(f: h5py.File, index: Path, split: str) -> list[tuple[Path, int]]:
     if start != dset.shape[0]:
         raise StreamnnError(f"split {split!r}: the shards hold {start} rows, X has {dset.shape[0]}", path_text(index))
     return out
-
-
-class SegmentReader(RowReader):
-    """Rows of a split spread over segments (one row reader per shard), read as one.
-
-    Memory-mapped segments (the default) are copied row by row straight from the maps into
-    ``out`` (float32), or into a staging buffer of the stored dtype converted in one pass
-    (float16, uint8), as the one-file gather does; rows of a few KB copy about as fast this
-    way as with one ``np.take`` (``tools/bench_shards.py``).
-    (Shards read with ``pread`` are one :class:`~streamnn.data.readers.PreadReader` over all the
-    files, not a SegmentReader.) Other segments (``chunks``, ``hdf5``) read their share of
-    the batch into a float32 staging buffer, which is then put in batch order; batches
-    announced ahead (:meth:`expect`) are announced to each segment for its rows.
-    """
-
-    def __init__(self, readers: Sequence[RowReader]) -> None:
-        first = readers[0]
-        super().__init__(sum(r.n_rows for r in readers), first.n_features, first.dtype, first.scale)
-        self.readers = list(readers)
-        self.mode = "segments:" + first.mode
-        self.releases_gil = all(r.releases_gil for r in readers)
-        self.reads_ahead = any(r.reads_ahead for r in readers)
-        self.ahead_rows = max(r.ahead_rows for r in readers)
-        for r in readers:
-            r.lend = 0  # what a segment returns is copied at once
-        self._starts = np.cumsum([0] + [r.n_rows for r in readers])
-        self._maps = ([r.array for r in readers] if all(isinstance(r, MemmapReader) for r in readers)
-                      else None)
-        self._float: np.ndarray | None = None
-
-    def _segments(self, rows: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self._starts, rows, side="right") - 1
-
-    def expect(self, key: Hashable, rows: np.ndarray) -> None:
-        seg = self._segments(rows)
-        for s, reader in enumerate(self.readers):
-            if reader.reads_ahead:
-                reader.expect(key, rows[seg == s] - self._starts[s])
-
-    def forget(self) -> None:
-        for reader in self.readers:
-            reader.forget()
-
-    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
-        seg = self._segments(rows)
-        if self._maps is not None:
-            maps, dest = self._maps, out if self._direct else self._staging(len(rows))
-            for j, (s, r) in enumerate(zip(seg.tolist(), (rows - self._starts[seg]).tolist())):
-                dest[j] = maps[s][r]  # one copy per row, straight from the map
-            if not self._direct:
-                self._convert(dest, out)
-            return out
-        order = np.argsort(seg, kind="stable")
-        bounds = np.searchsorted(seg[order], np.arange(len(self.readers) + 1))
-        if self._float is None or self._float.shape[0] < len(rows):
-            self._float = np.empty((max(len(rows), 1), self.n_features), np.float32)
-        stage = self._float[:len(rows)]
-        for s, reader in enumerate(self.readers):
-            lo, hi = int(bounds[s]), int(bounds[s + 1])
-            if hi > lo:
-                view = stage[lo:hi]
-                got = reader.read(rows[order[lo:hi]] - self._starts[s], view, key=key)
-                if not np.may_share_memory(got, view):  # the segment lent its own buffer
-                    view[...] = got
-        out[order] = stage
-        return out
-
-    def close(self) -> None:
-        super().close()
-        for reader in self.readers:
-            reader.close()
-        self._maps = self._float = None
-
-
-def open_segments(f: h5py.File, index: Path, split: str, *, reader: str = "auto", **kwargs: Any) -> RowReader:
-    """The row reader of a sharded store's split: each shard's opened by
-    :func:`~streamnn.data.readers.open_rows` (``kwargs``); ``reader="auto"`` chooses memory maps
-    or ``pread`` by the size of the whole split, as for one file."""
-    records = {r["file"]: r for r in json.loads(_plain(f.attrs["shards"]))}
-    check_index(f, index, f.attrs["shards"])
-    dset = f[split]["X"]
-    if reader == "auto":
-        reader = "mmap" if fits_in_memory(int(np.prod(dset.shape)) * dset.dtype.itemsize) else "pread"
-    readers: list[RowReader] = []
-    try:
-        for path, rows in segments(f, index, split):
-            record = records[path.relative_to(index.parent).as_posix()]
-            part = open_rows(path, split, fingerprint=record["fingerprint"], reader=reader, **kwargs)
-            readers.append(part)
-            if part.n_rows != rows:
-                raise StreamnnError(f"shard {record['file']} has {part.n_rows} rows of split {split!r}, "
-                                    f"the index {rows}", path_text(index))
-        if not readers:
-            raise StreamnnError(f"split {split!r} has no shard", path_text(index))
-        if all(isinstance(part, PreadReader) for part in readers):  # one pread reader over every file
-            first = readers[0]
-            combined = PreadReader(first.path, 0, 0, first.n_features, first.dtype, first.scale, first.threads,
-                                   segments=[(part.path, part.offsets[0], part.n_rows) for part in readers])
-            for part in readers:
-                part.close()
-            return combined
-        return SegmentReader(readers)
-    except BaseException:
-        for part in readers:
-            part.close()
-        raise
