@@ -22,7 +22,7 @@ from streamnn.atomic import TMP_PREFIX
 from streamnn.data.loader import Loader
 from streamnn.pack import pack
 from streamnn.data.readers import open_rows
-from streamnn.data.shards import shard_folder
+from streamnn.data.format import shard_folder
 from streamnn.pack.sharded import pack_sharded, share
 
 # A 2-file split: with K = 3 one shard holds none of it; one broken file is skipped.

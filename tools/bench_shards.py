@@ -36,7 +36,7 @@ import h5py
 import numpy as np
 
 from streamnn.data.loader import Loader
-from streamnn.data.shards import part_name, shard_folder
+from streamnn.data.format import part_name, shard_folder
 from streamnn.pack.sharded import share, write_index
 from streamnn.data.store import StoreWriter
 

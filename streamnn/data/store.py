@@ -22,7 +22,7 @@ from streamnn.atomic import atomic_output
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.data.format import (STRING_DTYPE, CHANNEL_ORDERS, COMPRESSIONS, FORMAT, FORMAT_VERSION, RESERVED_GROUPS,
-                                  STORE_DTYPES, fingerprint)
+                                  STORE_DTYPES, check_index, fingerprint)
 
 def _decode(value: Any) -> Any:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
@@ -232,12 +232,10 @@ class Store:
         self.splits = [name for name in self._file if name not in RESERVED_GROUPS]
         if not self.splits:
             raise c.fail("store has no split")
-        #: Shard files of a sharded store (its index: see :mod:`streamnn.pack.sharded`), checked
+        #: Shard files of a sharded store (its index: see :mod:`streamnn.data.format`), checked
         #: before anything is read through its virtual datasets.
         self.shards: list[Path] = []
         if "shards" in self._file.attrs:
-            from streamnn.data.shards import check_index
-
             self.shards = check_index(self._file, self.path, self._file.attrs["shards"])
         self._counts = {name: self._check_split(c, name) for name in self.splits}
         recorded = c.json_object("counts")

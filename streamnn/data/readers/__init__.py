@@ -29,13 +29,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-from streamnn.data.format import FORMAT, STORE_DTYPES
 from streamnn.data.readers.base import AHEAD_BATCHES, RowReader
 from streamnn.data.readers.hdf5 import MIN_CACHED_BANDS, ChunkReader, Hdf5Reader
 from streamnn.data.readers.mmap import MemmapReader
 from streamnn.data.readers.pread import AHEAD_BYTES, AHEAD_ROWS, MAX_RUN_BYTES, PREAD_THREADS, TASK_BYTES, PreadReader
 from streamnn.data.readers.segments import SegmentReader, joined
-from streamnn.data.shards import check_index, segments, shard_records
+from streamnn.data.format import FORMAT, STORE_DTYPES, check_index, segments, shard_records
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 
