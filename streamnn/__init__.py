@@ -18,7 +18,7 @@ from streamnn.version import __version__
 
 _EXPORTS = {
     "StreamnnError": "errors",
-    "Store": "data.store", "StoreWriter": "data.store", "open_store": "data.store", "Loader": "data.loader",
+    "Store": "data.store", "StoreWriter": "data.writer", "open_store": "data.store", "Loader": "data.loader",
     "load_image": "pack.decode",
     "DeepNetwork": "nn.models", "LogisticRegression": "nn.models", "ConvNet": "nn.models",
     "gradient_check": "nn.gradcheck",

@@ -203,7 +203,8 @@ def rss_child(store: str) -> None:
 
 def ten_times(store: str, folder: Path) -> Path:
     """The store's training split repeated 10 times (test split once), written with StoreWriter."""
-    from streamnn.data.store import StoreWriter, open_store
+    from streamnn.data.store import open_store
+    from streamnn.data.writer import StoreWriter
 
     path = folder / "x10.h5"
     with open_store(store) as s:

@@ -38,7 +38,7 @@ import numpy as np
 from streamnn.data.loader import Loader
 from streamnn.data.format import part_name, shard_folder
 from streamnn.pack.sharded import share, write_index
-from streamnn.data.store import StoreWriter
+from streamnn.data.writer import StoreWriter
 
 BATCH = 64
 SHAPE = (64, 64, 3)

@@ -82,6 +82,11 @@ COMPRESSIONS = (None, "lzf", "gzip")
 STRING_DTYPE = h5py.string_dtype("utf-8")
 
 
+def as_text(value: Any) -> Any:
+    """A string as h5py reads it (bytes) as str, undecodable bytes kept as surrogates; other values as they are."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
 def fingerprint(class_names: Sequence[str], image_shape: Sequence[int],
                 splits: Iterable[tuple[str, np.ndarray, Sequence[str]]]) -> str:
     """sha256 over class names, image shape and each split's (name, labels, paths), in order."""
@@ -114,7 +119,7 @@ def part_name(rank: int, size: int) -> str:
 # -- integrity -----------------------------------------------------------------------------------
 def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
+        return as_text(value)
     if isinstance(value, np.ndarray):
         return [_plain(v) for v in value.tolist()] if value.dtype.kind in "OSU" else value.tolist()
     if isinstance(value, np.generic):

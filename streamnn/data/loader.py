@@ -19,7 +19,7 @@ depth, and a resumed run continues exactly where it stopped.
 * ``order="exact"`` (default): ``rng.permutation(n)``, a uniform random permutation.
 * ``order="block"``: FFCV-like quasi-random order. Rows are grouped in blocks of
   ``block_rows`` consecutive stored rows (default: the dataset's chunk rows, or ~1 MiB of
-  rows for contiguous data, which equals what :class:`~streamnn.data.store.StoreWriter` uses as
+  rows for contiguous data, which equals what :class:`~streamnn.data.writer.StoreWriter` uses as
   chunk rows); the blocks are permuted, taken ``window_blocks`` (default 16) at a time, and
   the rows of each such window are permuted together. Every row still comes exactly once
   per epoch, but a batch holds rows of at most ``window_blocks`` blocks (twice that where

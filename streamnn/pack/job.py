@@ -98,7 +98,7 @@ from streamnn.paths import path_text
 from streamnn.pack.worker import LEN, WORKER_BOOT, ChunkResult, decode_chunk, decode_result, encode_request, pixel_sums
 from streamnn.rng import make_rng
 from streamnn.data.format import COMPRESSIONS, FORMAT, STORE_DTYPES
-from streamnn.data.store import StoreWriter
+from streamnn.data.writer import StoreWriter
 
 try:
     import fcntl

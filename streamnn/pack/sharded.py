@@ -41,7 +41,7 @@ from streamnn.errors import StreamnnError
 from streamnn.pack.job import (PackJob, PackResult, RunningMoments, SourcePlan, _within, _writing, default_workers,
                    prepare_pack, remove_stale_temps)
 from streamnn.data.format import PART_PATTERN as _PART, part_name, shard_folder, shard_record
-from streamnn.data.store import StoreWriter
+from streamnn.data.writer import StoreWriter
 from streamnn.paths import path_text
 
 _POLL_S = 0.005
