@@ -368,12 +368,6 @@ class Store:
             with Store(shard) as part:
                 part.verify()
 
-    def loader(self, split: str, batch_size: int = 64, **kwargs: Any):
-        """A shuffling mini-batch iterator over ``split``; see :class:`streamnn.data.loader.Loader`."""
-        from streamnn.data.loader import Loader
-
-        return Loader(self.path, split, batch_size=batch_size, **kwargs)
-
     def close(self) -> None:
         self._file.close()
 
