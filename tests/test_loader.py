@@ -362,7 +362,7 @@ def test_hdf5_fallback_reader(tmp_path, monkeypatch):
     path = tmp_path / "s.h5"
     px, _ = make_store(path, 100, "uint8")
     real = rr.open_rows
-    monkeypatch.setattr("streamnn.data.loader.open_rows", lambda *a, **k: real(*a, **dict(k, allow_memmap=False)))
+    monkeypatch.setattr("streamnn.data.epoch.open_rows", lambda *a, **k: real(*a, **dict(k, allow_memmap=False)))
     with Loader(path, "train", 16, world_size=3, rank=2) as L:
         assert L.reader_mode == "hdf5"
         for X, _ in L:
@@ -385,9 +385,9 @@ def test_block_order_reads_each_chunk_once(tmp_path):
                 pass
             # A cache of window + 2 bands suffices, even for batches that straddle two windows.
             # (Bands still cached from the previous epoch may be reused.)
-            assert bands * epoch < L._reader.bands_read <= (epoch + 1) * bands
+            assert bands * epoch < L._maker.reader.bands_read <= (epoch + 1) * bands
             if epoch == 0:
-                assert L._reader.bands_read == bands
+                assert L._maker.reader.bands_read == bands
 
 
 @pytest.mark.parametrize("one_hot", [False, True])

@@ -74,7 +74,7 @@ def test_batches_stay_valid_through_the_next_two(stores, monkeypatch):
             for X, _ in L:
                 held.append((X, X.copy()))
                 # Let the prefetch thread finish what it started (its reads reuse buffers).
-                concurrent.futures.wait([f for f, _ in L._pending.values() if f is not None])
+                concurrent.futures.wait([f for f, _ in L._maker.pending.values() if f is not None])
                 for x, copy in held[-2:]:
                     assert np.array_equal(x, copy)
         assert len({r for _, copy in held for r in row_ids(copy, px)}) == 90
@@ -137,7 +137,7 @@ def test_stored_order_is_one_read_per_batch(stores, monkeypatch):
     with Loader(path, "train", 30, shuffle=False, reader="pread", prefetch=0) as L:
         for X, _ in L:
             assert row_ids(X, px) == L.batch_rows(L.epoch, L.position - 1).tolist()
-        assert L._reader.calls == 3
+        assert L._maker.reader.calls == 3
 
 
 def test_short_reads_are_completed(stores, monkeypatch):
