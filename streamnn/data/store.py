@@ -62,7 +62,7 @@ def reading(path: str | os.PathLike) -> Iterator[None]:
 def checked_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
                     split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``batches`` (a loader over ``split`` of the store ``path``), with read errors turned into
-    one-line errors and every batch checked finite (see "Pixel values" in the module docstring)."""
+    one-line errors and every batch checked finite (see "Pixel values" in docs/format.md)."""
     it = iter(batches)
     while True:
         with reading(path):
@@ -160,8 +160,8 @@ def _shown(value: Any) -> str:
 class Store:
     """A validated, read-only streamnn store. Use as a context manager or call :meth:`close`.
 
-    Metadata is read and checked against the format once, on open (see "Validation" in the
-    module docstring); row data stays on disk and is read on demand.
+    Metadata is read and checked against the format once, on open (see "Validation" in
+    docs/format.md); row data stays on disk and is read on demand.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
