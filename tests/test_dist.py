@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from mpi import ROOT, run_mpiexec, run_ranks
+from mpi import run_mpiexec, run_ranks
 from streamnn import StoreWriter, StreamnnError
 from streamnn.dist import SingleComm, launcher_world, world
 from streamnn.data.loader import Loader

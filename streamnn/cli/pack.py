@@ -1,4 +1,4 @@
-"""``streamnn-pack SRC -o OUT.h5``: image folders to a streamnn store (wraps :func:`streamnn.pack.job.pack`)."""
+"""``streamnn-pack SRC -o OUT.h5``: image folders to a streamnn store (wraps :func:`streamnn.pack.pack`)."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +13,9 @@ import click
 
 from streamnn.dist import world
 from streamnn.pack.decode import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS
-from streamnn.pack.job import default_workers, is_store_file, pack
+from streamnn.pack.job import pack
+from streamnn.pack.output import is_store_file
+from streamnn.pack.pool import default_workers
 from streamnn.paths import path_text
 from streamnn.pack.sharded import pack_sharded, rank_workers
 from streamnn.cli.common import CONTEXT_SETTINGS, fail, sigterm_as_interrupt, user_errors

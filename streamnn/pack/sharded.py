@@ -39,8 +39,10 @@ import numpy as np
 from streamnn.atomic import TMP_PREFIX
 from streamnn.dist import AgreedError, Comm, agreed, part
 from streamnn.errors import StreamnnError
-from streamnn.pack.job import (PackJob, PackResult, RunningMoments, SourcePlan, _within as within,
-                               _writing as writing, default_workers, prepare_pack, remove_stale_temps)
+from streamnn.pack.job import PackJob, PackResult, RunningMoments, prepare_pack
+from streamnn.pack.output import remove_stale_temps, within, writing
+from streamnn.pack.pool import default_workers
+from streamnn.pack.scan import SourcePlan
 from streamnn.data.shards import _PART, part_name, shard_folder, shard_record
 from streamnn.data.store import StoreWriter
 from streamnn.paths import path_text
