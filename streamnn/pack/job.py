@@ -321,7 +321,7 @@ def prepare_pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | 
 
 def pack(src: str | os.PathLike, out: str | os.PathLike, *, progress: Callable[[int, int], None] | None = None,
          **kwargs: Any) -> PackResult:
-    """Pack the image tree ``src`` into the store ``out``; see the module docstring for the rules.
+    """Pack the image tree ``src`` into the store ``out``; see :mod:`streamnn.pack.scan` for the layout rules.
 
     Keyword arguments are those of :func:`prepare_pack`: ``size`` (a side, ``"HxW"`` or
     ``(H, W)``), ``per_class``, ``classes``, ``dtype``, ``compression``, ``seed``, ``workers``,

@@ -57,7 +57,9 @@ class SourcePlan:
 
 
 class _Lister:
-    """Lists folders under SRC and applies the folder-link rule (see the module docstring),
+    """Lists folders under SRC and applies the folder-link rule (a folder link is followed once,
+    unless it leads back into SRC, to a folder holding SRC, or into or above a folder already
+    reached through a link: those are skipped with that reason),
     deciding each link once and remembering the ones not followed."""
 
     def __init__(self, src: Path) -> None:
