@@ -5,12 +5,14 @@ Usage::
     comm = world()                  # MPI under `mpiexec -n K` (K > 1), else one process
     comm.allreduce(grads, stats)    # in-place sums over the ranks, started together
     blob = comm.broadcast_bytes(blob if comm.rank == 0 else b"")
+    reports = comm.gather_bytes(report)  # every rank's bytes, on rank 0
 
 Engine. MPI through ``mpi4py`` (``pip install 'streamnn[mpi]'``: mpi4py and the MPICH wheel,
 which brings ``mpiexec``), the way Horovod uses it: every rank holds the whole model and the
 gradients are summed with an allreduce. Only mpi4py's *uppercase* buffer calls are used
-(``Iallreduce`` on NumPy arrays, ``Ibcast`` of ``uint8`` arrays for bytes): the lowercase ones
-pickle, and nothing received may execute code.
+(``Iallreduce`` on NumPy arrays, ``Ibcast`` / ``Igatherv`` of ``uint8`` arrays for bytes): the
+lowercase ones pickle, and nothing received may execute code. Training and packing
+(:mod:`streamnn.pack.sharded`) share these communicators.
 
 Which run is distributed. The launcher says so in the environment: MPICH's hydra and Intel MPI
 set ``PMI_SIZE`` / ``PMI_RANK``, Open MPI ``OMPI_COMM_WORLD_SIZE`` / ``OMPI_COMM_WORLD_RANK``,
@@ -40,7 +42,10 @@ their allreduce wait for each other. So:
   microseconds), then sleeps :data:`POLL_SECONDS` between tests: MPICH only progresses a
   non-blocking collective inside calls, and measured on 12.6 MB (2 ranks, shared memory) tests
   100 us apart complete it as fast as spinning or the blocking call, without taking the core
-  from a rank that is still computing.
+  from a rank that is still computing. After :data:`IDLE_SECONDS` (a rank waiting for another
+  that is still working, e.g. decoding its share of a pack) it sleeps :data:`IDLE_POLL_SECONDS`,
+  so a waiting rank does not take CPU from the ones it waits for. A signal (Ctrl-C, SIGTERM) is
+  acted on between polls.
 """
 from __future__ import annotations
 
@@ -59,6 +64,8 @@ T = TypeVar("T")
 TIMEOUT = 300.0
 SPIN_SECONDS = 0.001
 POLL_SECONDS = 1e-4
+IDLE_SECONDS = 1.0
+IDLE_POLL_SECONDS = 0.005
 INSTALL_HINT = "pip install 'streamnn[mpi]' (mpi4py and MPICH), or mpi4py built for your cluster's MPI"
 #: (size, rank) variables of the launchers, first match wins.
 LAUNCHER_VARS = (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
@@ -70,7 +77,8 @@ class AgreedError(StreamnnError):
 
 
 class Comm(Protocol):
-    """What training needs from its ranks: sums, a broadcast from rank 0, a barrier, an abort."""
+    """What training and packing need from their ranks: sums, broadcasts from rank 0, gathers, a
+    barrier, an abort."""
 
     rank: int
     size: int
@@ -86,6 +94,12 @@ class Comm(Protocol):
 
     def broadcast_bytes(self, data: bytes) -> bytes:
         """Rank 0's ``data`` on every rank (what the others pass is ignored)."""
+
+    def gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data``, in rank order, on rank 0 (an empty list on the others)."""
+
+    def local_size(self) -> int:
+        """How many ranks of the job run on this machine (this one included)."""
 
     def barrier(self) -> None:
         """Return once every rank has called it."""
@@ -110,6 +124,12 @@ class SingleComm:
 
     def broadcast_bytes(self, data: bytes) -> bytes:
         return bytes(data)
+
+    def gather_bytes(self, data: bytes) -> list[bytes]:
+        return [bytes(data)]
+
+    def local_size(self) -> int:
+        return 1
 
     def barrier(self) -> None:
         pass
@@ -138,7 +158,7 @@ class MPIComm:
                       "(a rank hung or was stopped); aborting the job", file=sys.stderr, flush=True)
                 self.abort(1)
             if waited > SPIN_SECONDS:
-                time.sleep(POLL_SECONDS)
+                time.sleep(POLL_SECONDS if waited < IDLE_SECONDS else IDLE_POLL_SECONDS)
 
     def allreduce(self, *buffers: np.ndarray) -> None:
         for b in buffers:
@@ -163,6 +183,25 @@ class MPIComm:
         self.broadcast(buf)
         return buf.tobytes()
 
+    def gather_bytes(self, data: bytes) -> list[bytes]:
+        sizes = np.zeros(self.size, np.int64)
+        self._wait([self._comm.Igather(np.array([len(data)], np.int64), sizes, root=0)], "gather")
+        send = np.frombuffer(bytearray(data), np.uint8)
+        if self.rank != 0:
+            self._wait([self._comm.Igatherv(send, None, root=0)], "gather")
+            return []
+        recv = np.empty(int(sizes.sum()), np.uint8)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+        self._wait([self._comm.Igatherv(send, [recv, sizes.tolist(), offsets, self._MPI.BYTE], root=0)], "gather")
+        return [recv[o:o + n].tobytes() for o, n in zip(offsets, sizes.tolist())]
+
+    def local_size(self) -> int:
+        """From the ranks' processor (host) names, gathered and counted by rank 0."""
+        names = self.gather_bytes(self._MPI.Get_processor_name().encode("utf-8", "surrogateescape"))
+        counts = np.array([names.count(name) for name in names] if self.rank == 0 else [0] * self.size, np.int64)
+        self.broadcast(counts)
+        return int(counts[self.rank])
+
     def barrier(self) -> None:
         self._wait([self._comm.Ibarrier()], "barrier")
 
@@ -173,10 +212,9 @@ class MPIComm:
 
 
 def part(n: int, rank: int, size: int) -> slice:
-    """Rank ``rank``'s contiguous part of a flat buffer of ``n`` entries split over ``size`` ranks."""
-    base, extra = divmod(n, size)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
+    """Rank ``rank``'s contiguous, balanced part of ``n`` entries split over ``size`` ranks:
+    ``[n*rank//size, n*(rank+1)//size)`` (the layout of a sharded store's rows relies on it)."""
+    return slice(n * rank // size, n * (rank + 1) // size)
 
 
 def launcher_world(environ: Mapping[str, str] | None = None) -> tuple[int, int]:

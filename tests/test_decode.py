@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from imagetree import bad_files, encode, jpeg_with_size, pil_bytes, smooth_image
 from streamnn import StreamnnError
 from streamnn.pack.decode import (DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_kwargs, decode_options,
-                             load_image, parse_size, probe, reduction_factor)
+                             load_image, parse_size, reduction_factor)
+from streamnn.pack.probe import probe
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from mpi import ROOT, run_mpiexec, run_ranks
+from mpi import run_mpiexec, run_ranks
 from streamnn import StoreWriter, StreamnnError
 from streamnn.dist import SingleComm, launcher_world, world
 from streamnn.data.loader import Loader
@@ -33,6 +33,7 @@ def test_one_process_needs_no_mpi(monkeypatch):
     comm.broadcast(a)
     comm.barrier()
     assert np.array_equal(a, np.arange(5.0)) and comm.broadcast_bytes(b"xyz") == b"xyz"
+    assert comm.gather_bytes(b"xyz") == [b"xyz"] and comm.local_size() == 1
 
 
 def test_under_mpiexec_without_mpi4py_one_line_says_how_to_install(monkeypatch):
@@ -58,10 +59,13 @@ COLLECTIVES = """
     blob = np.random.default_rng(r).bytes(100_003)  # differs per rank: rank 0's must win
     got = comm.broadcast_bytes(blob)
     empty = comm.broadcast_bytes(b"" if r == 0 else b"ignored")
+    gathered = comm.gather_bytes(b"r%d" % r * (r * 3))  # rank 0 sends nothing
+    local = comm.local_size()
     comm.barrier()
     with open(f"{sys.argv[1]}/out{r}.json", "w") as f:
         json.dump({"size": comm.size, "a": a.tolist(), "b": b.tolist(), "c": c.tolist(),
-                   "blob": got == np.random.default_rng(0).bytes(100_003), "empty": empty == b""}, f)
+                   "blob": got == np.random.default_rng(0).bytes(100_003), "empty": empty == b"",
+                   "gathered": [g.decode() for g in gathered], "local": local}, f)
 """
 
 
@@ -75,6 +79,7 @@ def test_collectives_on_two_ranks(tmp_path):
         assert out["b"] == [[11.0] * 3] * 2
         assert out["c"] == (np.arange(4) * 5).tolist()
         assert out["blob"] and out["empty"]
+        assert out["gathered"] == ([] if r else ["", "r1r1r1"]) and out["local"] == 2
 
 
 def test_a_killed_rank_ends_the_job(tmp_path):

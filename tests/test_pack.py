@@ -16,7 +16,9 @@ import pytest
 from imagetree import bad_files, encode, make_tree, pil_bytes, smooth_image
 from streamnn import StreamnnError, open_store
 from streamnn.atomic import TMP_PREFIX
-from streamnn.pack.job import RunningMoments, _Decoder, natural_key, pack, scan_source
+from streamnn.pack.job import RunningMoments, pack
+from streamnn.pack.pool import Decoder
+from streamnn.pack.scan import natural_key, scan_source
 
 KAGGLE = {"training_set": {"cats": 7, "dogs": 6}, "test_set": {"cats": 3, "dogs": 4}}
 
@@ -32,7 +34,7 @@ def packed(kaggle, tmp_path_factory) -> Path:
     """The Kaggle tree packed at full decoding (so pixels are exactly OpenCV's), two workers."""
     out = tmp_path_factory.mktemp("out") / "s.h5"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_Decoder, "decode_while_booting", False)
+        mp.setattr(Decoder, "decode_while_booting", False)
         pack(kaggle[0], out, size=(12, 16), reduced_decoding=False, workers=2, seed=3)
     return out
 
@@ -56,6 +58,7 @@ def test_round_trip_values_labels_paths_and_attributes(kaggle, packed):
                 assert path.split("/")[1] == s.class_names[label]
                 np.testing.assert_allclose(row, reference_row(root / path, (12, 16)) / 255.0, atol=1e-6)
         assert s.skipped() == []
+        assert s.command == f"streamnn.pack.pack({str(root)!r}, {str(packed)!r}, size=(12, 16), dtype='float32', seed=3)"
         opts = s.options
         assert opts["size"] == [12, 16] and opts["seed"] == 3 and opts["resize"] == "squash"
         assert opts["exif_orientation"] == "apply" and opts["reduced_decoding"] is False
@@ -99,7 +102,7 @@ def test_rows_are_shuffled_deterministically_by_seed(kaggle, tmp_path):
 
 @pytest.mark.parametrize("while_booting", [False, True])
 def test_same_store_with_one_or_two_workers(kaggle, tmp_path, monkeypatch, while_booting):
-    monkeypatch.setattr(_Decoder, "decode_while_booting", while_booting)  # False: every chunk goes to the pool
+    monkeypatch.setattr(Decoder, "decode_while_booting", while_booting)  # False: every chunk goes to the pool
     one, two = tmp_path / "one.h5", tmp_path / "two.h5"
     pack(kaggle[0], one, size=(12, 16), workers=1, seed=3)
     r2 = pack(kaggle[0], two, size=(12, 16), workers=2, seed=3)
@@ -207,7 +210,7 @@ def test_layout_errors(tmp_path):
 
 
 def test_bad_file_zoo_is_skipped_listed_and_stored(tmp_path, monkeypatch):
-    monkeypatch.setattr(_Decoder, "decode_while_booting", False)  # reasons come back from the workers
+    monkeypatch.setattr(Decoder, "decode_while_booting", False)  # reasons come back from the workers
     src = tmp_path / "src"
     make_tree(src, {"training_set": {"cats": 10, "dogs": 10}, "test_set": {"cats": 2, "dogs": 2}}, h=20, w=24)
     bad = bad_files()
@@ -244,7 +247,7 @@ def test_bad_file_zoo_is_skipped_listed_and_stored(tmp_path, monkeypatch):
 
 
 def test_too_many_skipped_files_is_an_error_and_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(_Decoder, "decode_while_booting", False)
+    monkeypatch.setattr(Decoder, "decode_while_booting", False)
     make_tree(tmp_path / "src", {"": {"cats": 8, "dogs": 8}}, h=10, w=10)
     for i in range(2):
         (tmp_path / "src" / "cats" / f"bad{i}.jpg").write_bytes(b"not an image")
@@ -319,7 +322,7 @@ def test_stale_temp_files_of_killed_runs_are_removed(kaggle, tmp_path):
 
 
 def test_interrupt_in_the_parent_terminates_the_pool_and_writes_nothing(kaggle, tmp_path, monkeypatch):
-    monkeypatch.setattr(_Decoder, "decode_while_booting", False)
+    monkeypatch.setattr(Decoder, "decode_while_booting", False)
     out = tmp_path / "s.h5"
     pack(kaggle[0], out, size=4, workers=1)
     previous = out.read_bytes()

@@ -26,13 +26,14 @@ from imagetree import encode, make_tree, smooth_image
 from streamnn import StreamnnError, open_store
 from streamnn.atomic import TMP_PREFIX
 from streamnn.cli.pack import main as pack_main
-from streamnn.pack.job import is_store_file, pack, scan_source
+from streamnn.pack import pack, scan_source
+from streamnn.pack.output import is_store_file
 from streamnn.paths import path_bytes, path_text
 
 PACK_CLI = [sys.executable, "-m", "streamnn.cli.pack"]
 # The CLI with every chunk sent to the workers (none decoded in the parent while they start).
-POOL_CLI = [sys.executable, "-c", "import sys; from streamnn.pack.job import _Decoder; "
-            "_Decoder.decode_while_booting = False; from streamnn.cli.pack import main; "
+POOL_CLI = [sys.executable, "-c", "import sys; from streamnn.pack.pool import Decoder; "
+            "Decoder.decode_while_booting = False; from streamnn.cli.pack import main; "
             "sys.argv[0] = 'streamnn-pack'; main()"]
 
 
@@ -550,9 +551,9 @@ def test_requests_and_results_round_trip_without_pickle(names, flags, ok):
 
 def test_a_worker_starts_with_stop_signals_blocked_and_ends_when_its_pipe_closes():
     """The portable half of "workers die with the parent": end of file on the request pipe."""
-    from streamnn.pack.job import _Worker
+    from streamnn.pack.pool import WorkerProcess
 
-    w = _Worker(dict(os.environ), {"size": [4, 4], "grayscale": False})
+    w = WorkerProcess(dict(os.environ), {"size": [4, 4], "grayscale": False})
     try:
         blocked = int(next(line for line in Path(f"/proc/{w.proc.pid}/status").read_text().splitlines()
                            if line.startswith("SigBlk:")).split()[1], 16)
@@ -567,3 +568,11 @@ def test_a_worker_whose_parent_is_not_the_expected_one_exits_at_once():
     code = "from streamnn.pack.worker import worker_main; worker_main()"
     r = subprocess.run([sys.executable, "-c", code, "0", "1", "1"], capture_output=True, timeout=60)
     assert r.returncode == 1 and r.stderr == b""
+
+
+def test_a_worker_imports_no_h5py_and_no_store_code():
+    """A worker's start-up is a fixed cost of every pack: it imports the decoder, not the store."""
+    code = ("import sys; from streamnn.pack.worker import worker_main; "
+            "print(sorted(m for m in sys.modules if m == 'h5py' or m.startswith(('streamnn.data', 'streamnn.pack.job'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert r.stdout.strip() == "[]"

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from blocking import start_blocked
+from blocking import BLOCKER, start_blocked
 from imagetree import make_tree
 from streamnn import StreamnnError, open_store
 from streamnn.atomic import TMP_PREFIX
@@ -23,7 +23,8 @@ from streamnn.data.loader import Loader
 from streamnn.pack import pack
 from streamnn.data.readers import open_rows
 from streamnn.data.format import shard_folder
-from streamnn.pack.sharded import pack_sharded, share
+from streamnn.dist import part
+from streamnn.pack.sharded import pack_sharded
 
 # A 2-file split: with K = 3 one shard holds none of it; one broken file is skipped.
 LAYOUT = {"training_set": {"cats": 9, "dogs": 8}, "test_set": {"cats": 1, "dogs": 1}}
@@ -98,7 +99,7 @@ def test_sharded_store_equals_the_one_file_store(src, one_file, tmp_path, k):
 def test_shares_cover_every_row_once():
     for n in range(12):
         for k in range(1, 5):
-            assert [i for r in range(k) for i in range(n)[share(n, r, k)]] == list(range(n))
+            assert [i for r in range(k) for i in range(n)[part(n, r, k)]] == list(range(n))
 
 
 def test_moved_store_opens_and_loader_state_carries_over(src, one_file, tmp_path):
@@ -273,6 +274,26 @@ def test_killed_rank_fails_the_command_and_leaves_no_index(src, one_file, tmp_pa
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.name for p in shard_folder(out).iterdir()) == ["part-0-of-2.h5", "part-1-of-2.h5"]
     assert_same_store(one_file, out)
+
+
+@needs_mpi
+@pytest.mark.parametrize("fault", ["STREAMNN_TEST_BLOCK_ON", "STREAMNN_TEST_EXIT_ON"])
+def test_a_hung_or_leaving_rank_ends_the_job_after_the_timeout(src, one_file, tmp_path, fault):
+    """Rank 1 hangs in decoding, or leaves without a word: rank 0 gives up waiting for it after
+    STREAMNN_MPI_TIMEOUT seconds and ends every rank (as streamnn-train does), one line."""
+    out = tmp_path / "s.h5"
+    with open_store(one_file) as s:
+        name = Path(s.paths("train")[-1]).name  # in rank 1's share
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BLOCKER), os.environ.get("PYTHONPATH")])),
+           "STREAMNN_MPI_TIMEOUT": "3", fault: name, "STREAMNN_TEST_BLOCKED": str(tmp_path / "blocked")}
+    start = time.monotonic()
+    proc = subprocess.run(_mpiexec(2, str(src), "-o", str(out), "--size", "6x8", "--seed", "4", "--workers", "1"),
+                          capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0 and time.monotonic() - start < 60
+    assert [line for line in proc.stderr.splitlines() if line.startswith("Error:")] == [
+        "Error: rank 0: no answer from the other ranks for 3 s in gather (a rank hung or was stopped); "
+        "aborting the job"], proc.stderr
+    assert not out.exists()
 
 
 @needs_mpi

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A/B of the two ways ``streamnn-pack --workers N`` can decode: this process as one of the N
 decoders (N - 1 worker processes; the default) or N worker processes with this process only
-collecting results (``_Decoder.decode_while_booting = False``).
+collecting results (``Decoder.decode_while_booting = False``).
 
     python tools/bench_pack_decoders.py /work/shared/data/cat-and-dog/dataset [--workers 2] [--repeats 4]
 
@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from streamnn.pack.job import _Decoder, pack
+from streamnn.pack import pack
+from streamnn.pack.pool import Decoder
 
 
 def _cpu() -> float:
@@ -40,7 +41,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-decoders-") as tmp:
         for _ in range(args.repeats):
             for name, parent_decodes in modes.items():
-                _Decoder.decode_while_booting = parent_decodes
+                Decoder.decode_while_booting = parent_decodes
                 c, t = _cpu(), time.perf_counter()
                 pack(args.folder, Path(tmp) / "s.h5", size=64, workers=args.workers, force=True)
                 runs[name].append((time.perf_counter() - t, (_cpu() - c) / len(files) * 1000))

@@ -37,7 +37,8 @@ import numpy as np
 
 from streamnn.data.loader import Loader
 from streamnn.data.format import part_name, shard_folder
-from streamnn.pack.sharded import share, write_index
+from streamnn.dist import part
+from streamnn.pack.sharded import write_index
 from streamnn.data.writer import StoreWriter
 
 BATCH = 64
@@ -63,8 +64,8 @@ def make_stores(folder: Path, rows: int, shard_counts: list[int], dtype: str) ->
         index = folder / f"k{k}-{dtype}.h5"
         shard_folder(index).mkdir()
         for r in range(k):
-            part = share(rows, r, k)
-            _write(shard_folder(index) / part_name(r, k), pixels[part], labels[part], paths[part], dtype)
+            mine = part(rows, r, k)
+            _write(shard_folder(index) / part_name(r, k), pixels[mine], labels[mine], paths[mine], dtype)
         write_index(index, k, store_kwargs={"class_names": ["a", "b"], "image_shape": SHAPE, "dtype": dtype},
                     options={}, splits=["train"], stats=None, skipped=[])
         stores[f"{k} shards"] = index

@@ -23,20 +23,22 @@ KeyboardInterrupt wherever the main thread is, and a C extension may turn it int
 exception of its own (h5py's Cython code reports it as ``TypeError: Operation not defined
 for data type class``), which must not become a traceback or exit 1.
 
-With ``ranks=True`` (``streamnn-train``, ``streamnn-eval``), under ``mpiexec -n K`` (K > 1,
-:mod:`streamnn.dist`), an error every rank raises alike (:class:`~streamnn.dist.AgreedError`)
-is printed by rank 0 only and every rank exits with its status; any other error is printed as
-``Error: rank r of K: ...`` and ends the whole job (``MPI_Abort``), so no rank is left waiting
-for one that left. (``streamnn-pack`` coordinates its ranks itself, :mod:`streamnn.pack.sharded`.)
+With ``ranks=True`` (``streamnn-train``, ``streamnn-eval``, ``streamnn-pack``), under ``mpiexec
+-n K`` (K > 1, :mod:`streamnn.dist`), an error every rank raises alike
+(:class:`~streamnn.dist.AgreedError`) is printed by rank 0 only and every rank exits with its
+status; a stop signal (``mpiexec`` passes Ctrl-C and SIGTERM on to every rank) is printed by
+rank 0 only and ends the whole job (``MPI_Abort``) with its status; any other error is printed
+as ``Error: rank r of K: ...`` and ends the whole job, so no rank is left waiting for one that
+left.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import signal
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import click
@@ -66,10 +68,18 @@ def os_error_message(exc: OSError) -> str:
 
 
 @contextlib.contextmanager
-def user_errors(interrupted: str = "interrupted", *, ranks: bool = False) -> Iterator[None]:
+def user_errors(interrupted: str | Callable[[], str] = "interrupted", *, ranks: bool = False) -> Iterator[None]:
     """Turn streamnn errors, OS errors and Ctrl-C raised inside into ``Error: ...`` and an exit status
-    (``ranks``: as one of the ranks of an MPI job, see the module docstring)."""
+    (``ranks``: as one of the ranks of an MPI job, see the module docstring). ``interrupted`` is
+    what a stop prints after ``Error:`` (a function: asked once stopped)."""
     report = rank_fail if ranks else fail
+
+    def stopped(status: int) -> NoReturn:
+        message = interrupted() if callable(interrupted) else interrupted
+        if ranks:
+            rank_fail(message, status, stop=True)
+        fail(message, status)
+
     try:
         try:
             yield
@@ -88,14 +98,20 @@ def user_errors(interrupted: str = "interrupted", *, ranks: bool = False) -> Ite
     except OSError as exc:
         report(os_error_message(exc))
     except Terminated:
-        report(interrupted, 143)
+        stopped(143)
     except KeyboardInterrupt:
-        report(interrupted, 130)
+        stopped(130)
 
 
-def rank_fail(message: str, status: int = 1, *, agreed: bool = False) -> NoReturn:
+#: Seconds a rank that prints nothing waits before ending the job on a stop signal, so that
+#: rank 0's line gets out first.
+STOP_GRACE_SECONDS = 0.5
+
+
+def rank_fail(message: str, status: int = 1, *, agreed: bool = False, stop: bool = False) -> NoReturn:
     """:func:`fail`, on one of K > 1 MPI ranks: an ``agreed`` error (every rank has it) is printed by
-    rank 0 alone (an empty message by nobody); another one names the rank and ends the job."""
+    rank 0 alone (an empty message by nobody); so is a ``stop`` signal (every rank received it),
+    which then ends the job; another error names the rank and ends the job."""
     try:
         rank, size = launcher_world()
     except StreamnnError:  # a malformed launcher environment: report it as one process
@@ -106,6 +122,12 @@ def rank_fail(message: str, status: int = 1, *, agreed: bool = False) -> NoRetur
         if rank == 0 and message:
             click.echo(f"Error: {message}", err=True)
         sys.exit(status)
+    if stop:
+        if rank == 0:
+            click.echo(f"Error: {message}", err=True)
+        else:
+            time.sleep(STOP_GRACE_SECONDS)
+        leave(status)
     click.echo(f"Error: rank {rank} of {size}: {message}", err=True)
     leave(status)
 

@@ -1,4 +1,4 @@
-"""``streamnn-pack SRC -o OUT.h5``: image folders to a streamnn store (wraps :func:`streamnn.pack.job.pack`)."""
+"""``streamnn-pack SRC -o OUT.h5``: image folders to a streamnn store (wraps :func:`streamnn.pack.pack`)."""
 from __future__ import annotations
 
 import functools
@@ -9,17 +9,16 @@ import signal
 import sys
 import time
 
-from collections.abc import Callable
-from typing import Any
-
 import click
 
+from streamnn.dist import world
 from streamnn.pack.decode import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS
-from streamnn.errors import StreamnnError
-from streamnn.pack.job import PackResult, default_workers, is_store_file, pack
+from streamnn.pack.job import pack
+from streamnn.pack.output import is_store_file
+from streamnn.pack.pool import default_workers
 from streamnn.paths import path_text
-from streamnn.pack.sharded import CollectiveError, mpi_world, pack_sharded, rank_workers
-from streamnn.cli.common import CONTEXT_SETTINGS, StopRequest, Terminated, fail, sigterm_as_interrupt, user_errors
+from streamnn.pack.sharded import pack_sharded, rank_workers
+from streamnn.cli.common import CONTEXT_SETTINGS, fail, sigterm_as_interrupt, user_errors
 
 EPILOG = """\b
 Layouts: SRC/training_set/<class>/*, SRC/test_set/<class>/* (Kaggle; the splits
@@ -69,45 +68,6 @@ def _command_line(ctx: click.Context) -> str:
         else:
             args += [flag, path_text(str(value))]
     return shlex.join(args)
-
-
-def _run(run: Callable[..., PackResult], comm: Any, before: tuple[int, int, int] | None, stop: StopRequest,
-         src: str, out: str, **kwargs: Any) -> PackResult:
-    """``run(src, out, **kwargs)`` inside the error boundary. Under MPI, an error every rank
-    shares (rank 0 decided it) and Ctrl-C (mpiexec sends it to every rank) are printed once,
-    by rank 0; any other error of a rank ends every rank (MPI_Abort, after this rank has
-    cleaned up)."""
-    rank = comm.Get_rank() if comm is not None else 0
-    shared = False
-    try:
-        with user_errors(f"interrupted; nothing written ({path_text(out)} left as it was)"):
-            try:
-                result = run(src, out, **kwargs)
-                stop.check()  # a stop swallowed after the last progress call
-                return result
-            except CollectiveError:
-                shared = True
-                if rank:
-                    sys.exit(1)
-                raise
-            except StreamnnError as exc:
-                if rank:
-                    raise StreamnnError(f"rank {rank}: {exc}") from None
-                raise
-            except KeyboardInterrupt as exc:  # after the rename into place, the store cannot be unwritten
-                status = 143 if isinstance(exc, Terminated) else 130
-                if rank:
-                    sys.exit(status)
-                if _identity(out) != before and is_store_file(out):
-                    fail(f"interrupted after the store was written ({path_text(out)} is the new, complete store)",
-                         status)
-                raise
-    except SystemExit as exc:
-        if comm is not None and not shared:
-            sys.stderr.flush()
-            time.sleep(0.2)  # let mpiexec pass the error line on before it ends the ranks
-            comm.Abort(exc.code if isinstance(exc.code, int) else 1)
-        raise
 
 
 def _identity(path: str) -> tuple[int, int, int] | None:
@@ -183,13 +143,11 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
     logging.basicConfig(format="Warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
     file_limit = _byte_size(max_file_size)
     command = _command_line(click.get_current_context())
-    with user_errors():
-        comm = mpi_world()
-    rank = comm.Get_rank() if comm is not None else 0
-    if comm is not None:
-        command = f"mpiexec -n {comm.Get_size()} {command}"
-        workers = rank_workers(comm) if workers is None else workers
-        quiet = quiet or rank != 0
+    with user_errors(ranks=True):
+        comm = world()  # under mpiexec -n K: K ranks, rank r writes shard r (streamnn.pack.sharded)
+    if comm.size > 1:
+        command = f"mpiexec -n {comm.size} {command}"
+        quiet = quiet or comm.rank != 0
     bar = None
     start = time.perf_counter()
 
@@ -208,16 +166,26 @@ def main(src: str, out: str, size: str, per_class: int | None, classes: str | No
     if classes is not None and not classes.strip():
         fail("--classes is empty; give comma-separated class names")
     before = _identity(out)
-    run = pack if comm is None and shards is None else functools.partial(pack_sharded, shards=shards, comm=comm)
+
+    def interrupted() -> str:  # after the rename into place, the store cannot be unwritten
+        if _identity(out) != before and is_store_file(out):
+            return f"interrupted after the store was written ({path_text(out)} is the new, complete store)"
+        return f"interrupted; nothing written ({path_text(out)} left as it was)"
+
+    run = pack if comm.size == 1 and shards is None else functools.partial(pack_sharded, shards=shards, comm=comm)
     with sigterm_as_interrupt() as stop:
         try:
-            result = _run(run, comm, before, stop, src, out, size=size, per_class=per_class,
-                          classes=classes.split(",") if classes is not None else None, dtype=dtype,
-                          compression=None if compression == "none" else compression, seed=seed,
-                          workers=workers, force=force, max_pixels=max_pixels, max_file_size=file_limit,
-                          max_skip_fraction=max_skip_fraction, grayscale=grayscale,
-                          exif_orientation=not ignore_exif_orientation, reduced_decoding=not full_decode,
-                          command=command, progress=progress)
+            with user_errors(interrupted, ranks=True):
+                if comm.size > 1 and workers is None:
+                    workers = rank_workers(comm)
+                result = run(src, out, size=size, per_class=per_class,
+                             classes=classes.split(",") if classes is not None else None, dtype=dtype,
+                             compression=None if compression == "none" else compression, seed=seed,
+                             workers=workers, force=force, max_pixels=max_pixels, max_file_size=file_limit,
+                             max_skip_fraction=max_skip_fraction, grayscale=grayscale,
+                             exif_orientation=not ignore_exif_orientation, reduced_decoding=not full_decode,
+                             command=command, progress=progress)
+                stop.check()  # a stop swallowed after the last progress call
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)

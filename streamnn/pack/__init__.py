@@ -1,9 +1,30 @@
 """Stage 1: image folders to a store (``streamnn-pack``).
 
-:mod:`.decode` reads one image file (bounded, checked); :mod:`.worker` decodes in a worker
-process; :mod:`.job` scans the source and writes the store; :mod:`.sharded` packs a sharded
-store over ranks.
-"""
-from streamnn.pack.job import PackResult, pack, prepare_pack, scan_source
+:mod:`.scan` reads SRC's layout; :mod:`.decode` reads one image file (bounded, checked);
+:mod:`.worker` decodes in a worker process and :mod:`.pool` runs the workers; :mod:`.output`
+checks and claims OUT; :mod:`.job` writes the store; :mod:`.sharded` packs a sharded store
+over ranks.
 
-__all__ = ["PackResult", "pack", "prepare_pack", "scan_source"]
+The public names are imported lazily (PEP 562 ``__getattr__``): a decoding worker imports
+:mod:`.worker`, which imports this package, and must not load h5py or the store code.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"PackResult": "job", "pack": "job", "prepare_pack": "job", "scan_source": "scan"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'streamnn.pack' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

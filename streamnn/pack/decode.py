@@ -1,51 +1,15 @@
 """Image file bytes to a uint8 H x W x C array (BGR, or one gray channel) at a target size.
 
-Design, in the order the steps run on every file:
-
-0. **Read regular files only, and the header first.** The file is opened non-blocking and
-   checked with ``fstat``: a FIFO, socket or device among the images is refused, never
-   waited on; a file larger than ``max_file_size`` (default 512 MiB: an uncompressed BMP of
-   ``max_pixels``) is refused unread. Then only its first 256 KiB are read, and a header
-   that claims more than ``max_pixels`` is refused before the rest is read.
-1. **Sniff, do not trust names.** The format comes from the first bytes (JPEG, PNG, GIF,
-   BMP, WebP, TIFF, PNM have tiny header parsers here); a ``.jpg`` that holds text is
-   rejected by content. Bytes of an unknown format are still offered to OpenCV, which
-   knows a few more (JPEG 2000, AVIF, Sun raster, HDR, PFM).
-2. **Refuse decompression bombs before allocating.** The header's width x height must not
-   exceed ``max_pixels`` (default 89,478,485, Pillow's ``MAX_IMAGE_PIXELS``). For formats
-   without a parser here the limit is checked after decoding, and OpenCV's own limit
-   (environment variable ``OPENCV_IO_MAX_IMAGE_PIXELS``, default 2**30, read when cv2 is
-   imported) bounds the allocation.
-3. **Refuse truncated files.** A JPEG must hold an end-of-image marker (FFD9) after its
-   first scan; trailing bytes after it (padding, appended data) are allowed. A PNG must
-   hold its IEND chunk. (OpenCV 5's ``imdecode`` already rejects most truncated JPEGs, but
-   ``imread`` and older versions fill the missing part with grey and only warn on stderr;
-   the structural check gives the same, explicit answer everywhere.)
-4. **Decode small.** For JPEGs, the largest ``IMREAD_REDUCED_*`` factor (2, 4 or 8: DCT
-   scaling inside libjpeg-turbo) that still leaves the shorter side at least the longer
-   target side; about 2-3x faster than a full decode at 64x64, PSNR ~36 dB against it.
-5. **Listen to libjpeg.** libjpeg does not fail on damaged scan data: it fills what is
-   missing with grey and prints a warning on stderr (a header claiming 9000x9000 in front of
-   a small image: "Corrupt JPEG data: premature end of data segment", and a uniform grey
-   picture). Those warnings are the only signal, and they are written by C code straight to
-   file descriptor 2, so the decode runs with fd 2 pointed at a temporary file (a few
-   microseconds: ``dup2`` there and back under a lock, with SIGINT/SIGTERM held back so that
-   a Ctrl-C cannot leave fd 2 redirected). A ``Corrupt JPEG data`` or ``Premature end of JPEG file`` warning makes
-   the file a skipped one with that reason, except ``N extraneous bytes before marker``
-   (junk between segments: the pixels are complete, the image is kept and the warning
-   dropped). Anything else written there is passed on to stderr unchanged. libjpeg prints
-   only its *first* warning per image, so a harmless one can hide a later damaging one.
-   (A structural check cannot see this damage without decoding the Huffman data itself;
-   the end-of-image check of step 3 catches the common truncations without a decode.)
-6. **Resize** with ``INTER_AREA`` straight to H x W: the aspect ratio is *not* kept
-   (squashed, as in the tutorial this project follows).
-
-Colour conversions are OpenCV's ``IMREAD_COLOR``/``IMREAD_GRAYSCALE``: gray and palette
-images are expanded to BGR, CMYK JPEGs converted, 16-bit images scaled to 8 bits, and an
-alpha channel is *dropped* (not composited), exactly as ``cv2.imread`` does. EXIF
-orientation is *applied* by default (what a viewer shows; OpenCV's default);
-``exif_orientation=False`` adds ``IMREAD_IGNORE_ORIENTATION``. :func:`decode_kwargs`
-rebuilds these settings from a store's ``options`` so prediction decodes like packing did.
+The steps, on every file: read regular files only, the header first (a FIFO or device is
+refused, never waited on; a file over ``max_file_size`` is refused unread); sniff the format
+from the bytes (:mod:`.probe`), refuse decompression bombs (more than ``max_pixels``) and
+truncated files before decoding; decode JPEGs small (``IMREAD_REDUCED_*``, when the result
+still covers the target); listen to libjpeg's warnings on fd 2 (damaged scan data is
+skipped, not kept as grey); resize with ``INTER_AREA`` straight to H x W (squashed, the
+aspect ratio is not kept). Colour conversions, alpha and EXIF orientation are OpenCV's
+``IMREAD_COLOR`` / ``IMREAD_GRAYSCALE`` (``exif_orientation=False`` adds
+``IMREAD_IGNORE_ORIENTATION``); :func:`decode_kwargs` rebuilds these settings from a store's
+``options`` so prediction decodes like packing did. See docs/ for the design of each step.
 """
 from __future__ import annotations
 
@@ -54,17 +18,16 @@ import os
 import re
 import signal
 import stat
-import struct
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 
 from streamnn.errors import StreamnnError
+from streamnn.pack.probe import probe
 from streamnn.paths import path_text
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's MAX_IMAGE_PIXELS: int(1024 * 1024 * 1024 // 4 // 3)
@@ -79,26 +42,12 @@ _REDUCED = {
     (True, 4): cv2.IMREAD_REDUCED_GRAYSCALE_4, (True, 8): cv2.IMREAD_REDUCED_GRAYSCALE_8,
 }
 # JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic...).
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])
-
-
 class DecodeError(StreamnnError):
     """A file that is not a usable image; ``reason`` is the short why (without the path)."""
 
     def __init__(self, reason: str, path: str | os.PathLike | None = None) -> None:
         super().__init__(reason, path)
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """What the header says: format name, pixel size (None if unknown) and any structural problem."""
-
-    format: str | None
-    width: int | None = None
-    height: int | None = None
-    problem: str | None = None
 
 
 def parse_size(size: int | str | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -121,117 +70,6 @@ def parse_size(size: int | str | tuple[int, int] | list[int]) -> tuple[int, int]
 
 
 # -- headers ------------------------------------------------------------------------------
-def _jpeg(data: bytes) -> ImageInfo:
-    i, n, size = 2, len(data), None
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return ImageInfo("jpeg", *(size or (None, None)), "corrupt JPEG (bad marker)")
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _STANDALONE:
-            i += 2
-            continue
-        if marker == 0xD9:
-            return ImageInfo("jpeg", *(size or (None, None)), "corrupt JPEG (ends before any image data)")
-        length = (data[i + 2] << 8) | data[i + 3]
-        if marker in _SOF and i + 9 <= n:
-            height, width = struct.unpack(">HH", data[i + 5:i + 9])
-            size = (width, height)  # (height 0 would come from a DNL marker, which libjpeg rejects)
-        if marker == 0xDA:  # start of scan: entropy-coded data follows
-            if size is None:
-                return ImageInfo("jpeg", None, None, "corrupt JPEG (no frame header)")
-            if data.rfind(b"\xff\xd9") < i:
-                return ImageInfo("jpeg", *size, "truncated JPEG (no end-of-image marker)")
-            return ImageInfo("jpeg", *size)
-        i += 2 + length
-    return ImageInfo("jpeg", *(size or (None, None)), "truncated JPEG (header incomplete)")
-
-
-def _png(data: bytes) -> ImageInfo:
-    if len(data) < 24 or data[12:16] != b"IHDR":
-        return ImageInfo("png", None, None, "truncated or corrupt PNG header")
-    width, height = struct.unpack(">II", data[16:24])
-    end = data.rfind(b"IEND")
-    if end < 0 or end + 8 > len(data):
-        return ImageInfo("png", width, height, "truncated PNG (no IEND chunk)")
-    return ImageInfo("png", width, height)
-
-
-def _bmp(data: bytes) -> ImageInfo:
-    if len(data) < 26:
-        return ImageInfo("bmp", None, None, "truncated BMP header")
-    if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER
-        width, height = struct.unpack("<HH", data[18:22])
-    else:
-        width, height = struct.unpack("<ii", data[18:26])
-    return ImageInfo("bmp", abs(width), abs(height))
-
-
-def _webp(data: bytes) -> ImageInfo:
-    kind = data[12:16]
-    if kind == b"VP8 " and len(data) >= 30:
-        w, h = struct.unpack("<HH", data[26:30])
-        return ImageInfo("webp", w & 0x3FFF, h & 0x3FFF)
-    if kind == b"VP8L" and len(data) >= 25:
-        bits = struct.unpack("<I", data[21:25])[0]
-        return ImageInfo("webp", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
-    if kind == b"VP8X" and len(data) >= 30:
-        return ImageInfo("webp", 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little"))
-    return ImageInfo("webp", None, None, "truncated or corrupt WebP header")
-
-
-def _tiff(data: bytes) -> ImageInfo:
-    e = "<" if data[:2] == b"II" else ">"
-    try:
-        (ifd,) = struct.unpack(e + "I", data[4:8])
-        (count,) = struct.unpack(e + "H", data[ifd:ifd + 2])
-        dims: dict[int, int] = {}
-        for k in range(count):
-            tag, typ, _, value = struct.unpack(e + "HHI4s", data[ifd + 2 + 12 * k:ifd + 14 + 12 * k])
-            if tag in (256, 257):
-                dims[tag] = struct.unpack(e + ("H" if typ == 3 else "I"), value[:2] if typ == 3 else value)[0]
-        return ImageInfo("tiff", dims.get(256), dims.get(257))
-    except struct.error:
-        return ImageInfo("tiff", None, None, "truncated or corrupt TIFF header")
-
-
-def _pnm(data: bytes) -> ImageInfo:
-    tokens: list[int] = []
-    for line in data[2:512].splitlines():
-        for tok in line.split(b"#")[0].split():
-            if not tok.isdigit():
-                return ImageInfo("pnm", None, None, "corrupt PNM header")
-            tokens.append(int(tok))
-        if len(tokens) >= 2:
-            return ImageInfo("pnm", tokens[0], tokens[1])
-    return ImageInfo("pnm", None, None, "truncated PNM header")
-
-
-def probe(data: bytes) -> ImageInfo:
-    """Format, size and structural problems of image bytes, from the headers and end markers
-    only (no pixel decoding)."""
-    head = data[:16]
-    if head[:3] == b"\xff\xd8\xff":
-        return _jpeg(data)
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return _png(data)
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        if len(data) < 10:
-            return ImageInfo("gif", None, None, "truncated GIF header")
-        return ImageInfo("gif", *struct.unpack("<HH", data[6:10]))
-    if head[:2] == b"BM":
-        return _bmp(data[:32])
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return _webp(data[:32])
-    if head[:4] in (b"II*\0", b"MM\0*"):
-        return _tiff(data)
-    if head[:1] == b"P" and head[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6") and head[2:3].isspace():
-        return _pnm(data[:512])
-    return ImageInfo(None)
-
-
 def reduction_factor(width: int, height: int, size: tuple[int, int]) -> int:
     """Largest JPEG DCT scaling (8, 4, 2 or 1) whose output still covers ``size`` (H, W).
 

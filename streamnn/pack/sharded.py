@@ -1,25 +1,26 @@
-"""Packing a sharded store (the layout is :mod:`streamnn.data.shards`): ranks, each a share of the rows.
+"""Packing a sharded store (the layout is :mod:`streamnn.data.format`): ranks, each a share of the rows.
 
 *Packing* (:func:`pack_sharded`). Rank 0 checks the output and scans the source; the plan
-goes to the other ranks as JSON bytes (no pickle: only mpi4py's buffer calls are used,
-non-blocking and polled, so signals are acted on while a rank waits). Every rank builds
-the same row order from the seed, decodes its share into a temporary shard, and then the
-ranks exchange rows and skipped files (JSON bytes) and the statistics' integer sums
-(``Ireduce``). Rank 0 applies the skip checks to the whole; only if they pass is every
-shard renamed into place, and after that (a barrier) rank 0 writes the index, atomically.
-With ``--shards N`` (no MPI) one process plays every rank in turn, with one decoding pool.
+goes to the other ranks as JSON bytes (the communicator of :mod:`streamnn.dist`: buffer calls,
+no pickle, each with its deadline). Every rank builds the same row order from the seed,
+decodes its share (:func:`streamnn.dist.part` of each split) into a temporary shard, and then
+the ranks exchange rows and skipped files (JSON bytes) and the statistics' integer sums. Rank
+0 applies the skip checks to the whole; only if they pass is every shard renamed into place,
+and after that (a barrier) rank 0 writes the index, atomically. With ``--shards N`` (no MPI)
+one process plays every rank in turn, with one decoding pool.
 
 *Failures.* A rank that fails (or is killed) leaves no index. A rank whose decoding fails
 (too many skipped files in its share, a dead worker, a read error) removes its temporary
 shard and reports the error at the exchange; rank 0 then tells every rank, each removes its
-own, and the error is reported once. Any other failure of a rank makes the command abort the
-job (``MPI_Abort``) after that rank has cleaned up, and ``mpiexec`` ends the others, as it
-does when a rank is killed; their temporary shards are removed by the next run writing the
-same OUT (as stale temporary files: unmodified since before that run started and not locked
-by HDF5). After
-an index is written, shard files of the folder's ``part-<r>-of-<K>.h5`` form that it does
-not reference (an earlier run with another K) are removed; nothing else in the folder is
-touched.
+own, and the error is reported once (:class:`~streamnn.dist.AgreedError`). Any other failure
+of a rank aborts the job (``MPI_Abort``, :func:`streamnn.cli.common.user_errors`) after that
+rank has cleaned up, as when a rank is killed; a rank that hangs makes the others abort after
+``$STREAMNN_MPI_TIMEOUT`` seconds (:mod:`streamnn.dist`), which must therefore exceed how long
+one rank may wait for another (rank 0's scan, the spread of the ranks' decoding times). Their
+temporary shards are removed by the next run writing the same OUT (as stale temporary files:
+unmodified since before that run started and not locked by HDF5). After an index is written,
+shard files of the folder's ``part-<r>-of-<K>.h5`` form that it does not reference (an earlier
+run with another K) are removed; nothing else in the folder is touched.
 """
 from __future__ import annotations
 
@@ -36,84 +37,26 @@ import h5py
 import numpy as np
 
 from streamnn.atomic import TMP_PREFIX
-from streamnn.dist import INSTALL_HINT, launcher_world
+from streamnn.dist import AgreedError, Comm, agreed, part
 from streamnn.errors import StreamnnError
-from streamnn.pack.job import (PackJob, PackResult, RunningMoments, SourcePlan, _within, _writing, default_workers,
-                   prepare_pack, remove_stale_temps)
-from streamnn.data.format import PART_PATTERN as _PART, part_name, shard_folder, shard_record
+from streamnn.pack.job import PackJob, PackResult, RunningMoments, prepare_pack
+from streamnn.pack.output import remove_stale_temps, within, writing
+from streamnn.pack.pool import default_workers
+from streamnn.pack.scan import SourcePlan
+from streamnn.data.format import PART_PATTERN, part_name, shard_folder, shard_record
 from streamnn.data.writer import StoreWriter
 from streamnn.paths import path_text
 
-_POLL_S = 0.005
-
-
-def share(n: int, rank: int, size: int) -> slice:
-    """Rank ``rank``'s rows of ``n``: a contiguous, balanced block."""
-    return slice(n * rank // size, n * (rank + 1) // size)
-
 
 def shard_items(job: PackJob, rank: int, size: int) -> list[tuple[str, str, int]]:
-    """Rank ``rank``'s share of every split of ``job``'s row order."""
+    """Rank ``rank``'s share of every split of ``job``'s row order (:func:`streamnn.dist.part` of each)."""
     items, start = [], 0
     for split in sorted(job.plan.files):
         n = len(job.plan.files[split])
-        part = share(n, rank, size)
-        items += job.items[start + part.start:start + part.stop]
+        mine = part(n, rank, size)
+        items += job.items[start + mine.start:start + mine.stop]
         start += n
     return items
-
-
-# -- packing ---------------------------------------------------------------------------------------
-class CollectiveError(StreamnnError):
-    """An error every rank raises alike (rank 0 decided it and told the others): the command
-    reports it once, from rank 0, and the ranks end normally."""
-
-
-class _Ranks:
-    """The few collective operations packing needs, over an mpi4py communicator: bytes and
-    int64 arrays only (buffer calls, no pickle), non-blocking and polled, so that a rank
-    waiting for the others still acts on SIGINT / SIGTERM (and does not spin a core)."""
-
-    def __init__(self, comm: Any) -> None:
-        from mpi4py import MPI
-
-        self.comm, self._byte, self._sum = comm, MPI.BYTE, MPI.SUM
-        self.rank, self.size = comm.Get_rank(), comm.Get_size()
-
-    @staticmethod
-    def _wait(request: Any) -> None:
-        while not request.Test():
-            time.sleep(_POLL_S)
-
-    def bcast(self, data: bytes = b"") -> bytes:
-        """Rank 0's ``data`` on every rank."""
-        n = np.array([len(data)], np.int64)
-        self._wait(self.comm.Ibcast(n, root=0))
-        buf = np.frombuffer(data, np.uint8).copy() if self.rank == 0 else np.empty(int(n[0]), np.uint8)
-        self._wait(self.comm.Ibcast(buf, root=0))
-        return buf.tobytes()
-
-    def gather(self, data: bytes) -> list[bytes]:
-        """Every rank's ``data``, in rank order, on rank 0 (an empty list elsewhere)."""
-        sizes = np.zeros(self.size, np.int64)
-        self._wait(self.comm.Igather(np.array([len(data)], np.int64), sizes, root=0))
-        send = np.frombuffer(data, np.uint8)
-        if self.rank != 0:
-            self._wait(self.comm.Igatherv(send, None, root=0))
-            return []
-        recv = np.empty(int(sizes.sum()), np.uint8)
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        self._wait(self.comm.Igatherv(send, [recv, sizes.tolist(), offsets.tolist(), self._byte], root=0))
-        return [recv[o:o + n].tobytes() for o, n in zip(offsets.tolist(), sizes.tolist())]
-
-    def reduce_sum(self, values: np.ndarray) -> np.ndarray:
-        """The elementwise sum of every rank's int64 ``values`` (exact), on rank 0."""
-        total = np.zeros_like(values)
-        self._wait(self.comm.Ireduce(values, total, op=self._sum, root=0))
-        return total
-
-    def barrier(self) -> None:
-        self._wait(self.comm.Ibarrier())
 
 
 def plan_bytes(plan: SourcePlan) -> bytes:
@@ -141,13 +84,13 @@ def _prepare_folder(out: Path, src: Path, older_than: float) -> list[Path]:
     if folder.exists() and not folder.is_dir():
         raise StreamnnError("exists and is not a folder; the shards of a sharded store go there", where)
     real, real_src = os.path.realpath(folder), os.path.realpath(src)
-    if _within(real, real_src) or _within(real_src, real):
+    if within(real, real_src) or within(real_src, real):
         raise StreamnnError(f"the shard folder and SRC {path_text(src)} overlap; write the store elsewhere", where)
     folder.mkdir(exist_ok=True)
     removed = []
     for tmp in folder.glob(TMP_PREFIX + "part-*-of-*.h5.*"):
         name = tmp.name[len(TMP_PREFIX):].rsplit(".", 1)[0]
-        if _PART.fullmatch(name):
+        if PART_PATTERN.fullmatch(name):
             removed += remove_stale_temps(folder / name, older_than)
     return removed
 
@@ -156,7 +99,7 @@ def write_index(out: Path, size: int, *, store_kwargs: dict[str, Any], options: 
                 splits: Sequence[str], stats: tuple[np.ndarray, np.ndarray] | None,
                 skipped: Sequence[tuple[str, str]]) -> str:
     """Write the index ``out`` over the committed shards ``OUT.shards/part-<r>-of-<size>.h5``
-    (``store_kwargs`` and ``options`` as for :class:`~streamnn.data.store.StoreWriter`); remove
+    (``store_kwargs`` and ``options`` as for :class:`~streamnn.data.writer.StoreWriter`); remove
     shard files of the folder it does not reference. Returns the fingerprint."""
     folder = shard_folder(out)
     names = [part_name(r, size) for r in range(size)]
@@ -174,7 +117,7 @@ def write_index(out: Path, size: int, *, store_kwargs: dict[str, Any], options: 
         writer.set_attribute("shards", json.dumps(records))
         fingerprint = writer.commit()
     for path in folder.iterdir():
-        if _PART.fullmatch(path.name) and path.name not in names:
+        if PART_PATTERN.fullmatch(path.name) and path.name not in names:
             with contextlib.suppress(OSError):
                 path.unlink()
     return fingerprint
@@ -187,24 +130,25 @@ def _write_index(job: PackJob, size: int, moments: RunningMoments, skipped: list
 
 def _result(job: PackJob, skipped: list[tuple[str, str]], fingerprint: str) -> PackResult:
     folder = shard_folder(job.out)
-    size = job.out.stat().st_size + sum(p.stat().st_size for p in folder.iterdir() if _PART.fullmatch(p.name))
+    size = job.out.stat().st_size + sum(p.stat().st_size for p in folder.iterdir() if PART_PATTERN.fullmatch(p.name))
     return job.result(sorted(skipped), fingerprint, size)
 
 
-def pack_sharded(src: str | os.PathLike, out: str | os.PathLike, *, shards: int | None = None, comm: Any = None,
-                 progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> PackResult:
+def pack_sharded(src: str | os.PathLike, out: str | os.PathLike, *, shards: int | None = None,
+                 comm: Comm | None = None, progress: Callable[[int, int], None] | None = None,
+                 **kwargs: Any) -> PackResult:
     """Pack ``src`` into the sharded store ``out`` (index) + ``OUT.shards/``.
 
-    With an mpi4py communicator ``comm`` of K ranks, every rank must call this (same
-    arguments) and rank r writes shard r of K; otherwise this process writes ``shards``
-    shards. ``kwargs`` are :func:`~streamnn.pack.job.prepare_pack`'s. Returns the result on
-    every rank.
+    With a communicator ``comm`` of K > 1 ranks (:func:`streamnn.dist.world`), every rank must
+    call this (same arguments) and rank r writes shard r of K; otherwise this process writes
+    ``shards`` shards. ``kwargs`` are :func:`~streamnn.pack.job.prepare_pack`'s. Returns the
+    result on every rank.
     """
-    if comm is not None and comm.Get_size() > 1:
-        if shards is not None and shards != comm.Get_size():
-            raise StreamnnError(f"--shards {shards} under MPI: each of the {comm.Get_size()} ranks writes "
-                                f"one shard (leave --shards out, or run mpiexec -n {shards})")
-        return _pack_ranks(src, out, _Ranks(comm), progress, kwargs)
+    if comm is not None and comm.size > 1:
+        if shards is not None and shards != comm.size:
+            raise AgreedError(f"--shards {shards} under MPI: each of the {comm.size} ranks writes "
+                              f"one shard (leave --shards out, or run mpiexec -n {shards})")
+        return _pack_ranks(src, out, comm, progress, kwargs)
     size = 1 if shards is None else int(shards)
     if size < 1:
         raise StreamnnError(f"shards must be at least 1, not {size}")
@@ -213,7 +157,7 @@ def pack_sharded(src: str | os.PathLike, out: str | os.PathLike, *, shards: int 
     job.stale += _prepare_folder(job.out, job.src, wall0)
     skipped, moments = list(job.plan.skipped), RunningMoments(job.n_features)
     folder = shard_folder(job.out)
-    with _writing(folder), contextlib.ExitStack() as stack:
+    with writing(folder), contextlib.ExitStack() as stack:
         shares = [shard_items(job, rank, size) for rank in range(size)]
         decoder, writers = job.start(stack, [(folder / part_name(rank, size), items, {"shard": [rank, size]})
                                              for rank, items in enumerate(shares)])
@@ -226,23 +170,29 @@ def pack_sharded(src: str | os.PathLike, out: str | os.PathLike, *, shards: int 
     return _result(job, skipped, _write_index(job, size, moments, skipped))
 
 
-def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, ranks: _Ranks,
-                progress: Callable[[int, int], None] | None, kwargs: dict[str, Any]) -> PackResult:
-    rank, size = ranks.rank, ranks.size
-    if rank == 0:
+def _prepare_ranks(src: str | os.PathLike, out: str | os.PathLike, comm: Comm, kwargs: dict[str, Any]) -> PackJob:
+    """Rank 0 checks the output and scans; the other ranks take its plan. A failure on any rank
+    is an :class:`~streamnn.dist.AgreedError` on every rank."""
+    if comm.rank == 0:
         wall0 = time.time()
-        try:
+
+        def scan() -> PackJob:
             job = prepare_pack(src, out, **kwargs)
             job.stale += _prepare_folder(job.out, job.src, wall0)
-        except StreamnnError as exc:
-            ranks.bcast(b"E" + str(exc).encode("utf-8", "surrogateescape"))
-            raise CollectiveError(str(exc)) from None
-        ranks.bcast(b"P" + plan_bytes(job.plan))
-    else:
-        data = ranks.bcast()
-        if data[:1] == b"E":
-            raise CollectiveError(data[1:].decode("utf-8", "surrogateescape"))
-        job = prepare_pack(src, out, plan=plan_from_bytes(data[1:]), **kwargs)
+            return job
+
+        job = agreed(comm, scan)
+        comm.broadcast_bytes(plan_bytes(job.plan))
+        return agreed(comm, lambda: job)
+    agreed(comm, lambda: None)
+    plan = plan_from_bytes(comm.broadcast_bytes(b""))
+    return agreed(comm, lambda: prepare_pack(src, out, plan=plan, **kwargs))
+
+
+def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, comm: Comm,
+                progress: Callable[[int, int], None] | None, kwargs: dict[str, Any]) -> PackResult:
+    rank, size = comm.rank, comm.size
+    job = _prepare_ranks(src, out, comm, kwargs)
     skipped = list(job.plan.skipped) if rank == 0 else []
     moments = RunningMoments(job.n_features)
     if progress is not None:  # rank 0's share, scaled to the whole
@@ -250,7 +200,7 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, ranks: _Ranks,
     items, error = shard_items(job, rank, size), None
     stack = contextlib.ExitStack()
     try:
-        with _writing(shard_folder(job.out)):
+        with writing(shard_folder(job.out)):
             decoder, (writer,) = job.start(stack, [(shard_folder(job.out) / part_name(rank, size), items,
                                                     {"shard": [rank, size]})])
             rows = job.decode_into(writer, items, decoder, moments, skipped, progress)
@@ -263,8 +213,9 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, ranks: _Ranks,
         stack.__exit__(type(exc), exc, exc.__traceback__)
         raise
     with stack:
-        reports = ranks.gather(json.dumps({"rows": rows, "skipped": skipped, "error": error}).encode("ascii"))
-        sums = ranks.reduce_sum(np.concatenate([[moments.n], moments.s1, moments.s2]).astype(np.int64))
+        reports = comm.gather_bytes(json.dumps({"rows": rows, "skipped": skipped, "error": error}).encode("ascii"))
+        sums = np.concatenate([[moments.n], moments.s1, moments.s2]).astype(np.int64)
+        comm.allreduce(sums)  # exact: integer sums
         verdict = b""
         if rank == 0:
             parts = [json.loads(r) for r in reports]
@@ -279,38 +230,15 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, ranks: _Ranks,
                 job.check_usable(sum(part["rows"] for part in parts), skipped)
             except StreamnnError as exc:
                 verdict = str(exc).encode("utf-8", "surrogateescape")
-        verdict = ranks.bcast(verdict)
+        verdict = comm.broadcast_bytes(verdict)
         if verdict:
-            raise CollectiveError(verdict.decode("utf-8", "surrogateescape"))
+            raise AgreedError(verdict.decode("utf-8", "surrogateescape"))
         writer.commit()
-    ranks.barrier()  # every shard is in place
-    fingerprint = _write_index(job, size, moments, skipped).encode() if rank == 0 else b""
-    fingerprint = ranks.bcast(fingerprint)
-    return _result(job, skipped, fingerprint.decode())
+    comm.barrier()  # every shard is in place
+    fingerprint = agreed(comm, lambda: _write_index(job, size, moments, skipped) if rank == 0 else "")
+    return _result(job, skipped, comm.broadcast_bytes(fingerprint.encode()).decode())
 
 
-# -- MPI ---------------------------------------------------------------------------------------------
-def mpi_world() -> Any:
-    """``MPI.COMM_WORLD`` when this process is one of several ranks started by ``mpiexec``
-    (judged from the launcher's environment by :func:`streamnn.dist.launcher_world`, the one
-    place that knows the launchers, so that mpi4py is imported only then), else None."""
-    rank, size = launcher_world()
-    if size <= 1:
-        return None
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise StreamnnError(f"started by mpiexec as rank {rank} of {size}, but mpi4py is not installed: "
-                            f"{INSTALL_HINT}") from None
-    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
-
-
-def rank_workers(comm: Any) -> int:
+def rank_workers(comm: Comm) -> int:
     """Default decoding processes per rank: this machine's cores shared by its ranks."""
-    from mpi4py import MPI
-
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return max(1, default_workers() // local.Get_size())
-    finally:
-        local.Free()
+    return max(1, default_workers() // comm.local_size())

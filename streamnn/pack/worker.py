@@ -1,6 +1,6 @@
 """The decoding worker of ``streamnn-pack``: decode a chunk of files, and the wire format.
 
-A worker is a separate Python process (started by :class:`streamnn.pack.job._Decoder` as
+A worker is a separate Python process (started by :class:`streamnn.pack.pool.Decoder` as
 ``python -c WORKER_BOOT <request fd> <result fd> <parent pid>``). This module is all it imports besides NumPy, OpenCV and
 :mod:`streamnn.pack.decode`: no h5py and no store code, so a worker starts in about two thirds of
 the time a worker importing :mod:`streamnn.pack.job` takes (its start-up is a fixed cost of every

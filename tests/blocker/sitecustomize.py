@@ -3,6 +3,8 @@
 known point instead of racing it:
 
 - ``STREAMNN_TEST_BLOCK_ON=<file name>``: decoding that file waits until the process is killed.
+- ``STREAMNN_TEST_EXIT_ON=<file name>``: decoding that file ends the process (``sys.exit(0)``,
+  as a rank that leaves without a word; in-process with ``--workers 1``).
 - ``STREAMNN_TEST_BLOCK_AT_STEP=<n>``: ``streamnn-train`` waits before step n + 1 until a stop
   is requested (SIGINT / SIGTERM) or the process is killed.
 - ``STREAMNN_TEST_BLOCK_IN_SAVE=<n>``: the n-th checkpoint save waits half-way (content written,
@@ -16,10 +18,12 @@ test waits for it). The waits are loops of short sleeps: a signal is acted on wi
 """
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 BLOCK_ON = os.environ.get("STREAMNN_TEST_BLOCK_ON")
+EXIT_ON = os.environ.get("STREAMNN_TEST_EXIT_ON")
 BLOCK_AT_STEP = os.environ.get("STREAMNN_TEST_BLOCK_AT_STEP")
 BLOCK_IN_SAVE = os.environ.get("STREAMNN_TEST_BLOCK_IN_SAVE")
 SIGNAL_AT = os.environ.get("STREAMNN_TEST_SIGNAL_AT")
@@ -42,6 +46,18 @@ if BLOCK_ON:
         return _load_image(path, *args, **kwargs)
 
     streamnn.pack.worker.load_image = _blocking_load_image
+
+if EXIT_ON:
+    import streamnn.pack.worker
+
+    _load_image_before_exit = streamnn.pack.worker.load_image
+
+    def _exiting_load_image(path, *args, **kwargs):
+        if os.path.basename(path) == EXIT_ON:
+            sys.exit(0)
+        return _load_image_before_exit(path, *args, **kwargs)
+
+    streamnn.pack.worker.load_image = _exiting_load_image
 
 if BLOCK_AT_STEP:
     import streamnn.run.trainer
