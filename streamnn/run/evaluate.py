@@ -33,6 +33,10 @@ from streamnn.paths import path_text
 from streamnn.data.transforms import STD_FLOOR, Preprocess, flip_columns, standardization  # noqa: F401 (re-exported)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+#: Test-time augmentations by name: whether :func:`predict_proba` averages in the mirror image.
+TTA: dict[str, bool] = {"none": False, "flip": True}
+
+
 def model_dtype(model: Any) -> np.dtype:
     """The floating dtype of a model's parameters."""
     return next(iter(model.params.values())).dtype

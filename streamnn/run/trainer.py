@@ -86,8 +86,7 @@ from streamnn.errors import StreamnnError
 from streamnn.run.evaluate import EvaluationStopped, Preprocess, evaluate_batches, model_dtype
 from streamnn.run.metrics import Metrics
 from streamnn.paths import path_text
-from streamnn.run.config import (DEFAULTS, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES,  # noqa: F401 - public here too
-                        build_model, derive_seed, resolve_config, selection_split, split_validation)
+from streamnn.run.config import RESUMABLE, build_model, derive_seed, resolve_config, selection_split, split_validation
 from streamnn.run.folder import (BEST, CONFIG_FORMAT, CONFIG_JSON, CURVES_METADATA, CURVES_PNG, HISTORY_COLUMNS, LATEST,
                      LOCK_FILE, METRICS_CSV, RUN_FILES, STEPS_CSV, RunDir, run_lock)
 from streamnn.run.state import RunData, read_config, read_data, restore, run_content
