@@ -16,7 +16,8 @@ from streamnn.paths import path_text
 from streamnn.run.folder import BEST, LATEST, RunDir
 from streamnn.nn.functional import ACTIVATIONS
 from streamnn.run.config import CHOICES, DEFAULTS, RESUMABLE, resolve_config
-from streamnn.run.trainer import Trainer, TrainingInterrupted
+from streamnn.run.stop import TrainingInterrupted
+from streamnn.run.trainer import Trainer
 from streamnn.cli.common import CONTEXT_SETTINGS, rank_fail, user_errors
 
 # configuration keys set by differently named options
