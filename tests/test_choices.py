@@ -18,7 +18,7 @@ from streamnn.nn.network import COMPUTE_DTYPES
 from streamnn.optim.optimizers import OPTIMIZERS, make_optimizer
 from streamnn.optim.schedules import FORMULAS, make_schedule
 from streamnn.run.config import CHOICES, DEFAULTS, MODELS, SCHEDULE_DEFAULTS, build_model
-from streamnn.run.evaluate import TTA
+from streamnn.run.predict import TTA
 from test_train import make_store
 
 SHAPE = (4, 4, 3)

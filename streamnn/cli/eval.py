@@ -7,7 +7,8 @@ from typing import Any
 import click
 
 from streamnn.dist import world
-from streamnn.run.evaluate import TTA, evaluate_checkpoint
+from streamnn.run.evaluate import evaluate_checkpoint
+from streamnn.run.predict import TTA
 from streamnn.paths import path_text
 from streamnn.cli.common import CONTEXT_SETTINGS, user_errors
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from streamnn.run.evaluate import TTA, iter_image_files, load_predictor, predict_files
+from streamnn.run.predict import TTA, iter_image_files, load_predictor, predict_files
 from streamnn.paths import path_text
 from streamnn.cli.common import CONTEXT_SETTINGS, user_errors
 

@@ -27,15 +27,17 @@ from typing import Any
 import numpy as np
 
 from streamnn.data.store import checked_batches
+from streamnn.data.transforms import Preprocess
 from streamnn.dist import AgreedError, Comm, SingleComm, agreed, part
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.run.checkpoint import load_checkpoint, save_checkpoint
 from streamnn.run.config import RESUMABLE, build_model, derive_seed, resolve_config, selection_split, split_validation
 from streamnn.run.console import Console
-from streamnn.run.evaluate import EvaluationStopped, Preprocess, evaluate_batches, model_dtype
+from streamnn.run.evaluate import EvaluationStopped, evaluate_batches
 from streamnn.run.folder import BEST, CONFIG_FORMAT, HISTORY_COLUMNS, LATEST, RunDir
 from streamnn.run.metrics import Metrics
+from streamnn.run.predict import model_dtype
 from streamnn.run.state import RunData, read_config, read_data, restore, run_content
 from streamnn.run.stop import AgreedStop, StopAgreement, TrainingInterrupted, agreed_signal
 from streamnn.run.writer import writer_for
