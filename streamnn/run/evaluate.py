@@ -58,6 +58,23 @@ def evaluate_batches(model: Any, prep: Preprocess, batches: Iterable[tuple[np.nd
     return metrics
 
 
+def evaluate_split(model: Any, prep: Preprocess, store_path: str | os.PathLike, split: str, n_classes: int, *,
+                   batch_size: int, comm: Comm, subset: Any = None, **kwargs: Any) -> Metrics:
+    """:func:`evaluate_batches` (``kwargs``) over ``split`` of a store (its rows ``subset``), unshuffled;
+    each of the ``comm``'s ranks evaluates its interleaved share of every batch and the sums are reduced."""
+    from streamnn.data.loader import Loader
+    from streamnn.data.store import checked_batches
+
+    loader = Loader(store_path, split, batch_size=batch_size, shuffle=False, one_hot=n_classes > 2, subset=subset,
+                    rank=comm.rank, world_size=comm.size)
+    try:
+        metrics = evaluate_batches(model, prep, checked_batches(loader, store_path, split), n_classes, **kwargs)
+    finally:
+        loader.close()
+    metrics.reduce(comm)
+    return metrics
+
+
 def _keep_errors(errors: Misclassified, X: np.ndarray, Y: np.ndarray, P: np.ndarray, predicted: np.ndarray,
                  offset: int, class_names: Sequence[str] | None, image_shape: Sequence[int]) -> None:
     from streamnn.run.metrics import class_probabilities, true_labels
@@ -83,23 +100,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.Path
     share of every batch and the sums are reduced: every rank returns the one-process numbers
     (the loss up to the rounding of its sum); misclassified images need one process.
     """
-    from streamnn.data.loader import Loader
-    from streamnn.data.store import checked_batches
-
     comm = comm or SingleComm()
     if max_errors and comm.size > 1:
         raise AgreedError("the grid of misclassified images needs one process: run it without mpiexec")
     pred, same_store = agreed(comm, lambda: _checked_predictor(checkpoint, store_path, split))
     errors = Misclassified(max_errors)
-    loader = Loader(store_path, split, batch_size=batch_size, shuffle=False, one_hot=pred.n_classes > 2,
-                    rank=comm.rank, world_size=comm.size)
-    try:
-        metrics = evaluate_batches(pred.model, pred.prep, checked_batches(loader, store_path, split), pred.n_classes,
-                                   tta=tta,
-                                   errors=errors if max_errors else None, class_names=pred.class_names)
-    finally:
-        loader.close()
-    metrics.reduce(comm)
+    metrics = evaluate_split(pred.model, pred.prep, store_path, split, pred.n_classes, batch_size=batch_size,
+                             comm=comm, tta=tta, errors=errors if max_errors else None, class_names=pred.class_names)
     if not np.isfinite(metrics.loss):
         raise AgreedError(f"evaluation of split {split!r} gave a non-finite loss ({metrics.loss}): the model "
                           "overflows on these images", path_text(checkpoint))

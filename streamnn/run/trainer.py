@@ -34,7 +34,7 @@ from streamnn.paths import path_text
 from streamnn.run.checkpoint import load_checkpoint, save_checkpoint
 from streamnn.run.config import RESUMABLE, build_model, derive_seed, resolve_config, selection_split, split_validation
 from streamnn.run.console import Console
-from streamnn.run.evaluate import EvaluationStopped, evaluate_batches
+from streamnn.run.evaluate import EvaluationStopped, evaluate_split
 from streamnn.run.folder import BEST, CONFIG_FORMAT, HISTORY_COLUMNS, LATEST, RunDir
 from streamnn.run.metrics import Metrics
 from streamnn.run.predict import model_dtype
@@ -58,7 +58,7 @@ class Components:
 
 
 class Trainer:
-    """Trains one configuration into ``out_dir``; see the module docstring.
+    """Trains one configuration into ``out_dir``; see the module docstring and docs/training.md.
 
     ``Trainer(cfg, out_dir)`` starts a new run; :meth:`resume` continues one. :meth:`fit`
     returns the history, or raises :class:`TrainingInterrupted` after saving on a signal.
@@ -344,12 +344,8 @@ class Trainer:
 
     def evaluate_split(self, which: str) -> Metrics:
         """Streaming evaluation of the current model on "val" or "eval" (stops on a stop request)."""
-        from streamnn.data.loader import Loader
-
         cfg = self.config
         split, subset = (cfg["train_split"], self.val_rows) if which == "val" else (cfg["eval_split"], None)
-        loader = Loader(cfg["store"], split, batch_size=cfg["eval_batch_size"], shuffle=False,
-                        one_hot=self.n_classes > 2, subset=subset, rank=self.comm.rank, world_size=self.comm.size)
         stopping: list[int] = []
 
         def stop() -> bool:
@@ -358,14 +354,10 @@ class Trainer:
             return bool(stopping)
 
         try:
-            metrics = evaluate_batches(self.model, self.preprocess(), checked_batches(loader, cfg["store"], split),
-                                       self.n_classes, stop=stop)
+            return evaluate_split(self.model, self.preprocess(), cfg["store"], split, self.n_classes,
+                                  batch_size=cfg["eval_batch_size"], comm=self.comm, subset=subset, stop=stop)
         except EvaluationStopped:
             raise AgreedStop(stopping[0]) from None
-        finally:
-            loader.close()
-        metrics.reduce(self.comm)
-        return metrics
 
     def _epoch_end(self) -> dict[str, float]:
         cfg, train = self.config, self.parts.train_metrics
