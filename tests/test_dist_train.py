@@ -12,7 +12,9 @@ import pytest
 from mpi import run_mpiexec, run_ranks
 from streamnn import StoreWriter
 from streamnn.run.checkpoint import load_checkpoint
-from streamnn.run.trainer import LATEST, Trainer, TrainingInterrupted
+from streamnn.run.folder import LATEST
+from streamnn.run.stop import TrainingInterrupted
+from streamnn.run.trainer import Trainer
 from blocking import BLOCKER
 
 # 36 training rows after validation (uneven last batch of 1 row: one rank has none), an odd
@@ -25,7 +27,8 @@ JOB = """
     import hashlib, json, sys
     import numpy as np
     from streamnn.dist import world
-    from streamnn.run.trainer import Trainer, TrainingInterrupted
+    from streamnn.run.stop import TrainingInterrupted
+    from streamnn.run.trainer import Trainer
     cfg, out, stop, resume, record = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
     comm = world()
     digests = []

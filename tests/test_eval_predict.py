@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 from streamnn import StoreWriter
 from streamnn.cli.eval import main as eval_main
 from streamnn.cli.predict import main as predict_main
-from streamnn.run.evaluate import Preprocess, flip_columns, load_predictor, predict_proba
+from streamnn.data.transforms import Preprocess, flip_columns
+from streamnn.run.predict import load_predictor, predict_proba
 from streamnn.run.metrics import Metrics, class_probabilities, confusion_matrix, precision_recall
-from streamnn.run.trainer import BEST, LATEST, Trainer
+from streamnn.run.folder import BEST, LATEST
+from streamnn.run.trainer import Trainer
 
 SHAPE = (8, 8, 3)
 

@@ -17,7 +17,7 @@ from streamnn.cli.eval import main as eval_main
 from streamnn.cli.predict import main as predict_main
 from streamnn.cli.train import main as train_main
 from streamnn.data.loader import Loader
-from streamnn.run.trainer import read_metrics_csv
+from streamnn.run.writer import read_metrics_csv
 from streamnn.data.transforms import Augment, shift_images
 from test_train import LATEST, _cli, assert_same_run, make_store
 

@@ -181,7 +181,8 @@ def _status_kb(field: str) -> int:
 
 def rss_child(store: str) -> None:
     """Train --steps steps of the CNN on ``store``; print peak RSS and peak private memory (KiB)."""
-    from streamnn.run.trainer import Trainer, TrainingInterrupted
+    from streamnn.run.stop import TrainingInterrupted
+    from streamnn.run.trainer import Trainer
 
     peak_anon = [0]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from streamnn.run.checkpoint import load_checkpoint
-from streamnn.run.trainer import read_metrics_csv
+from streamnn.run.writer import read_metrics_csv
 
 DATA = "/work/shared/data/cat-and-dog/dataset"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamnn.run.trainer import read_metrics_csv
+from streamnn.run.writer import read_metrics_csv
 
 DATA = "/work/shared/data/cat-and-dog/dataset"
 COMMON = ["--standardize", "--augment", "flip", "--optimizer", "adam", "--batch-size", "64",

@@ -8,6 +8,7 @@ import click
 
 from streamnn.dist import world
 from streamnn.run.evaluate import evaluate_checkpoint
+from streamnn.run.predict import TTA
 from streamnn.paths import path_text
 from streamnn.cli.common import CONTEXT_SETTINGS, user_errors
 
@@ -22,7 +23,7 @@ from streamnn.cli.common import CONTEXT_SETTINGS, user_errors
                    "evaluating, and not written when no image is misclassified.")
 @click.option("--max-errors", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images in the --errors grid (the count of all misclassified images is printed).")
-@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+@click.option("--tta", type=click.Choice(list(TTA)), default="none", show_default=True,
               help="Test-time augmentation: average the probabilities of each image and its mirror.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 def main(checkpoint: str, store: str, split: str, as_json: bool, errors_png: str | None, max_errors: int,
@@ -37,7 +38,7 @@ def main(checkpoint: str, store: str, split: str, as_json: bool, errors_png: str
             from streamnn.run.plots import check_figure_path
 
             check_figure_path(errors_png)
-        summary, errors = evaluate_checkpoint(checkpoint, store, split, tta=tta == "flip", batch_size=batch_size,
+        summary, errors = evaluate_checkpoint(checkpoint, store, split, tta=TTA[tta], batch_size=batch_size,
                                               max_errors=max_errors if errors_png else 0, comm=comm)
         if errors_png:
             summary["errors_png"] = _save_errors(errors_png, errors, summary["channel_order"])

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from streamnn.run.evaluate import iter_image_files, load_predictor, predict_files
+from streamnn.run.predict import TTA, iter_image_files, load_predictor, predict_files
 from streamnn.paths import path_text
 from streamnn.cli.common import CONTEXT_SETTINGS, user_errors
 
@@ -15,7 +15,7 @@ from streamnn.cli.common import CONTEXT_SETTINGS, user_errors
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True, metavar="IMAGE_OR_FOLDER...")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line (JSON Lines).")
-@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+@click.option("--tta", type=click.Choice(list(TTA)), default="none", show_default=True,
               help="Average the probabilities of each image and its mirror.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 def main(checkpoint: str, inputs: tuple[str, ...], as_json: bool, tta: str, batch_size: int) -> None:
@@ -29,7 +29,7 @@ def main(checkpoint: str, inputs: tuple[str, ...], as_json: bool, tta: str, batc
     failures = done = 0
     with user_errors():
         pred = load_predictor(checkpoint)
-        for path, result, error in predict_files(pred, iter_image_files(inputs), tta=tta == "flip",
+        for path, result, error in predict_files(pred, iter_image_files(inputs), tta=TTA[tta],
                                                  batch_size=batch_size):
             if error is not None:
                 failures += 1

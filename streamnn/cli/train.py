@@ -14,7 +14,10 @@ from streamnn.dist import Comm, agreed, world
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.run.folder import BEST, LATEST, RunDir
-from streamnn.run.trainer import DEFAULTS, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES, Trainer, TrainingInterrupted, resolve_config
+from streamnn.nn.functional import ACTIVATIONS
+from streamnn.run.config import CHOICES, DEFAULTS, RESUMABLE, resolve_config
+from streamnn.run.stop import TrainingInterrupted
+from streamnn.run.trainer import Trainer
 from streamnn.cli.common import CONTEXT_SETTINGS, rank_fail, user_errors
 
 # configuration keys set by differently named options
@@ -44,7 +47,7 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("store", required=False, type=click.Path(dir_okay=False))
-@click.option("--model", type=click.Choice(MODELS), default=DEFAULTS["model"], show_default=True,
+@click.option("--model", type=click.Choice(CHOICES["model"]), default=DEFAULTS["model"], show_default=True,
               help="logistic: logistic regression; mlp: fully connected network; cnn: convolutional network.")
 @click.option("--hidden", default=",".join(map(str, DEFAULTS["hidden"])), show_default=True,
               help="Hidden (dense) layer sizes of the mlp or of the cnn's head, comma separated ('' for none).")
@@ -54,14 +57,14 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
               help="cnn: convolution kernel size (3 or 5; any odd size).")
 @click.option("--batch-norm/--no-batch-norm", default=DEFAULTS["batch_norm"], show_default=True,
               help="cnn: batch normalization after every convolution.")
-@click.option("--activation", default=DEFAULTS["activation"], show_default=True,
+@click.option("--activation", type=click.Choice(list(ACTIVATIONS)), default=DEFAULTS["activation"], show_default=True,
               help="Hidden-layer activation of the mlp (e.g. relu, tanh, sigmoid).")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS["optimizer"], show_default=True)
+@click.option("--optimizer", type=click.Choice(CHOICES["optimizer"]), default=DEFAULTS["optimizer"], show_default=True)
 @click.option("--opt-param", multiple=True, metavar="NAME=VALUE",
               help="Optimizer parameter, repeatable: beta (momentum, rmsprop), beta1, beta2, eps, "
                    "bias_correction, weight_decay (decoupled, AdamW-style).")
 @click.option("--lr", type=float, default=DEFAULTS["lr"], show_default=True, help="Initial learning rate.")
-@click.option("--lr-schedule", type=click.Choice(SCHEDULES), default=DEFAULTS["lr_schedule"], show_default=True,
+@click.option("--lr-schedule", type=click.Choice(CHOICES["lr_schedule"]), default=DEFAULTS["lr_schedule"], show_default=True,
               help="Learning rate as a function of the epoch (set at each epoch start).")
 @click.option("--lr-decay", type=float, default=None,
               help="hyperbolic: lr = lr0 / (1 + decay * epoch)  [default: 1].")
@@ -79,21 +82,21 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
               help="Dropout rate of hidden dense layers (mlp, cnn).")
 @click.option("--standardize/--no-standardize", default=DEFAULTS["standardize"], show_default=True,
               help="Standardize inputs with the store's per-pixel training mean/std.")
-@click.option("--augment", type=click.Choice(["none", "flip", "shift", "flip,shift"]), default="none",
+@click.option("--augment", type=click.Choice([spec or "none" for spec in CHOICES["augment"]]), default="none",
               show_default=True, help="Training augmentation: random horizontal flips and/or random translations.")
 @click.option("--shift", type=int, default=DEFAULTS["shift"], show_default=True, metavar="N",
               help="Shift augmentation: translate by up to N pixels (each way, both axes).")
-@click.option("--shift-padding", type=click.Choice(["reflect", "zero"]), default=DEFAULTS["shift_padding"],
+@click.option("--shift-padding", type=click.Choice(CHOICES["shift_padding"]), default=DEFAULTS["shift_padding"],
               show_default=True, help="Shift augmentation: how the uncovered border is filled.")
 @click.option("--val-fraction", type=float, default=DEFAULTS["val_fraction"], show_default=True,
               help="Seeded, stratified part of the training split held out to select checkpoint-best.h5.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=DEFAULTS["dtype"], show_default=True)
+@click.option("--dtype", type=click.Choice(CHOICES["dtype"]), default=DEFAULTS["dtype"], show_default=True)
 @click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True)
 @click.option("--eval-split", default="auto", show_default=True,
               help="Split evaluated after every epoch: 'auto' = test when the store has it; 'none' to skip.")
-@click.option("--order", type=click.Choice(["exact", "block"]), default=DEFAULTS["order"], show_default=True,
+@click.option("--order", type=click.Choice(CHOICES["order"]), default=DEFAULTS["order"], show_default=True,
               help="Shuffle order: exact permutation, or contiguous blocks (faster on slow disks).")
-@click.option("--reader", type=click.Choice(["auto", "mmap", "pread"]), default=DEFAULTS["reader"],
+@click.option("--reader", type=click.Choice(CHOICES["reader"]), default=DEFAULTS["reader"],
               show_default=True, help="How the store is read: mmap (memory map, fastest in the page cache), "
               "pread (positional reads from 16 threads: a store bigger than RAM), auto (pread when X is over "
               "half the available memory). May change on --resume.")

@@ -33,9 +33,9 @@ from streamnn.errors import StreamnnError
 from streamnn.nn.losses import LOSSES
 from streamnn.nn import (Activation, BatchNorm, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, Network,
                  layer_from_config)
-from streamnn.nn.network import DTYPES
+from streamnn.nn.network import COMPUTE_DTYPES
 
-__all__ = ["DTYPES", "ConvNet", "DeepNetwork", "LogisticRegression", "Network", "from_config"]
+__all__ = ["COMPUTE_DTYPES", "ConvNet", "DeepNetwork", "LogisticRegression", "Network", "from_config"]
 
 
 class DeepNetwork(Network):

@@ -40,7 +40,9 @@ from streamnn.nn.losses import LOSSES
 from streamnn.rng import make_rng, rng_state, set_rng_state
 from streamnn.nn.module import Layer, Sequential, bind_flat
 
-DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+#: The compute dtypes of a model (its parameters, activations and gradients), by name: not the dtypes
+#: a store keeps its pixels in (:data:`streamnn.data.format.STORE_DTYPES`).
+COMPUTE_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 StateDict = dict[str, Any]
 #: Images an eval-mode forward of a conv net processes at a time (bounds its buffers).
 EVAL_CHUNK = 64
@@ -52,8 +54,8 @@ def model_dtype_of(dtype: Any) -> np.dtype:
         resolved = np.dtype(dtype)
     except TypeError:
         resolved = None
-    if resolved not in DTYPES.values():
-        raise StreamnnError(f"dtype must be float32 or float64, not {dtype!r}")
+    if resolved not in COMPUTE_DTYPES.values():
+        raise StreamnnError(f"dtype must be {' or '.join(COMPUTE_DTYPES)}, not {dtype!r}")
     return resolved
 
 

@@ -1,17 +1,10 @@
 """Optimizers: gradient descent, momentum, RMSProp and Adam, updating a model in place.
 
-Design. An optimizer holds the model, not copies of its arrays: a model's parameters and
-gradients are views into its one flat buffer (``model.flat_params`` / ``model.flat_grads``,
-see :mod:`streamnn.nn.network`), updated in place, so the optimizer keeps working after the
-model loads a state (the tutorial's optimizer kept references that went stale). Each
-``step()`` updates that whole buffer in one pass; its own buffers are flat in the same
-order. (A model without flat buffers, only ``params`` / ``grads`` dicts, is updated
-parameter by parameter: elementwise updates give the same bits either way.) Per-parameter
-state lives in ``state``, keyed ``"<buffer>.<param name>"`` (``"m.W0"``, ``"v.W0"``): views
-into the flat buffers, with the parameters' shapes and dtypes, zero when the optimizer is built. ``t`` counts
-the steps taken. Updates are written with in-place ufuncs into the parameters, buffers and
-one preallocated scratch array, so a step allocates no parameter-sized memory; they run
-over flat chunks of ``CHUNK`` entries, so parameters must be C-contiguous (a model's are).
+An optimizer holds the model, not copies of its arrays: it updates the model's one flat
+parameter buffer in place (:mod:`streamnn.nn.network`), with flat state buffers in the same
+order (``state``: ``"m.W0"``, ``"v.W0"``, ... views of them) and ``t`` the steps taken; a step
+allocates no parameter-sized memory. The buffer layout and the chunked in-place updates are
+described in docs/optimizers.md.
 
 With ``g`` a gradient, ``lr`` the learning rate (an attribute the trainer may set before any
 step, e.g. from a schedule) and ``t`` the step number (1 for the first step)::

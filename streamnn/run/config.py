@@ -8,19 +8,24 @@ process; :mod:`streamnn.run.trainer` runs it.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
+from streamnn.data.order import ORDERS
+from streamnn.data.readers import READERS
+from streamnn.data.transforms import PADDINGS, Augment
 from streamnn.errors import StreamnnError
-
-MODELS = ("logistic", "mlp", "cnn")
-AUGMENTS = (None, "flip", "shift", "flip,shift")
-OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
-SCHEDULES = ("constant", "hyperbolic", "step", "exponential", "cosine")
-DTYPES = ("float32", "float64")
+from streamnn.nn import models
+from streamnn.nn.network import COMPUTE_DTYPES
+from streamnn.optim.optimizers import OPTIMIZERS
+from streamnn.optim.schedules import FORMULAS
+from streamnn.run.budget import TRAINING_COPIES, check_fits, conv_parameter_count, dense_parameter_count
 
 DEFAULTS: dict[str, Any] = {
     "store": None,               # path of the HDF5 store
@@ -78,9 +83,7 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
         if not ok:
             raise StreamnnError(message)
 
-    for key, choices in (("model", MODELS), ("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
-                         ("dtype", DTYPES), ("order", ("exact", "block")), ("augment", AUGMENTS),
-                         ("shift_padding", ("reflect", "zero")), ("reader", ("auto", "mmap", "pread"))):
+    for key, choices in CHOICES.items():
         need(cfg[key] in choices, f"{key.replace('_', '-')} must be one of "
                                   f"{', '.join(str(c) for c in choices)}, not {cfg[key]!r}")
     cfg["hidden"] = [int(h) for h in (cfg["hidden"] or [])]
@@ -142,8 +145,6 @@ def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     parameter whose default is a bool takes true/false only, a number a finite number."""
     import inspect
 
-    from streamnn.optim.optimizers import OPTIMIZERS
-
     signature = inspect.signature(OPTIMIZERS[name].__init__)
     accepted = {k: p.default for k, p in signature.parameters.items()
                 if k not in ("self", "model", "lr") and p.default is not inspect.Parameter.empty}
@@ -161,17 +162,7 @@ def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
 
 def check_model_size(cfg: dict[str, Any], store: Any) -> None:
     """Refuse, before allocating, a model whose parameters and buffers exceed the memory available."""
-    from streamnn.run.budget import TRAINING_COPIES, check_fits, conv_parameter_count, dense_parameter_count
-
-    outputs = 1 if store.n_classes == 2 else store.n_classes
-    if cfg["model"] == "cnn":
-        count = conv_parameter_count(store.image_shape, cfg["conv"], cfg["hidden"], store.n_classes, cfg["kernel"],
-                                     cfg["batch_norm"])
-        what = f"the cnn model (conv {cfg['conv']}, hidden {cfg['hidden']})"
-    else:
-        sizes = [store.n_features, outputs] if cfg["model"] == "logistic" else [store.n_features, *cfg["hidden"],
-                                                                                 outputs]
-        count, what = dense_parameter_count(sizes), f"the {cfg['model']} model {sizes}"
+    count, what = MODELS[cfg["model"]].size(cfg, store)
     check_fits(count, np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES, what)
 
 
@@ -198,18 +189,71 @@ def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 # -- components --------------------------------------------------------------------------------
 def build_model(cfg: dict[str, Any], n_features: int, n_classes: int,
-                image_shape: tuple[int, ...] | None = None) -> Any:
+                image_shape: tuple[int, ...] | None = None) -> models.Network:
     """A fresh model for the configuration (binary: one sigmoid output; else softmax)."""
-    from streamnn.nn import models
-
     dtype, seed = np.dtype(cfg["dtype"]).type, derive_seed(cfg["seed"], "model")
-    if cfg["model"] == "cnn":
-        return models.ConvNet(image_shape, cfg["conv"], cfg["hidden"], n_classes, kernel=cfg["kernel"],
-                              batch_norm=cfg["batch_norm"], dtype=dtype, weight_decay=cfg["weight_decay"],
-                              dropout=cfg["dropout"], seed=seed)
-    if cfg["model"] == "logistic":
-        return models.LogisticRegression(n_features, dtype=dtype, weight_decay=cfg["weight_decay"], seed=seed)
-    sizes = [n_features, *cfg["hidden"], 1 if n_classes == 2 else n_classes]
+    return MODELS[cfg["model"]].build(cfg, n_features, n_classes, image_shape, dtype, seed)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A ``--model`` choice: its builder, and its parameter count (with a description) for a store."""
+
+    build: Callable[[dict[str, Any], int, int, Any, Any, int], models.Network]
+    size: Callable[[dict[str, Any], Any], tuple[int, str]]
+
+
+def _outputs(n_classes: int) -> int:
+    return 1 if n_classes == 2 else n_classes
+
+
+def _logistic(cfg: dict[str, Any], n_features: int, n_classes: int, image_shape: Any, dtype: Any,
+              seed: int) -> models.Network:
+    return models.LogisticRegression(n_features, dtype=dtype, weight_decay=cfg["weight_decay"], seed=seed)
+
+
+def _mlp(cfg: dict[str, Any], n_features: int, n_classes: int, image_shape: Any, dtype: Any,
+         seed: int) -> models.Network:
+    sizes = [n_features, *cfg["hidden"], _outputs(n_classes)]
     activations = [cfg["activation"]] * len(cfg["hidden"]) + ["sigmoid" if n_classes == 2 else "softmax"]
     return models.DeepNetwork(sizes, activations, dtype=dtype, weight_decay=cfg["weight_decay"],
                               dropout=cfg["dropout"], seed=seed)
+
+
+def _cnn(cfg: dict[str, Any], n_features: int, n_classes: int, image_shape: Any, dtype: Any,
+         seed: int) -> models.Network:
+    return models.ConvNet(image_shape, cfg["conv"], cfg["hidden"], n_classes, kernel=cfg["kernel"],
+                          batch_norm=cfg["batch_norm"], dtype=dtype, weight_decay=cfg["weight_decay"],
+                          dropout=cfg["dropout"], seed=seed)
+
+
+def _dense_size(cfg: dict[str, Any], store: Any) -> tuple[int, str]:
+    sizes = [store.n_features, *cfg["hidden"], _outputs(store.n_classes)]
+    return dense_parameter_count(sizes), f"the {cfg['model']} model {sizes}"
+
+
+def _cnn_size(cfg: dict[str, Any], store: Any) -> tuple[int, str]:
+    count = conv_parameter_count(store.image_shape, cfg["conv"], cfg["hidden"], store.n_classes, cfg["kernel"],
+                                 cfg["batch_norm"])
+    return count, f"the cnn model (conv {cfg['conv']}, hidden {cfg['hidden']})"
+
+
+#: The ``--model`` choices, each with the builder of its model.
+MODELS: dict[str, ModelKind] = {"logistic": ModelKind(_logistic, _dense_size), "mlp": ModelKind(_mlp, _dense_size),
+                                "cnn": ModelKind(_cnn, _cnn_size)}
+
+
+def _augment_choices() -> tuple[str | None, ...]:
+    """None (no augmentation) and every combination of the augmentations :class:`Augment` runs (its fields
+    but ``padding``, the shift's setting), in its order: flip, shift, "flip,shift"."""
+    kinds = [f.name for f in fields(Augment) if f.name != "padding"]
+    combos = [",".join(c) for n in range(1, len(kinds) + 1) for c in itertools.combinations(kinds, n)]
+    return (None, *combos)
+
+
+#: The choices :func:`resolve_config` checks, each from the registry that implements it (the CLI offers
+#: the same; ``activation``, from :data:`streamnn.nn.functional.ACTIVATIONS`, is checked by the model).
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model": tuple(MODELS), "optimizer": tuple(OPTIMIZERS), "lr_schedule": tuple(FORMULAS),
+    "dtype": tuple(COMPUTE_DTYPES), "order": tuple(ORDERS), "augment": _augment_choices(),
+    "shift_padding": tuple(PADDINGS), "reader": tuple(READERS)}

@@ -263,7 +263,7 @@ class RunDir:
         path = self.path / LOCK_FILE
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0), 0o644)
-        except OSError as exc:
+        except OSError:
             if os.path.islink(path) or os.path.isdir(path):
                 raise StreamnnError(f"is {_kind(path)}, not a lock file: remove it", _where(path)) from None
             raise

@@ -2,7 +2,7 @@
 
 A run's checkpoint (a :mod:`streamnn.run.checkpoint` file) holds this content::
 
-    config          JSON of the run configuration (:func:`streamnn.run.trainer.resolve_config`)
+    config          JSON of the run configuration (:func:`streamnn.run.config.resolve_config`)
     model/config    JSON of the model's ``config()`` (rebuilds it with ``models.from_config``)
     model/state     the model's ``state_dict()``: parameter arrays and the dropout generator
     optimizer/      name, lr, state (moments and step count)

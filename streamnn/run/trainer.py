@@ -1,65 +1,14 @@
 """Resumable training: the :class:`Trainer` behind ``streamnn-train``.
 
-Design. A run is a *configuration* (a JSON-able dict, :func:`streamnn.run.config.resolve_config`)
-plus an output folder. :class:`Trainer` builds from the configuration a model, an optimizer, a learning-rate
-schedule and loaders (the training loader shuffles; validation and evaluation loaders do
-not), then runs the epoch loop:
-
-    epoch start: learning rate = schedule(epoch), a pure function of the epoch number.
-    each step:   forward (train mode) -> loss -> backward -> optimizer step; the step's loss
-                 is appended to ``steps.csv``; every ``checkpoint_every`` steps, and whenever a
-                 stop was requested (SIGINT / SIGTERM set a flag; it is checked between steps),
-                 ``checkpoint-latest.h5`` is written.
-    epoch end:   streaming evaluation on the validation part and on the evaluation split;
-                 ``checkpoint-best.h5`` when the selection accuracy improved (validation part,
-                 else evaluation split, else training), ``checkpoint-latest.h5``, one row in
-                 ``metrics.csv``, ``curves.png``.
-
-Mid-epoch checkpoints are only taken before an epoch's last step; a stop requested at or
-after the last step is honoured once the loader has finished the epoch (the saved state is
-then "all steps done, epoch end pending"), so a checkpoint never holds a loader parked at
-the end of an epoch.
-
-Every output is written atomically (:mod:`streamnn.atomic`), except ``steps.csv`` which is
-an append-only log: on resume it is cut back to the checkpoint's step (a torn last line
-included). A checkpoint (:mod:`streamnn.run.checkpoint`) holds the whole state: model parameters
-and dropout generator, optimizer moments and step, schedule config and current rate, loader
-state (epoch, position, seed: the order is a function of them), the epoch's running train
-metrics (loss and accuracy accumulate over the epoch's batches, in train mode), the metrics
-history and best accuracy, the configuration, the store's fingerprint, and what inference
-needs (packing options, class names, image shape, channel order, standardization mean/std).
-It holds no wall-clock time, so a run interrupted anywhere and resumed ends bit-identical
-to an uninterrupted one: parameters, optimizer state, ``checkpoint-latest.h5``,
-``metrics.csv`` and ``steps.csv``. Times are only printed.
-
-While :meth:`Trainer.fit` runs it holds an exclusive lock on the folder (:mod:`streamnn.run.folder`),
-so two trainers never write into one folder.
-
-Data-parallel (``comm``, :mod:`streamnn.dist`). With K ranks every rank holds the whole model
-and runs this same loop on its interleaved share of each global batch (:mod:`streamnn.data.order`):
-
-    step:        forward of the share, dropout drawn for the global batch (``share``) ->
-                 backward with the global count m (``dZ = (A - Y) / m``, no L2 yet) ->
-                 one allreduce of ``model.flat_grads`` -> on this rank's slice of the flat
-                 buffer (``dist.part``) ``+= lambd/m W`` and the optimizer update -> an
-                 allgather of the parameters (the elementwise update is split over the ranks
-                 instead of repeated on each; the optimizer's moments are gathered before a
-                 checkpoint); then one small allreduce of the step's numbers (loss sum,
-                 train-metric sums) and of the ranks' stop flags.
-    stops:       a signal only sets this rank's flag; the ranks act on the *agreed* flags at the
-                 same points (after a step, at epoch end, before each evaluation batch), so all
-                 stop at one step and raise TrainingInterrupted together.
-    epoch end:   each rank evaluates its share, the metric sums are reduced; the ranks compare
-                 a digest of their parameters (an error if they differ).
-
-Only rank 0 writes (:mod:`streamnn.run.writer`: lock, CSVs, curves, checkpoints); its
-checkpoint is the one-process format, with the loader position as samples consumed, so a run
-resumes on any K. fit() starts by broadcasting rank 0's parameters (new or restored). With one
-process every collective is the identity and the numbers are those of the one-process loop.
-
-Loading (:meth:`Trainer.load`) reads and verifies the file, checks store fingerprint and
-architecture, builds *new* model, optimizer and loader objects and loads their states; only
-when every check passed does it swap them in, so a bad checkpoint leaves the trainer as it was.
+:class:`Trainer` builds a model, optimizer, schedule and training loader from a configuration
+(:mod:`streamnn.run.config`) and runs the epoch loop: each step forward, backward, one
+allreduce of the gradients (:mod:`streamnn.dist`; the identity with one process), the
+optimizer update and a line in ``steps.csv``; each epoch end the evaluations, the
+checkpoints (:mod:`streamnn.run.state`), ``metrics.csv`` and ``curves.png``. A checkpoint
+holds the complete, time-free state, so a run interrupted anywhere (:mod:`streamnn.run.stop`)
+and resumed ends bit-identical to an uninterrupted one. Only rank 0 writes
+(:mod:`streamnn.run.writer`) and speaks (:mod:`streamnn.run.console`).
+The design (steps, stops, mid-epoch checkpoints, data-parallel ranks) is in docs/training.md.
 """
 from __future__ import annotations
 
@@ -69,54 +18,32 @@ import json
 import math
 import os
 import signal
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from streamnn.version import __version__
-from streamnn.run.checkpoint import load_checkpoint, save_checkpoint
+from streamnn.data.store import checked_batches
+from streamnn.data.transforms import Preprocess
 from streamnn.dist import AgreedError, Comm, SingleComm, agreed, part
 from streamnn.errors import StreamnnError
-from streamnn.run.evaluate import EvaluationStopped, Preprocess, evaluate_batches, model_dtype
-from streamnn.run.metrics import Metrics
 from streamnn.paths import path_text
-from streamnn.run.config import (DEFAULTS, MODELS, OPTIMIZERS, RESUMABLE, SCHEDULES,  # noqa: F401 - public here too
-                        build_model, derive_seed, resolve_config, selection_split, split_validation)
-from streamnn.run.folder import (BEST, CONFIG_FORMAT, CONFIG_JSON, CURVES_METADATA, CURVES_PNG, HISTORY_COLUMNS, LATEST,
-                     LOCK_FILE, METRICS_CSV, RUN_FILES, STEPS_CSV, RunDir, run_lock)
+from streamnn.run.checkpoint import load_checkpoint, save_checkpoint
+from streamnn.run.config import RESUMABLE, build_model, derive_seed, resolve_config, selection_split, split_validation
+from streamnn.run.console import Console
+from streamnn.run.evaluate import EvaluationStopped, evaluate_split
+from streamnn.run.folder import BEST, CONFIG_FORMAT, HISTORY_COLUMNS, LATEST, RunDir
+from streamnn.run.metrics import Metrics
+from streamnn.run.predict import model_dtype
 from streamnn.run.state import RunData, read_config, read_data, restore, run_content
-from streamnn.run.writer import read_metrics_csv, write_metrics_csv, writer_for  # noqa: F401 - public here too
-from streamnn.data.store import checked_batches
+from streamnn.run.stop import AgreedStop, StopAgreement, TrainingInterrupted, agreed_signal
+from streamnn.run.writer import writer_for
+from streamnn.version import __version__
 
-__all__ = ["BEST", "LATEST", "LOCK_FILE", "METRICS_CSV", "RUN_FILES", "STEPS_CSV", "Trainer", "TrainingInterrupted",
-           "resolve_config", "run_lock"]
-
-class TrainingInterrupted(Exception):
-    """Raised by :meth:`Trainer.fit` after saving a checkpoint because of SIGINT or SIGTERM."""
-
-    def __init__(self, signum: int, checkpoint: Path, epoch: int, step: int) -> None:
-        self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
-        name = signal.Signals(signum).name
-        super().__init__(f"{name}: stopped at step {step} (epoch {epoch + 1}); state saved to {path_text(checkpoint)}")
-
-    @property
-    def exit_code(self) -> int:
-        """128 + signal number, as shells report a death by that signal (130 SIGINT, 143 SIGTERM)."""
-        return 128 + self.signum
-
-
-class _Stop(Exception):
-    """Internal: a stop agreed on during the epoch-end evaluation."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
+__all__ = ["Components", "Trainer"]
 
 
 @dataclass
@@ -131,7 +58,7 @@ class Components:
 
 
 class Trainer:
-    """Trains one configuration into ``out_dir``; see the module docstring.
+    """Trains one configuration into ``out_dir``; see the module docstring and docs/training.md.
 
     ``Trainer(cfg, out_dir)`` starts a new run; :meth:`resume` continues one. :meth:`fit`
     returns the history, or raises :class:`TrainingInterrupted` after saving on a signal.
@@ -145,9 +72,8 @@ class Trainer:
         self.comm = comm or SingleComm()
         self.out = Path(out_dir)
         self.run = RunDir(self.out)
-        self.verbose = verbose and self.comm.rank == 0  # rank 0 speaks and writes for the run
-        self._echo = echo or (lambda msg: print(msg, flush=True))
-        self.progress = self.verbose and (sys.stderr.isatty() if progress is None else progress)
+        self.console = Console(verbose and self.comm.rank == 0, echo, progress)  # rank 0 speaks and writes
+        self.say = self.console.say
         self.writer = writer_for(self.comm.rank, self.run, self.say)
         if not config.get("store"):
             raise StreamnnError("the configuration needs a 'store' path")
@@ -179,7 +105,7 @@ class Trainer:
         self.best = -math.inf   # best selection accuracy so far
         self.best_epoch = 0
         self.history: dict[str, list[float]] = {c: [] for c in HISTORY_COLUMNS}
-        self._stop: int | None = None  # a signal this rank received (the ranks agree before acting on it)
+        self.stops = StopAgreement(self.comm, self.say)
         self._speed: float | None = None
         self.parts = self._build()
 
@@ -326,7 +252,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Ask :meth:`fit` to save and stop after the current step (what the signal handler does)."""
-        self._stop = signum
+        self.stops.request(signum)
 
     def fit(self, on_step: Callable[[Trainer], None] | None = None) -> dict[str, list[float]]:
         """Train until ``epochs`` epochs are done; returns the metrics history."""
@@ -338,9 +264,10 @@ class Trainer:
                                  indent=2, sort_keys=True) + "\n"
         with contextlib.ExitStack() as stack:  # rank 0 takes the lock; a refusal is every rank's error
             agreed(self.comm, lambda: stack.enter_context(self.writer.session(self.step, config_text, self.history)))
-            stack.enter_context(self._signal_handlers())
+            stack.enter_context(self.stops.signal_handlers())
             self._share_parameters()
-            self._say_selection()
+            self.console.selection(self.config, self.selection, len(self.val_rows) if self.val_rows is not None else 0,
+                                   self.epoch, self.epoch_step, self.step)
             self.say(f"reading the store with {self.parts.loader.reader_mode} (--reader {self.config['reader']})")
             while self.epoch < self.config["epochs"]:
                 self._run_epoch(on_step)
@@ -353,7 +280,7 @@ class Trainer:
             parts.optimizer.lr = float(parts.schedule(self.epoch))
             parts.train_metrics.reset()
         started, samples = time.perf_counter(), 0
-        with self._progressbar(n_steps) as bar:
+        with self.console.progressbar(n_steps, self.epoch, cfg["epochs"], self.epoch_step) as bar:
             if self.epoch_step < n_steps:
                 for X, Y in checked_batches(parts.loader, cfg["store"], cfg["train_split"]):
                     step = self._train_step(X, Y)
@@ -363,7 +290,9 @@ class Trainer:
                     stop = self._finish_step(step)
                     if bar is not None:
                         bar.update(1, (parts.train_metrics.loss, samples / max(time.perf_counter() - started, 1e-9)))
-                    if self.epoch_step < n_steps:  # mid-epoch states only (see the module docstring)
+                    # a checkpoint never holds a loader parked at an epoch's end: a stop at the last step
+                    # waits for the epoch end (the state is then "all steps done, epoch end pending")
+                    if self.epoch_step < n_steps:
                         if stop is not None:
                             self._interrupt(stop)
                         if cfg["checkpoint_every"] and self.step % cfg["checkpoint_every"] == 0:
@@ -371,12 +300,12 @@ class Trainer:
             if self.epoch_step != n_steps:
                 raise StreamnnError(f"the loader gave {self.epoch_step} batches, expected {n_steps}")
         self._speed = samples / max(time.perf_counter() - started, 1e-9) if samples else None
-        stop = self._agreed_stop()
+        stop = self.stops.agreed()
         if stop is not None:
             self._interrupt(stop)
         try:
             row = self._epoch_end()
-        except _Stop as s:
+        except AgreedStop as s:
             self._interrupt(s.signum)
         self._finish_epoch(row, time.perf_counter() - started)
 
@@ -403,7 +332,7 @@ class Trainer:
 
     def _finish_step(self, step: _Step) -> int | None:
         """Agree on the step's numbers and on stopping (one small allreduce); log it; the agreed stop."""
-        stats = np.concatenate([[step.loss_sum], step.metrics.sums(), self._stop_flags()])
+        stats = np.concatenate([[step.loss_sum], step.metrics.sums(), self.stops.flags()])
         self.comm.allreduce(stats)
         self.parts.train_metrics.add_sums(stats[1:-2])
         loss = self.parts.model.mean_loss(stats[0], step.m) + step.l2
@@ -411,41 +340,24 @@ class Trainer:
         if not math.isfinite(loss):
             raise AgreedError(f"training diverged: loss is {loss} at step {self.step} (try a smaller --lr); "
                               f"{LATEST} keeps the last good state")
-        return _agreed_signal(stats[-2:])
-
-    def _stop_flags(self) -> np.ndarray:
-        return np.array([self._stop == signal.SIGINT, self._stop == signal.SIGTERM], np.float64)
-
-    def _agreed_stop(self) -> int | None:
-        """The stop every rank agrees on now (a collective: all ranks call it at the same point)."""
-        flags = self._stop_flags()
-        self.comm.allreduce(flags)
-        return _agreed_signal(flags)
+        return agreed_signal(stats[-2:])
 
     def evaluate_split(self, which: str) -> Metrics:
         """Streaming evaluation of the current model on "val" or "eval" (stops on a stop request)."""
-        from streamnn.data.loader import Loader
-
         cfg = self.config
         split, subset = (cfg["train_split"], self.val_rows) if which == "val" else (cfg["eval_split"], None)
-        loader = Loader(cfg["store"], split, batch_size=cfg["eval_batch_size"], shuffle=False,
-                        one_hot=self.n_classes > 2, subset=subset, rank=self.comm.rank, world_size=self.comm.size)
         stopping: list[int] = []
 
         def stop() -> bool:
-            agreed = self._agreed_stop()
+            agreed = self.stops.agreed()
             stopping.extend([agreed] if agreed is not None else [])
             return bool(stopping)
 
         try:
-            metrics = evaluate_batches(self.model, self.preprocess(), checked_batches(loader, cfg["store"], split),
-                                       self.n_classes, stop=stop)
+            return evaluate_split(self.model, self.preprocess(), cfg["store"], split, self.n_classes,
+                                  batch_size=cfg["eval_batch_size"], comm=self.comm, subset=subset, stop=stop)
         except EvaluationStopped:
-            raise _Stop(stopping[0]) from None
-        finally:
-            loader.close()
-        metrics.reduce(self.comm)
-        return metrics
+            raise AgreedStop(stopping[0]) from None
 
     def _epoch_end(self) -> dict[str, float]:
         cfg, train = self.config, self.parts.train_metrics
@@ -475,7 +387,7 @@ class Trainer:
         self._checkpoint(*((BEST, LATEST) if improved else (LATEST,)))
         self.writer.metrics(self.history)
         self._draw_curves(final=self.epoch >= self.config["epochs"])
-        self.say(self._epoch_line(row, seconds))
+        self.console.epoch_line(self.config, row, seconds, self._speed)
 
     def _checkpoint(self, *names: str) -> None:
         """Gather the optimizer state (each rank updated its slice), then rank 0 writes ``names``."""
@@ -494,72 +406,6 @@ class Trainer:
             self._draw_curves(final=True)
         raise TrainingInterrupted(signum, self.out / LATEST, self.epoch, self.step)
 
-    # -- outputs -----------------------------------------------------------------------------------
-    def say(self, message: str) -> None:
-        if self.verbose:
-            self._echo(message)
-
-    def _say_selection(self) -> None:
-        cfg = self.config
-        what = {"val": f"the validation part ({cfg['val_fraction']:g} of {cfg['train_split']!r}: "
-                       f"{len(self.val_rows) if self.val_rows is not None else 0} rows, seeded)",
-                "eval": f"the {cfg['eval_split']!r} split (its accuracy is then optimistic: use --val-fraction "
-                        "to keep test numbers unbiased)",
-                "train": "training accuracy (no validation or evaluation data)"}[self.selection]
-        self.say(f"{BEST} is selected on {what}")
-        if self.epoch or self.epoch_step:
-            self.say(f"resuming at epoch {self.epoch + 1}, step {self.step}")
-
-    def _epoch_line(self, row: dict[str, float], seconds: float) -> str:
-        parts = [f"epoch {int(row['epoch'])}/{self.config['epochs']}",
-                 f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"]
-        if not math.isnan(row["val_accuracy"]):
-            parts.append(f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}")
-        if not math.isnan(row["eval_accuracy"]):
-            parts.append(f"{self.config['eval_split']} loss {row['eval_loss']:.4f} acc {row['eval_accuracy']:.4f}")
-        parts += [f"lr {row['lr']:.3g}", f"{seconds:.1f}s"]
-        if self._speed:
-            parts.append(f"{self._speed:.0f} samples/s")
-        return "  ".join(parts) + ("  *best" if row["best"] == 1.0 else "")
-
-    @contextlib.contextmanager
-    def _progressbar(self, n_steps: int) -> Iterator[Any]:
-        if not self.progress:
-            yield None
-            return
-        import click
-
-        def show(item: Any) -> str:
-            return "" if item is None else f"loss {item[0]:.4f}  {item[1]:.0f} samples/s"
-
-        with click.progressbar(length=n_steps, label=f"epoch {self.epoch + 1}/{self.config['epochs']}",
-                               item_show_func=show, file=sys.stderr, show_eta=True) as bar:
-            if self.epoch_step:
-                bar.update(self.epoch_step)
-            yield bar
-
-    @contextlib.contextmanager
-    def _signal_handlers(self) -> Iterator[None]:
-        """SIGINT/SIGTERM: first one sets the stop flag; a second one aborts at once (KeyboardInterrupt)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop is not None:
-                raise KeyboardInterrupt
-            self._stop = signum
-            self.say(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
-                     "(send it again to abort without saving)")
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-
 @dataclass
 class _Step:
     """One step's numbers on this rank, before the ranks agree on them."""
@@ -568,8 +414,3 @@ class _Step:
     loss_sum: float   # this rank's summed cross-entropy (model dtype, held exactly in a float)
     l2: float         # the L2 term lambd/(2m) sum ||W||^2, before the update
     metrics: Metrics  # this rank's rows of the batch
-
-
-def _agreed_signal(flags: np.ndarray) -> int | None:
-    """From the summed [SIGINT, SIGTERM] flags of the ranks: SIGTERM if any rank had it, else SIGINT."""
-    return signal.SIGTERM if flags[1] else signal.SIGINT if flags[0] else None

@@ -67,7 +67,7 @@ if BLOCK_AT_STEP:
     def _blocking_train_step(self, X, Y):
         if self.step == int(BLOCK_AT_STEP):
             _waiting()
-            while self._stop is None:
+            while self.stops.signum is None:
                 time.sleep(0.05)
         return _train_step(self, X, Y)
 

@@ -1,0 +1,162 @@
+"""Inference: a checkpoint's model with its preprocessing, and predictions for image files.
+
+A checkpoint records everything inference needs (:mod:`streamnn.run.state`): the model
+(config and parameters), the class names and image shape, the packing options that turned
+a photo into a stored row, and the standardization mean/std when training used it.
+:class:`Predictor` holds them; :class:`~streamnn.data.transforms.Preprocess` turns normalized
+rows into model inputs with the functions the training loader uses. Prediction reads images
+in small batches with :func:`streamnn.pack.decode.load_image`, the function packing used; an
+unreadable file yields an error entry and the others continue.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamnn.data.transforms import Preprocess
+from streamnn.errors import StreamnnError
+from streamnn.paths import path_text
+from streamnn.run.checkpoint import load_checkpoint
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+#: Test-time augmentations by name: whether :func:`predict_proba` averages in the mirror image.
+TTA: dict[str, bool] = {"none": False, "flip": True}
+
+
+def model_dtype(model: Any) -> np.dtype:
+    """The floating dtype of a model's parameters."""
+    return next(iter(model.params.values())).dtype
+
+
+def predict_proba(model: Any, prep: Preprocess, X: np.ndarray, tta: bool = False) -> np.ndarray:
+    """Probabilities (1, B) or (K, B) for normalized columns X; ``tta`` averages with the mirror image."""
+    P = model.predict_proba(prep(X))
+    if tta:
+        P = (P + model.predict_proba(prep(X, flip=True))) / 2
+    return P
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+@dataclass
+class Predictor:
+    """A trained model with the preprocessing and metadata its checkpoint recorded."""
+
+    model: Any
+    prep: Preprocess
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+    options: dict[str, Any]
+    channel_order: str
+    fingerprint: str
+    path: Path | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
+def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | None = None) -> Predictor:
+    """Rebuild the model and preprocessing from loaded checkpoint content (validated, see :mod:`streamnn.run.state`)."""
+    from streamnn.run.state import read_data, read_model
+
+    where = path_text(path) if path is not None else None
+    data = read_data(content, path)
+    model = read_model(content, path)
+    outputs = getattr(model, "n_classes", None)
+    if outputs is not None and outputs != (1 if len(data.class_names) == 2 else len(data.class_names)):
+        raise StreamnnError(f"checkpoint model has {outputs} outputs for {len(data.class_names)} classes", where)
+    prep = Preprocess(data.image_shape, data.mean, data.std, dtype=model_dtype(model))
+    try:  # one image of the recorded shape must go through (a hand-edited shape or model would not)
+        model.predict_proba(np.zeros((data.n_features, 1), model_dtype(model)))
+    except (ValueError, StreamnnError) as exc:
+        raise StreamnnError(f"checkpoint model does not take images of shape {data.image_shape} ({exc})",
+                            where) from None
+    return Predictor(model, prep, data.class_names, data.image_shape, data.options, data.channel_order,
+                     data.fingerprint, Path(path) if path is not None else None)
+
+
+def load_predictor(path: str | os.PathLike) -> Predictor:
+    """Load a checkpoint file for inference (one-line StreamnnError if unusable)."""
+    content = load_checkpoint(path)
+    where = path_text(path)
+    try:
+        return predictor_from_content(content, path)
+    except StreamnnError as exc:
+        if where in str(exc):
+            raise
+        raise StreamnnError(str(exc), where) from None
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise StreamnnError(f"checkpoint cannot be used for inference ({exc.__class__.__name__}: {exc})",
+                            where) from None
+
+
+def iter_image_files(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:
+    """Files given directly, and image files found (sorted, recursively) under folders given."""
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
+                    yield f
+        else:
+            yield p
+
+
+def predict_files(pred: Predictor, files: Iterable[Path], *, tta: bool = False,
+                  batch_size: int = 64) -> Iterator[tuple[Path, dict[str, Any] | None, str | None]]:
+    """For each file: (path, {"class", "probability", "probabilities"}, None) or (path, None, error)."""
+    from streamnn.pack.decode import load_image
+
+    def flush(batch: list[tuple[Path, np.ndarray]]) -> Iterator[tuple[Path, dict[str, Any], None]]:
+        X = pred.prep.rows_from_images(np.stack([img for _, img in batch]))
+        from streamnn.run.metrics import class_probabilities
+
+        probs = class_probabilities(predict_proba(pred.model, pred.prep, X, tta))
+        if not np.isfinite(probs).all():
+            raise StreamnnError("the model gives non-finite probabilities (NaN or inf): it is unusable",
+                                path_text(pred.path) if pred.path is not None else None)
+        for (path, _), col in zip(batch, probs.T):
+            k = int(np.argmax(col)) if len(col) > 2 else int(col[1] > 0.5)
+            yield path, {"class": pred.class_names[k], "probability": float(col[k]),
+                         "probabilities": {n: float(p) for n, p in zip(pred.class_names, col)}}, None
+
+    batch: list[tuple[Path, np.ndarray]] = []
+    for path in files:
+        try:
+            img = load_image_as_packed(load_image, path, pred)
+        except StreamnnError as exc:
+            yield path, None, str(exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is reported per file
+            yield path, None, (f"{path_text(path)}: cannot read image "
+                               f"({exc.__class__.__name__}: {' '.join(str(exc).split())})")
+            continue
+        batch.append((path, img))
+        if len(batch) == batch_size:
+            yield from flush(batch)
+            batch = []
+    if batch:
+        yield from flush(batch)
+
+
+def load_image_as_packed(load_image: Callable[..., np.ndarray], path: Path, pred: Predictor) -> np.ndarray:
+    """Decode one file exactly as packing did; uint8 (H, W, C) in the store's channel order."""
+    from streamnn.pack.decode import decode_kwargs
+
+    h, w, c = pred.image_shape
+    kwargs = {**decode_kwargs(pred.options), "size": (h, w)}
+    if "grayscale" not in pred.options:
+        kwargs["grayscale"] = pred.channel_order == "GRAY"
+    img = np.asarray(load_image(path, **kwargs))
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.shape != (h, w, c) or img.dtype != np.uint8:
+        raise StreamnnError(f"decoded to {img.dtype} {img.shape}, the model expects uint8 {(h, w, c)}",
+                            path_text(path))
+    return img
