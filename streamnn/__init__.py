@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from streamnn.version import __version__
+from streamnn.version import __version__ as __version__
 
 _EXPORTS = {
     "StreamnnError": "errors",

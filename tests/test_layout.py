@@ -158,8 +158,8 @@ def test_console_entry_points_resolve():
     for spec in scripts.values():
         module, _, attr = spec.partition(":")
         assert callable(getattr(importlib.import_module(module), attr))
-        command = importlib.import_module(f"{module}.{attr}")
-        assert callable(command.main)
+        command = importlib.import_module(f"{module}.{attr.removeprefix('streamnn_')}")
+        assert callable(command.main) and callable(getattr(importlib.import_module(module), attr))
 
 
 def test_checkpoint_type_names_are_kept():

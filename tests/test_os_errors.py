@@ -23,7 +23,7 @@ def _train_with_file_size_limit(args, limit):
     """streamnn-train in a process whose files cannot grow beyond ``limit`` bytes (EFBIG, as on a full disk)."""
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
-            "from streamnn.cli import train; sys.argv[0] = 'streamnn-train'; train()")
+            "from streamnn.cli import streamnn_train; sys.argv[0] = 'streamnn-train'; streamnn_train()")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
 
 

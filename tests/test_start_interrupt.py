@@ -54,8 +54,8 @@ def _start(inputs: Path, tmp_path: Path, name: str, delay: float, attempt: int) 
     # The marker is made as the very last step before the entry point. A signal that lands in this
     # wrapper itself, between the marker and the entry point, tests nothing: exit 99 ("missed").
     # One that escaped the command (a deeper traceback) is re-raised: a failure.
-    code = (f"import os, sys\nfrom streamnn.cli import {name}\nsys.argv[0] = 'streamnn-{name}'\n"
-            f"try:\n    os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_WRONLY)); {name}()\n"
+    code = (f"import os, sys\nfrom streamnn.cli import streamnn_{name}\nsys.argv[0] = 'streamnn-{name}'\n"
+            f"try:\n    os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_WRONLY)); streamnn_{name}()\n"
             "except KeyboardInterrupt as exc:\n"
             "    if exc.__traceback__.tb_next is not None:\n        raise\n    os._exit(99)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
@@ -108,4 +108,4 @@ def test_console_scripts_enter_through_the_light_wrapper():
     assert out.stdout.strip() == "[]", out
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     scripts = dict(re.findall(r'^(streamnn-\w+) = "([^"]+)"', pyproject, flags=re.M))
-    assert scripts == {f"streamnn-{n}": f"streamnn.cli:{n}" for n in ("pack", "info", "train", "eval", "predict")}
+    assert scripts == {f"streamnn-{n}": f"streamnn.cli:streamnn_{n}" for n in ("pack", "info", "train", "eval", "predict")}

@@ -1,6 +1,7 @@
 """Thin command-line wrappers over the library; each module is one console script.
 
-The console scripts enter here (``streamnn-train = "streamnn.cli:train"``): this module and
+The console scripts enter here (``streamnn-train = "streamnn.cli:streamnn_train"``; named
+after the commands, not after the modules of :mod:`streamnn.cli`, which would shadow them): this module and
 ``streamnn/__init__.py`` import nothing heavy, so the interpreter reaches :func:`_run` within
 milliseconds, and a Ctrl-C that arrives while the command's module imports numpy,
 h5py or OpenCV ends in ``Error: interrupted``, exit 130, no traceback, nothing written.
@@ -57,26 +58,26 @@ def _run(name: str) -> None:
     main()
 
 
-def pack() -> None:
+def streamnn_pack() -> None:
     """``streamnn-pack``."""
     _run("pack")
 
 
-def info() -> None:
+def streamnn_info() -> None:
     """``streamnn-info``."""
     _run("info")
 
 
-def train() -> None:
+def streamnn_train() -> None:
     """``streamnn-train``."""
     _run("train")
 
 
-def eval() -> None:  # noqa: A001 - the command's name
+def streamnn_eval() -> None:
     """``streamnn-eval``."""
     _run("eval")
 
 
-def predict() -> None:
+def streamnn_predict() -> None:
     """``streamnn-predict``."""
     _run("predict")
