@@ -15,8 +15,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def test_cli_reference_is_current():
-    # A fresh process: the generator fixes the machine-dependent part of the help before the
-    # command modules are imported.
+    # The generator as a user runs it (its exit code and message are part of the check).
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "cli_reference.py"), "--check"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr + result.stdout

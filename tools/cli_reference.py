@@ -4,10 +4,7 @@
     python tools/cli_reference.py --check    # exit 1 if docs/cli.md is out of date
 
 The help is rendered by click's test runner at a fixed width, so the file does not depend on
-the terminal it is generated in. The one machine-dependent figure of the help (the number of
-cores in ``streamnn-pack --workers``) is rendered as ``N``: the patch below must run before
-``streamnn.cli.pack`` is imported, so the check runs in a fresh process
-(``tests/test_docs.py``).
+the terminal it is generated in (the help itself holds nothing that depends on the machine).
 """
 from __future__ import annotations
 
@@ -49,11 +46,6 @@ def command_help(name: str) -> str:
 
 def reference() -> str:
     """The whole of docs/cli.md."""
-    if "streamnn.cli.pack" in sys.modules:
-        raise RuntimeError("run in a fresh process: streamnn.cli.pack was imported before the patch")
-    import streamnn.pack.job
-
-    streamnn.pack.job.default_workers = lambda: "N"  # type: ignore[assignment,return-value]
     parts = [HEADER]
     for name in COMMANDS:
         parts.append(f"\n## `streamnn-{name}`\n\n```text\n{command_help(name)}```\n")

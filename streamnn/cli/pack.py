@@ -15,7 +15,6 @@ from streamnn.dist import world
 from streamnn.pack.decode import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS
 from streamnn.pack.job import pack
 from streamnn.pack.output import is_store_file
-from streamnn.pack.pool import default_workers
 from streamnn.paths import path_text
 from streamnn.pack.sharded import pack_sharded, rank_workers
 from streamnn.cli.common import CONTEXT_SETTINGS, fail, sigterm_as_interrupt, user_errors
@@ -112,7 +111,7 @@ def _byte_size(text: str) -> int:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the row order (each split is shuffled; same seed, same store).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help=f"Decoding processes (default: all cores, {default_workers()} here); 1 decodes in-process. "
+              help="Decoding processes (default: the cores this process may use); 1 decodes in-process. "
                    "The output does not depend on it.")
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Write a sharded store: N shard files in OUT.shards/ and the index OUT (under "
