@@ -1,59 +1,8 @@
-"""The store format: its constants, content fingerprint, and a sharded store's layout and index
-integrity (the format is described in docs/format.md).
+"""The store format's constants, content fingerprint and sharded-store integrity checks.
 
-Format version 1 (``format = "streamnn-store"``)::
-
-    /                       root attributes:
-        format              "streamnn-store"
-        format_version      1
-        streamnn_version    version that wrote the file
-        command             the command line that made it
-        created             ISO 8601 UTC time
-        class_names         label i is class_names[i]
-        image_shape         (H, W, C)
-        pixel_layout        "HWC": a row is the image flattened in H x W x C order
-        channel_order       "BGR" (as OpenCV decodes) or "GRAY"
-        dtype               stored dtype: "float32" | "float16" | "uint8"
-        scale               normalized = stored * scale, in [0, 1] (1.0 or 1/255)
-        options             JSON of the packing options
-        counts              JSON {split: {class_name: count}}
-        fingerprint         sha256 hex of class names, image shape and every split's
-                            labels and paths (content identity for checkpoints)
-    /<split>/X              (N, D) stored dtype, D = H*W*C, one image per row
-    /<split>/y              (N,) int32 labels
-    /<split>/paths          (N,) UTF-8 source path of each row, relative to the source root
-    /stats/mean, /stats/std (D,) float64, of the normalized training split (absent if none)
-    /skipped/paths, /skipped/reasons   files that were not packed, and why
-
-Splits are the groups other than ``stats`` and ``skipped``. The Kaggle folders map to
-``train`` (training_set) and ``test`` (test_set). X is uncompressed and contiguous by
-default: the loader's random row reads are then a gather from a memory map of the file.
-
-Sharded stores: one logical store over several files (the index and its shards).
-
-*Layout.* ``OUT.h5`` is the *index*; its shards are ``OUT.shards/part-<r>-of-<K>.h5``. Each
-shard is itself a complete streamnn store (same attributes and options, plus
-``options.shard = [r, K]``) holding rank r's share of every split: rows
-``[floor(r n / K), floor((r + 1) n / K))`` of the split's row order (the one-file store's
-order, drawn from the seed), minus the files that failed to decode. The index has the
-one-file store's attributes, class names, counts, skipped files, statistics and fingerprint;
-its ``/<split>/X``, ``y`` and ``paths`` are HDF5 virtual datasets over the shards' datasets,
-in rank order, with source paths relative to the index's folder (the pair can be moved or
-copied together), so h5py or HDFView users see one store. Whatever K, the index holds
-exactly the rows, labels, order, statistics and fingerprint of the one-file store: the rows
-are the same and in the same order, the statistics come from exact integer sums
-(:class:`~streamnn.pack.job.RunningMoments`, summed across ranks by an integer reduction), and
-the fingerprint is computed over the labels and paths read through the virtual datasets.
-
-*Integrity.* HDF5 reads the fill value (zeros) where a virtual dataset's source file is
-missing, silently. So the index records, in its root attribute ``shards`` (JSON), each
-shard's file name, size, own fingerprint and a digest of its metadata (root attributes and
-dataset shapes, :func:`metadata_digest`); :func:`check_index` (run by every
-:class:`~streamnn.data.store.Store` open and by every row reader open) stops with a one-line
-error naming the shard that is missing, altered or not recorded. ``Store.verify`` also
-verifies every shard's own fingerprint.
-
-*Reading* a sharded split: :mod:`streamnn.data.readers.segments`; packing one: :mod:`streamnn.pack.sharded`.
+A store is one HDF5 file (``format = "streamnn-store"``) of splits (``X`` (N, D), ``y``,
+``paths``) plus ``stats`` and ``skipped``; a sharded store is an index of virtual datasets over
+shard files, checked on every open (:func:`check_index`). The format is written once, in docs/format.md.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ seed 1 / epoch 0 would repeat seed 0 / epoch 1).
 
 * ``shuffle=False``: the rows as given (stored order, or a subset in its order).
 * ``order="exact"``: ``rng.permutation(n)``, a uniform random permutation.
-* ``order="block"``: :func:`block_order`, FFCV-like quasi-random (see :mod:`streamnn.data.loader`).
+* ``order="block"``: :func:`block_order`, FFCV-like quasi-random (see docs/loader.md).
 
 Global batches. Batch k of an epoch is positions ``[k*B, min((k+1)*B, n))`` of the epoch
 order, whatever the number of ranks: ``B`` is the *global* batch. The last batch is partial

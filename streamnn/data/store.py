@@ -1,6 +1,6 @@
 """The streamnn HDF5 store: open, check and read (:class:`Store`).
 
-The format is :mod:`streamnn.data.format` (and docs/format.md). :class:`Store` opens and validates
+The format is docs/format.md (its constants: :mod:`streamnn.data.format`). :class:`Store` opens and validates
 a file; :class:`~streamnn.data.writer.StoreWriter` writes one.
 """
 from __future__ import annotations
@@ -226,7 +226,7 @@ class Store:
         self.splits = [name for name in self._file if name not in RESERVED_GROUPS]
         if not self.splits:
             raise c.fail("store has no split")
-        #: Shard files of a sharded store (its index: see :mod:`streamnn.data.format`), checked
+        #: Shard files of a sharded store (its index: "Sharded stores" in docs/format.md), checked
         #: before anything is read through its virtual datasets.
         self.shards: list[Path] = []
         if "shards" in self._file.attrs:

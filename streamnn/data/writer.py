@@ -1,5 +1,5 @@
 """Writing a streamnn store (:class:`StoreWriter`), atomically: a temporary file beside the target,
-fsync, rename (the format is :mod:`streamnn.data.format`). The only code that writes a store."""
+fsync, rename (the format: docs/format.md). The only code that writes a store."""
 from __future__ import annotations
 
 import datetime as _dt

@@ -9,7 +9,7 @@ skipped, not kept as grey); resize with ``INTER_AREA`` straight to H x W (squash
 aspect ratio is not kept). Colour conversions, alpha and EXIF orientation are OpenCV's
 ``IMREAD_COLOR`` / ``IMREAD_GRAYSCALE`` (``exif_orientation=False`` adds
 ``IMREAD_IGNORE_ORIENTATION``); :func:`decode_kwargs` rebuilds these settings from a store's
-``options`` so prediction decodes like packing did. See docs/ for the design of each step.
+``options`` so prediction decodes like packing did. See docs/packing.md for the design of each step.
 """
 from __future__ import annotations
 

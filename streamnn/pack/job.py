@@ -1,4 +1,4 @@
-"""Pack an image folder tree into a streamnn store (the format: :mod:`streamnn.data.store`).
+"""Pack an image folder tree into a streamnn store (the format: docs/format.md).
 
 :func:`prepare_pack` checks the arguments and the output (:mod:`.output`) and scans SRC
 (:mod:`.scan`); :func:`pack` then draws each split's row order from ``make_rng(seed)``,
@@ -6,7 +6,7 @@ decodes in the pool (:mod:`.pool`) and writes the rows in that order with their 
 (:class:`RunningMoments`: exact integer sums, so the store depends neither on ``workers`` nor
 on chunks or shards). If more than ``max_skip_fraction`` of the files are skipped, or none
 decodes, nothing is written; on any error or Ctrl-C the workers are reaped, the temporary file
-removed and a previous store stays as it was. See docs/ for the design.
+removed and a previous store stays as it was. See docs/packing.md for the design.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ SRC holds split folders (``SRC/training_set/<class>/...``, Kaggle; ``training_se
 split ``train``, ``test_set`` ``test``, other split folders keep their names) or class folders
 (``SRC/<class>/...``: one split, ``train``); download nesting is unwrapped. Files are ordered
 by natural sort of their paths; hidden files and folders are ignored (counted, not skipped);
-folder links are followed once (:class:`_Lister`). See docs/ for the full rules.
+folder links are followed once (:class:`_Lister`). See docs/packing.md for the full rules.
 """
 from __future__ import annotations
 

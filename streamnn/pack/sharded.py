@@ -1,4 +1,4 @@
-"""Packing a sharded store (the layout is :mod:`streamnn.data.format`): ranks, each a share of the rows.
+"""Packing a sharded store (the layout: docs/format.md): ranks, each a share of the rows.
 
 *Packing* (:func:`pack_sharded`). Rank 0 checks the output and scans the source; the plan
 goes to the other ranks as JSON bytes (the communicator of :mod:`streamnn.dist`: buffer calls,

@@ -1,7 +1,7 @@
 """A sharded store's split read as one: a row reader per shard (segment), gathered into one batch.
 
 A virtual dataset has no file offset (it cannot be memory-mapped) and h5py reads through it
-slowly, so a split of a sharded store (:mod:`streamnn.data.format`) is seen as a list of
+slowly, so a split of a sharded store (docs/format.md) is seen as a list of
 segments (shard file, rows): each shard's X is opened with the best one-file strategy
 (:func:`~streamnn.data.readers.open_rows`: a memory map for contiguous X) and a batch is
 gathered segment by segment; shards read with ``pread`` become one
