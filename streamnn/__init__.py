@@ -11,9 +11,7 @@ and can turn a Ctrl-C during the heavy imports (numpy, h5py) into a clean exit 1
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from streamnn.lazy import lazy_exports
 from streamnn.version import __version__ as __version__
 
 _EXPORTS = {
@@ -30,13 +28,4 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'streamnn' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

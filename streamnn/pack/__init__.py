@@ -10,21 +10,11 @@ The public names are imported lazily (PEP 562 ``__getattr__``): a decoding worke
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from streamnn.lazy import lazy_exports
 
 _EXPORTS = {"PackResult": "job", "pack": "job", "prepare_pack": "job", "scan_source": "scan"}
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'streamnn.pack' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
