@@ -168,9 +168,12 @@ def test_more_than_two_classes_default_to_sorted_names(tmp_path):
     assert r.class_names == ["ant", "moth", "zebra"]
 
 
-def test_a_class_missing_from_a_split_is_a_warning(tmp_path):
+def test_a_class_missing_from_a_split_is_refused_unless_the_classes_are_named(tmp_path):
     make_tree(tmp_path / "src", {"training_set": {"cats": 2, "dogs": 2}, "test_set": {"cats": 2}}, h=10, w=10)
-    r = pack(tmp_path / "src", tmp_path / "s.h5", size=8, workers=1)
+    with pytest.raises(StreamnnError, match="different classes"):
+        pack(tmp_path / "src", tmp_path / "s.h5", size=8, workers=1)
+    assert not (tmp_path / "s.h5").exists()
+    r = pack(tmp_path / "src", tmp_path / "s.h5", size=8, workers=1, classes=["cats", "dogs"])
     assert r.counts["test"] == {"cats": 2, "dogs": 0}
     assert r.warnings == ["split 'test' has no files of class 'dogs'"]
     assert "Warning: split 'test' has no files" in r.summary()
@@ -204,7 +207,7 @@ def test_layout_errors(tmp_path):
     with pytest.raises(StreamnnError, match="no class folders"):
         pack(tmp_path / "flat", tmp_path / "s.h5")
     (tmp_path / "empty" / "cats").mkdir(parents=True)
-    with pytest.raises(StreamnnError, match="no files"):
+    with pytest.raises(StreamnnError, match="no class folders holding images"):
         pack(tmp_path / "empty", tmp_path / "s.h5")
     assert sorted(os.listdir(tmp_path)) == ["empty", "file", "flat"]
 

@@ -5,28 +5,56 @@ split ``train``, ``test_set`` ``test``, other split folders keep their names) or
 (``SRC/<class>/...``: one split, ``train``); download nesting is unwrapped. Files are ordered
 by natural sort of their paths; hidden files and folders are ignored (counted, not skipped);
 folder links are followed once (:class:`_Lister`). See docs/packing.md for the full rules.
+
+The layout is decided by the folders that hold images (files named as images or starting as
+one, at any depth) and by the images they hold, never by other files: the ``Thumbs.db``,
+``desktop.ini`` and README files of real downloads change nothing, and a folder that holds no
+image is no split and no class (it is reported as skipped). Inside a class folder every file is
+packed or skipped by its content. Splits whose classes differ are refused unless ``classes``
+names them.
 """
 from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamnn.errors import StreamnnError
 from streamnn.pack.output import within
+from streamnn.pack.probe import probe
 from streamnn.paths import path_text
 
 KAGGLE_SPLITS = {"training_set": "train", "test_set": "test"}
 SPLIT_HINTS = frozenset({"training_set", "test_set", "train", "test", "val", "valid", "validation"})
 DEFAULT_SPLIT = "train"
+#: File name suffixes of images (as OpenCV reads them): what decides the layout of SRC.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff",
+                            ".pbm", ".pgm", ".ppm", ".pnm", ".pxm", ".pfm", ".sr", ".ras", ".jp2", ".exr", ".hdr",
+                            ".pic", ".avif"})
+NO_IMAGES = "folder holds no images"
 
 
 def natural_key(text: str) -> tuple:
     """Sort key: digit runs compare as numbers, the rest case-insensitively (cat.2 < cat.10)."""
     parts = re.split(r"(\d+)", text)
     return tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts)), text
+
+
+def looks_like_image(path: str) -> bool:
+    """The layout's test of a file: named as an image, or a regular file that starts as one (its
+    first bytes; the whole content is judged when decoding). Never blocks on a FIFO or device."""
+    if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as f:
+            return probe(f.read(512)).format is not None
+    except OSError:
+        return False
 
 
 def is_hidden(name: str) -> bool:
@@ -67,6 +95,7 @@ class _Lister:
         self.followed: list[str] = []            # resolved targets of the folder links followed
         self.decided: dict[str, str | None] = {}  # link path -> None (followed) or why not
         self.hidden_in: dict[str, int] = {}       # folder -> hidden entries (each folder counted once)
+        self.images_in: dict[str, bool] = {}      # folder -> whether an image lies anywhere under it
 
     @property
     def hidden(self) -> int:
@@ -106,6 +135,22 @@ class _Lister:
         self.hidden_in[folder] = hidden
         return sorted(dirs), sorted(files)
 
+    def holds_images(self, folder: str) -> bool:
+        """Whether a file named as an image lies anywhere under ``folder`` (links by the rule above)."""
+        if folder not in self.images_in:
+            dirs, files = self.entries(folder)
+            self.images_in[folder] = (any(looks_like_image(os.path.join(folder, f)) for f in files)
+                                      or any(self.holds_images(os.path.join(folder, d)) for d in dirs))
+        return self.images_in[folder]
+
+    def layout_entries(self, folder: str) -> tuple[list[str], list[str], list[str]]:
+        """What decides the layout at ``folder``: its subfolders that hold images, its image files,
+        and (to report) its subfolders that hold none."""
+        dirs, files = self.entries(folder)
+        with_images = [d for d in dirs if self.holds_images(os.path.join(folder, d))]
+        images = [f for f in files if looks_like_image(os.path.join(folder, f))]
+        return with_images, images, [d for d in dirs if d not in with_images]
+
     def walk_files(self, folder: str, prefix: str) -> list[str]:
         """``prefix/...`` paths of all visible files under ``folder``, recursively. Plain
         strings: this runs once per file of the dataset."""
@@ -128,14 +173,14 @@ def _unwrap(lister: _Lister, folder: Path, same_name: bool) -> Path:
     """Descend through folders that hold nothing visible but one subfolder (download nesting);
     return the folder reached."""
     for _ in range(3):
-        dirs, files = lister.entries(os.fspath(folder))
+        dirs, files, _ = lister.layout_entries(os.fspath(folder))
         if files or len(dirs) != 1:
             break
         inner = folder / dirs[0]
         if same_name and inner.name != folder.name:
             break
         if not same_name:
-            sub_dirs, sub_files = lister.entries(os.fspath(inner))
+            sub_dirs, sub_files, _ = lister.layout_entries(os.fspath(inner))
             if sub_files or not sub_dirs or inner.name in SPLIT_HINTS:
                 break
         folder = inner
@@ -172,13 +217,14 @@ def scan_source(src: str | os.PathLike, *, classes: Sequence[str] | None = None,
         raise StreamnnError("not a folder (expected a folder of class folders, or of training_set/test_set)", where)
     lister = _Lister(src)
     root = _unwrap(lister, src, same_name=False)
-    dirs, _ = lister.entries(os.fspath(root))
+    dirs, _, empty = lister.layout_entries(os.fspath(root))
     if not dirs:
-        raise StreamnnError("no class folders (expected SRC/<class>/<image> or "
+        raise StreamnnError("no class folders holding images (expected SRC/<class>/<image> or "
                             "SRC/training_set/<class>/<image>)", where)
-    listings = [lister.entries(os.fspath(root / d)) for d in dirs]
+    skipped: list[tuple[str, str]] = [(path_text(d), NO_IMAGES) for d in empty]
+    listings = [lister.layout_entries(os.fspath(root / d)) for d in dirs]
     splits_layout = (any(d in SPLIT_HINTS for d in dirs)
-                     or all(sub_dirs and not sub_files for sub_dirs, sub_files in listings))
+                     or all(sub_dirs and not sub_files for sub_dirs, sub_files, _ in listings))
     split_dirs: dict[str, Path] = {}
     if splits_layout:
         for d in dirs:
@@ -193,11 +239,13 @@ def scan_source(src: str | os.PathLike, *, classes: Sequence[str] | None = None,
         split_dirs[DEFAULT_SPLIT] = root
 
     found: dict[str, dict[str, list[str]]] = {}
-    skipped: list[tuple[str, str]] = []
     for split, folder in sorted(split_dirs.items()):
-        class_dirs, loose = lister.entries(os.fspath(folder))
+        class_dirs, _, empty = lister.layout_entries(os.fspath(folder))
+        _, loose = lister.entries(os.fspath(folder))
         base = _rel(folder, root)
         skipped += [(path_text(f"{base}/{f}" if base else f), "not inside a class folder") for f in loose]
+        if splits_layout:
+            skipped += [(path_text(f"{base}/{d}"), NO_IMAGES) for d in empty]
         if not class_dirs:
             raise StreamnnError(f"split {split!r} has no class folders", path_text(folder))
         found[split] = {}
@@ -208,6 +256,11 @@ def scan_source(src: str | os.PathLike, *, classes: Sequence[str] | None = None,
 
     present = sorted({c for per in found.values() for c in per})
     warnings: list[str] = []
+    differ = {s: sorted(per) for s, per in found.items() if sorted(per) != present}
+    if differ and not classes:
+        raise StreamnnError("the splits have different classes (" + "; ".join(
+            f"{s}: {', '.join(sorted(found[s]))}" for s in sorted(found)) + "): name the classes to pack with "
+            "--classes", where)
     if classes:
         class_names = _class_list(classes, present, src)
         extra = [c for c in present if c not in class_names]
