@@ -98,7 +98,7 @@ class BatchMaker:
         out = buf[:b]
         reader = self.reader
         if reader.reads_ahead:  # announce the next batches along the epoch order (read meanwhile)
-            for key in self._ahead(epoch, k + 1, reader.ahead_batches(L.local_batch_size)):
+            for key in self._ahead(epoch, k + 1, reader.ahead_batches(max(1, L.local_batch_size))):
                 reader.expect(key, L.batch_rows(*key))
         out = reader.read(rows, out, key=(epoch, k))  # or the reader's own buffer (zero copy)
         aug = L._augment

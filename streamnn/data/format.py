@@ -11,7 +11,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import h5py
@@ -100,7 +100,23 @@ def shard_records(records_json: Any, index: Path) -> list[dict[str, Any]]:
             raise TypeError
     except (ValueError, TypeError):
         raise StreamnnError("the index's 'shards' attribute is unreadable", path_text(index)) from None
+    for record in records:
+        if not plain_relative(record["file"]):
+            raise StreamnnError(f"the index names shard {str(record['file'])[:200]!r}, which is not a plain relative "
+                                f"path inside the store's folder (absolute, '..', '.' or not in normal form)",
+                                path_text(index))
     return records
+
+
+def plain_relative(name: object) -> bool:
+    """Whether a shard's recorded file name is a normalized relative POSIX path that stays in the
+    index's folder (no root, no '..' or '.', no empty part): the one form every reader resolves
+    the same way (index folder / name) as the integrity check."""
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
+        return False
+    pure = PurePosixPath(name)
+    return (bool(pure.parts) and not pure.is_absolute() and str(pure) == name and ".." not in pure.parts
+            and "." not in pure.parts and name != ".")
 
 
 def check_index(f: h5py.File, index: Path, records_json: Any) -> list[Path]:

@@ -64,9 +64,18 @@ _ORPHANS: list[Any] = []
 
 
 
-def _int(value: Any, name: str, low: int, where: Any = None) -> int:
+#: Largest batch size accepted (a batch is sized by the rows it can hold, but beyond this the
+#: value is a mistake; the row arithmetic stays far inside int64).
+MAX_BATCH_SIZE = (1 << 31) - 1
+#: Largest prefetch depth (a ring of prefetch + 2 batch buffers).
+MAX_PREFETCH = 64
+
+
+def _int(value: Any, name: str, low: int, where: Any = None, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < low:
         raise StreamnnError(f"{name} must be an integer >= {low}, got {value!r}", where)
+    if high is not None and int(value) > high:
+        raise StreamnnError(f"{name} must be at most {high:,}, got {int(value):,}", where)
     return int(value)
 
 
@@ -87,13 +96,13 @@ class Loader:
                  reader: str = "auto") -> None:
         self.path = Path(os.path.abspath(os.fspath(path)))
         self.split = str(split)
-        self.batch_size = _int(batch_size, "batch size", 1, self.path)
+        self.batch_size = _int(batch_size, "batch size", 1, self.path, MAX_BATCH_SIZE)
         self.seed = _int(seed, "seed", 0)
         self.world_size = _int(world_size, "world_size", 1)
         self.rank = _int(rank, "rank", 0)
         if self.rank >= self.world_size:
             raise StreamnnError(f"rank {rank} is not below world_size {world_size}")
-        self.prefetch = _int(prefetch, "prefetch", 0)
+        self.prefetch = _int(prefetch, "prefetch", 0, high=MAX_PREFETCH)
         if order not in ORDERS:
             raise StreamnnError(f"unknown order {order!r} (choose exact or block)")
         self._augment = Augment.parse(augment, shift, shift_padding)
@@ -173,8 +182,9 @@ class Loader:
 
     @property
     def local_batch_size(self) -> int:
-        """Most rows of a batch this rank yields (its share of a full global batch)."""
-        return share_size(self.batch_size, 0, self.world_size)
+        """Most rows of a batch this rank yields (its share of a full global batch, or of all the
+        rows when the batch size is larger: buffers are sized by this, never by the batch size)."""
+        return share_size(min(self.batch_size, self.n_rows), 0, self.world_size)
 
     def global_batch_size(self, k: int) -> int:
         """Rows of global batch ``k`` over all ranks (the count a mean over the batch divides by)."""

@@ -1,10 +1,25 @@
 """Writing a streamnn store (:class:`StoreWriter`), atomically: a temporary file beside the target,
-fsync, rename (the format: docs/format.md). The only code that writes a store."""
+fsync, rename (the format: docs/format.md). The only code that writes a store.
+
+Failed writes (a full disk, a file-size limit, an I/O error). HDF5 writes lazily: its caches are
+flushed when a dataset or the file is closed, and a flush that fails leaves the file half-closed,
+retried by h5py's finalizers ("Exception ignored in ObjectID.__dealloc__") and, at exit, by the
+library (a segmentation fault). So the writer holds every HDF5 object it writes to (no temporary
+handle is dropped during an error), and on any failure :func:`close_hard` closes each file it
+writes inside the error path: HDF5's descriptor is first pointed at ``/dev/null`` (the pending
+flushes then succeed and write nothing), then the file is closed (a close that still fails is
+retried once; the second attempt releases it). The temporary files are removed and the failure is
+one :class:`~streamnn.errors.StreamnnError` naming the target and the errno's meaning.
+"""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno as _errno
 import json
 import os
+import re
+from collections.abc import Iterator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +31,69 @@ from streamnn.atomic import atomic_output
 from streamnn.data.format import (COMPRESSIONS, FORMAT, FORMAT_VERSION, RESERVED_GROUPS, STORE_DTYPES, STRING_DTYPE,
                                   as_text, fingerprint)
 from streamnn.errors import StreamnnError
+from streamnn.paths import path_text
 from streamnn.version import __version__
+
+_ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)")
+
+
+def failure_text(exc: BaseException) -> str:
+    """What went wrong in an HDF5 write: the errno's meaning (h5py puts ``errno = N`` in its
+    RuntimeError messages), else the exception's class and first words."""
+    code = exc.errno if isinstance(exc, OSError) and exc.errno else None
+    if code is None:
+        found = _ERRNO_IN_MESSAGE.search(str(exc))
+        code = int(found.group(1)) if found else None
+    if code is not None and code in _errno.errorcode:
+        return os.strerror(code)
+    return f"cannot write ({exc.__class__.__name__}: {' '.join(str(exc).split())[:160]})"
+
+
+def close_hard(f: h5py.File) -> None:
+    """Close an HDF5 file being written after a failed write, so that nothing is left to a
+    finalizer: its pending flushes go to /dev/null, then the file and every object in it are
+    closed (errors ignored: the caller reports the first failure and removes the file)."""
+    with contextlib.suppress(Exception):
+        if not f.id.valid:
+            return
+        if f.driver == "sec2":
+            fd, sink = f.id.get_vfd_handle(), os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(sink, fd)
+            finally:
+                os.close(sink)
+    try:
+        f.close()
+        return
+    except Exception:
+        pass
+    with contextlib.suppress(Exception):  # a close stopped by truncating /dev/null: the second one ends it
+        f.close()
+
+
+def _flush_close(f: h5py.File) -> None:
+    """Flush and close ``f``, having first checked that the disk and the file-size limit allow
+    everything HDF5 has allocated in it (its end of allocation): a full disk or a file-size limit
+    then fails here, before HDF5 writes anything, not in the middle of its cache flush (after a
+    metadata flush that failed, HDF5 can no longer close the file: "slist already enabled").
+    The space is reserved (holes filled) up to the file's present size; beyond it, the file is
+    cut back to that size (HDF5 sets the final size at close), so the check there is a probe:
+    another process that fills the disk in between is the residual race."""
+    if f.driver == "sec2":
+        fd, size = f.id.get_vfd_handle(), int(f.id.get_filesize())
+        before = os.fstat(fd).st_size
+        try:
+            if not hasattr(os, "posix_fallocate"):
+                raise OSError(_errno.ENOSYS, "no posix_fallocate")
+            os.posix_fallocate(fd, 0, max(size, 1))
+        except OSError as exc:
+            if exc.errno not in (_errno.EINVAL, _errno.EOPNOTSUPP, _errno.ENOSYS):
+                raise
+            os.ftruncate(fd, max(size, before))  # no fallocate here: at least the file-size limit
+        if os.fstat(fd).st_size != before:
+            os.ftruncate(fd, before)
+    f.flush()
+    f.close()
 
 
 class StoreWriter:
@@ -55,36 +132,88 @@ class StoreWriter:
             "scale": 1.0 / 255.0 if dtype == "uint8" else 1.0, "options": json.dumps(options or {}, sort_keys=True),
         }
         self._filled: dict[str, int] = {}
+        #: The datasets of each split (X, y, paths), held open so that none is closed by a
+        #: finalizer; the labels and paths of virtual splits, read from their parts.
+        self._datasets: dict[str, tuple[h5py.Dataset, h5py.Dataset, h5py.Dataset]] = {}
+        self._virtual: dict[str, tuple[np.ndarray, list[str]]] = {}
+        #: Other datasets written, held until their file is flushed and closed (a dataset closed
+        #: alone flushes its own buffer, and a failure there leaves HDF5 in a state it cannot close).
+        self._held: list[h5py.Dataset] = []
+        self._open: list[h5py.File] = []  # HDF5 files being written (closed hard on failure)
         self._done = False
         self._atomic = atomic_output(self.path)
         self._tmp = self._atomic.__enter__()
-        self._file = h5py.File(self._tmp, "w")
+        with self._writing():
+            self._file = self._create(self._tmp)
+
+    def _create(self, path: Path) -> h5py.File:
+        f = h5py.File(path, "w")
+        self._open.append(f)
+        return f
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Inside, a failure closes every file being written (:func:`close_hard`), removes the
+        temporaries and becomes one StreamnnError naming the target (a StreamnnError, a Ctrl-C
+        also discard everything, and pass through)."""
+        try:
+            yield
+        except BaseException as exc:
+            self._discard(exc)
+            if isinstance(exc, (OSError, RuntimeError, ValueError, KeyError, TypeError)):
+                raise StreamnnError(failure_text(exc), path_text(self.path)) from None
+            raise
+
+    def _discard(self, exc: BaseException | None = None) -> None:
+        """Close every file being written (hard) and remove the temporary file."""
+        if self._done:
+            return
+        self._done = True
+        for f in reversed(self._open):
+            close_hard(f)  # closes the datasets too
+        self._open.clear()
+        self._datasets.clear()
+        self._held.clear()
+        error = exc if isinstance(exc, BaseException) else StreamnnError("aborted")
+        with contextlib.suppress(OSError, StreamnnError):
+            self._atomic.__exit__(type(error), error, None)
 
     def add_split(self, name: str, capacity: int) -> None:
         """Create split ``name`` with room for ``capacity`` rows."""
         if name in RESERVED_GROUPS or name in self._filled:
             raise StreamnnError(f"bad or duplicate split name {name!r}")
-        g = self._file.create_group(name)
-        self._create_x(g, capacity)
-        g.create_dataset("y", shape=(capacity,), dtype=np.int32)
-        g.create_dataset("paths", shape=(capacity,), dtype=STRING_DTYPE)
-        self._filled[name] = 0
+        with self._writing():
+            g = self._file.create_group(name)
+            self._datasets[name] = (self._create_x(g, capacity), g.create_dataset("y", shape=(capacity,), dtype=np.int32),
+                                    g.create_dataset("paths", shape=(capacity,), dtype=STRING_DTYPE))
+            self._filled[name] = 0
 
     def add_virtual_split(self, name: str, parts: Sequence[tuple[str, int]]) -> None:
         """Create split ``name`` as HDF5 virtual datasets X, y, paths: the same datasets of
         ``parts``, (store file relative to this store's folder, rows), one after the other."""
         if name in RESERVED_GROUPS or name in self._filled:
             raise StreamnnError(f"bad or duplicate split name {name!r}")
-        g, n = self._file.create_group(name), sum(rows for _, rows in parts)
-        for key, dtype, width in (("X", STORE_DTYPES[self.dtype], (self.n_features,)), ("y", np.int32, ()),
-                                  ("paths", STRING_DTYPE, ())):
-            layout, start = h5py.VirtualLayout(shape=(n, *width), dtype=dtype), 0
+        with self._writing():
+            # The fingerprint's labels and paths are read from the parts themselves, resolved as
+            # readers resolve them (beside this store), never through the virtual datasets
+            # (HDF5 resolves those through HDF5_VDS_PREFIX first).
+            labels, paths = [np.empty(0, np.int32)], []
             for file, rows in parts:
                 if rows:
-                    layout[start:start + rows] = h5py.VirtualSource(file, f"{name}/{key}", shape=(rows, *width))
-                    start += rows
-            g.create_virtual_dataset(key, layout, fillvalue=None)
-        self._filled[name] = n
+                    with h5py.File(self.path.parent / file, "r") as part:
+                        labels.append(part[name]["y"][:rows].astype(np.int32))
+                        paths.extend(as_text(p) for p in part[name]["paths"][:rows])
+            self._virtual[name] = (np.concatenate(labels), paths)
+            g, n = self._file.create_group(name), sum(rows for _, rows in parts)
+            for key, dtype, width in (("X", STORE_DTYPES[self.dtype], (self.n_features,)), ("y", np.int32, ()),
+                                      ("paths", STRING_DTYPE, ())):
+                layout, start = h5py.VirtualLayout(shape=(n, *width), dtype=dtype), 0
+                for file, rows in parts:
+                    if rows:
+                        layout[start:start + rows] = h5py.VirtualSource(file, f"{name}/{key}", shape=(rows, *width))
+                        start += rows
+                g.create_virtual_dataset(key, layout, fillvalue=None)
+            self._filled[name] = n
 
     def set_attribute(self, name: str, value: Any) -> None:
         """An extra root attribute (a sharded store's ``shards`` records)."""
@@ -109,39 +238,52 @@ class StoreWriter:
         start, n = self._filled[split], len(pixels)
         if n == 0:
             return
-        g = self._file[split]
-        g["X"][start:start + n] = self.to_stored(np.asarray(pixels, dtype=np.uint8))
-        g["y"][start:start + n] = np.asarray(labels, dtype=np.int32)
-        g["paths"][start:start + n] = np.array(list(paths), dtype=object)
+        X, y, p = self._datasets[split]
+        with self._writing():
+            X[start:start + n] = self.to_stored(np.asarray(pixels, dtype=np.uint8))
+            y[start:start + n] = np.asarray(labels, dtype=np.int32)
+            p[start:start + n] = np.array(list(paths), dtype=object)
         self._filled[split] = start + n
 
     def set_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
         """Per-feature mean and std of the normalized training split."""
-        g = self._file.require_group("stats")
-        g.create_dataset("mean", data=np.asarray(mean, np.float64))
-        g.create_dataset("std", data=np.asarray(std, np.float64))
+        with self._writing():
+            g = self._file.require_group("stats")
+            self._held += [g.create_dataset("mean", data=np.asarray(mean, np.float64)),
+                           g.create_dataset("std", data=np.asarray(std, np.float64))]
 
     def set_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
         """Record (path, reason) of every file not packed."""
-        g = self._file.require_group("skipped")
-        g.create_dataset("paths", data=np.array([p for p, _ in skipped], dtype=object), dtype=STRING_DTYPE)
-        g.create_dataset("reasons", data=np.array([r for _, r in skipped], dtype=object), dtype=STRING_DTYPE)
+        with self._writing():
+            g = self._file.require_group("skipped")
+            for key, values in (("paths", [p for p, _ in skipped]), ("reasons", [r for _, r in skipped])):
+                self._held.append(g.create_dataset(key, data=np.array(values, dtype=object), dtype=STRING_DTYPE))
 
     def commit(self) -> str:
         """Finish the file (attributes, fingerprint), fsync it and rename it into place. Returns the fingerprint."""
-        splits = [(s, self._file[s]["y"][:n], [as_text(p) for p in self._file[s]["paths"][:n]])
-                  for s, n in self._filled.items()]
-        counts = {s: dict(zip(self.class_names, np.bincount(y, minlength=len(self.class_names)).tolist()))
-                  for s, y, _ in splits}
-        self._attrs.update(counts=json.dumps(counts), fingerprint=fingerprint(self.class_names, self.image_shape, splits))
-        for k, v in self._attrs.items():
-            self._file.attrs[k] = v
-        if any(self._file[s]["X"].shape[0] != n for s, n in self._filled.items()):
-            self._compact()
-        else:
-            self._file.close()
-        self._done = True
-        self._atomic.__exit__(None, None, None)
+        with self._writing():
+            splits = []
+            for s, n in self._filled.items():
+                if s in self._virtual:
+                    splits.append((s, *self._virtual[s]))
+                else:
+                    _, y, p = self._datasets[s]
+                    splits.append((s, y[:n], [as_text(v) for v in p[:n]]))
+            counts = {s: dict(zip(self.class_names, np.bincount(y, minlength=len(self.class_names)).tolist()))
+                      for s, y, _ in splits}
+            self._attrs.update(counts=json.dumps(counts),
+                               fingerprint=fingerprint(self.class_names, self.image_shape, splits))
+            for k, v in self._attrs.items():
+                self._file.attrs[k] = v
+            if any(d[0].shape[0] != self._filled[s] for s, d in self._datasets.items()):
+                self._compact()  # closes the file
+            else:
+                _flush_close(self._file)  # closes the datasets too (h5py closes every object of the file)
+                self._datasets.clear()
+                self._held.clear()
+                self._open.clear()
+            self._done = True
+            self._atomic.__exit__(None, None, None)
         return str(self._attrs["fingerprint"])
 
     def _compact(self) -> None:
@@ -149,32 +291,34 @@ class StoreWriter:
         preallocated rows unused, and contiguous datasets cannot shrink)."""
         src = self._file
         with atomic_output(self._tmp) as tmp2:
-            with h5py.File(tmp2, "w") as dst:
-                for k, v in src.attrs.items():
-                    dst.attrs[k] = v
-                for name in src:
-                    if name not in self._filled:
-                        src.copy(src[name], dst, name=name)
-                        continue
-                    n, old, g = self._filled[name], src[name], dst.create_group(name)
-                    new_x = self._create_x(g, n)
-                    step = max(1, (32 << 20) // (self.n_features * new_x.dtype.itemsize))
-                    for i in range(0, n, step):
-                        new_x[i:i + step] = old["X"][i:min(n, i + step)]
-                    g.create_dataset("y", data=old["y"][:n])
-                    g.create_dataset("paths", data=old["paths"][:n], dtype=STRING_DTYPE)
-            src.close()
+            dst = self._create(tmp2)
+            for k, v in src.attrs.items():
+                dst.attrs[k] = v
+            for name in src:
+                if name not in self._datasets:
+                    src.copy(src[name], dst, name=name)
+                    continue
+                n, (old_x, old_y, old_p), g = self._filled[name], self._datasets[name], dst.create_group(name)
+                new_x = self._create_x(g, n)
+                step = max(1, (32 << 20) // (self.n_features * new_x.dtype.itemsize))
+                for i in range(0, n, step):
+                    new_x[i:i + step] = old_x[i:min(n, i + step)]
+                self._held += [new_x, g.create_dataset("y", data=old_y[:n]),
+                               g.create_dataset("paths", data=old_p[:n], dtype=STRING_DTYPE)]
+            _flush_close(dst)
+            self._open.remove(dst)
+            _flush_close(src)
+            self._open.remove(src)
+            self._datasets.clear()  # closed with src
+            self._held.clear()
 
     def abort(self) -> None:
         """Discard everything written."""
-        if self._file.id.valid:
-            self._file.close()
-        self._done = True
-        self._atomic.__exit__(StreamnnError, StreamnnError("aborted"), None)
+        self._discard()
 
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         if not self._done:
-            self.abort()
+            self._discard(exc[1] if isinstance(exc[1], BaseException) else None)

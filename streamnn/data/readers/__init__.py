@@ -29,7 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from streamnn.data.readers.base import AHEAD_BATCHES, RowReader
+from streamnn.data.readers.base import AHEAD_BATCHES, FileWatch, RowReader, identity
 from streamnn.data.readers.hdf5 import MIN_CACHED_BANDS, ChunkReader, Hdf5Reader
 from streamnn.data.readers.mmap import MemmapReader
 from streamnn.data.readers.pread import AHEAD_BYTES, AHEAD_ROWS, MAX_RUN_BYTES, PREAD_THREADS, TASK_BYTES, PreadReader
@@ -38,7 +38,7 @@ from streamnn.data.format import FORMAT, STORE_DTYPES, check_index, segments, sh
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 
-__all__ = ["READERS", "FIT_FRACTION", "MIN_CACHED_BANDS", "PREAD_THREADS", "AHEAD_BYTES", "AHEAD_ROWS",
+__all__ = ["FileWatch", "READERS", "FIT_FRACTION", "MIN_CACHED_BANDS", "PREAD_THREADS", "AHEAD_BYTES", "AHEAD_ROWS",
            "AHEAD_BATCHES", "MAX_RUN_BYTES", "TASK_BYTES", "RowReader", "MemmapReader", "PreadReader",
            "Hdf5Reader", "ChunkReader", "SegmentReader", "open_rows", "open_segments", "available_memory",
            "fits_in_memory"]
@@ -89,8 +89,10 @@ def open_rows(path: str | os.PathLike, split: str, *, fingerprint: str | None = 
         dtype = np.dtype(STORE_DTYPES[stored])
         scale = float(attrs["scale"])
         n, d = (int(s) for s in dset.shape)
+        # The file as h5py opened it: a reader's own descriptor must be that same file.
+        expect = identity(os.fstat(f.id.get_vfd_handle())) if f.driver == "sec2" else None
         if dset.chunks is not None:
-            return ChunkReader(f, dset, dtype, scale, cached_bands)
+            return ChunkReader(f, dset, dtype, scale, cached_bands, expect)
         offset = dset.id.get_offset()
         nbytes = n * d * dtype.itemsize
         plain = (allow_memmap and n > 0 and offset is not None and dset.dtype == dtype
@@ -98,13 +100,14 @@ def open_rows(path: str | os.PathLike, split: str, *, fingerprint: str | None = 
                  and offset + nbytes <= os.path.getsize(path))
         if plain:
             pread = reader == "pread" or (reader == "auto" and not fits_in_memory(nbytes))
-            raw: RowReader = (PreadReader(path, int(offset), n, d, dtype, scale, threads or PREAD_THREADS) if pread
-                              else MemmapReader(path, int(offset), n, d, dtype, scale))
+            raw: RowReader = (PreadReader(path, int(offset), n, d, dtype, scale, threads or PREAD_THREADS,
+                                          expect=[expect]) if pread
+                              else MemmapReader(path, int(offset), n, d, dtype, scale, expect))
             if _same_row(raw, dset, 0) and _same_row(raw, dset, n - 1):
                 f.close()
                 return raw
             raw.close()
-        return Hdf5Reader(f, dset, dtype, scale)
+        return Hdf5Reader(f, dset, dtype, scale, expect)
     except BaseException:
         if f.id.valid:
             f.close()

@@ -1,9 +1,66 @@
-"""The row readers' base class: ``read(rows, out)`` fills a caller's buffer with normalized rows."""
+"""The row readers' base class: ``read(rows, out)`` fills a caller's buffer with normalized rows,
+and :class:`FileWatch`, with which every reader notices a store file that changes under it."""
 from __future__ import annotations
 
-from collections.abc import Hashable
+import os
+from collections.abc import Hashable, Sequence
 
 import numpy as np
+
+from streamnn.errors import StreamnnError
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What identifies a file's version: device, inode, size, modification time (ns)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class FileWatch:
+    """The identity of a store file a reader holds open (descriptor ``fd``, opened by ``path``),
+    recorded when it is opened and checked before (and after) every batch it reads.
+
+    :meth:`check` compares an ``fstat`` of the open descriptor with the recorded identity (the
+    file truncated, or rewritten in place: size or modification time differ; a memory map read
+    past a truncated end would die by SIGBUS) and, with ``path``, a ``stat`` of the path (another
+    file renamed over it, or the file moved or deleted: a repack). About 1 us per call. ``need``:
+    bytes the file must hold (the end of the rows read). ``expect``: the identity the file had
+    when its layout was read (by h5py): a file replaced in between is refused too.
+    """
+
+    def __init__(self, path: str, fd: int, need: int = 0, expect: tuple[int, int, int, int] | None = None) -> None:
+        self.path, self.fd, self.need = path, fd, int(need)
+        self.identity = identity(os.fstat(fd))
+        if expect is not None and expect != self.identity:
+            raise self._changed("the file changed while it was opened")
+        if self.identity[2] < self.need:
+            raise StreamnnError(f"the store ends at byte {self.identity[2]}, before the end of its rows "
+                                f"({self.need}: truncated?)", path)
+        self.check()
+
+    def _changed(self, how: str) -> StreamnnError:
+        return StreamnnError(f"the store changed while it was being read ({how}); stopping rather than "
+                             f"reading other data (restart on the store as it is now)", self.path)
+
+    def check(self, path: bool = True) -> None:
+        """Raise a one-line StreamnnError if the file changed since it was opened."""
+        now = identity(os.fstat(self.fd))
+        if now != self.identity:
+            size = now[2]
+            raise self._changed(f"truncated to {size} bytes" if size < self.identity[2] else
+                                f"its size changed from {self.identity[2]} to {size} bytes" if size != self.identity[2]
+                                else "rewritten in place: its modification time changed")
+        if path:
+            try:
+                there = identity(os.stat(self.path))
+            except OSError:
+                raise self._changed("its path no longer names a file: moved or deleted") from None
+            if there != self.identity:
+                raise self._changed("another file was put at its path: replaced")
+
+
+def check_files(watches: Sequence[FileWatch], path: bool = True) -> None:
+    for watch in watches:
+        watch.check(path)
 
 #: Batches a reader that reads ahead is told of at most (small batches: announcing costs per batch).
 AHEAD_BATCHES = 64
@@ -25,6 +82,8 @@ class RowReader:
         self._scale32 = np.float32(scale)
         self._direct = self.dtype == np.float32 and self.scale == 1.0  # stored == normalized
         self._stage: np.ndarray | None = None  # stored-dtype scratch, grown on demand
+        #: The files the reader reads (:class:`FileWatch`), checked with every batch.
+        self.watches: list[FileWatch] = []
 
     def _staging(self, n: int, dtype: np.dtype | None = None) -> np.ndarray:
         dtype = np.dtype(dtype or self.dtype)
@@ -62,6 +121,11 @@ class RowReader:
     def forget(self) -> None:
         """Drop what was announced (the caller's stream jumped elsewhere)."""
 
+    def check(self, path: bool = True) -> None:
+        """Raise a one-line StreamnnError if a file the reader reads changed since it was opened."""
+        check_files(self.watches, path)
+
     def close(self) -> None:
         self._stage = None
+        self.watches = []
 

@@ -12,28 +12,51 @@
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Hashable
 
 import h5py
 import numpy as np
 
-from streamnn.data.readers.base import RowReader
+from streamnn.data.readers.base import FileWatch, RowReader
 
 #: Row bands (chunks) kept decompressed by the ``chunks`` strategy, at least.
 MIN_CACHED_BANDS = 4
 
 
 class _H5Reader(RowReader):
-    def __init__(self, file: h5py.File, dset: h5py.Dataset, dtype: np.dtype, scale: float) -> None:
+    """``read`` is :meth:`_read` between checks of the file (:class:`~.base.FileWatch`, on a
+    descriptor of its own: HDF5 does not notice a file truncated or rewritten under it)."""
+
+    def __init__(self, file: h5py.File, dset: h5py.Dataset, dtype: np.dtype, scale: float,
+                 expect: tuple[int, int, int, int] | None = None) -> None:
         super().__init__(int(dset.shape[0]), int(dset.shape[1]), dtype, scale)
         self._file, self._dset = file, dset
+        self._fd: int | None = os.open(file.filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self.watches = [FileWatch(file.filename, self._fd, 0, expect)]
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
+        self.check()
+        self._read(rows, out)
+        self.check(path=False)
+        return out
+
+    def _read(self, rows: np.ndarray, out: np.ndarray) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         super().close()
         if self._file is not None and self._file.id.valid:
             self._file.close()
         self._file = self._dset = None  # type: ignore[assignment]
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _finish(self, stage: np.ndarray, inverse: np.ndarray, out: np.ndarray) -> None:
         """Unique rows ``stage`` (stored dtype, sorted) -> ``out`` in batch order, normalized."""
@@ -54,13 +77,12 @@ class Hdf5Reader(_H5Reader):
 
     mode = "hdf5"
 
-    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
+    def _read(self, rows: np.ndarray, out: np.ndarray) -> None:
         uniq, inverse = np.unique(rows, return_inverse=True)
         stage = self._staging(len(uniq))
         if len(uniq):
             self._dset.read_direct(stage, source_sel=np.s_[uniq], dest_sel=np.s_[0:len(uniq)])
         self._finish(stage, inverse, out)
-        return out
 
 
 class ChunkReader(_H5Reader):
@@ -69,8 +91,8 @@ class ChunkReader(_H5Reader):
     mode = "chunks"
 
     def __init__(self, file: h5py.File, dset: h5py.Dataset, dtype: np.dtype, scale: float,
-                 cached_bands: int) -> None:
-        super().__init__(file, dset, dtype, scale)
+                 cached_bands: int, expect: tuple[int, int, int, int] | None = None) -> None:
+        super().__init__(file, dset, dtype, scale, expect)
         self.band_rows = int(dset.chunks[0])
         self.capacity = max(MIN_CACHED_BANDS, int(cached_bands))
         self._bands: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -92,7 +114,7 @@ class ChunkReader(_H5Reader):
         self._bands[b] = band
         return band
 
-    def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
+    def _read(self, rows: np.ndarray, out: np.ndarray) -> None:
         uniq, inverse = np.unique(rows, return_inverse=True)
         stage = self._staging(len(uniq))
         band_of = uniq // self.band_rows
@@ -105,7 +127,6 @@ class ChunkReader(_H5Reader):
             b = int(band_of[lo])
             np.take(self._band(b), uniq[lo:hi] - b * self.band_rows, axis=0, out=stage[lo:hi])
         self._finish(stage, inverse, out)
-        return out
 
     def close(self) -> None:
         self._bands.clear()

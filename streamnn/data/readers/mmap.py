@@ -8,14 +8,23 @@ opening (the h5py file is closed once the map exists), so nothing holds h5py's g
 the gather releases the GIL: a prefetch thread overlaps it with the caller's BLAS work. Mapped
 file pages belong to the OS page cache (RssFile, shared, reclaimable), not to the process's
 private memory. The map is checked against h5py on the first and last row when opened.
+
+A mapped file that shrinks under the map turns a read of the lost pages into SIGBUS, which kills
+the process (no Python code can catch it). So each batch starts with a check of the file
+(:class:`~.base.FileWatch`: fstat of the mapped descriptor, stat of the path: truncated,
+rewritten, replaced) and ends with another fstat (rewritten during the gather): a changed store
+is a one-line error, not a signal death or other pixels. Residual race: a truncation in the
+microseconds between the check and the gather still ends the process by SIGBUS.
 """
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Hashable
 
 import numpy as np
 
-from streamnn.data.readers.base import RowReader
+from streamnn.data.readers.base import FileWatch, RowReader
 
 
 class MemmapReader(RowReader):
@@ -23,19 +32,32 @@ class MemmapReader(RowReader):
     releases_gil = True
 
     def __init__(self, path: str, offset: int, n_rows: int, n_features: int, dtype: np.dtype,
-                 scale: float) -> None:
+                 scale: float, expect: tuple[int, int, int, int] | None = None) -> None:
         super().__init__(n_rows, n_features, dtype, scale)
-        # A plain ndarray view of the map (np.memmap's subclass machinery is not needed).
-        self._map = np.memmap(path, dtype=self.dtype, mode="r", offset=offset,
-                              shape=(n_rows, n_features)).view(np.ndarray)
+        self.path = path
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            end = offset + n_rows * self.row_bytes
+            self.watches = [FileWatch(path, fd, end, expect)]
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            self._mmap = mmap.mmap(fd, end - start, access=mmap.ACCESS_READ, offset=start)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        # A plain ndarray over the map, read-only.
+        self._map = np.frombuffer(self._mmap, self.dtype, n_rows * n_features,
+                                  offset - start).reshape(n_rows, n_features)
 
     def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
+        self.check()  # before the gather: a truncated file would be a SIGBUS
         if self._direct:
             np.take(self._map, rows, axis=0, out=out)
         else:
             stage = self._staging(len(rows))
             np.take(self._map, rows, axis=0, out=stage)
             self._convert(stage, out)
+        self.check(path=False)  # rewritten during the gather
         return out
 
     def row(self, i: int) -> np.ndarray:
@@ -48,5 +70,8 @@ class MemmapReader(RowReader):
 
     def close(self) -> None:
         super().close()
-        self._map = None  # type: ignore[assignment]  # unmapped when the last view goes
+        self._map = self._mmap = None  # type: ignore[assignment]  # unmapped when the last view goes
+        if self._fd is not None:
+            os.close(self._fd)  # the map does not need it
+            self._fd = None
 

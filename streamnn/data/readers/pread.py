@@ -29,7 +29,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from streamnn.data.readers.base import RowReader
+from streamnn.data.readers.base import FileWatch, RowReader
 from streamnn.errors import StreamnnError
 
 #: Threads of the ``pread`` strategy (requests in flight).
@@ -79,7 +79,8 @@ class PreadReader(RowReader):
 
     def __init__(self, path: str, offset: int, n_rows: int, n_features: int, dtype: np.dtype,
                  scale: float, threads: int = PREAD_THREADS,
-                 segments: Sequence[tuple[str, int, int]] | None = None) -> None:
+                 segments: Sequence[tuple[str, int, int]] | None = None,
+                 expect: Sequence[tuple[int, int, int, int] | None] | None = None) -> None:
         segments = [(path, int(offset), n_rows)] if segments is None else list(segments)
         super().__init__(sum(rows for _, _, rows in segments), n_features, dtype, scale)
         self.path, self.threads = path, max(1, int(threads))
@@ -93,8 +94,10 @@ class PreadReader(RowReader):
         self._starts = np.cumsum([0] + [rows for _, _, rows in segments]).tolist()
         self._fds: list[int] = []
         try:
-            for seg_path, seg_offset, rows in segments:
+            for i, (seg_path, seg_offset, rows) in enumerate(segments):
                 self._fds.append(os.open(seg_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+                self.watches.append(FileWatch(seg_path, self._fds[-1], seg_offset + rows * self.row_bytes,
+                                              expect[i] if expect is not None else None))
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(self._fds[-1], seg_offset, rows * self.row_bytes, os.POSIX_FADV_RANDOM)
         except BaseException:
@@ -239,6 +242,15 @@ class PreadReader(RowReader):
             self._send()
 
     def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
+        try:
+            got = self._read(rows, out, key)
+        except (StreamnnError, OSError):
+            self.check()  # a short or failed read of a file that changed: say that
+            raise
+        self.check()  # the rows were read from the files as they were opened (size, mtime, path)
+        return got
+
+    def _read(self, rows: np.ndarray, out: np.ndarray, key: Hashable) -> np.ndarray:
         if key is not None and key in self._ahead_keys:
             batch = self._ahead.popleft()
             while batch.key != key:  # announced before this one: not wanted any more

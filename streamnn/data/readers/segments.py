@@ -44,6 +44,7 @@ class SegmentReader(RowReader):
         self._starts = np.cumsum([0] + [r.n_rows for r in readers])
         self._maps = ([r.array for r in readers] if all(isinstance(r, MemmapReader) for r in readers)
                       else None)
+        self.watches = [w for r in readers for w in r.watches]  # every shard's file
         self._float: np.ndarray | None = None
 
     def _segments(self, rows: np.ndarray) -> np.ndarray:
@@ -62,11 +63,13 @@ class SegmentReader(RowReader):
     def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
         seg = self._segments(rows)
         if self._maps is not None:
+            self.check()  # before the gather: a truncated shard would be a SIGBUS (see .mmap)
             maps, dest = self._maps, out if self._direct else self._staging(len(rows))
             for j, (s, r) in enumerate(zip(seg.tolist(), (rows - self._starts[seg]).tolist())):
                 dest[j] = maps[s][r]  # one copy per row, straight from the map
             if not self._direct:
                 self._convert(dest, out)
+            self.check(path=False)
             return out
         order = np.argsort(seg, kind="stable")
         bounds = np.searchsorted(seg[order], np.arange(len(self.readers) + 1))
@@ -97,7 +100,8 @@ def joined(readers: Sequence[RowReader]) -> RowReader:
     if all(isinstance(part, PreadReader) for part in readers):
         first = readers[0]
         combined = PreadReader(first.path, 0, 0, first.n_features, first.dtype, first.scale, first.threads,
-                               segments=[(part.path, part.offsets[0], part.n_rows) for part in readers])
+                               segments=[(part.path, part.offsets[0], part.n_rows) for part in readers],
+                               expect=[part.watches[0].identity for part in readers])
         for part in readers:
             part.close()
         return combined
