@@ -31,9 +31,13 @@ default: the loader's random row reads are then a gather from a memory map of th
 
 Sharded stores: one logical store over several files (the index and its shards).
 
-*Layout.* ``OUT.h5`` is the *index*; its shards are ``OUT.shards/part-<r>-of-<K>.h5``. Each
+*Layout.* ``OUT.h5`` is the *index*; its shards are ``OUT.h5.shards/part-<r>-of-<K>.h5`` (the
+folder is named from the index's whole file name, so it belongs to that one index; release
+0.1.0 named it from the stem, ``OUT.shards``, and reading follows the paths the index records,
+so those stores still open). Each
 shard is itself a complete streamnn store (same attributes and options, plus
-``options.shard = [r, K]``) holding rank r's share of every split: rows
+``options.shard = [r, K]`` and ``options.index``, the resolved path of the index it was
+written for: :mod:`streamnn.pack.shardfolder`) holding rank r's share of every split: rows
 ``[floor(r n / K), floor((r + 1) n / K))`` of the split's row order (the one-file store's
 order, drawn from the seed), minus the files that failed to decode. The index has the
 one-file store's attributes, class names, counts, skipped files, statistics and fingerprint;
@@ -107,9 +111,10 @@ PART_PATTERN = re.compile(r"part-(\d+)-of-(\d+)\.h5")
 
 
 def shard_folder(index: str | os.PathLike) -> Path:
-    """``OUT.shards`` beside the index ``OUT.h5``."""
+    """``OUT.h5.shards`` beside the index ``OUT.h5``: named from the whole file name, so that
+    no two indexes (``a.h5``, ``a.hdf5``, ``a``) share one folder."""
     index = Path(index)
-    return index.with_name(index.stem + FOLDER_SUFFIX)
+    return index.with_name(index.name + FOLDER_SUFFIX)
 
 
 def part_name(rank: int, size: int) -> str:
