@@ -196,6 +196,7 @@ class PackJob:
     t0: float
     stale: list[Path] = field(default_factory=list)
     done: int = 0                       # files processed (for progress)
+    one_class: str | None = None        # the error of a tree with one class (after "no usable image")
 
     @property
     def total(self) -> int:
@@ -218,6 +219,8 @@ class PackJob:
             first = min(skipped)
             raise StreamnnError(f"no usable image ({len(skipped)} files skipped; first: "
                                 f"{first[0]}: {first[1]}); nothing written", path_text(self.src))
+        if self.one_class:
+            raise StreamnnError(self.one_class)
 
     def start(self, stack: contextlib.ExitStack, outputs: Sequence[tuple[Path, Sequence[tuple[str, str, int]],
                                                                          dict[str, Any]]]
@@ -301,9 +304,10 @@ def prepare_pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | 
         raise StreamnnError(f"workers must be at least 1, not {workers}")
     out = Path(out)
     stale: list[Path] = []
+    one_class = None
     if plan is None:
         plan = scan_source(src, classes=classes, per_class=per_class)
-        _check_classes(plan, classes, src)
+        one_class = _check_classes(plan, classes, src)
         check_output(out, Path(src), force)
         for warning in plan.warnings:
             log.warning(warning)
@@ -331,7 +335,8 @@ def prepare_pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | 
                   store_kwargs={"class_names": plan.class_names, "image_shape": image_shape, "dtype": dtype,
                                 "compression": compression, "channel_order": "GRAY" if grayscale else "BGR",
                                 "command": command},
-                  max_skip_fraction=max_skip_fraction, t0=t0, stale=stale, done=len(plan.skipped))
+                  max_skip_fraction=max_skip_fraction, t0=t0, stale=stale, done=len(plan.skipped),
+                  one_class=one_class)
     job.check_skips(plan.skipped)
     return job
 
@@ -365,16 +370,18 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, progress: Callable[[
     return job.result(skipped, fingerprint, job.out.stat().st_size)
 
 
-def _check_classes(plan: SourcePlan, classes: Sequence[str] | None, src: str | os.PathLike) -> None:
-    """One class cannot be trained on: an error, unless ``classes`` names that one class on
-    purpose (then a warning)."""
+def _check_classes(plan: SourcePlan, classes: Sequence[str] | None, src: str | os.PathLike) -> str | None:
+    """One class cannot be trained on: an error (returned, raised by :meth:`PackJob.check_usable`
+    before anything is written), unless ``classes`` names that one class on purpose (then a
+    warning)."""
     if len(plan.class_names) != 1:
-        return
+        return None
     name = plan.class_names[0]
     if classes is None:
-        raise StreamnnError(f"only one class folder ({name!r}): a classifier needs at least two classes "
-                            f"(give --classes {name} to pack it anyway)", path_text(src))
+        return str(StreamnnError(f"only one class folder ({name!r}): a classifier needs at least two classes "
+                                 f"(give --classes {name} to pack it anyway); nothing written", path_text(src)))
     plan.warnings.append(f"one class only ({name!r}): the store cannot be trained on until it has a second class")
+    return None
 
 
 def _check_arguments(dtype: str, compression: str | None, per_class: int | None, max_skip_fraction: float,
