@@ -246,7 +246,7 @@ def test_any_byte_name_round_trips(src, tmp_path_factory, names):
         os.makedirs(os.fsencode(root) + b"/cls", exist_ok=True)
         with open(os.fsencode(root) + b"/cls/" + name, "wb") as f:
             f.write(image)
-    r = pack(root, root.parent / (root.name + ".h5"), size=4, workers=1)
+    r = pack(root, root.parent / (root.name + ".h5"), size=4, workers=1, classes=["cls"])  # one class, on purpose
     with open_store(r.out) as s:
         assert sorted(path_bytes(p) for p in s.paths("train")) == sorted(b"cls/" + n for n in names)
 

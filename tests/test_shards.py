@@ -90,7 +90,7 @@ def test_sharded_store_equals_the_one_file_store(src, one_file, tmp_path, k):
     assert_same_store(one_file, out)
     with h5py.File(out) as f:  # what h5py / HDFView users see: virtual datasets over relative paths
         assert f["train/X"].is_virtual
-        assert {s.file_name for s in f["train/X"].virtual_sources()} <= {f"s.shards/part-{r}-of-{k}.h5"
+        assert {s.file_name for s in f["train/X"].virtual_sources()} <= {f"s.h5.shards/part-{r}-of-{k}.h5"
                                                                         for r in range(k)}
     with open_store(out) as s:
         s.verify()
@@ -134,15 +134,15 @@ def _info_error(path: Path, *args: str) -> str:
 
 def test_missing_shard_is_a_one_line_error(sharded):
     (shard_folder(sharded) / "part-1-of-2.h5").unlink()
-    with pytest.raises(StreamnnError, match="shard s.shards/part-1-of-2.h5 is missing"):
+    with pytest.raises(StreamnnError, match="shard s.h5.shards/part-1-of-2.h5 is missing"):
         open_store(sharded)
     assert "part-1-of-2.h5 is missing" in _info_error(sharded)
 
 
 def test_replaced_shard_is_refused(src, sharded, tmp_path):
     pack_sharded(src, tmp_path / "other.h5", shards=2, **{**OPTIONS, "seed": 5})  # same sizes, other rows
-    shutil.copy(tmp_path / "other.shards" / "part-0-of-2.h5", shard_folder(sharded) / "part-0-of-2.h5")
-    with pytest.raises(StreamnnError, match="shard s.shards/part-0-of-2.h5 was altered"):
+    shutil.copy(tmp_path / "other.h5.shards" / "part-0-of-2.h5", shard_folder(sharded) / "part-0-of-2.h5")
+    with pytest.raises(StreamnnError, match="shard s.h5.shards/part-0-of-2.h5 was altered"):
         open_store(sharded)
     with pytest.raises(StreamnnError, match="part-0-of-2.h5 was altered"):
         open_rows(sharded, "train")  # a loader's reader, opened later, checks again
@@ -162,17 +162,19 @@ def test_shard_edited_in_place_fails_verify(sharded):
 def test_cli_shards_and_leftovers_of_killed_runs(src, one_file, tmp_path):
     out = tmp_path / "s.h5"
     folder = shard_folder(out)
-    folder.mkdir()
+    pack_sharded(src, out, shards=2, **OPTIONS)  # an earlier run with another K: replaced below
     stale = folder / f"{TMP_PREFIX}part-0-of-2.h5.abc123"
     stale.write_bytes(b"half a shard")
     os.utime(stale, (time.time() - 60, time.time() - 60))
-    (folder / "part-4-of-5.h5").write_bytes(b"a shard of an earlier run")
+    (folder / "part-4-of-5.h5").write_bytes(b"not a shard of this store: kept")
     (folder / "notes.txt").write_text("not ours")
     proc = subprocess.run([*PACK, str(src), "-o", str(out), "--size", "6x8", "--seed", "4", "--workers", "1",
-                           "--shards", "3"], capture_output=True, text=True)
+                           "--shards", "3", "--force"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "Removed 1 stale temporary file" in proc.stdout
-    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"] + [f"part-{r}-of-3.h5" for r in range(3)]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["notes.txt", "part-4-of-5.h5"] + [
+        f"part-{r}-of-3.h5" for r in range(3)])  # the K = 2 shards are gone, the foreign file stays
+    assert (folder / "part-4-of-5.h5").read_bytes() == b"not a shard of this store: kept"
     assert_same_store(one_file, out)
     info = subprocess.run([*INFO, str(out), "--verify"], capture_output=True, text=True)
     assert info.returncode == 0, info.stderr
@@ -181,15 +183,15 @@ def test_cli_shards_and_leftovers_of_killed_runs(src, one_file, tmp_path):
 
 def test_shard_folder_must_be_a_plain_folder_outside_src(src, tmp_path):
     (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "s.shards").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(StreamnnError, match="s.shards: is a symbolic link"):
+    (tmp_path / "s.h5.shards").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StreamnnError, match="s.h5.shards: is a symbolic link"):
         pack_sharded(src, tmp_path / "s.h5", shards=2, **OPTIONS)
-    (tmp_path / "f.shards").write_text("mine")
-    with pytest.raises(StreamnnError, match="f.shards: exists and is not a folder"):
+    (tmp_path / "f.h5.shards").write_text("mine")
+    with pytest.raises(StreamnnError, match="f.h5.shards: exists and is not a folder"):
         pack_sharded(src, tmp_path / "f.h5", shards=2, **OPTIONS)
-    shutil.copytree(src, tmp_path / "x.shards" / "src")
+    shutil.copytree(src, tmp_path / "x.h5.shards" / "src")
     with pytest.raises(StreamnnError, match="the shard folder and SRC .* overlap"):
-        pack_sharded(tmp_path / "x.shards" / "src", tmp_path / "x.h5", shards=2, **OPTIONS)
+        pack_sharded(tmp_path / "x.h5.shards" / "src", tmp_path / "x.h5", shards=2, **OPTIONS)
     assert list((tmp_path / "elsewhere").iterdir()) == [] and not (tmp_path / "s.h5").exists()
 
 

@@ -43,9 +43,13 @@ is a folder, a symbolic link, a device or FIFO, or exists without --force;
 \b
 Sharded stores: --shards N, or under MPI (mpiexec -n K streamnn-pack SRC -o
 OUT.h5, with the streamnn[mpi] extra: rank r decodes its share of every split),
-write OUT.shards/part-<r>-of-<K>.h5 and the index OUT.h5, which opens as one
+write OUT.h5.shards/part-<r>-of-<K>.h5 and the index OUT.h5, which opens as one
 store (HDF5 virtual datasets; the same rows, order, statistics and fingerprint
-as a one-file store). Move OUT.h5 and OUT.shards together.
+as a one-file store). Move OUT.h5 and OUT.h5.shards together. The folder belongs
+to that index: a file in it is replaced or removed only if it is provably one
+of this store's shards; anything else under a shard's name is refused before
+decoding, --force included. A tree with one class is refused unless --classes
+names it.
 \b
 Exit status: 0 when the store is written (even with skipped files), 1 on an
 error, 130 on Ctrl-C (SIGINT), 143 on SIGTERM; OUT is then not written (a
@@ -114,8 +118,9 @@ def _byte_size(text: str) -> int:
               help="Decoding processes (default: the cores this process may use); 1 decodes in-process. "
                    "The output does not depend on it.")
 @click.option("--shards", type=click.IntRange(min=1), default=None,
-              help="Write a sharded store: N shard files in OUT.shards/ and the index OUT (under "
-                   "mpiexec: one shard per rank, the default).")
+              help="Write a sharded store: N shard files in OUT.shards/ (OUT's whole name + .shards) and "
+                   "the index OUT (under mpiexec: one shard per rank, the default). At most one shard per "
+                   "image file: a larger N is an error.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an earlier streamnn store (otherwise refuse).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Skip images whose header claims more pixels than this (decompression bombs).")

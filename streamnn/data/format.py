@@ -2,7 +2,8 @@
 
 A store is one HDF5 file (``format = "streamnn-store"``) of splits (``X`` (N, D), ``y``,
 ``paths``) plus ``stats`` and ``skipped``; a sharded store is an index of virtual datasets over
-shard files, checked on every open (:func:`check_index`). The format is written once, in docs/format.md.
+shard files (``OUT.h5.shards/``), checked on every open (:func:`check_index`). The format is
+written once, in docs/format.md.
 """
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ PART_PATTERN = re.compile(r"part-(\d+)-of-(\d+)\.h5")
 
 
 def shard_folder(index: str | os.PathLike) -> Path:
-    """``OUT.shards`` beside the index ``OUT.h5``."""
+    """``OUT.h5.shards`` beside the index ``OUT.h5``: named from the whole file name, so that
+    no two indexes (``a.h5``, ``a.hdf5``, ``a``) share one folder."""
     index = Path(index)
-    return index.with_name(index.stem + FOLDER_SUFFIX)
+    return index.with_name(index.name + FOLDER_SUFFIX)
 
 
 def part_name(rank: int, size: int) -> str:

@@ -28,7 +28,8 @@ from streamnn.data.writer import StoreWriter
 from streamnn.errors import StreamnnError
 from streamnn.pack.decode import (DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, decode_kwargs, decode_options, parse_size,
                                   signals_deferred)
-from streamnn.pack.output import check_output, remove_stale_temps, writing
+from streamnn.pack.output import (check_output, discard_on_error, discard_temporaries, flush_temporaries, pin_datasets, remove_stale_temps,
+                                  writing)
 from streamnn.pack.pool import Decoder, default_workers
 from streamnn.pack.scan import SourcePlan, scan_source
 from streamnn.pack.worker import pixel_sums
@@ -195,6 +196,7 @@ class PackJob:
     t0: float
     stale: list[Path] = field(default_factory=list)
     done: int = 0                       # files processed (for progress)
+    one_class: str | None = None        # the error of a tree with one class (after "no usable image")
 
     @property
     def total(self) -> int:
@@ -217,21 +219,38 @@ class PackJob:
             first = min(skipped)
             raise StreamnnError(f"no usable image ({len(skipped)} files skipped; first: "
                                 f"{first[0]}: {first[1]}); nothing written", path_text(self.src))
+        if self.one_class:
+            raise StreamnnError(self.one_class)
 
     def start(self, stack: contextlib.ExitStack, outputs: Sequence[tuple[Path, Sequence[tuple[str, str, int]],
                                                                          dict[str, Any]]]
               ) -> tuple[Decoder, list[StoreWriter]]:
         """The decoder and a store writer per output (path, its items, options added), each
         with room for its items in every split, registered on ``stack`` with signals
-        deferred, so that a Ctrl-C finds the workers and the temporary files registered."""
+        deferred (one writer at a time), so that a Ctrl-C finds the workers and the temporary
+        files registered; a failure discards the files (:func:`~.output.discard_on_error`)."""
         with signals_deferred():
             decoder = stack.enter_context(Decoder(self.workers, decode_kwargs(self.options)))
-            writers = [stack.enter_context(StoreWriter(path, **self.store_kwargs, options={**self.options, **extra}))
-                       for path, _, extra in outputs]
-        for writer, (_, items, _) in zip(writers, outputs):
+        writers = []
+        for path, _, extra in outputs:  # one at a time: a signal is acted on between two (many shards)
+            with signals_deferred():
+                writers.append(stack.enter_context(StoreWriter(path, **self.store_kwargs,
+                                                               options={**self.options, **extra})))
+                discard_on_error(stack, path)
+        pins: list[Any] = []
+
+        def release(exc_type: object, exc: object, tb: object) -> None:
+            if exc_type is not None:  # first every file is given up, then its datasets let go
+                for path, _, _ in outputs:
+                    discard_temporaries(path)
+            pins.clear()
+
+        stack.push(release)
+        for writer, (path, items, _) in zip(writers, outputs):
             sizes = collections.Counter(split for split, _, _ in items)
             for split in sorted(self.plan.files):
                 writer.add_split(split, sizes[split])
+            pins += pin_datasets(path)
         return decoder, writers
 
     def decode_into(self, writer: StoreWriter, items: Sequence[tuple[str, str, int]], decoder: Decoder,
@@ -285,8 +304,10 @@ def prepare_pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | 
         raise StreamnnError(f"workers must be at least 1, not {workers}")
     out = Path(out)
     stale: list[Path] = []
+    one_class = None
     if plan is None:
         plan = scan_source(src, classes=classes, per_class=per_class)
+        one_class = _check_classes(plan, classes, src)
         check_output(out, Path(src), force)
         for warning in plan.warnings:
             log.warning(warning)
@@ -314,7 +335,8 @@ def prepare_pack(src: str | os.PathLike, out: str | os.PathLike, *, size: int | 
                   store_kwargs={"class_names": plan.class_names, "image_shape": image_shape, "dtype": dtype,
                                 "compression": compression, "channel_order": "GRAY" if grayscale else "BGR",
                                 "command": command},
-                  max_skip_fraction=max_skip_fraction, t0=t0, stale=stale, done=len(plan.skipped))
+                  max_skip_fraction=max_skip_fraction, t0=t0, stale=stale, done=len(plan.skipped),
+                  one_class=one_class)
     job.check_skips(plan.skipped)
     return job
 
@@ -343,8 +365,23 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, progress: Callable[[
         skipped.sort()
         writer.set_skipped(skipped)
         decoder.close()  # the workers are gone before the store appears: nothing is left to do after
+        flush_temporaries(job.out)
         fingerprint = writer.commit()
     return job.result(skipped, fingerprint, job.out.stat().st_size)
+
+
+def _check_classes(plan: SourcePlan, classes: Sequence[str] | None, src: str | os.PathLike) -> str | None:
+    """One class cannot be trained on: an error (returned, raised by :meth:`PackJob.check_usable`
+    before anything is written), unless ``classes`` names that one class on purpose (then a
+    warning)."""
+    if len(plan.class_names) != 1:
+        return None
+    name = plan.class_names[0]
+    if classes is None:
+        return str(StreamnnError(f"only one class folder ({name!r}): a classifier needs at least two classes "
+                                 f"(give --classes {name} to pack it anyway); nothing written", path_text(src)))
+    plan.warnings.append(f"one class only ({name!r}): the store cannot be trained on until it has a second class")
+    return None
 
 
 def _check_arguments(dtype: str, compression: str | None, per_class: int | None, max_skip_fraction: float,

@@ -1,22 +1,26 @@
 """The output of a pack: what OUT may be (:func:`check_output`), write errors as one line
-(:func:`writing`), and the temporary files of killed runs (:func:`remove_stale_temps`).
+(:func:`writing`), the HDF5 files being written when a write fails (:func:`flush_temporaries`,
+:func:`discard_on_error`), and the temporary files of killed runs (:func:`remove_stale_temps`).
 
 OUT is refused, before anything is written, when it lies inside SRC (both resolved), is a
 folder, symbolic link, device, FIFO or socket, or exists without ``force``; ``force`` replaces
-only a streamnn store, recognised by content (:func:`is_store_file`).
+only a streamnn store, recognised by content (:func:`is_store_file`), that is not the shard of
+a sharded store.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
 
 from streamnn.atomic import temporary_prefix, write_error
-from streamnn.data.format import FORMAT
+from streamnn.data.format import FORMAT, as_text
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 
@@ -42,6 +46,19 @@ def is_store_file(path: str | os.PathLike) -> bool:
         return (fmt.decode() if isinstance(fmt, bytes) else fmt) == FORMAT
     except (OSError, RuntimeError, KeyError, ValueError, UnicodeError):
         return False
+
+
+def store_options(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The packing options of the streamnn store ``path`` (a regular file, not followed through
+    a symlink), or None if it is not one or they are unreadable."""
+    if not is_store_file(path):
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            options = json.loads(as_text(f.attrs["options"]))
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeError):
+        return None
+    return options if isinstance(options, dict) else None
 
 
 def check_output(out: Path, src: Path, force: bool) -> None:
@@ -72,6 +89,9 @@ def check_output(out: Path, src: Path, force: bool) -> None:
         if not is_store_file(out):
             raise StreamnnError("exists and is not a readable streamnn store; --force only replaces a store "
                                 "(move or delete the file yourself if it may go)", where)
+        if "shard" in (store_options(out) or {}):
+            raise StreamnnError("is a shard of a sharded store; --force does not replace it (write the store "
+                                "elsewhere)", where)
 
 
 @contextlib.contextmanager
@@ -118,3 +138,67 @@ def remove_stale_temps(out: Path, older_than: float) -> list[Path]:
             finally:
                 os.close(fd)
     return removed
+
+
+# -- HDF5 files that cannot be written ----------------------------------------------------------
+# A write HDF5 fails (disk full, file size limit) while it closes a dataset or a file (HDF5
+# caches small raw-data writes and metadata, and writes them then) leaves the library unable to
+# close it: every later attempt fails again ("Exception ignored in ObjectID.__dealloc__") and
+# the process dies by SIGSEGV at exit. So the pack keeps the datasets it writes open (a
+# dataset object made for one write then never closes the last handle: :func:`pin_datasets`),
+# flushes every file explicitly before it is closed (a failure is then an ordinary error), and
+# a file that is given up (its temporary is removed) has its descriptor pointed at /dev/null
+# first: closing it then writes nothing and cannot fail.
+def _open_temporaries(target: Path) -> Iterator[Any]:
+    """The HDF5 files this process has open for writing that are temporaries of ``target``
+    (:func:`streamnn.atomic.temporary_prefix`: the store's, and its compaction's)."""
+    folder = os.path.realpath(target.parent if str(target.parent) else Path("."))
+    inner = temporary_prefix(target.name)
+    mine = (inner, temporary_prefix(inner)[:-1])
+    for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+        with contextlib.suppress(Exception):
+            name = os.fsdecode(fid.name)
+            if (fid.get_intent() & h5py.h5f.ACC_RDWR and os.path.basename(name).startswith(mine)
+                    and os.path.realpath(os.path.dirname(name) or ".") == folder):
+                yield fid
+
+
+def pin_datasets(target: Path) -> list[Any]:
+    """Open handles to every dataset of the HDF5 files being written for ``target`` (keep them
+    while writing; closing the file closes them)."""
+    pins: list[Any] = []
+    for fid in list(_open_temporaries(target)):
+        h5py.File(fid).visititems(lambda _, obj: pins.append(obj) if isinstance(obj, h5py.Dataset) else None)
+    return pins
+
+
+def flush_temporaries(target: Path) -> None:
+    """Flush the HDF5 files being written for ``target`` (before they are closed; a failure
+    raises here, where it can still be cleaned up)."""
+    for fid in list(_open_temporaries(target)):
+        h5py.h5f.flush(fid)
+
+
+def discard_temporaries(target: Path) -> None:
+    """Close the HDF5 files being written for ``target`` without writing anything more: their
+    descriptors point at /dev/null first. The temporaries themselves are removed by their
+    writer."""
+    for fid in list(_open_temporaries(target)):
+        with contextlib.suppress(Exception):
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fid.get_vfd_handle())
+            finally:
+                os.close(null)
+        with contextlib.suppress(Exception):
+            h5py.File(fid).close()
+
+
+def discard_on_error(stack: contextlib.ExitStack, target: Path) -> None:
+    """On ``stack``: if the block fails, :func:`discard_temporaries` of ``target`` (before the
+    writers entered earlier on the stack remove their temporaries)."""
+    def exit_(exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            discard_temporaries(target)
+
+    stack.push(exit_)

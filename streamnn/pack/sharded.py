@@ -18,9 +18,13 @@ rank has cleaned up, as when a rank is killed; a rank that hangs makes the other
 ``$STREAMNN_MPI_TIMEOUT`` seconds (:mod:`streamnn.dist`), which must therefore exceed how long
 one rank may wait for another (rank 0's scan, the spread of the ranks' decoding times). Their
 temporary shards are removed by the next run writing the same OUT (as stale temporary files:
-unmodified since before that run started and not locked by HDF5). After an index is written,
-shard files of the folder's ``part-<r>-of-<K>.h5`` form that it does not reference (an earlier
-run with another K) are removed; nothing else in the folder is touched.
+unmodified since before that run started and not locked by HDF5).
+
+*The shard folder* ``OUT.h5.shards`` belongs to the one index (:mod:`streamnn.pack.shardfolder`):
+before decoding (and again before the shards are renamed into place), a file under the name
+of a shard to write that is not provably this store's shard is refused, ``--force`` included;
+after the index is written, the replaced index's shards that it no longer uses are removed;
+nothing else in the folder is touched. ``--shards`` is at most the number of files to pack.
 """
 from __future__ import annotations
 
@@ -36,14 +40,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from streamnn.atomic import TMP_PREFIX
 from streamnn.dist import AgreedError, Comm, agreed, part
 from streamnn.errors import StreamnnError
 from streamnn.pack.job import PackJob, PackResult, RunningMoments, prepare_pack
-from streamnn.pack.output import remove_stale_temps, within, writing
+from streamnn.pack.output import discard_on_error, flush_temporaries, writing
 from streamnn.pack.pool import default_workers
 from streamnn.pack.scan import SourcePlan
-from streamnn.data.format import PART_PATTERN, part_name, shard_folder, shard_record
+from streamnn.data.format import part_name, shard_folder, shard_record
+from streamnn.pack.shardfolder import ShardFolder
 from streamnn.data.writer import StoreWriter
 from streamnn.paths import path_text
 
@@ -74,33 +78,12 @@ def plan_from_bytes(data: bytes) -> SourcePlan:
                       ignored_hidden=int(d["ignored_hidden"]), warnings=d["warnings"])
 
 
-def _prepare_folder(out: Path, src: Path, older_than: float) -> list[Path]:
-    """Create ``OUT.shards`` if needed (refusing a link, a non-folder, or one inside SRC or
-    holding it); remove the temporary shards of killed runs in it."""
-    folder = shard_folder(out)
-    where = path_text(folder)
-    if folder.is_symlink():
-        raise StreamnnError("is a symbolic link; the shards go in a folder of that name beside OUT", where)
-    if folder.exists() and not folder.is_dir():
-        raise StreamnnError("exists and is not a folder; the shards of a sharded store go there", where)
-    real, real_src = os.path.realpath(folder), os.path.realpath(src)
-    if within(real, real_src) or within(real_src, real):
-        raise StreamnnError(f"the shard folder and SRC {path_text(src)} overlap; write the store elsewhere", where)
-    folder.mkdir(exist_ok=True)
-    removed = []
-    for tmp in folder.glob(TMP_PREFIX + "part-*-of-*.h5.*"):
-        name = tmp.name[len(TMP_PREFIX):].rsplit(".", 1)[0]
-        if PART_PATTERN.fullmatch(name):
-            removed += remove_stale_temps(folder / name, older_than)
-    return removed
-
-
 def write_index(out: Path, size: int, *, store_kwargs: dict[str, Any], options: dict[str, Any],
                 splits: Sequence[str], stats: tuple[np.ndarray, np.ndarray] | None,
                 skipped: Sequence[tuple[str, str]]) -> str:
-    """Write the index ``out`` over the committed shards ``OUT.shards/part-<r>-of-<size>.h5``
-    (``store_kwargs`` and ``options`` as for :class:`~streamnn.data.writer.StoreWriter`); remove
-    shard files of the folder it does not reference. Returns the fingerprint."""
+    """Write the index ``out`` over the committed shards ``OUT.h5.shards/part-<r>-of-<size>.h5``
+    (``store_kwargs`` and ``options`` as for :class:`~streamnn.data.writer.StoreWriter`).
+    Returns the fingerprint."""
     folder = shard_folder(out)
     names = [part_name(r, size) for r in range(size)]
     records, rows = [], []
@@ -108,18 +91,17 @@ def write_index(out: Path, size: int, *, store_kwargs: dict[str, Any], options: 
         records.append(shard_record(folder / name, f"{folder.name}/{name}"))
         with h5py.File(folder / name, "r") as f:
             rows.append({split: int(f[split]["y"].shape[0]) for split in splits})
-    with StoreWriter(out, **store_kwargs, options=options) as writer:
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(StoreWriter(out, **store_kwargs, options=options))
+        discard_on_error(stack, out)
         for split in sorted(splits):
             writer.add_virtual_split(split, [(rec["file"], n[split]) for rec, n in zip(records, rows)])
         if stats is not None:
             writer.set_stats(*stats)
         writer.set_skipped(sorted(skipped))
         writer.set_attribute("shards", json.dumps(records))
+        flush_temporaries(out)
         fingerprint = writer.commit()
-    for path in folder.iterdir():
-        if PART_PATTERN.fullmatch(path.name) and path.name not in names:
-            with contextlib.suppress(OSError):
-                path.unlink()
     return fingerprint
 
 
@@ -128,10 +110,30 @@ def _write_index(job: PackJob, size: int, moments: RunningMoments, skipped: list
                        stats=(moments.mean, moments.std) if moments.n else None, skipped=skipped)
 
 
-def _result(job: PackJob, skipped: list[tuple[str, str]], fingerprint: str) -> PackResult:
+def _result(job: PackJob, size: int, skipped: list[tuple[str, str]], fingerprint: str) -> PackResult:
     folder = shard_folder(job.out)
-    size = job.out.stat().st_size + sum(p.stat().st_size for p in folder.iterdir() if PART_PATTERN.fullmatch(p.name))
-    return job.result(sorted(skipped), fingerprint, size)
+    total = job.out.stat().st_size + sum((folder / part_name(r, size)).stat().st_size for r in range(size))
+    return job.result(sorted(skipped), fingerprint, total)
+
+
+def check_shard_count(job: PackJob, size: int, what: str) -> None:
+    """Refuse more shards than files to pack (``what`` names the option), and more than this
+    process can hold open (one process writes every shard at once, two descriptors each)."""
+    if size > max(1, len(job.items)):
+        raise StreamnnError(f"{what} {size} is more than the {len(job.items)} image files to pack "
+                            f"(at most one shard per file)", path_text(job.src))
+
+
+def _check_open_files(size: int) -> None:
+    """One process writing ``size`` shards at once needs two descriptors per shard."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return
+    if soft != resource.RLIM_INFINITY and 2 * size + 64 > soft:
+        raise StreamnnError(f"--shards {size} needs about {2 * size + 64} open files, more than this process "
+                            f"may open (ulimit -n {soft}); use fewer shards, or mpiexec (one shard per rank)")
 
 
 def pack_sharded(src: str | os.PathLike, out: str | os.PathLike, *, shards: int | None = None,
@@ -154,20 +156,28 @@ def pack_sharded(src: str | os.PathLike, out: str | os.PathLike, *, shards: int 
         raise StreamnnError(f"shards must be at least 1, not {size}")
     wall0 = time.time()
     job = prepare_pack(src, out, **kwargs)
-    job.stale += _prepare_folder(job.out, job.src, wall0)
+    check_shard_count(job, size, "--shards")
+    _check_open_files(size)
+    names = [part_name(rank, size) for rank in range(size)]
+    shards = ShardFolder(job.out, job.src)
+    job.stale += shards.prepare(names, wall0)
     skipped, moments = list(job.plan.skipped), RunningMoments(job.n_features)
-    folder = shard_folder(job.out)
-    with writing(folder), contextlib.ExitStack() as stack:
+    with writing(shards.folder), contextlib.ExitStack() as stack:
         shares = [shard_items(job, rank, size) for rank in range(size)]
-        decoder, writers = job.start(stack, [(folder / part_name(rank, size), items, {"shard": [rank, size]})
-                                             for rank, items in enumerate(shares)])
+        decoder, writers = job.start(stack, [(shards.folder / name, items, shards.options(rank, size))
+                                             for rank, (name, items) in enumerate(zip(names, shares))])
         rows = sum(job.decode_into(writer, items, decoder, moments, skipped, progress)
                    for writer, items in zip(writers, shares))
         job.check_usable(rows, skipped)
         decoder.close()
+        shards.claim(names)  # nothing of someone else's appeared there meanwhile
+        for name in names:  # every shard written out before any is renamed into place
+            flush_temporaries(shards.folder / name)
         for writer in writers:
             writer.commit()
-    return _result(job, skipped, _write_index(job, size, moments, skipped))
+    fingerprint = _write_index(job, size, moments, skipped)
+    shards.tidy(names)
+    return _result(job, size, skipped, fingerprint)
 
 
 def _prepare_ranks(src: str | os.PathLike, out: str | os.PathLike, comm: Comm, kwargs: dict[str, Any]) -> PackJob:
@@ -178,7 +188,9 @@ def _prepare_ranks(src: str | os.PathLike, out: str | os.PathLike, comm: Comm, k
 
         def scan() -> PackJob:
             job = prepare_pack(src, out, **kwargs)
-            job.stale += _prepare_folder(job.out, job.src, wall0)
+            check_shard_count(job, comm.size, "mpiexec -n")
+            job.stale += ShardFolder(job.out, job.src).prepare([part_name(r, comm.size) for r in range(comm.size)],
+                                                              wall0)
             return job
 
         job = agreed(comm, scan)
@@ -193,6 +205,7 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, comm: Comm,
                 progress: Callable[[int, int], None] | None, kwargs: dict[str, Any]) -> PackResult:
     rank, size = comm.rank, comm.size
     job = _prepare_ranks(src, out, comm, kwargs)
+    shards = ShardFolder(job.out, job.src)
     skipped = list(job.plan.skipped) if rank == 0 else []
     moments = RunningMoments(job.n_features)
     if progress is not None:  # rank 0's share, scaled to the whole
@@ -200,11 +213,13 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, comm: Comm,
     items, error = shard_items(job, rank, size), None
     stack = contextlib.ExitStack()
     try:
-        with writing(shard_folder(job.out)):
-            decoder, (writer,) = job.start(stack, [(shard_folder(job.out) / part_name(rank, size), items,
-                                                    {"shard": [rank, size]})])
+        with writing(shards.folder):
+            decoder, (writer,) = job.start(stack, [(shards.folder / part_name(rank, size), items,
+                                                    shards.options(rank, size))])
             rows = job.decode_into(writer, items, decoder, moments, skipped, progress)
             decoder.close()
+            shards.claim([part_name(rank, size)])  # nothing of someone else's appeared there meanwhile
+            flush_temporaries(shards.folder / part_name(rank, size))
     except (StreamnnError, OSError) as exc:  # told to rank 0 below, which ends every rank cleanly
         stack.__exit__(type(exc), exc, exc.__traceback__)  # the temporary shard is removed
         error, rows = (str(exc) if isinstance(exc, StreamnnError) else
@@ -235,8 +250,14 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, comm: Comm,
             raise AgreedError(verdict.decode("utf-8", "surrogateescape"))
         writer.commit()
     comm.barrier()  # every shard is in place
-    fingerprint = agreed(comm, lambda: _write_index(job, size, moments, skipped) if rank == 0 else "")
-    return _result(job, skipped, comm.broadcast_bytes(fingerprint.encode()).decode())
+
+    def index() -> str:
+        fingerprint = _write_index(job, size, moments, skipped)
+        shards.tidy([part_name(r, size) for r in range(size)])
+        return fingerprint
+
+    fingerprint = agreed(comm, lambda: index() if rank == 0 else "")
+    return _result(job, size, skipped, comm.broadcast_bytes(fingerprint.encode()).decode())
 
 
 def rank_workers(comm: Comm) -> int:
