@@ -71,8 +71,8 @@ def close_hard(f: h5py.File) -> None:
         f.close()
 
 
-def _flush_close(f: h5py.File) -> None:
-    """Flush and close ``f``, having first checked that the disk and the file-size limit allow
+def _flush(f: h5py.File) -> None:
+    """Flush ``f``, having first checked that the disk and the file-size limit allow
     everything HDF5 has allocated in it (its end of allocation): a full disk or a file-size limit
     then fails here, before HDF5 writes anything, not in the middle of its cache flush (after a
     metadata flush that failed, HDF5 can no longer close the file: "slist already enabled").
@@ -93,6 +93,11 @@ def _flush_close(f: h5py.File) -> None:
         if os.fstat(fd).st_size != before:
             os.ftruncate(fd, before)
     f.flush()
+
+
+def _flush_close(f: h5py.File) -> None:
+    """:func:`_flush`, then close (nothing is left for the close to write)."""
+    _flush(f)
     f.close()
 
 
@@ -258,6 +263,13 @@ class StoreWriter:
             g = self._file.require_group("skipped")
             for key, values in (("paths", [p for p, _ in skipped]), ("reasons", [r for _, r in skipped])):
                 self._held.append(g.create_dataset(key, data=np.array(values, dtype=object), dtype=STRING_DTYPE))
+
+    def flush(self) -> None:
+        """Write out what HDF5 holds back (the space checked first), so that a later :meth:`commit`
+        has nothing left to fail on but its attributes: a caller committing several stores
+        together (the shards of a sharded store) flushes them all before renaming any."""
+        with self._writing():
+            _flush(self._file)
 
     def commit(self) -> str:
         """Finish the file (attributes, fingerprint), fsync it and rename it into place. Returns the fingerprint."""

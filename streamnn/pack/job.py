@@ -28,8 +28,7 @@ from streamnn.data.writer import StoreWriter
 from streamnn.errors import StreamnnError
 from streamnn.pack.decode import (DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, decode_kwargs, decode_options, parse_size,
                                   signals_deferred)
-from streamnn.pack.output import (check_output, discard_on_error, discard_temporaries, flush_temporaries, pin_datasets, remove_stale_temps,
-                                  writing)
+from streamnn.pack.output import check_output, remove_stale_temps, writing
 from streamnn.pack.pool import Decoder, default_workers
 from streamnn.pack.scan import SourcePlan, scan_source
 from streamnn.pack.worker import pixel_sums
@@ -228,7 +227,7 @@ class PackJob:
         """The decoder and a store writer per output (path, its items, options added), each
         with room for its items in every split, registered on ``stack`` with signals
         deferred (one writer at a time), so that a Ctrl-C finds the workers and the temporary
-        files registered; a failure discards the files (:func:`~.output.discard_on_error`)."""
+        files registered (a writer discards its files on any failure)."""
         with signals_deferred():
             decoder = stack.enter_context(Decoder(self.workers, decode_kwargs(self.options)))
         writers = []
@@ -236,21 +235,10 @@ class PackJob:
             with signals_deferred():
                 writers.append(stack.enter_context(StoreWriter(path, **self.store_kwargs,
                                                                options={**self.options, **extra})))
-                discard_on_error(stack, path)
-        pins: list[Any] = []
-
-        def release(exc_type: object, exc: object, tb: object) -> None:
-            if exc_type is not None:  # first every file is given up, then its datasets let go
-                for path, _, _ in outputs:
-                    discard_temporaries(path)
-            pins.clear()
-
-        stack.push(release)
         for writer, (path, items, _) in zip(writers, outputs):
             sizes = collections.Counter(split for split, _, _ in items)
             for split in sorted(self.plan.files):
                 writer.add_split(split, sizes[split])
-            pins += pin_datasets(path)
         return decoder, writers
 
     def decode_into(self, writer: StoreWriter, items: Sequence[tuple[str, str, int]], decoder: Decoder,
@@ -365,7 +353,6 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, progress: Callable[[
         skipped.sort()
         writer.set_skipped(skipped)
         decoder.close()  # the workers are gone before the store appears: nothing is left to do after
-        flush_temporaries(job.out)
         fingerprint = writer.commit()
     return job.result(skipped, fingerprint, job.out.stat().st_size)
 

@@ -1,6 +1,6 @@
 """The output of a pack: what OUT may be (:func:`check_output`), write errors as one line
-(:func:`writing`), the HDF5 files being written when a write fails (:func:`flush_temporaries`,
-:func:`discard_on_error`), and the temporary files of killed runs (:func:`remove_stale_temps`).
+(:func:`writing`), and the temporary files of killed runs (:func:`remove_stale_temps`); a write
+that fails is cleaned up by the writer itself (:class:`streamnn.data.writer.StoreWriter`).
 
 OUT is refused, before anything is written, when it lies inside SRC (both resolved), is a
 folder, symbolic link, device, FIFO or socket, or exists without ``force``; ``force`` replaces
@@ -138,67 +138,3 @@ def remove_stale_temps(out: Path, older_than: float) -> list[Path]:
             finally:
                 os.close(fd)
     return removed
-
-
-# -- HDF5 files that cannot be written ----------------------------------------------------------
-# A write HDF5 fails (disk full, file size limit) while it closes a dataset or a file (HDF5
-# caches small raw-data writes and metadata, and writes them then) leaves the library unable to
-# close it: every later attempt fails again ("Exception ignored in ObjectID.__dealloc__") and
-# the process dies by SIGSEGV at exit. So the pack keeps the datasets it writes open (a
-# dataset object made for one write then never closes the last handle: :func:`pin_datasets`),
-# flushes every file explicitly before it is closed (a failure is then an ordinary error), and
-# a file that is given up (its temporary is removed) has its descriptor pointed at /dev/null
-# first: closing it then writes nothing and cannot fail.
-def _open_temporaries(target: Path) -> Iterator[Any]:
-    """The HDF5 files this process has open for writing that are temporaries of ``target``
-    (:func:`streamnn.atomic.temporary_prefix`: the store's, and its compaction's)."""
-    folder = os.path.realpath(target.parent if str(target.parent) else Path("."))
-    inner = temporary_prefix(target.name)
-    mine = (inner, temporary_prefix(inner)[:-1])
-    for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
-        with contextlib.suppress(Exception):
-            name = os.fsdecode(fid.name)
-            if (fid.get_intent() & h5py.h5f.ACC_RDWR and os.path.basename(name).startswith(mine)
-                    and os.path.realpath(os.path.dirname(name) or ".") == folder):
-                yield fid
-
-
-def pin_datasets(target: Path) -> list[Any]:
-    """Open handles to every dataset of the HDF5 files being written for ``target`` (keep them
-    while writing; closing the file closes them)."""
-    pins: list[Any] = []
-    for fid in list(_open_temporaries(target)):
-        h5py.File(fid).visititems(lambda _, obj: pins.append(obj) if isinstance(obj, h5py.Dataset) else None)
-    return pins
-
-
-def flush_temporaries(target: Path) -> None:
-    """Flush the HDF5 files being written for ``target`` (before they are closed; a failure
-    raises here, where it can still be cleaned up)."""
-    for fid in list(_open_temporaries(target)):
-        h5py.h5f.flush(fid)
-
-
-def discard_temporaries(target: Path) -> None:
-    """Close the HDF5 files being written for ``target`` without writing anything more: their
-    descriptors point at /dev/null first. The temporaries themselves are removed by their
-    writer."""
-    for fid in list(_open_temporaries(target)):
-        with contextlib.suppress(Exception):
-            null = os.open(os.devnull, os.O_RDWR)
-            try:
-                os.dup2(null, fid.get_vfd_handle())
-            finally:
-                os.close(null)
-        with contextlib.suppress(Exception):
-            h5py.File(fid).close()
-
-
-def discard_on_error(stack: contextlib.ExitStack, target: Path) -> None:
-    """On ``stack``: if the block fails, :func:`discard_temporaries` of ``target`` (before the
-    writers entered earlier on the stack remove their temporaries)."""
-    def exit_(exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            discard_temporaries(target)
-
-    stack.push(exit_)

@@ -43,7 +43,7 @@ import numpy as np
 from streamnn.dist import AgreedError, Comm, agreed, part
 from streamnn.errors import StreamnnError
 from streamnn.pack.job import PackJob, PackResult, RunningMoments, prepare_pack
-from streamnn.pack.output import discard_on_error, flush_temporaries, writing
+from streamnn.pack.output import writing
 from streamnn.pack.pool import default_workers
 from streamnn.pack.scan import SourcePlan
 from streamnn.data.format import part_name, shard_folder, shard_record
@@ -93,14 +93,12 @@ def write_index(out: Path, size: int, *, store_kwargs: dict[str, Any], options: 
             rows.append({split: int(f[split]["y"].shape[0]) for split in splits})
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(StoreWriter(out, **store_kwargs, options=options))
-        discard_on_error(stack, out)
         for split in sorted(splits):
             writer.add_virtual_split(split, [(rec["file"], n[split]) for rec, n in zip(records, rows)])
         if stats is not None:
             writer.set_stats(*stats)
         writer.set_skipped(sorted(skipped))
         writer.set_attribute("shards", json.dumps(records))
-        flush_temporaries(out)
         fingerprint = writer.commit()
     return fingerprint
 
@@ -171,8 +169,8 @@ def pack_sharded(src: str | os.PathLike, out: str | os.PathLike, *, shards: int 
         job.check_usable(rows, skipped)
         decoder.close()
         shards.claim(names)  # nothing of someone else's appeared there meanwhile
-        for name in names:  # every shard written out before any is renamed into place
-            flush_temporaries(shards.folder / name)
+        for writer in writers:  # every shard written out before any is renamed into place
+            writer.flush()
         for writer in writers:
             writer.commit()
     fingerprint = _write_index(job, size, moments, skipped)
@@ -219,7 +217,7 @@ def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, comm: Comm,
             rows = job.decode_into(writer, items, decoder, moments, skipped, progress)
             decoder.close()
             shards.claim([part_name(rank, size)])  # nothing of someone else's appeared there meanwhile
-            flush_temporaries(shards.folder / part_name(rank, size))
+            writer.flush()
     except (StreamnnError, OSError) as exc:  # told to rank 0 below, which ends every rank cleanly
         stack.__exit__(type(exc), exc, exc.__traceback__)  # the temporary shard is removed
         error, rows = (str(exc) if isinstance(exc, StreamnnError) else
