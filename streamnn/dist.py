@@ -33,7 +33,7 @@ their allreduce wait for each other. So:
 * a rank that leaves with an error ends the job (:func:`leave`: ``MPI_Abort``), unless the
   error is an :class:`AgreedError`, raised by every rank at the same point (a setup step
   checked with :func:`agreed`, or a decision taken from reduced numbers): then one rank
-  reports it (rank 0 when every rank has it, else the rank that has it, naming itself) and
+  reports it (rank 0 when it has it, else the rank that has it, naming itself) and
   every rank exits normally. The CLIs' one error boundary,
   :func:`streamnn.cli.common.user_errors`, applies this;
 * before they compute, the ranks check that they run the same thing (:func:`agree`: the
@@ -82,9 +82,9 @@ LAUNCHER_VARS = (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_W
 class AgreedError(StreamnnError):
     """An error every rank raises at the same point, after agreeing on it: reported once, no abort.
 
-    ``where`` is None when every rank has this error (rank 0 reports it), else the ranks that
-    have it (``"rank 1 of 2"``): the rank holding the message (:func:`agreed`) reports it, prefixed
-    with ``where``; the others raise it with an empty message and print nothing.
+    ``where`` is None when rank 0 reports it (every rank has it, or rank 0 has it), else the ranks
+    that have it (``"rank 1 of 2"``): the rank holding the message (:func:`agreed`) reports it,
+    prefixed with ``where``; the others raise it with an empty message and print nothing.
     """
 
     def __init__(self, message: str, path: str | os.PathLike | None = None, *, where: str | None = None) -> None:
@@ -268,10 +268,10 @@ def agreed(comm: Comm, step: Callable[[], T]) -> T:
 
     If it failed on some rank, every rank raises :class:`AgreedError`. The message is held by one
     rank per distinct error (the first rank that has it; errors are compared by a digest of their
-    text): when every rank failed alike, by rank 0 alone; else by the rank that failed, with
-    ``where`` naming the ranks that have it (``"rank 1 of 2"``). The others raise it with no
-    message (printed by nobody), so a bad input gives one line, not K, and an error on one rank
-    only is still printed, by that rank.
+    text): rank 0 when it has it (rank 0 speaks for the job: a step only rank 0 does, a bad input
+    every rank has), else the first rank that failed, with ``where`` naming the ranks that have
+    it (``"rank 1 of 2"``). The others raise it with no message (printed by nobody), so a bad
+    input gives one line, not K, and an error on one rank only is still printed, by that rank.
     """
     if comm.size == 1:
         return step()
@@ -288,7 +288,7 @@ def agreed(comm: Comm, step: Callable[[], T]) -> T:
         if error is None or int(np.flatnonzero(codes == codes[comm.rank])[0]) != comm.rank:
             raise AgreedError("")
         having = np.flatnonzero(codes == codes[comm.rank]).tolist()
-        where = None if len(having) == comm.size else \
+        where = None if comm.rank == 0 else \
             f"rank{'s' if len(having) > 1 else ''} {', '.join(map(str, having))} of {comm.size}"
         raise AgreedError(str(error) if isinstance(error, StreamnnError) else "", where=where) from error
     return result

@@ -26,7 +26,7 @@ for data type class``), which must not become a traceback or exit 1.
 With ``ranks=True`` (``streamnn-train``, ``streamnn-eval``, ``streamnn-pack``), under ``mpiexec
 -n K`` (K > 1, :mod:`streamnn.dist`), an error the ranks agreed on
 (:class:`~streamnn.dist.AgreedError`) is printed once and every rank exits with its status: by
-rank 0 when every rank has it, else by the rank that has it, as ``Error: rank r of K: ...``
+rank 0 when it has it, else by the rank that has it, as ``Error: rank r of K: ...``
 (a missing store on one node is not lost); a stop signal (``mpiexec`` passes Ctrl-C and SIGTERM
 on to every rank) is printed by rank 0 only and ends the whole job (``MPI_Abort``) with its
 status; any other error is printed as ``Error: rank r of K: ...`` (an unexpected exception with
@@ -146,7 +146,7 @@ def _launched_size() -> int:
 def rank_fail(message: str, status: int = 1, *, agreed: bool = False, stop: bool = False,
               where: str | None = None) -> NoReturn:
     """:func:`fail`, on one of K > 1 MPI ranks: an ``agreed`` error is printed once: by rank 0 when
-    every rank has it (``where`` None), else by the rank holding the message, prefixed with
+    it has it (``where`` None), else by the rank holding the message, prefixed with
     ``where`` (the ranks that have it); an empty message by nobody. A ``stop`` signal (every rank
     received it) is printed by rank 0 alone and ends the job; another error names the rank and
     ends the job."""
