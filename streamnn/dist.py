@@ -31,10 +31,15 @@ a collective (an exception, ``sys.exit``) hangs the job for ever: its ``MPI_Fina
 their allreduce wait for each other. So:
 
 * a rank that leaves with an error ends the job (:func:`leave`: ``MPI_Abort``), unless the
-  error is an :class:`AgreedError`, raised alike by every rank at the same point (a setup
-  step checked with :func:`agreed`, or a decision taken from reduced numbers): then rank 0
-  alone reports it and every rank exits normally. The CLIs' one error boundary,
+  error is an :class:`AgreedError`, raised by every rank at the same point (a setup step
+  checked with :func:`agreed`, or a decision taken from reduced numbers): then one rank
+  reports it (rank 0 when it has it, else the rank that has it, naming itself) and
+  every rank exits normally. The CLIs' one error boundary,
   :func:`streamnn.cli.common.user_errors`, applies this;
+* before they compute, the ranks check that they run the same thing (:func:`agree`: the
+  resolved configuration and the store's fingerprint, compared by digest), so a rank started
+  with other arguments or another store stops the job with one line instead of training or
+  evaluating something else;
 * every collective here is non-blocking and polled against a deadline (``timeout`` seconds,
   default :data:`TIMEOUT` or ``$STREAMNN_MPI_TIMEOUT``): a rank whose peers stop answering
   (stopped, hung, on a lost machine) aborts the job with a message instead of waiting for ever.
@@ -49,6 +54,8 @@ their allreduce wait for each other. So:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -73,7 +80,16 @@ LAUNCHER_VARS = (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_W
 
 
 class AgreedError(StreamnnError):
-    """An error every rank raises alike at the same point: reported once (rank 0), no abort."""
+    """An error every rank raises at the same point, after agreeing on it: reported once, no abort.
+
+    ``where`` is None when rank 0 reports it (every rank has it, or rank 0 has it), else the ranks
+    that have it (``"rank 1 of 2"``): the rank holding the message (:func:`agreed`) reports it,
+    prefixed with ``where``; the others raise it with an empty message and print nothing.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None, *, where: str | None = None) -> None:
+        super().__init__(message, path)
+        self.where = where
 
 
 class Comm(Protocol):
@@ -250,9 +266,12 @@ def world(timeout: float | None = None) -> Comm:
 def agreed(comm: Comm, step: Callable[[], T]) -> T:
     """Run ``step`` on every rank, then agree (one small allreduce) that it worked everywhere.
 
-    If it failed on some rank, every rank raises :class:`AgreedError`: from the original
-    error on the rank that reports (rank 0 if it failed, else the first rank that failed), with
-    no message elsewhere (printed by nobody), so a bad input gives one line, not K.
+    If it failed on some rank, every rank raises :class:`AgreedError`. The message is held by one
+    rank per distinct error (the first rank that has it; errors are compared by a digest of their
+    text): rank 0 when it has it (rank 0 speaks for the job: a step only rank 0 does, a bad input
+    every rank has), else the first rank that failed, with ``where`` naming the ranks that have
+    it (``"rank 1 of 2"``). The others raise it with no message (printed by nobody), so a bad
+    input gives one line, not K, and an error on one rank only is still printed, by that rank.
     """
     if comm.size == 1:
         return step()
@@ -262,15 +281,68 @@ def agreed(comm: Comm, step: Callable[[], T]) -> T:
         result = step()
     except (StreamnnError, OSError) as exc:
         error = exc
-    failed = np.zeros(comm.size, np.int64)
-    failed[comm.rank] = error is not None
-    comm.allreduce(failed)
-    if failed.any():
-        reporter = int(np.flatnonzero(failed)[0])
-        if comm.rank == reporter and error is not None:
-            raise AgreedError(str(error) if isinstance(error, StreamnnError) else "") from error
-        raise AgreedError("")
+    codes = np.zeros(comm.size, np.int64)
+    codes[comm.rank] = _error_code(error) if error is not None else 0
+    comm.allreduce(codes)
+    if codes.any():
+        if error is None or int(np.flatnonzero(codes == codes[comm.rank])[0]) != comm.rank:
+            raise AgreedError("")
+        having = np.flatnonzero(codes == codes[comm.rank]).tolist()
+        where = None if comm.rank == 0 else \
+            f"rank{'s' if len(having) > 1 else ''} {', '.join(map(str, having))} of {comm.size}"
+        raise AgreedError(str(error) if isinstance(error, StreamnnError) else "", where=where) from error
     return result
+
+
+def _error_code(error: BaseException) -> int:
+    """A positive 63-bit digest of an error's kind and text (equal errors on two ranks: equal codes)."""
+    text = f"{type(error).__name__}:{error}:{getattr(error, 'filename', None)}".encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 1 | 1
+
+
+def canonical_digest(value: Any) -> str:
+    """sha256 hex of ``value`` as canonical JSON (sorted keys, no spaces; NumPy values as lists)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            return {"array": str(v.dtype), "shape": list(v.shape),
+                    "sha256": hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()}
+        if isinstance(v, (np.generic, tuple)):
+            return v.tolist() if isinstance(v, np.generic) else list(v)
+        return repr(v)
+
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=plain)
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def agree(comm: Comm, what: str, items: Mapping[str, Any]) -> None:
+    """Raise :class:`AgreedError` on every rank unless every rank passed equal ``items``.
+
+    Each item is compared by its :func:`canonical_digest`: rank 0's table of digests is broadcast
+    (bytes of JSON, not pickle), every rank marks the items in which it differs, and one allreduce
+    of the marks tells every rank which items differ, and on which ranks. All of it is buffer
+    calls under the communicator's deadline. The message names the items (``what``: what the
+    ranks should run alike, for the message), e.g. "the ranks do not run the same training: seed
+    differs on rank 1 of 2 from rank 0; ...".
+    """
+    if comm.size == 1:
+        return
+    mine = {str(k): canonical_digest(v) for k, v in items.items()}
+    theirs = json.loads(comm.broadcast_bytes(json.dumps(mine, sort_keys=True).encode()).decode())
+    names = sorted(theirs)
+    marks = np.zeros(len(names) + 1 + comm.size, np.int64)
+    for i, name in enumerate(names):
+        marks[i] = mine.get(name) != theirs[name]
+    marks[len(names)] = bool(set(mine) - set(theirs))
+    marks[len(names) + 1 + comm.rank] = marks[:len(names) + 1].any()
+    comm.allreduce(marks)
+    if not marks.any():
+        return
+    differ = [n for i, n in enumerate(names) if marks[i]] + (["other keys"] if marks[len(names)] else [])
+    ranks = np.flatnonzero(marks[len(names) + 1:]).tolist()
+    raise AgreedError(f"the ranks do not run the same {what}: {', '.join(differ)} "
+                      f"differ{'s' if len(differ) == 1 else ''} on rank{'s' if len(ranks) > 1 else ''} "
+                      f"{', '.join(map(str, ranks))} of {comm.size} from rank 0; give every rank the same "
+                      "arguments and the same store")
 
 
 def leave(status: int) -> NoReturn:

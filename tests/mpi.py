@@ -46,10 +46,24 @@ def run_ranks(n: int, code: str, *args: str, timeout: float = 60, env: dict[str,
 def run_mpiexec(n: int, cmd: list[str], *, timeout: float = 60, env: dict[str, str] | None = None,
                 cwd: Path | None = None) -> tuple[subprocess.CompletedProcess, float]:
     """``mpiexec -n n cmd...``; returns (result with text stdout/stderr, seconds it took)."""
+    return run_mpmd([cmd] * n, timeout=timeout, env=env, cwd=cwd)
+
+
+def run_mpmd(cmds: list[list[str]], *, timeout: float = 60, env: dict[str, str] | None = None,
+             cwd: Path | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """One rank per command, rank r running ``cmds[r]`` (an MPMD line ``mpiexec -n 1 a : -n 1 b``; equal
+    commands are one ``-n K`` group); returns (result with text stdout/stderr, seconds it took)."""
     mpiexec = require_mpi()
+    groups: list[list] = []
+    for cmd in cmds:
+        if groups and groups[-1][1] == cmd:
+            groups[-1][0] += 1
+        else:
+            groups.append([1, cmd])
+    line = [t for i, (n, cmd) in enumerate(groups) for t in [":"] * bool(i) + ["-n", str(n), *cmd]]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     start = time.monotonic()
-    result = subprocess.run([mpiexec, "-n", str(n), *cmd], capture_output=True, text=True, timeout=timeout,
+    result = subprocess.run([mpiexec, *line], capture_output=True, text=True, timeout=timeout,
                             env=full_env, cwd=cwd, stdin=subprocess.DEVNULL)
     return result, time.monotonic() - start

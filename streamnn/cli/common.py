@@ -24,12 +24,16 @@ exception of its own (h5py's Cython code reports it as ``TypeError: Operation no
 for data type class``), which must not become a traceback or exit 1.
 
 With ``ranks=True`` (``streamnn-train``, ``streamnn-eval``, ``streamnn-pack``), under ``mpiexec
--n K`` (K > 1, :mod:`streamnn.dist`), an error every rank raises alike
-(:class:`~streamnn.dist.AgreedError`) is printed by rank 0 only and every rank exits with its
-status; a stop signal (``mpiexec`` passes Ctrl-C and SIGTERM on to every rank) is printed by
-rank 0 only and ends the whole job (``MPI_Abort``) with its status; any other error is printed
-as ``Error: rank r of K: ...`` and ends the whole job, so no rank is left waiting for one that
-left.
+-n K`` (K > 1, :mod:`streamnn.dist`), an error the ranks agreed on
+(:class:`~streamnn.dist.AgreedError`) is printed once and every rank exits with its status: by
+rank 0 when it has it, else by the rank that has it, as ``Error: rank r of K: ...``
+(a missing store on one node is not lost); a stop signal (``mpiexec`` passes Ctrl-C and SIGTERM
+on to every rank) is printed by rank 0 only and ends the whole job (``MPI_Abort``) with its
+status; any other error is printed as ``Error: rank r of K: ...`` (an unexpected exception with
+its traceback) and ends the whole job, so no rank is left waiting for one that left.
+
+:func:`fail`, for a bad argument found before the error boundary (every rank finds it alike),
+prints once under ``mpiexec -n K``: on rank 0.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import errno
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -51,9 +56,25 @@ CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_
 
 
 def fail(message: str, status: int = 1) -> NoReturn:
-    """Print ``Error: message`` on stderr and exit with ``status``."""
+    """Print ``Error: message`` on stderr and exit with ``status``: an error every process of the
+    command meets alike (a bad argument), so under ``mpiexec -n K`` rank 0 alone prints it."""
+    if _launched_rank() == 0:
+        click.echo(f"Error: {message}", err=True)
+    sys.exit(status)
+
+
+def fail_here(message: str, status: int = 1) -> NoReturn:
+    """Print ``Error: message`` on stderr and exit with ``status``, on whichever process has it."""
     click.echo(f"Error: {message}", err=True)
     sys.exit(status)
+
+
+def _launched_rank() -> int:
+    """This process's rank in the launcher's environment (0 outside one, or in a malformed one)."""
+    try:
+        return launcher_world()[0]
+    except StreamnnError:
+        return 0
 
 
 def os_error_message(exc: OSError) -> str:
@@ -72,13 +93,13 @@ def user_errors(interrupted: str | Callable[[], str] = "interrupted", *, ranks: 
     """Turn streamnn errors, OS errors and Ctrl-C raised inside into ``Error: ...`` and an exit status
     (``ranks``: as one of the ranks of an MPI job, see the module docstring). ``interrupted`` is
     what a stop prints after ``Error:`` (a function: asked once stopped)."""
-    report = rank_fail if ranks else fail
+    report = rank_fail if ranks else fail_here
 
     def stopped(status: int) -> NoReturn:
         message = interrupted() if callable(interrupted) else interrupted
         if ranks:
             rank_fail(message, status, stop=True)
-        fail(message, status)
+        fail_here(message, status)
 
     try:
         try:
@@ -91,8 +112,8 @@ def user_errors(interrupted: str | Callable[[], str] = "interrupted", *, ranks: 
         cause = exc.__cause__
         message = os_error_message(cause) if isinstance(cause, OSError) else str(exc)
         if ranks:
-            rank_fail(message, 1, agreed=True)
-        fail(message)
+            rank_fail(message, 1, agreed=True, where=exc.where)
+        fail_here(message)
     except StreamnnError as exc:
         report(str(exc))
     except OSError as exc:
@@ -101,6 +122,13 @@ def user_errors(interrupted: str | Callable[[], str] = "interrupted", *, ranks: 
         stopped(143)
     except KeyboardInterrupt:
         stopped(130)
+    except Exception as exc:  # a bug: its traceback, and under mpiexec no rank left waiting for this one
+        if not ranks or _launched_size() <= 1 or isinstance(exc, (click.ClickException, click.exceptions.Exit)):
+            raise
+        rank, size = launcher_world()
+        click.echo(f"Error: rank {rank} of {size}: unexpected error (a bug in streamnn):\n"
+                   f"{traceback.format_exc().rstrip()}", err=True)
+        leave(1)
 
 
 #: Seconds a rank that prints nothing waits before ending the job on a stop signal, so that
@@ -108,19 +136,29 @@ def user_errors(interrupted: str | Callable[[], str] = "interrupted", *, ranks: 
 STOP_GRACE_SECONDS = 0.5
 
 
-def rank_fail(message: str, status: int = 1, *, agreed: bool = False, stop: bool = False) -> NoReturn:
-    """:func:`fail`, on one of K > 1 MPI ranks: an ``agreed`` error (every rank has it) is printed by
-    rank 0 alone (an empty message by nobody); so is a ``stop`` signal (every rank received it),
-    which then ends the job; another error names the rank and ends the job."""
+def _launched_size() -> int:
+    try:
+        return launcher_world()[1]
+    except StreamnnError:
+        return 1
+
+
+def rank_fail(message: str, status: int = 1, *, agreed: bool = False, stop: bool = False,
+              where: str | None = None) -> NoReturn:
+    """:func:`fail`, on one of K > 1 MPI ranks: an ``agreed`` error is printed once: by rank 0 when
+    it has it (``where`` None), else by the rank holding the message, prefixed with
+    ``where`` (the ranks that have it); an empty message by nobody. A ``stop`` signal (every rank
+    received it) is printed by rank 0 alone and ends the job; another error names the rank and
+    ends the job."""
     try:
         rank, size = launcher_world()
     except StreamnnError:  # a malformed launcher environment: report it as one process
         rank, size = 0, 1
     if size == 1:
-        fail(message, status)
+        fail_here(message, status)
     if agreed:
-        if rank == 0 and message:
-            click.echo(f"Error: {message}", err=True)
+        if message and (where is not None or rank == 0):
+            click.echo(f"Error: {where + ': ' if where else ''}{message}", err=True)
         sys.exit(status)
     if stop:
         if rank == 0:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from streamnn.data.transforms import Preprocess
-from streamnn.dist import AgreedError, Comm, SingleComm, agreed
+from streamnn.dist import AgreedError, Comm, SingleComm, agree, agreed, canonical_digest
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.run.metrics import Metrics
@@ -58,19 +58,48 @@ def evaluate_batches(model: Any, prep: Preprocess, batches: Iterable[tuple[np.nd
     return metrics
 
 
+def store_identity(path: str | os.PathLike, fingerprint: str) -> tuple[Any, ...]:
+    """What identifies a store file on this machine: its content fingerprint and the file's
+    device, inode, size and modification time (a repack or an overwrite changes them)."""
+    st = os.stat(path)
+    return fingerprint, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _check_identity(store_path: str | os.PathLike, fingerprint: str, identity: tuple[Any, ...] | None) -> None:
+    if identity is not None and store_identity(store_path, fingerprint) != tuple(identity):
+        raise StreamnnError("the store was replaced or changed during this run (its file or fingerprint is not "
+                            "the one training started on): refusing to evaluate another store; resume the run "
+                            "once the store stays as it is", path_text(store_path))
+
+
 def evaluate_split(model: Any, prep: Preprocess, store_path: str | os.PathLike, split: str, n_classes: int, *,
-                   batch_size: int, comm: Comm, subset: Any = None, **kwargs: Any) -> Metrics:
+                   batch_size: int, comm: Comm, subset: Any = None, identity: tuple[Any, ...] | None = None,
+                   **kwargs: Any) -> Metrics:
     """:func:`evaluate_batches` (``kwargs``) over ``split`` of a store (its rows ``subset``), unshuffled;
-    each of the ``comm``'s ranks evaluates its interleaved share of every batch and the sums are reduced."""
+    each of the ``comm``'s ranks evaluates its interleaved share of every batch and the sums are reduced.
+
+    ``identity`` (:func:`store_identity`, a training run's store): the store at ``store_path`` must
+    still be that file with that fingerprint, when evaluation opens it and when it is done; else
+    every rank raises one error (the numbers would be another store's)."""
     from streamnn.data.loader import Loader
     from streamnn.data.store import checked_batches
 
-    loader = Loader(store_path, split, batch_size=batch_size, shuffle=False, one_hot=n_classes > 2, subset=subset,
-                    rank=comm.rank, world_size=comm.size)
+    def opened() -> Any:
+        made = Loader(store_path, split, batch_size=batch_size, shuffle=False, one_hot=n_classes > 2,
+                      subset=subset, rank=comm.rank, world_size=comm.size)
+        try:
+            _check_identity(store_path, made.fingerprint, identity)
+        except BaseException:
+            made.close()
+            raise
+        return made
+
+    loader = agreed(comm, opened)
     try:
         metrics = evaluate_batches(model, prep, checked_batches(loader, store_path, split), n_classes, **kwargs)
     finally:
         loader.close()
+    agreed(comm, lambda: _check_identity(store_path, loader.fingerprint, identity))
     metrics.reduce(comm)
     return metrics
 
@@ -101,9 +130,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.Path
     (the loss up to the rounding of its sum); misclassified images need one process.
     """
     comm = comm or SingleComm()
-    if max_errors and comm.size > 1:
-        raise AgreedError("the grid of misclassified images needs one process: run it without mpiexec")
-    pred, same_store = agreed(comm, lambda: _checked_predictor(checkpoint, store_path, split))
+
+    def checked() -> tuple[Predictor, str]:
+        if max_errors and comm.size > 1:
+            raise StreamnnError("the grid of misclassified images needs one process: run it without mpiexec")
+        return _checked_predictor(checkpoint, store_path, split)
+
+    pred, fingerprint = agreed(comm, checked)
+    same_store = fingerprint == pred.fingerprint
+    # every rank evaluates the same checkpoint on the same store and split, alike, or none does
+    agree(comm, "evaluation", {"checkpoint": _model_digest(pred), "store fingerprint": fingerprint, "split": split,
+                               "tta": tta, "batch_size": batch_size})
     errors = Misclassified(max_errors)
     metrics = evaluate_split(pred.model, pred.prep, store_path, split, pred.n_classes, batch_size=batch_size,
                              comm=comm, tta=tta, errors=errors if max_errors else None, class_names=pred.class_names)
@@ -124,9 +161,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.Path
     return summary, errors
 
 
+def _model_digest(pred: Predictor) -> str:
+    """A digest of what a checkpoint computes: its parameters, preprocessing, classes and store."""
+    params = getattr(pred.model, "flat_params", None)
+    return canonical_digest([params, pred.prep.mean, pred.prep.std, pred.class_names, list(pred.image_shape),
+                             pred.fingerprint, type(pred.model).__name__])
+
+
 def _checked_predictor(checkpoint: str | os.PathLike, store_path: str | os.PathLike,
-                       split: str) -> tuple[Predictor, bool]:
-    """The checkpoint's predictor, checked against the store's classes, images and split; same store?"""
+                       split: str) -> tuple[Predictor, str]:
+    """The checkpoint's predictor, checked against the store's classes, images and split; the
+    store's fingerprint."""
     from streamnn.data.store import open_store
 
     pred = load_predictor(checkpoint)
@@ -136,4 +181,4 @@ def _checked_predictor(checkpoint: str | os.PathLike, store_path: str | os.PathL
                                 f"checkpoint {pred.class_names} and {pred.image_shape}", path_text(store_path))
         if store.n_rows(split) == 0:  # an unknown split is a clear error too
             raise StreamnnError(f"split {split!r} is empty: nothing to evaluate", path_text(store_path))
-        return pred, store.fingerprint == pred.fingerprint
+        return pred, store.fingerprint

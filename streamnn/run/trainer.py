@@ -28,13 +28,13 @@ import numpy as np
 
 from streamnn.data.store import checked_batches
 from streamnn.data.transforms import Preprocess
-from streamnn.dist import AgreedError, Comm, SingleComm, agreed, part
+from streamnn.dist import AgreedError, Comm, SingleComm, agree, agreed, part
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
-from streamnn.run.checkpoint import load_checkpoint, save_checkpoint
+from streamnn.run.checkpoint import digest, load_checkpoint, save_checkpoint
 from streamnn.run.config import RESUMABLE, build_model, derive_seed, resolve_config, selection_split, split_validation
 from streamnn.run.console import Console
-from streamnn.run.evaluate import EvaluationStopped, evaluate_split
+from streamnn.run.evaluate import EvaluationStopped, evaluate_split, store_identity
 from streamnn.run.folder import BEST, CONFIG_FORMAT, HISTORY_COLUMNS, LATEST, RunDir
 from streamnn.run.metrics import Metrics
 from streamnn.run.predict import model_dtype
@@ -80,6 +80,7 @@ class Trainer:
         with open_store(config["store"]) as store:
             self.config = resolve_config(config, store)
             self.fingerprint = store.fingerprint
+            self.store_identity = store_identity(config["store"], store.fingerprint)  # evaluation reads this file
             self.class_names = list(store.class_names)
             self.image_shape = tuple(store.image_shape)
             self.n_features = int(store.n_features)
@@ -105,6 +106,7 @@ class Trainer:
         self.best = -math.inf   # best selection accuracy so far
         self.best_epoch = 0
         self.history: dict[str, list[float]] = {c: [] for c in HISTORY_COLUMNS}
+        self.resumed: str | None = None  # digest of the checkpoint this run was restored from
         self.stops = StopAgreement(self.comm, self.say)
         self._speed: float | None = None
         self.parts = self._build()
@@ -139,17 +141,9 @@ class Trainer:
             raise AgreedError(f"the ranks' parameters differ at step {self.step} (a rank computed differently)")
         return digest.hex()
 
-    @property
-    def model(self) -> Any:
-        return self.parts.model
-
-    @property
-    def optimizer(self) -> Any:
-        return self.parts.optimizer
-
-    @property
-    def loader(self) -> Any:
-        return self.parts.loader
+    model = property(lambda self: self.parts.model)
+    optimizer = property(lambda self: self.parts.optimizer)
+    loader = property(lambda self: self.parts.loader)
 
     @property
     def selection(self) -> str:
@@ -196,7 +190,7 @@ class Trainer:
             old.loader.close()
         self.epoch, self.epoch_step, self.step = progress["epoch"], progress["epoch_step"], progress["step"]
         self.best, self.best_epoch = progress["best"], progress["best_epoch"]
-        self.history = history
+        self.history, self.resumed = history, digest(content)
 
     def _restore(self, content: dict[str, Any], path: str | os.PathLike) -> tuple[Components, dict, dict]:
         fp = self.run_data().fingerprint
@@ -255,7 +249,10 @@ class Trainer:
         self.stops.request(signum)
 
     def fit(self, on_step: Callable[[Trainer], None] | None = None) -> dict[str, list[float]]:
-        """Train until ``epochs`` epochs are done; returns the metrics history."""
+        """Train until ``epochs`` epochs are done; returns the metrics history. First the ranks agree that
+        they run the same configuration on the same store, from the same checkpoint (else AgreedError)."""
+        agree(self.comm, "training", {**{k: v for k, v in self.config.items() if k != "store"},
+                                      "store fingerprint": self.fingerprint, "resumed checkpoint": self.resumed})
         if self.epoch >= self.config["epochs"]:
             self.say(f"nothing to do: all {self.config['epochs']} epochs are done (resume with a larger "
                      "--epochs to train longer)")
@@ -354,8 +351,9 @@ class Trainer:
             return bool(stopping)
 
         try:
-            return evaluate_split(self.model, self.preprocess(), cfg["store"], split, self.n_classes,
-                                  batch_size=cfg["eval_batch_size"], comm=self.comm, subset=subset, stop=stop)
+            return evaluate_split(self.model, self.preprocess(), cfg["store"], split, self.n_classes, stop=stop,
+                                  batch_size=cfg["eval_batch_size"], comm=self.comm, subset=subset,
+                                  identity=self.store_identity)
         except EvaluationStopped:
             raise AgreedStop(stopping[0]) from None
 
