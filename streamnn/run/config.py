@@ -196,17 +196,20 @@ def check_applicable(model: str, given: Any) -> None:
 
 
 def check_batch_size(cfg: dict[str, Any], store: Any) -> None:
-    """Refuse, before allocating, batches whose buffers exceed the memory available. A batch is never
-    larger than its split (the loader's last batch takes the rows left), so a batch size beyond the
-    rows costs nothing."""
-    rows = store.n_rows(cfg["train_split"])
-    batch = min(cfg["batch_size"], rows)
-    check_fits(batch * store.n_features, np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES,
-               f"a training batch of {batch:,} images", unit="values")
-    if cfg["eval_split"]:
-        batch = min(cfg["eval_batch_size"], store.n_rows(cfg["eval_split"]))
-        check_fits(batch * store.n_features, np.dtype(cfg["dtype"]).itemsize, INFERENCE_COPIES,
-                   f"an evaluation batch of {batch:,} images", unit="values")
+    """Refuse, before allocating, batch buffers that exceed the memory available. The loader sizes its
+    buffers by the batch size asked for, so a batch size far beyond the split's rows is refused
+    here with the number of rows (a batch never holds more than them)."""
+    itemsize = np.dtype(cfg["dtype"]).itemsize
+    for key, split, copies in (("batch_size", cfg["train_split"], TRAINING_COPIES),
+                               ("eval_batch_size", cfg["eval_split"], INFERENCE_COPIES)):
+        if split is None:
+            continue
+        batch, rows = cfg[key], store.n_rows(split)
+        try:
+            check_fits(batch * store.n_features, itemsize, copies, f"a batch of {batch:,} images", unit="values")
+        except StreamnnError as exc:
+            raise StreamnnError(f"{key.replace('_', '-')} {batch:,}: {exc}; the {split!r} split has "
+                                f"{rows:,} rows") from None
 
 
 def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
