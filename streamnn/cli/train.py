@@ -13,7 +13,8 @@ from click.core import ParameterSource
 from streamnn.dist import Comm, agreed, world
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
-from streamnn.run.folder import BEST, LATEST, RunDir
+from streamnn.run.console import doubtful_result
+from streamnn.run.folder import BEST, LATEST, STEPS_CSV, RunDir
 from streamnn.nn.functional import ACTIVATIONS
 from streamnn.run.config import CHOICES, DEFAULTS, RESUMABLE, applicable, check_applicable, resolve_config
 from streamnn.run.stop import TrainingInterrupted
@@ -159,6 +160,8 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
                       if latest.is_file() else "interrupted before anything was saved", 130)
     if not quiet and comm.rank == 0:
         click.echo(_final_summary(trainer, history))
+        for line in doubtful_result(trainer.config, history, _step_losses(Path(out) / STEPS_CSV)):
+            click.echo(line, err=True)
 
 
 def _prepare_new(run: RunDir, force: bool, rank: int) -> None:
@@ -213,6 +216,19 @@ def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, pro
         click.echo(f"resuming with {', '.join(f'{k} {saved.get(k)} -> {v}' for k, v in changes.items())}")
     return Trainer.resume(out, store=store, changes=changes, verbose=not quiet, echo=click.echo, progress=progress,
                           comm=comm)
+
+
+def _step_losses(path: Path) -> list[float]:
+    """The loss of every step in ``steps.csv`` (``step,epoch,loss``); nothing when it cannot be read."""
+    losses = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            next(f, None)
+            for line in f:
+                losses.append(float(line.rsplit(",", 1)[-1]))
+    except (OSError, ValueError):
+        return []
+    return losses
 
 
 def _final_summary(trainer: Trainer, history: dict[str, list[float]]) -> str:
