@@ -221,3 +221,15 @@ def test_a_cnn_checkpoint_whose_model_image_shape_differs_from_the_store_is_refu
     content["model"]["config"] = json.dumps(cfg)
     save_checkpoint(out / LATEST, content)
     _error_line(CliRunner().invoke(eval_main, [str(out / LATEST), str(store)]), "2x8x3", "4x4x3")
+
+
+@pytest.mark.parametrize("changes", [{"hidden": 5}, {"model": [1]}, {"optimizer_params": "x"}, {"conv": "abc"},
+                                     {"epochs": "ten"}, {"schedule_params": [1]}, {"store": 7}, {"seed": 1.5}])
+def test_a_crafted_run_configuration_is_one_line_on_resume(run, tmp_path, changes):
+    def edit(content):
+        cfg = json.loads(content["config"])
+        cfg.update(changes)
+        content["config"] = json.dumps(cfg)
+
+    target = _edited(run, tmp_path, edit)
+    _one_line_or_success(CliRunner().invoke(train_main, ["--resume", "--out", str(target), "--epochs", "2", "-q"]))

@@ -83,7 +83,7 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
     if unknown:
         raise StreamnnError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
     model = user.get("model", DEFAULTS["model"])
-    if model not in MODELS:
+    if not isinstance(model, str) or model not in MODELS:
         raise StreamnnError(f"model must be one of {', '.join(MODELS)}, not {model!r}")
     cfg = {**applicable(DEFAULTS, model), **user}
     cfg["store"] = os.path.abspath(cfg["store"] if cfg["store"] is not None else store.path)
@@ -98,10 +98,10 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
                                   f"{', '.join(str(c) for c in choices)}, not {cfg[key]!r}")
     h, w = store.image_shape[:2]
     if uses("hidden"):
-        cfg["hidden"] = [_integer(v, "hidden layer size") for v in (cfg["hidden"] or [])]
+        cfg["hidden"] = [_integer(v, "hidden layer size") for v in _sequence(cfg["hidden"], "hidden")]
         need(all(v > 0 for v in cfg["hidden"]), f"hidden layer sizes must be positive: {cfg['hidden']}")
     if uses("conv"):
-        cfg["conv"] = [_integer(c, "conv channel count") for c in (cfg["conv"] or [])]
+        cfg["conv"] = [_integer(c, "conv channel count") for c in _sequence(cfg["conv"], "conv")]
         cfg["kernel"], cfg["batch_norm"] = _integer(cfg["kernel"], "kernel"), bool(cfg["batch_norm"])
         need(all(c > 0 for c in cfg["conv"]), f"conv channel counts must be positive: {cfg['conv']}")
         need(cfg["kernel"] >= 1 and cfg["kernel"] % 2 == 1, f"kernel must be an odd size, not {cfg['kernel']}")
@@ -126,6 +126,8 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
     cfg["seed"] = _integer(cfg["seed"], "seed")
     need(abs(cfg["seed"]) < 1 << 63, f"seed must be a 64-bit integer, not {cfg['seed']}")
     cfg["standardize"] = bool(cfg["standardize"])
+    for key in ("optimizer_params", "schedule_params"):
+        need(isinstance(cfg[key] or {}, dict), f"{key.replace('_', '-')} must be a mapping of names to values")
     cfg["optimizer_params"] = check_optimizer_params(cfg["optimizer"], dict(cfg["optimizer_params"] or {}))
     cfg["schedule_params"] = {**SCHEDULE_DEFAULTS.get(cfg["lr_schedule"], {}), **(cfg["schedule_params"] or {})}
     if cfg["lr_schedule"] == "cosine":  # fix the period now: extending a run must not change past rates
@@ -171,6 +173,14 @@ def _integer(value: Any, what: str) -> int:
     return int(value)
 
 
+def _sequence(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise StreamnnError(f"{what} must be a list of sizes, not {value!r}")
+    return list(value)
+
+
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not math.isfinite(value):
@@ -185,7 +195,10 @@ def applicable(config: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 def check_applicable(model: str, given: Any) -> None:
-    """Refuse options (configuration keys) given for a model they do not apply to, naming them."""
+    """Refuse options (configuration keys) given for a model they do not apply to, naming them (an
+    unknown ``model`` is left to :func:`resolve_config` to report)."""
+    if not isinstance(model, str) or model not in MODEL_OPTIONS:
+        return
     foreign = sorted(set(given) & (MODEL_SPECIFIC - MODEL_OPTIONS[model]))
     if foreign:
         names = ", ".join("--" + k.replace("_", "-") for k in foreign)
