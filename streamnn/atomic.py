@@ -12,8 +12,14 @@ output fails instead). The rename replaces a symlink at the target itself, never
 it points to. :func:`atomic_write`
 writes bytes through the descriptor, so it never opens a name at all.
 
-Long names. The temporary name is ``.streamnn-tmp-<target name>.<8 random>``; for a target
-name too long to fit in NAME_MAX with that, the target name is cut in the temporary name.
+Long names. The temporary name is ``.streamnn-tmp-<target name>.<owner>-<8 random>``; for a
+target name too long to fit in NAME_MAX with that, the target name is cut in the temporary name.
+
+Stale temporaries. ``<owner>`` is ``h<6 hex of the host name>p<pid, 7 digits>``: a process killed
+in the middle of a write (SIGKILL, power loss) leaves its temporary behind, and the next write
+of the same target removes it, when it is a regular file written on this host by a process
+that no longer runs. A temporary of a live process, of another host or without an owner is
+never touched.
 
 Errors. HDF5 reports a failed write (disk full, file too large) as a RuntimeError or an
 OSError whose message holds ``errno = N``: :func:`write_error` turns it into the OSError
@@ -64,6 +70,59 @@ def temporary_prefix(target_name: str, suffix: str = "") -> str:
     return TMP_PREFIX + os.fsdecode(os.fsencode(target_name)[:max(room, 1)]) + "."
 
 
+_OWNER_LEN = len("h000000p0000000-")
+
+
+def _owner_tag() -> str:
+    import hashlib
+    import socket
+
+    host = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
+    return f"h{host}p{os.getpid() % 10_000_000:07d}-"
+
+
+def _owner_is_gone(tag: str) -> bool:
+    """Whether the process that wrote a temporary tagged ``tag`` is known to have ended."""
+    mine = _owner_tag()
+    if len(tag) != _OWNER_LEN or tag[:8] != mine[:8] or not tag[8:15].isdigit():
+        return False  # another host, or not an owner tag
+    pid = int(tag[8:15])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive (another user's) or unknown
+        return False
+    return False
+
+
+def remove_stale_temporaries(target: str | os.PathLike, suffix: str = "") -> list[Path]:
+    """Remove the temporaries of earlier writes of ``target`` whose writer ended (see the module
+    docstring); returns them."""
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    prefix = temporary_prefix(target.name, suffix + "x" * _OWNER_LEN)
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix) or not name.endswith(suffix):
+            continue
+        rest = name[len(prefix):len(name) - len(suffix)]
+        if len(rest) != _OWNER_LEN + _RANDOM_CHARS or not _owner_is_gone(rest[:_OWNER_LEN]):
+            continue
+        path = folder / name
+        if _is_regular(path):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def _is_regular(path: Path) -> bool:
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
@@ -75,7 +134,10 @@ def _is_regular(path: Path) -> bool:
 def _atomic(target: str | os.PathLike, suffix: str = "") -> Iterator[tuple[Path, int]]:
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(target.name, suffix), suffix=suffix, dir=folder)
+    remove_stale_temporaries(target, suffix)
+    tag = _owner_tag()
+    fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(target.name, suffix + tag) + tag, suffix=suffix,
+                                    dir=folder)
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, _FILE_MODE)

@@ -55,7 +55,9 @@ def test_temporaries_are_created_exclusively_without_following_links(tmp_path, m
     victim.write_text("precious")
     names = iter(["aaaaaaaa", "bbbbbbbb"])
     monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: names)
-    os.symlink(victim, tmp_path / ".streamnn-tmp-out.txt.aaaaaaaa")  # planted at the first candidate
+    from streamnn.atomic import _owner_tag
+
+    os.symlink(victim, tmp_path / f".streamnn-tmp-out.txt.{_owner_tag()}aaaaaaaa")  # planted at the first candidate
     atomic_write(tmp_path / "out.txt", b"new")
     assert victim.read_text() == "precious" and (tmp_path / "out.txt").read_bytes() == b"new"
 

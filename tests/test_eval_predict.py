@@ -127,7 +127,7 @@ def test_predict_matches_store_rows_and_reports_bad_files(dataset, tmp_path):
 
 def test_predict_with_nothing_readable_fails(dataset, tmp_path):
     r = CliRunner().invoke(predict_main, [str(dataset["out"] / LATEST), str(tmp_path)])
-    assert r.exit_code == 1 and f"error: {tmp_path}: no image file found" in r.output
+    assert r.exit_code == 1 and f"Error: {tmp_path}: no image file found" in r.output
 
 
 def test_flip_tta_is_symmetric():

@@ -10,7 +10,7 @@ from streamnn.dist import world
 from streamnn.run.evaluate import evaluate_checkpoint
 from streamnn.run.predict import TTA
 from streamnn.paths import path_text
-from streamnn.cli.common import CONTEXT_SETTINGS, user_errors
+from streamnn.cli.common import CONTEXT_SETTINGS, sigterm_as_interrupt, user_errors
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -32,7 +32,7 @@ def main(checkpoint: str, store: str, split: str, as_json: bool, errors_png: str
 
     Under `mpiexec -n K` every rank evaluates a share of the split and rank 0 prints the sums.
     """
-    with user_errors(ranks=True):
+    with sigterm_as_interrupt(), user_errors(ranks=True):
         comm = world()
         if errors_png:
             from streamnn.run.plots import check_figure_path

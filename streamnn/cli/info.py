@@ -12,7 +12,7 @@ from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.data.format import FORMAT_VERSION
 from streamnn.data.store import Store, open_store, reading
-from streamnn.cli.common import CONTEXT_SETTINGS, user_errors
+from streamnn.cli.common import CONTEXT_SETTINGS, sigterm_as_interrupt, user_errors
 
 
 def describe(store: Store) -> dict[str, Any]:
@@ -107,7 +107,7 @@ def main(store: str, grid: str | None, split: str | None, n_images: int, as_json
          all_skipped: bool, verify: bool) -> None:
     """Describe the streamnn store STORE: splits, counts per class, image shape, dtype, size
     on disk, skipped files, the packing command and options, and the fingerprint."""
-    with user_errors():
+    with sigterm_as_interrupt(), user_errors():
         if grid:
             from streamnn.run.plots import check_figure_path
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
 from streamnn.run.predict import TTA, iter_image_files, load_predictor, predict_files
 from streamnn.paths import path_text
-from streamnn.cli.common import CONTEXT_SETTINGS, user_errors
+from streamnn.cli.common import CONTEXT_SETTINGS, sigterm_as_interrupt, user_errors
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -24,16 +25,22 @@ def main(checkpoint: str, inputs: tuple[str, ...], as_json: bool, tta: str, batc
     Prints `path<TAB>class<TAB>probability` per image; paths are printed in streamnn's
     lossless text form (a tab, a newline or a byte that is not UTF-8 is written as \\xNN, a
     backslash as \\\\). Unreadable files are reported on stderr, the others are still
-    predicted, and the exit code is then 1.
+    predicted, and the exit code is then 1 (so it is for an input that does not exist).
     """
     failures = done = 0
-    with user_errors():
+    with sigterm_as_interrupt(), user_errors():
         pred = load_predictor(checkpoint)
-        for path, result, error in predict_files(pred, iter_image_files(inputs), tta=TTA[tta],
+        missing = [i for i in inputs if not os.path.lexists(i)]
+        for item in missing:  # reported as such, not as an image that could not be read
+            click.echo(f"Error: {path_text(item)}: no such file or folder", err=True)
+        present = [i for i in inputs if i not in missing]
+        if not present:
+            sys.exit(1)
+        for path, result, error in predict_files(pred, iter_image_files(present), tta=TTA[tta],
                                                  batch_size=batch_size):
             if error is not None:
                 failures += 1
-                click.echo(f"error: {error}", err=True)
+                click.echo(f"Error: {error}", err=True)
             elif as_json:
                 done += 1
                 click.echo(json.dumps({"path": path_text(path), **result}, allow_nan=False))
@@ -42,7 +49,8 @@ def main(checkpoint: str, inputs: tuple[str, ...], as_json: bool, tta: str, batc
                 click.echo(f"{path_text(path)}\t{result['class']}\t{result['probability']:.4f}")
     if failures or not done:
         click.echo(f"{failures} of {failures + done} images could not be read" if failures + done
-                   else f"error: {', '.join(path_text(i) for i in inputs)}: no image file found", err=True)
+                   else f"Error: {', '.join(path_text(i) for i in present)}: no image file found", err=True)
+    if failures or not done or missing:
         sys.exit(1)
 
 

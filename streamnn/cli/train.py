@@ -13,9 +13,10 @@ from click.core import ParameterSource
 from streamnn.dist import Comm, agreed, world
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
-from streamnn.run.folder import BEST, LATEST, RunDir
+from streamnn.run.console import doubtful_result
+from streamnn.run.folder import BEST, LATEST, STEPS_CSV, RunDir
 from streamnn.nn.functional import ACTIVATIONS
-from streamnn.run.config import CHOICES, DEFAULTS, RESUMABLE, resolve_config
+from streamnn.run.config import CHOICES, DEFAULTS, RESUMABLE, applicable, check_applicable, resolve_config
 from streamnn.run.stop import TrainingInterrupted
 from streamnn.run.trainer import Trainer
 from streamnn.cli.common import CONTEXT_SETTINGS, rank_fail, user_errors
@@ -143,9 +144,11 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
             if resume:
                 trainer = agreed(comm, lambda: _resume(out, store, given, quiet or comm.rank > 0, progress, comm))
             else:
+                agreed(comm, lambda: check_applicable(config["model"], given))
                 agreed(comm, lambda: _prepare_new(RunDir(out), force, comm.rank))
-                trainer = agreed(comm, lambda: Trainer({**config, "store": store}, out, verbose=not quiet,
-                                                       echo=click.echo, progress=progress, comm=comm))
+                new = applicable({**config, "store": store}, config["model"])
+                trainer = agreed(comm, lambda: Trainer(new, out, verbose=not quiet, echo=click.echo,
+                                                       progress=progress, comm=comm))
             history = trainer.fit()
         except TrainingInterrupted as exc:  # every rank stops at the same step
             if comm.rank == 0:
@@ -157,6 +160,8 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
                       if latest.is_file() else "interrupted before anything was saved", 130)
     if not quiet and comm.rank == 0:
         click.echo(_final_summary(trainer, history))
+        for line in doubtful_result(trainer.config, history, _step_losses(Path(out) / STEPS_CSV)):
+            click.echo(line, err=True)
 
 
 def _prepare_new(run: RunDir, force: bool, rank: int) -> None:
@@ -192,6 +197,12 @@ def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, pro
     if not path.is_file():
         raise StreamnnError(f"nothing to resume: no {LATEST} here", path_text(out))
     saved = load_run_config(path)
+    check_applicable(given.get("model", saved.get("model", DEFAULTS["model"])), given)
+    if not isinstance(saved.get("store"), str):
+        raise StreamnnError("checkpoint configuration names no store path", path_text(path))
+    if store is None and not Path(saved["store"]).is_file():
+        raise StreamnnError(f"the run's store {path_text(saved['store'])} is not there (moved?): give its new "
+                            f"path: streamnn-train NEWPATH --resume --out {path_text(out)}")
     with open_store(store or saved["store"]) as s:
         wanted = resolve_config({**saved, **given, "store": saved["store"]}, s)
     conflicts = [k for k in given if wanted.get(k) != saved.get(k) and k not in RESUMABLE]
@@ -205,6 +216,19 @@ def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, pro
         click.echo(f"resuming with {', '.join(f'{k} {saved.get(k)} -> {v}' for k, v in changes.items())}")
     return Trainer.resume(out, store=store, changes=changes, verbose=not quiet, echo=click.echo, progress=progress,
                           comm=comm)
+
+
+def _step_losses(path: Path) -> list[float]:
+    """The loss of every step in ``steps.csv`` (``step,epoch,loss``); nothing when it cannot be read."""
+    losses = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            next(f, None)
+            for line in f:
+                losses.append(float(line.rsplit(",", 1)[-1]))
+    except (OSError, ValueError):
+        return []
+    return losses
 
 
 def _final_summary(trainer: Trainer, history: dict[str, list[float]]) -> str:

@@ -7,8 +7,9 @@ channels ``c_out * (k * k * c_in + 1)`` (plus ``2 c_out`` with BatchNorm), each 
 arrays of that size (parameters, gradients, the weight-decay buffer, up to two optimizer
 moments, one scratch buffer), inference about :data:`INFERENCE_COPIES` (parameters and
 gradients). A configuration whose arrays exceed the memory the system reports as available
-(``MemAvailable`` of ``/proc/meminfo``, else the physical memory) is a one-line error naming
-the size, instead of a ``MemoryError`` or an exhausted machine later.
+(``MemAvailable`` of ``/proc/meminfo``, else the physical memory, and never more than the
+address space ``RLIMIT_AS`` (``ulimit -v``) leaves this process) is a one-line error naming the
+size, instead of a ``MemoryError`` or an exhausted machine later. Batches are checked the same way.
 """
 from __future__ import annotations
 
@@ -66,7 +67,34 @@ def parameter_count(model_config: Mapping[str, Any]) -> int | None:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (None when the system does not say)."""
+    """Bytes of memory available to a new allocation (None when the system does not say): the
+    system's available memory, at most what the address-space limit leaves this process."""
+    system = _system_memory()
+    room = _address_space_left()
+    if room is None:
+        return system
+    return room if system is None else min(system, room)
+
+
+def _address_space_left() -> int | None:
+    """Bytes RLIMIT_AS (``ulimit -v``) leaves this process beyond its current virtual size (None: no limit)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, OSError, ValueError, AttributeError):
+        return None
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        used = 0
+    return max(soft - used, 0)
+
+
+def _system_memory() -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -80,10 +108,11 @@ def available_memory() -> int | None:
         return None
 
 
-def check_fits(n_params: int, itemsize: int, copies: int, what: str) -> None:
+def check_fits(n_params: int, itemsize: int, copies: int, what: str, unit: str = "parameters") -> None:
     """Raise StreamnnError when ``copies`` arrays of ``n_params`` items cannot fit in memory."""
     need = n_params * itemsize * copies
     free = available_memory()
     if free is not None and need > free:
-        raise StreamnnError(f"{what} has {n_params:,} parameters: about {need / 1e9:.1f} GB with its "
-                            f"buffers, more than the {free / 1e9:.1f} GB of memory available")
+        raise StreamnnError(f"{what} has {n_params:,} {unit}: about {need / 1e9:.1f} GB with its "
+                            f"buffers, more than the {free / 1e9:.1f} GB of memory available"
+                            + (" (ulimit -v)" if free == _address_space_left() else ""))

@@ -8,6 +8,10 @@ Design. A checkpoint's *content* is a plain nested ``dict`` whose leaves are
 * lists or tuples of ``str``                                 -> 1-D UTF-8 string datasets,
   read back as ``list[str]``.
 
+Reading accepts exactly these: any other dtype HDF5 can return (opaque, compound, vlen,
+reference, array, strings of another shape) is refused in one line naming the member;
+big-endian numbers are read into native byte order (the digest is byte-order free).
+
 Keys are any non-empty strings ('/' and '%' are percent-encoded in HDF5 names).
 Numeric scalars are normalized to Python ``bool``, ``int`` or ``float`` (exact values), so a
 loaded checkpoint equals the saved content after that normalization. No pickle anywhere.
@@ -186,20 +190,40 @@ def _read_group(group: h5py.Group, max_bytes: int) -> Content:
     """The content under ``group``; a dataset declaring more bytes than ``max_bytes`` (the file's
     size: this writer never compresses) is refused before it is read."""
     out: Content = {_unescape(key): _read_attr(value) for key, value in group.attrs.items()}
-    for name, item in group.items():
+    for name in group:
         key = _unescape(name)
+        item = group.get(name)  # a dangling link gives None (or KeyError)
         if isinstance(item, h5py.Group):
             out[key] = _read_group(item, max_bytes)
-            continue
-        if item.size * max(item.dtype.itemsize, 1) > max_bytes:
-            raise ValueError(f"dataset {item.name} declares {item.size:,} values, more than the file holds")
-        if item.dtype.kind == "O" or h5py.check_string_dtype(item.dtype) is not None:
-            out[key] = [v.decode() if isinstance(v, bytes) else str(v) for v in item[...]]
+        elif isinstance(item, h5py.Dataset):
+            out[key] = _read_dataset(item, max_bytes)
         else:
-            out[key] = item[()] if item.shape == () else item[...]
-            if not isinstance(out[key], np.ndarray):
-                out[key] = np.asarray(out[key])
+            raise ValueError(f"{group.name}/{name} is neither a group nor a dataset")
     return out
+
+
+def _read_dataset(item: h5py.Dataset, max_bytes: int) -> Leaf:
+    """A dataset as this format writes them: a 1-D list of strings, or a numeric or bool array (in
+    native byte order). Any other dtype HDF5 can hold (opaque, compound, enum-free vlen, reference,
+    array, strings of another shape) is a ValueError naming it, before its values are read."""
+    dtype = item.dtype
+    if item.size * max(dtype.itemsize, 1) > max_bytes:
+        raise ValueError(f"dataset {item.name} declares {item.size:,} values, more than the file holds")
+    if h5py.check_string_dtype(dtype) is not None:
+        if item.ndim != 1:
+            raise ValueError(f"dataset {item.name} holds strings in shape {item.shape}, not a list")
+        try:
+            values = [v.decode() if isinstance(v, bytes) else v for v in item[...]]
+        except UnicodeDecodeError:
+            values = []
+        if not all(isinstance(v, str) for v in values) or len(values) != item.size:
+            raise ValueError(f"dataset {item.name} holds strings that are not UTF-8 text")
+        return values
+    if (dtype.kind not in "biufc" or dtype.names is not None or dtype.subdtype is not None
+            or h5py.check_vlen_dtype(dtype) is not None or h5py.check_ref_dtype(dtype) is not None):
+        raise ValueError(f"dataset {item.name} has dtype {dtype.str}, which a checkpoint does not hold")
+    arr = np.asarray(item[()])
+    return arr.astype(arr.dtype.newbyteorder("="), copy=False) if arr.dtype.byteorder not in "=|" else arr
 
 
 def _header(f: h5py.File) -> dict[str, Any]:
@@ -228,12 +252,13 @@ def load_checkpoint(path: str | os.PathLike) -> Content:
             if "content" not in f or "sha256" not in head:
                 raise StreamnnError("checkpoint is incomplete (no content or digest)", where)
             content = _read_group(f["content"], max(path.stat().st_size, 1 << 16))
+            computed = digest(content)
     except StreamnnError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, MemoryError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, MemoryError) as exc:
         raise StreamnnError(f"checkpoint is corrupt or truncated ({exc.__class__.__name__}: "
                             f"{' '.join(str(exc).split())[:120]})", where) from None
-    if digest(content) != head["sha256"]:
+    if computed != head["sha256"]:
         raise StreamnnError("checkpoint content does not match its sha256 digest (corrupt file)", where)
     return content
 

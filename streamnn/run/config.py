@@ -25,7 +25,7 @@ from streamnn.nn import models
 from streamnn.nn.network import COMPUTE_DTYPES
 from streamnn.optim.optimizers import OPTIMIZERS
 from streamnn.optim.schedules import FORMULAS
-from streamnn.run.budget import TRAINING_COPIES, check_fits, conv_parameter_count, dense_parameter_count
+from streamnn.run.budget import INFERENCE_COPIES, TRAINING_COPIES, check_fits, conv_parameter_count, dense_parameter_count
 
 DEFAULTS: dict[str, Any] = {
     "store": None,               # path of the HDF5 store
@@ -72,12 +72,22 @@ def derive_seed(seed: int, purpose: str) -> int:
 
 
 def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
-    """Complete and validate a configuration against an open store; raises StreamnnError."""
+    """Complete and validate a configuration against an open store; raises StreamnnError.
+
+    The model's options (:data:`MODEL_OPTIONS`) are filled in and checked only for the model they
+    apply to: the configuration of a new run holds no option of another model type. A key of
+    another model's option that ``user`` holds (a configuration saved by an earlier streamnn
+    held every key) is kept as it is, unused, so that an old run resumes bit for bit; the
+    command line refuses such an option when it is given (:func:`check_applicable`)."""
     unknown = set(user) - set(DEFAULTS)
     if unknown:
         raise StreamnnError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
-    cfg = {**DEFAULTS, **{k: v for k, v in user.items()}}
+    model = user.get("model", DEFAULTS["model"])
+    if not isinstance(model, str) or model not in MODELS:
+        raise StreamnnError(f"model must be one of {', '.join(MODELS)}, not {model!r}")
+    cfg = {**applicable(DEFAULTS, model), **user}
     cfg["store"] = os.path.abspath(cfg["store"] if cfg["store"] is not None else store.path)
+    uses = MODEL_OPTIONS[model].__contains__
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -86,32 +96,38 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
     for key, choices in CHOICES.items():
         need(cfg[key] in choices, f"{key.replace('_', '-')} must be one of "
                                   f"{', '.join(str(c) for c in choices)}, not {cfg[key]!r}")
-    cfg["hidden"] = [int(h) for h in (cfg["hidden"] or [])]
-    need(all(h > 0 for h in cfg["hidden"]), f"hidden layer sizes must be positive: {cfg['hidden']}")
-    cfg["conv"] = [int(c) for c in (cfg["conv"] or [])]
-    cfg["kernel"], cfg["shift"], cfg["batch_norm"] = int(cfg["kernel"]), int(cfg["shift"]), bool(cfg["batch_norm"])
-    if cfg["model"] == "cnn":
+    h, w = store.image_shape[:2]
+    if uses("hidden"):
+        cfg["hidden"] = [_integer(v, "hidden layer size") for v in _sequence(cfg["hidden"], "hidden")]
+        need(all(v > 0 for v in cfg["hidden"]), f"hidden layer sizes must be positive: {cfg['hidden']}")
+    if uses("conv"):
+        cfg["conv"] = [_integer(c, "conv channel count") for c in _sequence(cfg["conv"], "conv")]
+        cfg["kernel"], cfg["batch_norm"] = _integer(cfg["kernel"], "kernel"), bool(cfg["batch_norm"])
         need(all(c > 0 for c in cfg["conv"]), f"conv channel counts must be positive: {cfg['conv']}")
         need(cfg["kernel"] >= 1 and cfg["kernel"] % 2 == 1, f"kernel must be an odd size, not {cfg['kernel']}")
-        h, w = store.image_shape[:2]
+        need(cfg["kernel"] <= 2 * min(h, w) - 1, f"kernel {cfg['kernel']} is wider than the {h}x{w} images")
         need(min(h, w) >= 2 ** len(cfg["conv"]), f"{len(cfg['conv'])} conv blocks halve {h}x{w} images below one "
                                                  "pixel: give fewer --conv entries")
-    need(cfg["shift"] >= 1 or "shift" not in (cfg["augment"] or ""), "shift must be >= 1 pixel")
-    if cfg["model"] == "logistic":
-        cfg["hidden"], cfg["activation"], cfg["dropout"] = [], None, 0.0
+    cfg["shift"] = _integer(cfg["shift"], "shift")
+    if "shift" in (cfg["augment"] or ""):
+        need(1 <= cfg["shift"] < min(h, w), f"shift must be from 1 to {min(h, w) - 1} pixels on {h}x{w} images, "
+                                            f"not {cfg['shift']}")
     for key in ("epochs", "batch_size", "eval_batch_size"):
-        cfg[key] = int(cfg[key])
-        need(cfg[key] > 0, f"{key.replace('_', '-')} must be positive, not {cfg[key]}")
-    cfg["checkpoint_every"] = int(cfg["checkpoint_every"] or 0)
+        cfg[key] = _integer(cfg[key], key.replace("_", "-"))
+        need(0 < cfg[key] <= MAX_COUNT, f"{key.replace('_', '-')} must be from 1 to {MAX_COUNT:,}, not {cfg[key]}")
+    cfg["checkpoint_every"] = _integer(cfg["checkpoint_every"] or 0, "checkpoint-every")
     need(cfg["checkpoint_every"] >= 0, "checkpoint-every must be >= 0 (0: epoch ends only)")
-    for key in ("lr", "weight_decay", "dropout", "val_fraction"):
-        cfg[key] = float(cfg[key])
-    need(cfg["lr"] > 0 and math.isfinite(cfg["lr"]), f"lr must be a positive number, not {cfg['lr']}")
+    for key in ("lr", "weight_decay", "val_fraction") + (("dropout",) if uses("dropout") else ()):
+        cfg[key] = _number(cfg[key], key.replace("_", "-"))
+    need(cfg["lr"] > 0, f"lr must be a positive number, not {cfg['lr']}")
     need(cfg["weight_decay"] >= 0, "weight-decay must be >= 0")
-    need(0 <= cfg["dropout"] < 1, "dropout must be in [0, 1)")
+    need(not uses("dropout") or 0 <= cfg["dropout"] < 1, "dropout must be in [0, 1)")
     need(0 <= cfg["val_fraction"] < 1, "val-fraction must be in [0, 1)")
-    cfg["seed"] = int(cfg["seed"])
+    cfg["seed"] = _integer(cfg["seed"], "seed")
+    need(abs(cfg["seed"]) < 1 << 63, f"seed must be a 64-bit integer, not {cfg['seed']}")
     cfg["standardize"] = bool(cfg["standardize"])
+    for key in ("optimizer_params", "schedule_params"):
+        need(isinstance(cfg[key] or {}, dict), f"{key.replace('_', '-')} must be a mapping of names to values")
     cfg["optimizer_params"] = check_optimizer_params(cfg["optimizer"], dict(cfg["optimizer_params"] or {}))
     cfg["schedule_params"] = {**SCHEDULE_DEFAULTS.get(cfg["lr_schedule"], {}), **(cfg["schedule_params"] or {})}
     if cfg["lr_schedule"] == "cosine":  # fix the period now: extending a run must not change past rates
@@ -129,6 +145,9 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
          f"the store has no {cfg['eval_split']!r} split to evaluate on (it has {', '.join(store.splits)}; "
          f"use --eval-split none to skip)")
     need(cfg["eval_split"] != cfg["train_split"], "the evaluation split must differ from the training split")
+    need(cfg["eval_split"] is None or store.n_rows(cfg["eval_split"]) > 0,
+         f"the store's {cfg['eval_split']!r} split is empty: nothing to evaluate on (use --eval-split none to "
+         "train without evaluation)")
     if cfg["standardize"]:
         need(store.stats() is not None, "the store has no /stats (mean, std): repack it, or train without "
                                         "--standardize")
@@ -137,7 +156,73 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
                                    "classes: use --model mlp")
     need(store.n_classes >= 2, "the store needs at least two classes")
     check_model_size(cfg, store)
+    check_batch_size(cfg, store)
     return cfg
+
+
+#: Largest count of epochs or batch size a configuration may ask for (an absurd value is a typo;
+#: layer sizes are bounded by the memory budget).
+MAX_COUNT = 1 << 31
+
+
+def _integer(value: Any, what: str) -> int:
+    """An integer option (a whole float such as 3.0 included): anything else is a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or int(value) != value:
+        raise StreamnnError(f"{what} must be an integer, not {value!r}")
+    return int(value)
+
+
+def _sequence(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise StreamnnError(f"{what} must be a list of sizes, not {value!r}")
+    return list(value)
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value):
+        raise StreamnnError(f"{what} must be a finite number, not {value!r}")
+    return float(value)
+
+
+def applicable(config: dict[str, Any], model: str) -> dict[str, Any]:
+    """``config`` without the options of other model types (:data:`MODEL_OPTIONS`)."""
+    foreign = MODEL_SPECIFIC - MODEL_OPTIONS[model]
+    return {k: v for k, v in config.items() if k not in foreign}
+
+
+def check_applicable(model: str, given: Any) -> None:
+    """Refuse options (configuration keys) given for a model they do not apply to, naming them (an
+    unknown ``model`` is left to :func:`resolve_config` to report)."""
+    if not isinstance(model, str) or model not in MODEL_OPTIONS:
+        return
+    foreign = sorted(set(given) & (MODEL_SPECIFIC - MODEL_OPTIONS[model]))
+    if foreign:
+        names = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        users = sorted({m for k in foreign for m in MODELS if k in MODEL_OPTIONS[m]})
+        raise StreamnnError(f"{names} {'does' if len(foreign) == 1 else 'do'} not apply to --model {model} "
+                            f"(only to {', '.join('--model ' + m for m in users)}): drop "
+                            f"{'it' if len(foreign) == 1 else 'them'}")
+
+
+def check_batch_size(cfg: dict[str, Any], store: Any) -> None:
+    """Refuse, before allocating, batch buffers that exceed the memory available. The loader sizes its
+    buffers by the batch size asked for, so a batch size far beyond the split's rows is refused
+    here with the number of rows (a batch never holds more than them)."""
+    itemsize = np.dtype(cfg["dtype"]).itemsize
+    for key, split, copies in (("batch_size", cfg["train_split"], TRAINING_COPIES),
+                               ("eval_batch_size", cfg["eval_split"], INFERENCE_COPIES)):
+        if split is None:
+            continue
+        batch, rows = cfg[key], store.n_rows(split)
+        try:
+            check_fits(batch * store.n_features, itemsize, copies, f"a batch of {batch:,} images", unit="values")
+        except StreamnnError as exc:
+            raise StreamnnError(f"{key.replace('_', '-')} {batch:,}: {exc}; the {split!r} split has "
+                                f"{rows:,} rows") from None
 
 
 def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +313,7 @@ def _cnn(cfg: dict[str, Any], n_features: int, n_classes: int, image_shape: Any,
 
 
 def _dense_size(cfg: dict[str, Any], store: Any) -> tuple[int, str]:
-    sizes = [store.n_features, *cfg["hidden"], _outputs(store.n_classes)]
+    sizes = [store.n_features, *(cfg["hidden"] if cfg["model"] == "mlp" else []), _outputs(store.n_classes)]
     return dense_parameter_count(sizes), f"the {cfg['model']} model {sizes}"
 
 
@@ -241,6 +326,15 @@ def _cnn_size(cfg: dict[str, Any], store: Any) -> tuple[int, str]:
 #: The ``--model`` choices, each with the builder of its model.
 MODELS: dict[str, ModelKind] = {"logistic": ModelKind(_logistic, _dense_size), "mlp": ModelKind(_mlp, _dense_size),
                                 "cnn": ModelKind(_cnn, _cnn_size)}
+#: Which model options (configuration keys) apply to which model; every other key applies to all.
+#: :func:`resolve_config` fills in and checks only these, and the command line refuses the others.
+MODEL_OPTIONS: dict[str, frozenset[str]] = {
+    "logistic": frozenset(),
+    "mlp": frozenset({"hidden", "activation", "dropout"}),
+    "cnn": frozenset({"hidden", "dropout", "conv", "kernel", "batch_norm"}),
+}
+MODEL_SPECIFIC: frozenset[str] = frozenset().union(*MODEL_OPTIONS.values())
+assert set(MODEL_OPTIONS) == set(MODELS) and MODEL_SPECIFIC <= set(DEFAULTS)
 
 
 def _augment_choices() -> tuple[str | None, ...]:

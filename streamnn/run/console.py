@@ -13,6 +13,9 @@ from typing import Any
 
 from streamnn.run.folder import BEST
 
+#: Relative change of the training loss below which it "never moved".
+STILL_LOSS = 1e-6
+
 
 class Console:
     """The run's output: ``echo`` (default: print) when ``verbose``, and a progress bar when ``progress``."""
@@ -68,3 +71,23 @@ class Console:
             if done:
                 bar.update(done)
             yield bar
+
+
+def doubtful_result(cfg: dict[str, Any], history: dict[str, list[float]], step_losses: list[float]) -> list[str]:
+    """Warning lines for a run that finished but learned nothing: a final accuracy of 0.0 on any split
+    it measured, or a training loss that never moved (over the epochs, or over every step)."""
+    warnings = []
+    names = {"train_accuracy": f"training ({cfg['train_split']!r})", "val_accuracy": "validation",
+             "eval_accuracy": f"{cfg['eval_split']!r}"}
+    for column, name in names.items():
+        values = history.get(column) or []
+        if values and values[-1] == 0.0:
+            warnings.append(f"warning: the final {name} accuracy is 0.0: every image is misclassified (do the "
+                            "classes of the splits differ, or are the labels wrong?)")
+    for what, losses in (("epochs", history.get("train_loss") or []), ("steps", step_losses)):
+        finite = [v for v in losses if math.isfinite(v)]
+        if len(finite) >= 2 and max(finite) - min(finite) <= STILL_LOSS * max(1.0, abs(finite[0])):
+            warnings.append(f"warning: the training loss never moved ({finite[0]:.6g} over {len(finite)} {what}): "
+                            "the model learned nothing (learning rate, initialization or data?)")
+            break
+    return warnings

@@ -71,6 +71,10 @@ def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | No
     outputs = getattr(model, "n_classes", None)
     if outputs is not None and outputs != (1 if len(data.class_names) == 2 else len(data.class_names)):
         raise StreamnnError(f"checkpoint model has {outputs} outputs for {len(data.class_names)} classes", where)
+    model_shape = getattr(model, "image_shape", None)  # a ConvNet reads images, not just so many values
+    if model_shape is not None and tuple(int(v) for v in model_shape) != data.image_shape:
+        raise StreamnnError(f"checkpoint model takes {'x'.join(map(str, model_shape))} images but its data "
+                            f"entries say {'x'.join(map(str, data.image_shape))}", where)
     prep = Preprocess(data.image_shape, data.mean, data.std, dtype=model_dtype(model))
     try:  # one image of the recorded shape must go through (a hand-edited shape or model would not)
         model.predict_proba(np.zeros((data.n_features, 1), model_dtype(model)))

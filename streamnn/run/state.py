@@ -208,22 +208,67 @@ def restore(content: Mapping[str, Any], path: str | os.PathLike, *, model: Any, 
     optimizer.load_state_dict(dict(get(content, "optimizer.state", path)))
     optimizer.lr = float(get(content, "optimizer.lr", path))
     loader.load_state_dict(get(content, "loader", path))
-    progress = dict(get(content, "progress", path))
+    progress = get(content, "progress", path)
+    if not isinstance(progress, Mapping):
+        raise StreamnnError("checkpoint entry 'progress' must be a group", path)
+    progress = dict(progress)
+    check_progress(progress, path)
     train_metrics.load_state_dict(progress["train_metrics"])
-    saved_history = get(content, "history", path)
-    history = {c: [float(v) for v in np.asarray(saved_history[c], np.float64)] for c in history_columns}
-    for key in ("epoch", "epoch_step", "step", "best_epoch"):
-        if isinstance(progress[key], bool) or not isinstance(progress[key], int) or progress[key] < 0:
-            raise StreamnnError(f"checkpoint entry 'progress.{key}' must be an integer >= 0", path)
-    progress["best"] = float(progress["best"])
-    if math.isnan(progress["best"]):
-        raise StreamnnError("checkpoint entry 'progress.best' is NaN", path)
-    if len(history["epoch"]) != progress["epoch"] or len({len(v) for v in history.values()}) != 1:
-        raise StreamnnError("checkpoint history and progress disagree", path)
+    history = read_history(get(content, "history", path), history_columns, progress["epoch"], path)
     if progress["epoch_step"] > steps_per_epoch:
         raise StreamnnError(f"checkpoint is at step {progress['epoch_step']} of an epoch that has "
                             f"{steps_per_epoch} steps here", path)
     return progress, history
+
+
+def check_progress(progress: dict[str, Any], path: str | None) -> None:
+    """The progress counters in range: integers >= 0, the step count at least the epoch's, the best
+    epoch done, and ``best`` an accuracy (0..1), or -inf before the first selection."""
+    for key in ("epoch", "epoch_step", "step", "best_epoch"):
+        value = progress.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 62:
+            raise StreamnnError(f"checkpoint entry 'progress.{key}' must be an integer >= 0", path)
+    if progress["best_epoch"] > progress["epoch"] or progress["epoch_step"] > progress["step"]:
+        raise StreamnnError("checkpoint entries 'progress.*' contradict each other (best epoch after the last "
+                            "epoch, or more steps in the epoch than in the run)", path)
+    best = progress.get("best")
+    if isinstance(best, bool) or not isinstance(best, (int, float)) or not (
+            0.0 <= best <= 1.0 or (best == -math.inf and progress["best_epoch"] == 0)):
+        raise StreamnnError(f"checkpoint entry 'progress.best' must be an accuracy in [0, 1] (or -inf before "
+                            f"the first epoch), not {best!r}", path)
+    progress["best"] = float(best)
+
+
+#: The range of each metrics column: (low, high) inclusive; NaN allowed (a column not measured).
+_HISTORY_RANGES = {"accuracy": (0.0, 1.0), "loss": (0.0, math.inf), "lr": (0.0, math.inf), "best": (0.0, 1.0)}
+
+
+def read_history(saved: Any, columns: tuple[str, ...], epochs: int, path: str | None) -> dict[str, list[float]]:
+    """The metrics history: one value per finished epoch in every column, each in its range (epoch
+    numbers 1, 2, ..., steps increasing integers, accuracies in [0, 1], losses >= 0, a finite
+    learning rate > 0, best in [0, 1]; NaN where a column was not measured)."""
+    if not isinstance(saved, Mapping):
+        raise StreamnnError("checkpoint entry 'history' must be a group", path)
+    history: dict[str, list[float]] = {}
+    for column in columns:
+        arr = saved.get(column)
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iuf" or arr.shape != (epochs,):
+            raise StreamnnError(f"checkpoint entry 'history.{column}' must hold one number per finished epoch "
+                                f"({epochs})", path)
+        values = arr.astype(np.float64)
+        if column == "epoch":
+            ok = np.array_equal(values, np.arange(1, epochs + 1))
+        elif column == "step":
+            ok = bool(np.isfinite(values).all() and (values == np.round(values)).all() and (values > 0).all()
+                      and (np.diff(values) >= 0).all())
+        else:
+            low, high = _HISTORY_RANGES[column.rsplit("_", 1)[-1]]
+            ok = bool(((values >= low) & (values <= high) | np.isnan(values)).all())
+            ok = ok and (column != "lr" or bool(((values > 0) & np.isfinite(values)).all()))
+        if not ok:
+            raise StreamnnError(f"checkpoint entry 'history.{column}' holds values out of range", path)
+        history[column] = [float(v) for v in values]
+    return history
 
 
 def _short(model_config: Mapping[str, Any]) -> str:
