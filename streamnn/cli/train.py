@@ -10,7 +10,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from streamnn.dist import Comm, agreed, world
+from streamnn.data.store import open_store
+from streamnn.dist import Comm, agree, agreed, world
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.run.console import doubtful_result
@@ -145,6 +146,7 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
                 trainer = agreed(comm, lambda: _resume(out, store, given, quiet or comm.rank > 0, progress, comm))
             else:
                 agreed(comm, lambda: check_applicable(config["model"], given))
+                agreed(comm, lambda: _agree_before_writing(comm, config, store, force))
                 agreed(comm, lambda: _prepare_new(RunDir(out), force, comm.rank))
                 new = applicable({**config, "store": store}, config["model"])
                 trainer = agreed(comm, lambda: Trainer(new, out, verbose=not quiet, echo=click.echo,
@@ -162,6 +164,15 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
         click.echo(_final_summary(trainer, history))
         for line in doubtful_result(trainer.config, history, _step_losses(Path(out) / STEPS_CSV)):
             click.echo(line, err=True)
+
+
+def _agree_before_writing(comm: Comm, config: dict[str, Any], store: str, force: bool) -> None:
+    """Under mpiexec, the ranks' options and store must agree before rank 0 touches --out (the
+    trainer checks the resolved run again before its first step)."""
+    if comm.size > 1:
+        with open_store(store) as s:
+            fingerprint = s.fingerprint
+        agree(comm, "training", {**config, "force": force, "store fingerprint": fingerprint})
 
 
 def _prepare_new(run: RunDir, force: bool, rank: int) -> None:
@@ -189,7 +200,6 @@ def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, pro
             comm: Comm) -> Trainer:
     """Resume, refusing command-line options that contradict the saved configuration."""
     from streamnn.run.state import load_run_config
-    from streamnn.data.store import open_store
 
     run = RunDir(out)
     run.check_run_names()

@@ -123,7 +123,14 @@ def plain_relative(name: object) -> bool:
 
 def check_index(f: h5py.File, index: Path, records_json: Any) -> list[Path]:
     """Check every shard an index records (exists, same size, fingerprint and metadata digest)
-    and that its virtual datasets read nothing else; return the shard paths."""
+    and that its virtual datasets read nothing else; return the shard paths.
+
+    HDF5 would resolve the virtual datasets' files against ``HDF5_VDS_PREFIX`` (an environment
+    variable that overrides their recorded folder), reading rows or labels of other files than
+    the ones checked here: a sharded store is refused while it is set."""
+    if os.environ.get("HDF5_VDS_PREFIX"):
+        raise StreamnnError("HDF5_VDS_PREFIX is set, which would make HDF5 read the shards from another "
+                            "folder than the index records: unset it to read this sharded store", path_text(index))
     records = shard_records(records_json, index)
     files = [str(r["file"]) for r in records]
     folder = index.parent

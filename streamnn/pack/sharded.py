@@ -137,7 +137,7 @@ def _check_open_files(size: int) -> None:
 def pack_sharded(src: str | os.PathLike, out: str | os.PathLike, *, shards: int | None = None,
                  comm: Comm | None = None, progress: Callable[[int, int], None] | None = None,
                  **kwargs: Any) -> PackResult:
-    """Pack ``src`` into the sharded store ``out`` (index) + ``OUT.shards/``.
+    """Pack ``src`` into the sharded store ``out`` (index) + ``OUT.h5.shards/`` (its whole name + ``.shards``).
 
     With a communicator ``comm`` of K > 1 ranks (:func:`streamnn.dist.world`), every rank must
     call this (same arguments) and rank r writes shard r of K; otherwise this process writes
