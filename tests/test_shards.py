@@ -311,3 +311,17 @@ def test_ctrl_c_stops_every_rank(src, one_file, tmp_path):
     assert [line for line in err.splitlines() if line.startswith("Error:")] == [
         f"Error: interrupted; nothing written ({out} left as it was)"], err
     assert not out.exists() and not list(shard_folder(out).glob("part-*"))
+
+
+@needs_mpi
+def test_mpiexec_ranks_given_other_options_stop_before_anything_is_written(src, tmp_path):
+    from mpi import run_mpmd
+
+    out = tmp_path / "s.h5"
+    pack_cmd = [sys.executable, "-m", "streamnn.cli.pack", str(src), "-o", str(out)]
+    result, _ = run_mpmd([[*pack_cmd, "--size", "6x8"], [*pack_cmd, "--size", "8"]], timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "Error: the ranks do not run the same packing: size differs on rank 1 of 2 from rank 0; give every "
+        "rank the same arguments and the same store"]
+    assert not out.exists() and not shard_folder(out).exists()

@@ -40,7 +40,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from streamnn.dist import AgreedError, Comm, agreed, part
+from streamnn.dist import AgreedError, Comm, agree, agreed, part
 from streamnn.errors import StreamnnError
 from streamnn.pack.job import PackJob, PackResult, RunningMoments, prepare_pack
 from streamnn.pack.output import writing
@@ -202,6 +202,9 @@ def _prepare_ranks(src: str | os.PathLike, out: str | os.PathLike, comm: Comm, k
 def _pack_ranks(src: str | os.PathLike, out: str | os.PathLike, comm: Comm,
                 progress: Callable[[int, int], None] | None, kwargs: dict[str, Any]) -> PackResult:
     rank, size = comm.rank, comm.size
+    # every rank decodes with its own options: they must be rank 0's (not its decoding processes, nor
+    # the command line rank 0 records)
+    agreed(comm, lambda: agree(comm, "packing", {k: v for k, v in kwargs.items() if k not in ("workers", "command")}))
     job = _prepare_ranks(src, out, comm, kwargs)
     shards = ShardFolder(job.out, job.src)
     skipped = list(job.plan.skipped) if rank == 0 else []
