@@ -222,3 +222,11 @@ def test_the_digest_tells_numpy_values_apart():
     assert canonical_digest([a]) != canonical_digest([a.astype(np.float32)])
     assert canonical_digest([a]) != canonical_digest([a[::-1].copy()])
     assert canonical_digest({"x": np.int64(3)}) == canonical_digest({"x": 3})
+
+
+@pytest.mark.parametrize("command,args", [("train", ["--epochs", "x"]), ("eval", []), ("pack", ["src"])])
+def test_a_usage_error_is_printed_once_under_mpiexec(tmp_path, command, args):
+    cmd = [sys.executable, "-m", f"streamnn.cli.{command}", *args]
+    result, _ = run_mpmd([cmd, cmd], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("Error: ") == 1 and result.stderr.count("Usage: ") == 1, result.stderr

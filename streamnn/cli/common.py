@@ -55,6 +55,36 @@ from streamnn.paths import path_text
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+class _Unshown(click.UsageError):
+    """A usage error that another rank prints."""
+
+    def show(self, file: Any = None) -> None:
+        pass
+
+
+class Command(click.Command):
+    """A command whose usage errors (a bad option value, a missing argument: every rank meets them
+    alike) are printed once under ``mpiexec -n K``, by rank 0, as :func:`fail` prints its errors."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with _usage_errors_on_rank_0():
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _usage_errors_on_rank_0():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _usage_errors_on_rank_0() -> Iterator[None]:
+    try:
+        yield
+    except click.UsageError as exc:
+        if _launched_rank() == 0:
+            raise
+        raise _Unshown(exc.message, exc.ctx) from None
+
+
 def fail(message: str, status: int = 1) -> NoReturn:
     """Print ``Error: message`` on stderr and exit with ``status``: an error every process of the
     command meets alike (a bad argument), so under ``mpiexec -n K`` rank 0 alone prints it."""

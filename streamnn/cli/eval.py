@@ -10,10 +10,10 @@ from streamnn.dist import world
 from streamnn.run.evaluate import evaluate_checkpoint
 from streamnn.run.predict import TTA
 from streamnn.paths import path_text
-from streamnn.cli.common import CONTEXT_SETTINGS, sigterm_as_interrupt, user_errors
+from streamnn.cli.common import CONTEXT_SETTINGS, Command, sigterm_as_interrupt, user_errors
 
 
-@click.command(context_settings=CONTEXT_SETTINGS)
+@click.command(cls=Command, context_settings=CONTEXT_SETTINGS)
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.argument("store", type=click.Path(dir_okay=False))
 @click.option("--split", default="test", show_default=True, help="Store split to evaluate.")

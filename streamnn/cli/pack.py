@@ -17,7 +17,7 @@ from streamnn.pack.job import pack
 from streamnn.pack.output import is_store_file
 from streamnn.paths import path_text
 from streamnn.pack.sharded import pack_sharded, rank_workers
-from streamnn.cli.common import CONTEXT_SETTINGS, fail, sigterm_as_interrupt, user_errors
+from streamnn.cli.common import CONTEXT_SETTINGS, Command, fail, sigterm_as_interrupt, user_errors
 
 EPILOG = """\b
 Layouts: SRC/training_set/<class>/*, SRC/test_set/<class>/* (Kaggle; the splits
@@ -96,7 +96,7 @@ def _byte_size(text: str) -> int:
     return value
 
 
-@click.command(context_settings=CONTEXT_SETTINGS, epilog=EPILOG)
+@click.command(cls=Command, context_settings=CONTEXT_SETTINGS, epilog=EPILOG)
 @click.argument("src", type=click.Path(path_type=str))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=str),
               help="Store file to write (HDF5, e.g. data.h5); written atomically.")

@@ -9,10 +9,10 @@ import click
 
 from streamnn.run.predict import TTA, iter_image_files, load_predictor, predict_files
 from streamnn.paths import path_text
-from streamnn.cli.common import CONTEXT_SETTINGS, sigterm_as_interrupt, user_errors
+from streamnn.cli.common import CONTEXT_SETTINGS, Command, sigterm_as_interrupt, user_errors
 
 
-@click.command(context_settings=CONTEXT_SETTINGS)
+@click.command(cls=Command, context_settings=CONTEXT_SETTINGS)
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True, metavar="IMAGE_OR_FOLDER...")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line (JSON Lines).")
