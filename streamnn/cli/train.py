@@ -146,7 +146,7 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
                 trainer = agreed(comm, lambda: _resume(out, store, given, quiet or comm.rank > 0, progress, comm))
             else:
                 agreed(comm, lambda: check_applicable(config["model"], given))
-                agreed(comm, lambda: _agree_before_writing(comm, config, store, force))
+                _agree_before_writing(comm, config, store, force)
                 agreed(comm, lambda: _prepare_new(RunDir(out), force, comm.rank))
                 new = applicable({**config, "store": store}, config["model"])
                 trainer = agreed(comm, lambda: Trainer(new, out, verbose=not quiet, echo=click.echo,
@@ -170,9 +170,13 @@ def _agree_before_writing(comm: Comm, config: dict[str, Any], store: str, force:
     """Under mpiexec, the ranks' options and store must agree before rank 0 touches --out (the
     trainer checks the resolved run again before its first step)."""
     if comm.size > 1:
-        with open_store(store) as s:
-            fingerprint = s.fingerprint
+        fingerprint = agreed(comm, lambda: _fingerprint(store))
         agree(comm, "training", {**config, "force": force, "store fingerprint": fingerprint})
+
+
+def _fingerprint(store: str) -> str:
+    with open_store(store) as s:
+        return s.fingerprint
 
 
 def _prepare_new(run: RunDir, force: bool, rank: int) -> None:
