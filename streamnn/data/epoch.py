@@ -148,14 +148,17 @@ class BatchMaker:
             self._discard(key)
 
     def _ahead(self, epoch: int, k: int, count: int) -> list[tuple[int, int]]:
-        """The keys of the next ``count`` batches from (epoch, k), crossing into later epochs."""
-        nb = len(self.loader)
+        """The keys of the next ``count`` batches from (epoch, k), crossing into later epochs;
+        every ``loader.batch_step``-th batch (a consumer that takes every N-th, e.g. a DataLoader worker)."""
+        nb, step = len(self.loader), self.loader.batch_step
         keys = []
         while len(keys) < count and nb:
             if k >= nb:
-                epoch, k = epoch + 1, 0
+                epoch, k = epoch + 1, k % step
+                if k >= nb:
+                    break
             keys.append((epoch, k))
-            k += 1
+            k += step
         return keys
 
     def _use_thread(self) -> bool:

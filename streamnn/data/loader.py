@@ -107,6 +107,8 @@ class Loader:
         self.window_blocks = _int(window_blocks, "window_blocks", 1)
         #: "auto" (thread only while the caller works between batches), "thread" or "inline".
         self.prefetch_policy = PREFETCH_POLICY
+        #: The consumer asks for every ``batch_step``-th batch (a DataLoader worker of N: N): what to read ahead.
+        self.batch_step = 1
 
         with open_store(self.path) as store:
             ds = store.dataset(self.split)  # unknown split: one-line error
