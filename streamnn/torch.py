@@ -76,9 +76,11 @@ class _Images:
         if self.channels == "RGB" and c == 3:
             imgs = imgs[..., ::-1]
         nchw = self.layout == "NCHW"
-        out = torch.zeros((total, c, h, w) if nchw else (total, h, w, c), dtype=getattr(torch, self.dtype))
+        out = torch.empty((total, c, h, w) if nchw else (total, h, w, c), dtype=getattr(torch, self.dtype))
         src = imgs.transpose(0, 3, 1, 2) if nchw else imgs
-        dst = out.numpy()[:b]
+        full = out.numpy()
+        full[b:] = 0  # padded rows
+        dst = full[:b]
         if self.dtype == "float32":
             np.copyto(dst, src)
         else:
@@ -190,12 +192,25 @@ class StoreBatches(IterableDataset):
     def batch(self, epoch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of global batch ``k`` of ``epoch``: (images, int64 labels)."""
         L = self._engine()
-        X, _ = L._batches().get(epoch, k)  # (D, b) view of the loader's buffer: copied below
         rows = L.batch_rows(epoch, k)
-        total = L.local_batch_size if self.last == "pad" else len(rows)
-        labels = torch.full((total,), IGNORE_INDEX, dtype=torch.int64)
-        labels[:len(rows)] = torch.from_numpy(L._labels[rows].astype(np.int64))
-        return self.images(X.T, total), labels
+        b = len(rows)
+        total = L.local_batch_size if self.last == "pad" else b
+        labels = np.full(total, IGNORE_INDEX, np.int64)
+        labels[:b] = L._labels[rows]
+        im = self.images
+        if im.dtype == "float32" and im.layout != "NCHW":  # the tensor is the row buffer: made in place
+            out = torch.empty((total, *L.image_shape))
+            buf = out.numpy().reshape(total, L.n_features)
+            buf[b:] = 0
+            L._batches().produce(epoch, k, buf)
+            if im.channels == "RGB" and L.image_shape[2] == 3:
+                px = out.numpy()[:b]
+                blue = px[..., 0].copy()
+                px[..., 0] = px[..., 2]
+                px[..., 2] = blue
+            return (out.permute(0, 3, 1, 2) if im.layout == "channels_last" else out), torch.from_numpy(labels)
+        X, _ = L._batches().get(epoch, k)  # (D, b) view of the loader's buffer: copied below
+        return im(X.T, total), torch.from_numpy(labels)
 
     def dataloader(self, **kwargs: Any) -> _Counted:
         """``DataLoader(self, batch_size=None, **kwargs)`` that counts the batches the caller takes, so
