@@ -262,3 +262,20 @@ def test_torch_distributed_gloo_two_processes(store, tmp_path):
             ids = row_ids(X, px)
             assert ids[0::2] == a[k] and ids[1::2] == b[k]
     assert got[0][0] != got[0][1]
+
+
+def test_the_pytorch_example_of_the_docs_runs(tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+    page = (Path(__file__).resolve().parent.parent / "docs" / "frameworks.md").read_text()
+    code = re.search(r"## PyTorch\n.*?```python\n(.*?)```", page, flags=re.S).group(1)
+    make_store(tmp_path / "demo.h5", 70, dtype="uint8")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "frameworks.md", "exec"), {})
+    lines = capsys.readouterr().out.split()
+    assert lines[0::2] == ["0", "1"] and all(np.isfinite(float(v)) for v in lines[1::2])
+    saved = torch.load(tmp_path / "checkpoint.pt")
+    assert saved["data"]["epoch"] == 2 and saved["data"]["position"] == 0
+    again = StoreBatches(tmp_path / "demo.h5", "train", batch_size=32)
+    again.load_state_dict(saved["data"])
+    assert (again.epoch, again.position) == (2, 0)
