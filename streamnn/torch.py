@@ -56,6 +56,14 @@ def _choice(value: Any, choices: tuple[str, ...], name: str) -> str:
     return str(value)
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor; in a DataLoader worker in shared memory at once (else sending it copies it there)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(max(size, 1)), 0, shape)
+
+
 class _Images:
     """Normalized (b, D) BGR float32 rows -> an image tensor in the chosen convention (one copy)."""
 
@@ -76,7 +84,7 @@ class _Images:
         if self.channels == "RGB" and c == 3:
             imgs = imgs[..., ::-1]
         nchw = self.layout == "NCHW"
-        out = torch.empty((total, c, h, w) if nchw else (total, h, w, c), dtype=getattr(torch, self.dtype))
+        out = _empty((total, c, h, w) if nchw else (total, h, w, c), getattr(torch, self.dtype))
         src = imgs.transpose(0, 3, 1, 2) if nchw else imgs
         full = out.numpy()
         full[b:] = 0  # padded rows
@@ -199,7 +207,7 @@ class StoreBatches(IterableDataset):
         labels[:b] = L._labels[rows]
         im = self.images
         if im.dtype == "float32" and im.layout != "NCHW":  # the tensor is the row buffer: made in place
-            out = torch.empty((total, *L.image_shape))
+            out = _empty((total, *L.image_shape), torch.float32)
             buf = out.numpy().reshape(total, L.n_features)
             buf[b:] = 0
             L._batches().produce(epoch, k, buf)
