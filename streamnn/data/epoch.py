@@ -7,10 +7,14 @@ that iterates: the row reader (:mod:`streamnn.data.readers`), the prefetch threa
 
 * X is the transpose view ``buf[:b].T`` of a C-ordered ``(b, D)`` buffer: (D, b), F-contiguous,
   no copy (BLAS takes either layout; a transposing copy would cost ~5x the gather).
-* X buffers come from a ring of ``prefetch + 2``: a batch's X stays intact while the next one is
-  used, and may be overwritten once the batch two after it is requested. Y is a fresh array.
+* X buffers come from a ring of ``prefetch + 2``. By default batches are safe to keep: a buffer is
+  reused only when nothing references it any more (the caller dropped the batch's X and every view
+  of it), else it is replaced by a new one. ``loader.reuse_buffers`` opts out: a batch's X stays
+  intact while the next one is used, and may be overwritten once the batch two after it is
+  requested. Y is a fresh array.
 * Readers that read ahead (``pread``) are told of the next batches of the order before batch k
-  is read; float32 batches may then be the reader's own buffer, lent for ``prefetch + 2`` batches.
+  is read; float32 batches may then be the reader's own buffer, lent for ``prefetch + 2`` batches
+  (with ``reuse_buffers`` only: safe batches copy it).
 * With a reader that releases the GIL and ``prefetch`` > 0, one thread produces the next
   ``prefetch`` batches (crossing into the next epoch) while the caller's time between batches
   exceeds the time to produce one (running means, with hysteresis), else each batch is made in
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -100,7 +105,12 @@ class BatchMaker:
         if reader.reads_ahead:  # announce the next batches along the epoch order (read meanwhile)
             for key in self._ahead(epoch, k + 1, reader.ahead_batches(max(1, L.local_batch_size))):
                 reader.expect(key, L.batch_rows(*key))
-        out = reader.read(rows, out, key=(epoch, k))  # or the reader's own buffer (zero copy)
+        got = reader.read(rows, out, key=(epoch, k))  # or the reader's own buffer (zero copy)
+        if got is not out:
+            if L.reuse_buffers:
+                out = got
+            else:  # the reader reuses its buffer later, whatever the caller keeps: copy
+                np.copyto(out, got)
         aug = L._augment
         if aug.flip or aug.shift:
             h, w, c = L.image_shape
@@ -132,9 +142,16 @@ class BatchMaker:
         return labels.astype(np.int64).reshape(1, -1)
 
     def _acquire(self) -> int:
+        shape = (self.loader.local_batch_size, self.loader.n_features)
         if self._free:
-            return self._free.pop()
-        self._buffers.append(np.empty((self.loader.local_batch_size, self.loader.n_features), np.float32))
+            slot = self._free.pop()
+            # Safe batches (the default): a buffer that a batch still uses (the caller kept its X, or
+            # a view of it) is left to the caller and replaced, never overwritten. References here:
+            # the list and getrefcount's argument.
+            if not self.loader.reuse_buffers and sys.getrefcount(self._buffers[slot]) > 2:
+                self._buffers[slot] = np.empty(shape, np.float32)
+            return slot
+        self._buffers.append(np.empty(shape, np.float32))
         return len(self._buffers) - 1
 
     def _discard(self, key: tuple[int, int]) -> None:
@@ -148,14 +165,17 @@ class BatchMaker:
             self._discard(key)
 
     def _ahead(self, epoch: int, k: int, count: int) -> list[tuple[int, int]]:
-        """The keys of the next ``count`` batches from (epoch, k), crossing into later epochs."""
-        nb = len(self.loader)
+        """The keys of the next ``count`` batches from (epoch, k), crossing into later epochs;
+        every ``loader.batch_step``-th batch (a consumer that takes every N-th, e.g. a DataLoader worker)."""
+        nb, step = len(self.loader), self.loader.batch_step
         keys = []
         while len(keys) < count and nb:
             if k >= nb:
-                epoch, k = epoch + 1, 0
+                epoch, k = epoch + 1, k % step
+                if k >= nb:
+                    break
             keys.append((epoch, k))
-            k += 1
+            k += step
         return keys
 
     def _use_thread(self) -> bool:

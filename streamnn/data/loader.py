@@ -18,7 +18,8 @@ Usage::
   "shift", "flip,shift"; draws a pure function of (seed, epoch, global batch, row)) and
   standardized with the store's ``/stats`` by :mod:`streamnn.data.transforms`; Y ``(1, b)``
   float32 0/1 for two classes, int64 labels for more, ``(K, b)`` float32 with ``one_hot``.
-  X is valid until the batch two after it is requested (copy it to keep it). :mod:`.epoch`
+  A yielded batch is safe to keep (its buffer is reused only once nothing references it);
+  ``reuse_buffers=True``: X is valid until the batch two after it is requested. :mod:`.epoch`
   makes the batches, reads ahead and prefetches.
 * State: ``position`` counts the global batches handed out in the current epoch; breaking out of
   a ``for`` keeps it, the next ``for`` resumes there. ``state_dict()`` / ``load_state_dict`` (O(1))
@@ -93,7 +94,7 @@ class Loader:
                  one_hot: bool = False, rank: int = 0, world_size: int = 1, order: str = "exact",
                  prefetch: int = 2, subset: Any = None, block_rows: int | None = None,
                  window_blocks: int = WINDOW_BLOCKS, shift: int = DEFAULT_SHIFT, shift_padding: str = "reflect",
-                 reader: str = "auto") -> None:
+                 reader: str = "auto", reuse_buffers: bool = False) -> None:
         self.path = Path(os.path.abspath(os.fspath(path)))
         self.split = str(split)
         self.batch_size = _int(batch_size, "batch size", 1, self.path, MAX_BATCH_SIZE)
@@ -116,6 +117,11 @@ class Loader:
         self.window_blocks = _int(window_blocks, "window_blocks", 1)
         #: "auto" (thread only while the caller works between batches), "thread" or "inline".
         self.prefetch_policy = PREFETCH_POLICY
+        #: The consumer asks for every ``batch_step``-th batch (a DataLoader worker of N: N): what to read ahead.
+        self.batch_step = 1
+        #: False (safe): a yielded X is never overwritten while referenced. True: X is valid until the
+        #: batch two after it is requested (a loop that drops each batch; no copy of a lent buffer).
+        self.reuse_buffers = bool(reuse_buffers)
 
         with open_store(self.path) as store:
             ds = store.dataset(self.split)  # unknown split: one-line error
