@@ -23,6 +23,7 @@ _EXPORTS = {
     "Adam": "optim", "GradientDescent": "optim", "Momentum": "optim", "RMSProp": "optim",
     "make_optimizer": "optim", "make_schedule": "optim",
     "load_checkpoint": "run.checkpoint", "save_checkpoint": "run.checkpoint", "Trainer": "run.trainer",
+    "load_model": "run.predict",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

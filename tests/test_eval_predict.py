@@ -15,7 +15,7 @@ from streamnn import StoreWriter
 from streamnn.cli.eval import main as eval_main
 from streamnn.cli.predict import main as predict_main
 from streamnn.data.transforms import Preprocess, flip_columns
-from streamnn.run.predict import load_predictor, predict_proba
+from streamnn.run.predict import load_model, predict_proba
 from streamnn.run.metrics import Metrics, class_probabilities, confusion_matrix, precision_recall
 from streamnn.run.folder import BEST, LATEST
 from streamnn.run.trainer import Trainer
@@ -100,7 +100,7 @@ def test_eval_refuses_unknown_split_and_mismatched_store(dataset, tmp_path):
 
 def test_predict_matches_store_rows_and_reports_bad_files(dataset, tmp_path):
     ckpt = dataset["out"] / LATEST
-    pred = load_predictor(ckpt)
+    pred = load_model(ckpt)
     assert pred.prep.standardize
     test_files = dataset["files"]["test"]
     bad = tmp_path / "broken.jpg"

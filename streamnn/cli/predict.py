@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from streamnn.run.predict import TTA, iter_image_files, load_predictor, predict_files
+from streamnn.run.predict import TTA, iter_image_files, load_model, predict_files
 from streamnn.paths import path_text
 from streamnn.cli.common import CONTEXT_SETTINGS, Command, sigterm_as_interrupt, user_errors
 
@@ -29,7 +29,7 @@ def main(checkpoint: str, inputs: tuple[str, ...], as_json: bool, tta: str, batc
     """
     failures = done = 0
     with sigterm_as_interrupt(), user_errors():
-        pred = load_predictor(checkpoint)
+        pred = load_model(checkpoint)
         missing = [i for i in inputs if not os.path.lexists(i)]
         for item in missing:  # reported as such, not as an image that could not be read
             click.echo(f"Error: {path_text(item)}: no such file or folder", err=True)

@@ -20,7 +20,7 @@ from streamnn.dist import AgreedError, Comm, SingleComm, agree, agreed, canonica
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.run.metrics import Metrics
-from streamnn.run.predict import Predictor, load_predictor, predict_proba
+from streamnn.run.predict import Predictor, load_model, predict_proba
 
 
 class EvaluationStopped(Exception):
@@ -174,7 +174,7 @@ def _checked_predictor(checkpoint: str | os.PathLike, store_path: str | os.PathL
     store's fingerprint."""
     from streamnn.data.store import open_store
 
-    pred = load_predictor(checkpoint)
+    pred = load_model(checkpoint)
     with open_store(store_path) as store:
         if list(store.class_names) != pred.class_names or tuple(store.image_shape) != pred.image_shape:
             raise StreamnnError(f"store has classes {store.class_names} and images {store.image_shape}, the "

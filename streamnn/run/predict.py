@@ -60,6 +60,67 @@ class Predictor:
     def n_classes(self) -> int:
         return len(self.class_names)
 
+    def predict(self, images: Any, *, channels: str = "BGR", tta: bool = False,
+                batch_size: int = 64) -> list[dict[str, Any]]:
+        """Class, probability and the probabilities of every class, for each image.
+
+        ``images``: a path, a folder (searched recursively) or a list of them, decoded and resized
+        exactly as ``streamnn-pack`` did for this model's store (an unreadable file raises
+        :class:`StreamnnError` naming it); or NumPy uint8 images (H, W, C), one or a list or an
+        (N, H, W, C) array, in ``channels`` order ("BGR" as OpenCV reads, "RGB" as PIL and
+        matplotlib do), resized as packing resizes (area interpolation; packing's reduced JPEG
+        decode does not apply to pixels already decoded). Results carry ``"path"`` for files.
+        """
+        if isinstance(images, (str, os.PathLike)) or (isinstance(images, (list, tuple)) and images
+                                                      and isinstance(images[0], (str, os.PathLike))):
+            results = []
+            for path, result, error in predict_files(self, iter_image_files(
+                    [images] if isinstance(images, (str, os.PathLike)) else images), tta=tta, batch_size=batch_size):
+                if error is not None:
+                    raise StreamnnError(error)
+                results.append({"path": path, **result})
+            return results
+        arrays = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else list(images)
+        rows = np.stack([self._as_packed(np.asarray(a), channels) for a in arrays]) if arrays else None
+        if rows is None:
+            return []
+        return [result for i in range(0, len(rows), batch_size)
+                for result in self._classify(rows[i:i + batch_size], tta)]
+
+    def _as_packed(self, img: np.ndarray, channels: str) -> np.ndarray:
+        """An image array as packing stores it: this model's size, channel order, uint8."""
+        import cv2
+
+        if channels not in ("BGR", "RGB"):
+            raise StreamnnError(f"channels must be 'BGR' or 'RGB', not {channels!r}")
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] not in (1, 3) or 0 in img.shape:
+            raise StreamnnError(f"an image must be uint8 (H, W, 3) or (H, W, 1), not {img.dtype} {img.shape}")
+        if img.shape[2] == 3 and channels == "RGB":
+            img = img[:, :, ::-1]
+        h, w, c = self.image_shape
+        if c == 1 and img.shape[2] == 3:
+            img = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_BGR2GRAY)[:, :, None]
+        elif c == 3 and img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)
+        if img.shape[:2] != (h, w):
+            img = cv2.resize(np.ascontiguousarray(img), (w, h), interpolation=cv2.INTER_AREA).reshape(h, w, c)
+        return np.ascontiguousarray(img)
+
+    def _classify(self, images: np.ndarray, tta: bool) -> list[dict[str, Any]]:
+        """Results for packed uint8 images (B, H, W, C)."""
+        from streamnn.run.metrics import class_probabilities
+
+        probs = class_probabilities(predict_proba(self.model, self.prep, self.prep.rows_from_images(images), tta))
+        if not np.isfinite(probs).all():
+            raise StreamnnError("the model gives non-finite probabilities (NaN or inf): it is unusable",
+                                path_text(self.path) if self.path is not None else None)
+        results = []
+        for col in probs.T:
+            k = int(np.argmax(col)) if len(col) > 2 else int(col[1] > 0.5)
+            results.append({"class": self.class_names[k], "probability": float(col[k]),
+                            "probabilities": {n: float(p) for n, p in zip(self.class_names, col)}})
+        return results
+
 
 def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | None = None) -> Predictor:
     """Rebuild the model and preprocessing from loaded checkpoint content (validated, see :mod:`streamnn.run.state`)."""
@@ -85,7 +146,7 @@ def predictor_from_content(content: dict[str, Any], path: str | os.PathLike | No
                      data.fingerprint, Path(path) if path is not None else None)
 
 
-def load_predictor(path: str | os.PathLike) -> Predictor:
+def load_model(path: str | os.PathLike) -> Predictor:
     """Load a checkpoint file for inference (one-line StreamnnError if unusable)."""
     content = load_checkpoint(path)
     where = path_text(path)
@@ -118,17 +179,8 @@ def predict_files(pred: Predictor, files: Iterable[Path], *, tta: bool = False,
     from streamnn.pack.decode import load_image
 
     def flush(batch: list[tuple[Path, np.ndarray]]) -> Iterator[tuple[Path, dict[str, Any], None]]:
-        X = pred.prep.rows_from_images(np.stack([img for _, img in batch]))
-        from streamnn.run.metrics import class_probabilities
-
-        probs = class_probabilities(predict_proba(pred.model, pred.prep, X, tta))
-        if not np.isfinite(probs).all():
-            raise StreamnnError("the model gives non-finite probabilities (NaN or inf): it is unusable",
-                                path_text(pred.path) if pred.path is not None else None)
-        for (path, _), col in zip(batch, probs.T):
-            k = int(np.argmax(col)) if len(col) > 2 else int(col[1] > 0.5)
-            yield path, {"class": pred.class_names[k], "probability": float(col[k]),
-                         "probabilities": {n: float(p) for n, p in zip(pred.class_names, col)}}, None
+        for (path, _), result in zip(batch, pred._classify(np.stack([img for _, img in batch]), tta)):
+            yield path, result, None
 
     batch: list[tuple[Path, np.ndarray]] = []
     for path in files:
