@@ -74,7 +74,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     before = path.read_bytes()
     import streamnn.run.checkpoint as ck
 
-    def boom(group, c):
+    def boom(group, c, held):
         group.create_dataset("partial", data=np.zeros(3))
         raise KeyboardInterrupt
 

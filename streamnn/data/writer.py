@@ -1,24 +1,14 @@
 """Writing a streamnn store (:class:`StoreWriter`), atomically: a temporary file beside the target,
 fsync, rename (the format: docs/format.md). The only code that writes a store.
 
-Failed writes (a full disk, a file-size limit, an I/O error). HDF5 writes lazily: its caches are
-flushed when a dataset or the file is closed, and a flush that fails leaves the file half-closed,
-retried by h5py's finalizers ("Exception ignored in ObjectID.__dealloc__") and, at exit, by the
-library (a segmentation fault). So the writer holds every HDF5 object it writes to (no temporary
-handle is dropped during an error), and on any failure :func:`close_hard` closes each file it
-writes inside the error path: HDF5's descriptor is first pointed at ``/dev/null`` (the pending
-flushes then succeed and write nothing), then the file is closed (a close that still fails is
-retried once; the second attempt releases it). The temporary files are removed and the failure is
-one :class:`~streamnn.errors.StreamnnError` naming the target and the errno's meaning.
+A failed write is one StreamnnError and leaves nothing behind (:mod:`streamnn.h5write`).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno as _errno
 import json
 import os
-import re
 from collections.abc import Iterator
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,75 +21,9 @@ from streamnn.atomic import atomic_output
 from streamnn.data.format import (COMPRESSIONS, FORMAT, FORMAT_VERSION, RESERVED_GROUPS, STORE_DTYPES, STRING_DTYPE,
                                   as_text, fingerprint)
 from streamnn.errors import StreamnnError
+from streamnn.h5write import checked_flush, close_hard, failure_text, flush_close
 from streamnn.paths import path_text
 from streamnn.version import __version__
-
-_ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)")
-
-
-def failure_text(exc: BaseException) -> str:
-    """What went wrong in an HDF5 write: the errno's meaning (h5py puts ``errno = N`` in its
-    RuntimeError messages), else the exception's class and first words."""
-    code = exc.errno if isinstance(exc, OSError) and exc.errno else None
-    if code is None:
-        found = _ERRNO_IN_MESSAGE.search(str(exc))
-        code = int(found.group(1)) if found else None
-    if code is not None and code in _errno.errorcode:
-        return os.strerror(code)
-    return f"cannot write ({exc.__class__.__name__}: {' '.join(str(exc).split())[:160]})"
-
-
-def close_hard(f: h5py.File) -> None:
-    """Close an HDF5 file being written after a failed write, so that nothing is left to a
-    finalizer: its pending flushes go to /dev/null, then the file and every object in it are
-    closed (errors ignored: the caller reports the first failure and removes the file)."""
-    with contextlib.suppress(Exception):
-        if not f.id.valid:
-            return
-        if f.driver == "sec2":
-            fd, sink = f.id.get_vfd_handle(), os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(sink, fd)
-            finally:
-                os.close(sink)
-    try:
-        f.close()
-        return
-    except Exception:
-        pass
-    with contextlib.suppress(Exception):  # a close stopped by truncating /dev/null: the second one ends it
-        f.close()
-
-
-def _flush(f: h5py.File) -> None:
-    """Flush ``f``, having first checked that the disk and the file-size limit allow
-    everything HDF5 has allocated in it (its end of allocation): a full disk or a file-size limit
-    then fails here, before HDF5 writes anything, not in the middle of its cache flush (after a
-    metadata flush that failed, HDF5 can no longer close the file: "slist already enabled").
-    The space is reserved (holes filled) up to the file's present size; beyond it, the file is
-    cut back to that size (HDF5 sets the final size at close), so the check there is a probe:
-    another process that fills the disk in between is the residual race."""
-    if f.driver == "sec2":
-        fd, size = f.id.get_vfd_handle(), int(f.id.get_filesize())
-        before = os.fstat(fd).st_size
-        try:
-            if not hasattr(os, "posix_fallocate"):
-                raise OSError(_errno.ENOSYS, "no posix_fallocate")
-            os.posix_fallocate(fd, 0, max(size, 1))
-        except OSError as exc:
-            if exc.errno not in (_errno.EINVAL, _errno.EOPNOTSUPP, _errno.ENOSYS):
-                raise
-            os.ftruncate(fd, max(size, before))  # no fallocate here: at least the file-size limit
-        if os.fstat(fd).st_size != before:
-            os.ftruncate(fd, before)
-    f.flush()
-
-
-def _flush_close(f: h5py.File) -> None:
-    """:func:`_flush`, then close (nothing is left for the close to write)."""
-    _flush(f)
-    f.close()
-
 
 class StoreWriter:
     """Writes a store split by split into a temporary file; :meth:`commit` renames it into place.
@@ -269,7 +193,7 @@ class StoreWriter:
         has nothing left to fail on but its attributes: a caller committing several stores
         together (the shards of a sharded store) flushes them all before renaming any."""
         with self._writing():
-            _flush(self._file)
+            checked_flush(self._file)
 
     def commit(self) -> str:
         """Finish the file (attributes, fingerprint), fsync it and rename it into place. Returns the fingerprint."""
@@ -290,7 +214,7 @@ class StoreWriter:
             if any(d[0].shape[0] != self._filled[s] for s, d in self._datasets.items()):
                 self._compact()  # closes the file
             else:
-                _flush_close(self._file)  # closes the datasets too (h5py closes every object of the file)
+                flush_close(self._file)  # closes the datasets too (h5py closes every object of the file)
                 self._datasets.clear()
                 self._held.clear()
                 self._open.clear()
@@ -317,9 +241,9 @@ class StoreWriter:
                     new_x[i:i + step] = old_x[i:min(n, i + step)]
                 self._held += [new_x, g.create_dataset("y", data=old_y[:n]),
                                g.create_dataset("paths", data=old_p[:n], dtype=STRING_DTYPE)]
-            _flush_close(dst)
+            flush_close(dst)
             self._open.remove(dst)
-            _flush_close(src)
+            flush_close(src)
             self._open.remove(src)
             self._datasets.clear()  # closed with src
             self._held.clear()

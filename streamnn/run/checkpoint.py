@@ -43,8 +43,9 @@ import h5py
 import numpy as np
 
 from streamnn.version import __version__
-from streamnn.atomic import atomic_output, write_error
+from streamnn.atomic import atomic_output
 from streamnn.errors import StreamnnError
+from streamnn.h5write import h5_output
 from streamnn.paths import path_text
 
 FORMAT = "streamnn-checkpoint"
@@ -130,15 +131,18 @@ def digest(content: Mapping[str, Any]) -> str:
 
 
 # -- writing ------------------------------------------------------------------------------
-def _write_group(group: h5py.Group, content: Content) -> None:
+def _write_group(group: h5py.Group, content: Content, held: list[Any]) -> None:
+    """Write ``content`` into ``group``, holding every object made (:mod:`streamnn.h5write`)."""
+    held.append(group)
     for key, value in content.items():
         key = _escape(key)
         if isinstance(value, dict):
-            _write_group(group.create_group(key), value)
+            _write_group(group.create_group(key), value, held)
         elif isinstance(value, np.ndarray):
-            group.create_dataset(key, data=value)
+            held.append(group.create_dataset(key, data=value))
         elif isinstance(value, list):
-            group.create_dataset(key, data=np.array(value, dtype=object), dtype=_STR, shape=(len(value),))
+            held.append(group.create_dataset(key, data=np.array(value, dtype=object), dtype=_STR,
+                                             shape=(len(value),)))
         elif value is None:
             group.attrs[key] = h5py.Empty("f")
         elif isinstance(value, str):
@@ -156,16 +160,12 @@ def save_checkpoint(path: str | os.PathLike, content: Mapping[str, Any]) -> str:
     content = normalize(content)
     sha = digest(content)
     path = Path(path)
-    with atomic_output(path) as tmp:
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.attrs.create("format", FORMAT, dtype=_STR)
-                f.attrs["format_version"] = np.int64(FORMAT_VERSION)
-                f.attrs.create("streamnn_version", __version__, dtype=_STR)
-                f.attrs.create("sha256", sha, dtype=_STR)
-                _write_group(f.create_group("content"), content)
-        except (OSError, RuntimeError) as exc:  # disk full, file too large, I/O error: name the target
-            raise write_error(exc, path) from None
+    with atomic_output(path) as tmp, h5_output(tmp, path) as (f, held):  # a failed write: one line
+        f.attrs.create("format", FORMAT, dtype=_STR)
+        f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+        f.attrs.create("streamnn_version", __version__, dtype=_STR)
+        f.attrs.create("sha256", sha, dtype=_STR)
+        _write_group(f.create_group("content"), content, held)
     return sha
 
 

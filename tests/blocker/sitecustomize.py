@@ -79,9 +79,9 @@ if BLOCK_IN_SAVE:
     _write_group = streamnn.run.checkpoint._write_group
     _saves = 0
 
-    def _blocking_write_group(group, content):
+    def _blocking_write_group(group, content, held):
         global _saves
-        _write_group(group, content)
+        _write_group(group, content, held)
         if group.name == "/content":  # the top level of one checkpoint
             _saves += 1
             if _saves == int(BLOCK_IN_SAVE):
