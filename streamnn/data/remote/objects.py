@@ -83,6 +83,9 @@ class RemoteObject:
         self.policy = policy or Policy.from_env()
         self.requests = 0  # ranged GETs answered (bytes transferred: ``bytes_read``)
         self.bytes_read = 0
+        #: The error that ended a read: later and concurrent reads fail with it at once (a dead
+        #: server ends the job after one deadline, not after one deadline per request in flight).
+        self.broken: StreamnnError | None = None
         self.version = self._retrying(lambda deadline: self._stat(deadline), "open")
 
     # -- what a backend provides ---------------------------------------------------------------
@@ -124,14 +127,17 @@ class RemoteObject:
         start = time.monotonic()
         deadline = start + policy.deadline
         for n in range(1, policy.attempts + 1):
+            if self.broken is not None:  # another request gave up: the job ends, no more tries
+                raise self.broken
             try:
                 return attempt(deadline)
             except Transient as exc:
                 left = deadline - time.monotonic()
                 if n == policy.attempts or left <= 0:
-                    raise self.fail(f"cannot {what}: {exc} (gave up after {n} attempt(s) in "
-                                    f"{time.monotonic() - start:.1f} s; STREAMNN_REMOTE_DEADLINE="
-                                    f"{policy.deadline:g}, STREAMNN_REMOTE_ATTEMPTS={policy.attempts})") from None
+                    self.broken = self.fail(f"cannot {what}: {exc} (gave up after {n} attempt(s) in "
+                                            f"{time.monotonic() - start:.1f} s; STREAMNN_REMOTE_DEADLINE="
+                                            f"{policy.deadline:g}, STREAMNN_REMOTE_ATTEMPTS={policy.attempts})")
+                    raise self.broken from None
                 pause = min(MAX_BACKOFF, BACKOFF * 2 ** (n - 1)) * random.uniform(0.5, 1.0)
                 time.sleep(max(0.0, min(pause, left)))
         raise AssertionError("unreachable")
