@@ -64,7 +64,7 @@ def store_identity(path: str | os.PathLike, fingerprint: str) -> tuple[Any, ...]
     device, inode, size and modification time (a repack or an overwrite changes them); for a
     URL, the remote object's size, ETag and Last-Modified."""
     if is_url(path):
-        from streamnn.data.remote.objects import open_object
+        from streamnn.data.remote import open_object
         return (fingerprint, *open_object(str(path)).version)
     st = os.stat(path)
     return fingerprint, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns

@@ -28,3 +28,12 @@ def location(path: str | os.PathLike) -> Any:
     """A URL as given (a str), a local path as a ``Path``: how stores and loaders keep where they read."""
     from pathlib import Path
     return path if is_url(path) else Path(path)
+
+
+def open_object(url: str, policy: Any = None) -> Any:
+    """The :class:`~.objects.RemoteObject` at ``url`` (``http(s)://`` or ``s3://``), its version read once."""
+    if url.lower().startswith("s3://"):
+        from streamnn.data.remote.s3 import S3Object
+        return S3Object(url, policy)
+    from streamnn.data.remote.web import HttpObject
+    return HttpObject(url, policy)

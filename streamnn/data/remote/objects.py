@@ -179,12 +179,3 @@ def parse_content_range(value: str | None) -> tuple[int, int, int] | None:
         return int(a), int(b), int(total)
     except ValueError:
         return None
-
-
-def open_object(url: str, policy: Policy | None = None) -> RemoteObject:
-    """The object at ``url`` (``http(s)://`` or ``s3://``), its version read once."""
-    if url.lower().startswith("s3://"):
-        from streamnn.data.remote.s3 import S3Object
-        return S3Object(url, policy)
-    from streamnn.data.remote.web import HttpObject
-    return HttpObject(url, policy)

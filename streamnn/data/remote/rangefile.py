@@ -14,7 +14,8 @@ from collections import OrderedDict
 import h5py
 import numpy as np
 
-from streamnn.data.remote.objects import RemoteObject, open_object
+from streamnn.data.remote import open_object
+from streamnn.data.remote.objects import RemoteObject
 from streamnn.errors import StreamnnError
 
 #: Bytes per cached block, and the cache's size.

@@ -13,7 +13,8 @@ import numpy as np
 
 from streamnn.data.format import FORMAT, STORE_DTYPES
 from streamnn.data.readers.pread import PreadReader
-from streamnn.data.remote.objects import RemoteObject, open_object
+from streamnn.data.remote import open_object
+from streamnn.data.remote.objects import RemoteObject
 from streamnn.data.remote.rangefile import open_h5
 from streamnn.errors import StreamnnError
 
