@@ -128,9 +128,28 @@ def test_reads_are_coalesced_and_bytes_are_the_rows(served, monkeypatch):
     with Loader(url, "train", batch_size=30, shuffle=False, prefetch=0) as L:
         next(iter(L))
         row_bytes = L.n_features * 4
-    # the epoch's three batches were announced and read together: one run, one GET of its bytes
-    # (the later GETs are the next epochs', read ahead)
-    assert gets[0][1] == N * row_bytes
+    # the first batch, read at once, is one run of 30 adjacent rows: one GET of exactly its bytes;
+    # the batches read ahead (this epoch's and the next ones', sorted together) are long runs too
+    assert gets[0][1] == 30 * row_bytes
+    assert all(size % row_bytes == 0 for _, size in gets)
+    assert len(gets) * 30 <= sum(size for _, size in gets) // row_bytes
+
+
+def test_the_first_batch_is_not_queued_behind_the_reads_ahead(served, monkeypatch):
+    from streamnn.data.remote.objects import RemoteObject
+    gets = []
+    real = RemoteObject.read_into
+    monkeypatch.setattr(RemoteObject, "read_into", lambda self, off, bufs: (
+        threading.current_thread().name.startswith("streamnn-pread")
+        and gets.append(off)) or real(self, off, bufs))
+    path, url = served["uint8"]
+    monkeypatch.setenv("STREAMNN_REMOTE_THREADS", "1")  # one request at a time: the order is visible
+    with Loader(url, "train", batch_size=4, seed=2, prefetch=0) as L:
+        first = L.batch_rows(0, 0)
+        next(iter(L))
+        offset = L._maker.reader.offsets[0]
+        row_bytes = L._maker.reader.row_bytes
+    assert sorted((off - offset) // row_bytes for off in gets[:4]) == sorted(first.tolist())
 
 
 @pytest.mark.parametrize("name, message", [("missing.h5", "no such object (HTTP 404)"),

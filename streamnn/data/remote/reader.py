@@ -9,6 +9,8 @@ against the object's version, so a batch never mixes two versions of the store.
 """
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import numpy as np
 
 from streamnn.data.format import FORMAT, STORE_DTYPES
@@ -45,6 +47,42 @@ class RemoteReader(PreadReader):
             self.obj.read_into(base + r * size, [dest[w] for w in where[i:i + c]])
             i += c
         return len(first)
+
+    # -- the first batch: not behind the reads ahead ----------------------------------------------
+    # The loader announces batches k+1.. before it reads batch k (unannounced). On a fresh stream
+    # (opened, or after a jump) the announced batches are held until batch k's requests are
+    # queued, so that the first batch waits for its own rows, not for the pool's whole queue.
+    _fresh = True
+
+    def expect(self, key: Hashable, rows: np.ndarray) -> None:
+        group = self.group_rows
+        if self._fresh:
+            self.group_rows = 1 << 62  # hold: nothing is sent before the first read
+        try:
+            super().expect(key, rows)
+        finally:
+            self.group_rows = group
+
+    def _read(self, rows: np.ndarray, out: np.ndarray, key: Hashable) -> np.ndarray:
+        if not self._fresh or (key is not None and key in self._ahead_keys):
+            self._fresh = False
+            return super()._read(rows, out, key)
+        self._fresh = False
+        dest = out if self._direct else self._staging(len(rows))
+        reads = self._submit(rows, dest)  # first in the pool's queue
+        held, self._unsent = self._unsent, []
+        for batch in held:  # then the announced batches, in the usual groups
+            self._unsent.append(batch)
+            if sum(len(b.rows) for b in self._unsent) >= self.group_rows:
+                self._send()
+        self._wait(reads)
+        if not self._direct:
+            self._convert(dest, out)
+        return out
+
+    def forget(self) -> None:
+        super().forget()
+        self._fresh = True
 
     def check(self, path: bool = True) -> None:
         """Nothing to do between batches: every response was checked against the version."""
