@@ -2,6 +2,7 @@
 
     python tools/bench_remote.py                       # 200,000 rows of 64x64x3 uint8 (2.5 GB)
     python tools/bench_remote.py --rows 50000 --dtypes uint8,float32
+    python tools/bench_remote.py --rows 20000 --delay-ms 60     # every answer 60 ms late (see below)
 
 Writes a store of random pixels (per dtype) into a temporary folder served by nginx on
 127.0.0.1 (started here, with its own config; `apt-get install nginx`), then measures, each in a
@@ -15,12 +16,13 @@ fresh subprocess (so peak RSS is that run's own):
 
 The ratio loader/link is the figure to watch. Everything runs on loopback: the server shares the
 machine's cores with the reader (the link limit is measured under the same handicap).
+``--delay-ms R`` serves with a small Python server (a thread per connection) that waits R ms
+before every answer: a stand-in for an R ms round trip where ``tc netem`` is unavailable.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -109,6 +111,38 @@ def child_link(url: str, rows: int, count: int) -> dict:
     return {"rows_s": count / (time.perf_counter() - start), "threads": threads}
 
 
+def serve_delayed(root: str, port: int, delay_ms: float) -> None:
+    """A ranged-GET file server that waits ``delay_ms`` before each answer (a round trip of that
+    length; ``tc netem`` is not available in every kernel), one thread per connection."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            time.sleep(delay_ms / 1000)
+            path = Path(root) / self.path.lstrip("/")
+            st = path.stat()
+            a, b = (int(v) for v in self.headers["Range"].split("=")[1].split("-"))
+            b = min(b, st.st_size - 1)
+            with open(path, "rb") as f:
+                f.seek(a)
+                body = f.read(b - a + 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {a}-{b}/{st.st_size}")
+            self.send_header("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
 def run_child(*args: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -119,10 +153,15 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--dtypes", default="uint8")
     p.add_argument("--link-rows", type=int, default=50_000, help="ranged GETs of the link measurement")
+    p.add_argument("--delay-ms", type=float, default=0.0,
+                   help="serve with a Python server adding this delay to every answer instead of nginx")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         kind, url, *rest = a.child
+        if kind == "serve":
+            serve_delayed(url, int(rest[0]), float(rest[1]))
+            return
         print(json.dumps(child_loader(url) if kind == "loader" else child_link(url, *map(int, rest))))
         return
     sys.path.insert(0, str(HERE.parent / "tests"))
@@ -130,9 +169,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp:
         root, work = Path(tmp) / "www", Path(tmp) / "nginx"
         root.mkdir()
-        server = Nginx(root, work)
+        if a.delay_ms:
+            from servers import free_port, stop, wait_port
+
+            class Delayed:
+                def __init__(self) -> None:
+                    self.port = free_port()
+                    self.proc = subprocess.Popen([sys.executable, __file__, "--child", "serve", str(root),
+                                                  str(self.port), str(a.delay_ms)])
+                    wait_port(self.port, self.proc, "the delayed server", work / "none")
+
+                def url(self, name: str) -> str:
+                    return f"http://127.0.0.1:{self.port}/{name}"
+
+                def close(self) -> None:
+                    stop(self.proc)
+            server = Delayed()
+        else:
+            server = Nginx(root, work)
         try:
-            print(f"| dtype | rows | store | loader samples/s | link rows/s | ratio | first batch | bytes moved / needed | requests | peak RSS |")
+            print(f"server: {'Python, +%g ms per answer' % a.delay_ms if a.delay_ms else 'nginx'}")
+            print("| dtype | rows | store | loader samples/s | link rows/s | ratio | first batch | bytes moved / needed | requests | peak RSS |")
             print("|---|---|---|---|---|---|---|---|---|---|")
             for dtype in a.dtypes.split(","):
                 path = root / f"{dtype}.h5"

@@ -2,8 +2,9 @@
 
 h5py reads a store's metadata (superblock, object headers, attributes, labels) in many small
 reads; over a network each would be a round trip. The file reads whole aligned ``BLOCK`` blocks,
-a run of missing blocks in one ranged GET, and keeps the last ``CACHE_BYTES`` of them (LRU), so
-opening a store costs a handful of requests. A read larger than the cache goes straight to the
+a run of missing blocks in one ranged GET, and keeps the last ``CACHE_BYTES`` of them (LRU,
+shared by the files of the process opened on the same object version), so opening a store costs
+a handful of requests, and opening it again (the loader's reader) one. A read larger than the cache goes straight to the
 server. Every request is checked against the object's version (:mod:`.objects`).
 """
 from __future__ import annotations
@@ -18,9 +19,12 @@ from streamnn.data.remote import open_object
 from streamnn.data.remote.objects import RemoteObject
 from streamnn.errors import StreamnnError
 
-#: Bytes per cached block, and the cache's size.
+#: Bytes per cached block, and the cache's size (per object version).
 BLOCK = 256 << 10
 CACHE_BYTES = 32 << 20
+#: Object versions whose blocks a process keeps.
+SHARED_OBJECTS = 2
+_SHARED: dict[tuple, OrderedDict[int, bytes]] = {}
 
 
 class RangeFile(io.RawIOBase):
@@ -29,7 +33,14 @@ class RangeFile(io.RawIOBase):
     def __init__(self, obj: RemoteObject) -> None:
         super().__init__()
         self.obj, self.size, self.pos = obj, obj.version.size, 0
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        # Shared by the files of this process opened on the same version (the Store's, then the
+        # reader's): the second open costs one request (the version), not the metadata again.
+        key = (obj.url, obj.version)
+        if key not in _SHARED:
+            while len(_SHARED) >= SHARED_OBJECTS:
+                _SHARED.pop(next(iter(_SHARED)))
+            _SHARED[key] = OrderedDict()
+        self._blocks: OrderedDict[int, bytes] = _SHARED[key]
 
     def readable(self) -> bool:
         return True
@@ -81,9 +92,6 @@ class RangeFile(io.RawIOBase):
         while len(self._blocks) * BLOCK > CACHE_BYTES:
             self._blocks.popitem(last=False)
 
-    def close(self) -> None:
-        self._blocks.clear()
-        super().close()
 
 
 def open_h5(url: str, obj: RemoteObject | None = None) -> h5py.File:

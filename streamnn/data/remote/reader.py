@@ -124,7 +124,7 @@ def open_remote_rows(url: str, split: str, *, fingerprint: str | None = None, **
         offset = dset.id.get_offset()
         if n > 0 and offset is not None and dset.dtype == dtype and dset.dtype.isnative and f.userblock_size == 0:
             reader = RemoteReader(obj, int(offset), n, d, dtype, scale)
-            if all(np.array_equal(reader.row(i), dset[i], equal_nan=dtype.kind == "f") for i in {0, n - 1}):
+            if np.array_equal(reader.row(0), dset[0], equal_nan=dtype.kind == "f"):  # the offset is right
                 f.close()
                 return reader
             reader.close()
