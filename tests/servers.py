@@ -43,7 +43,8 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, log: Path, timeout: 
 
 def need(binary: str, how: str) -> str:
     """The path of ``binary``, or skip (a failure under CI=true)."""
-    found = shutil.which(binary) or (shutil.which(binary, path=str(Path(sys.executable).parent)))
+    found = shutil.which(binary, path=os.pathsep.join([os.environ.get("PATH", ""), str(Path(sys.executable).parent),
+                                                       "/usr/sbin", "/usr/local/sbin"]))
     if found is None:
         message = f"{binary} is not installed ({how})"
         if os.environ.get("CI") == "true":

@@ -69,7 +69,7 @@ def batches(path, epochs=2, **kw):
     return got, mode
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dtype=st.sampled_from(DTYPES), order=st.sampled_from(["exact", "block", "none"]),
        batch=st.integers(1, 40), n_subset=st.one_of(st.none(), st.integers(0, N)),
        world=st.integers(1, 3), data=st.data(), prefetch=st.sampled_from([0, 2]),
