@@ -22,7 +22,7 @@ def describe(store: Store) -> dict[str, Any]:
     stats = store.stats()
     return {
         "path": path_text(store.path),
-        "size_bytes": os.path.getsize(store.path) + sum(os.path.getsize(p) for p in store.shards),
+        "size_bytes": store.nbytes(),
         "shards": [path_text(p) for p in store.shards],
         "format_version": FORMAT_VERSION, "streamnn_version": store.streamnn_version, "created": store.created,
         "command": store.command, "class_names": store.class_names, "image_shape": list(store.image_shape),
@@ -87,7 +87,7 @@ def render_grid(store: Store, split: str, n: int, path: str) -> int:
     try:
         save_image_grid(store.images(rows), titles, path,
                         channel_order="RGB" if store.channel_order == "RGB" else "BGR",
-                        title=f"{path_text(store.path.name)}: {split}, first {count} rows")
+                        title=f"{path_text(os.path.basename(store.path))}: {split}, first {count} rows")
     except ValueError as exc:
         raise StreamnnError(f"cannot save the grid ({exc})", path_text(path)) from None
     return count

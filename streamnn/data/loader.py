@@ -46,6 +46,7 @@ from streamnn.data.order import ORDERS, batch_span, batches_consumed, block_orde
     share, share_size
 from streamnn.data.epoch import BatchMaker, epoch_batches
 from streamnn.data.readers import READERS
+from streamnn.data.remote import is_url
 from streamnn.data.store import open_store
 from streamnn.data.transforms import DEFAULT_SHIFT, Augment, standardization
 
@@ -95,7 +96,7 @@ class Loader:
                  prefetch: int = 2, subset: Any = None, block_rows: int | None = None,
                  window_blocks: int = WINDOW_BLOCKS, shift: int = DEFAULT_SHIFT, shift_padding: str = "reflect",
                  reader: str = "auto", reuse_buffers: bool = False) -> None:
-        self.path = Path(os.path.abspath(os.fspath(path)))
+        self.path = path if is_url(path) else Path(os.path.abspath(os.fspath(path)))
         self.split = str(split)
         self.batch_size = _int(batch_size, "batch size", 1, self.path, MAX_BATCH_SIZE)
         self.seed = _int(seed, "seed", 0)

@@ -18,6 +18,7 @@ import numpy as np
 
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
+from streamnn.data.remote import is_url, location
 from streamnn.data.format import (CHANNEL_ORDERS, FORMAT, FORMAT_VERSION, RESERVED_GROUPS, STORE_DTYPES, as_text,
                                   check_index, fingerprint)
 
@@ -165,15 +166,20 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise StreamnnError("no such store file" if not os.path.lexists(self.path) else
-                                "is not a regular file", path_text(self.path))
-        try:
-            self._file = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise StreamnnError(f"not an HDF5 file or unreadable ({exc.__class__.__name__})",
-                                path_text(self.path)) from None
+        #: A ``Path``, or the URL (str) of a store read over the network (docs/remote.md).
+        self.path: Any = location(path)
+        if is_url(self.path):
+            from streamnn.data.remote.rangefile import open_h5
+            self._file = open_h5(self.path)  # the metadata, read once through a block cache
+        else:
+            if not self.path.is_file():
+                raise StreamnnError("no such store file" if not os.path.lexists(self.path) else
+                                    "is not a regular file", path_text(self.path))
+            try:
+                self._file = h5py.File(self.path, "r")
+            except OSError as exc:
+                raise StreamnnError(f"not an HDF5 file or unreadable ({exc.__class__.__name__})",
+                                    path_text(self.path)) from None
         try:
             with reading(self.path):
                 self._read_metadata()
@@ -230,6 +236,8 @@ class Store:
         #: before anything is read through its virtual datasets.
         self.shards: list[Path] = []
         if "shards" in self._file.attrs:
+            if is_url(self.path):
+                raise c.fail("a sharded store cannot be read from a URL yet (serve a one-file store)")
             self.shards = check_index(self._file, self.path, self._file.attrs["shards"])
         self._counts = {name: self._check_split(c, name) for name in self.splits}
         recorded = c.json_object("counts")
@@ -367,6 +375,12 @@ class Store:
         for shard in self.shards:
             with Store(shard) as part:
                 part.verify()
+
+    def nbytes(self) -> int:
+        """Bytes of the store's files (index and shards), or of the remote object."""
+        if is_url(self.path):
+            return int(self._file._streamnn_source.size)
+        return os.path.getsize(self.path) + sum(os.path.getsize(p) for p in self.shards)
 
     def close(self) -> None:
         self._file.close()

@@ -20,6 +20,7 @@ import numpy as np
 from streamnn.data.order import ORDERS
 from streamnn.data.readers import READERS
 from streamnn.data.transforms import PADDINGS, Augment
+from streamnn.data.remote import is_url
 from streamnn.errors import StreamnnError
 from streamnn.nn import models
 from streamnn.nn.network import COMPUTE_DTYPES
@@ -86,7 +87,8 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
     if not isinstance(model, str) or model not in MODELS:
         raise StreamnnError(f"model must be one of {', '.join(MODELS)}, not {model!r}")
     cfg = {**applicable(DEFAULTS, model), **user}
-    cfg["store"] = os.path.abspath(cfg["store"] if cfg["store"] is not None else store.path)
+    where = cfg["store"] if cfg["store"] is not None else store.path
+    cfg["store"] = where if is_url(where) else os.path.abspath(where)  # a URL is kept as given
     uses = MODEL_OPTIONS[model].__contains__
 
     def need(ok: bool, message: str) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from streamnn.data.transforms import Preprocess
 from streamnn.dist import AgreedError, Comm, SingleComm, agree, agreed, canonical_digest
+from streamnn.data.remote import is_url
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.run.metrics import Metrics
@@ -60,7 +61,11 @@ def evaluate_batches(model: Any, prep: Preprocess, batches: Iterable[tuple[np.nd
 
 def store_identity(path: str | os.PathLike, fingerprint: str) -> tuple[Any, ...]:
     """What identifies a store file on this machine: its content fingerprint and the file's
-    device, inode, size and modification time (a repack or an overwrite changes them)."""
+    device, inode, size and modification time (a repack or an overwrite changes them); for a
+    URL, the remote object's size, ETag and Last-Modified."""
+    if is_url(path):
+        from streamnn.data.remote import open_object
+        return (fingerprint, *open_object(str(path)).version)
     st = os.stat(path)
     return fingerprint, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 

@@ -34,6 +34,7 @@ from streamnn.data.readers.hdf5 import MIN_CACHED_BANDS, ChunkReader, Hdf5Reader
 from streamnn.data.readers.mmap import MemmapReader
 from streamnn.data.readers.pread import AHEAD_BYTES, AHEAD_ROWS, MAX_RUN_BYTES, PREAD_THREADS, TASK_BYTES, PreadReader
 from streamnn.data.readers.segments import SegmentReader, joined
+from streamnn.data.remote import is_url
 from streamnn.data.format import FORMAT, STORE_DTYPES, check_index, segments, shard_records
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
@@ -60,6 +61,9 @@ def open_rows(path: str | os.PathLike, split: str, *, fingerprint: str | None = 
     """
     if reader not in READERS:
         raise StreamnnError(f"unknown reader {reader!r} (choose {', '.join(READERS)})")
+    if is_url(path):  # read by byte range over the network (docs/remote.md)
+        from streamnn.data.remote.reader import open_remote_rows
+        return open_remote_rows(str(path), split, fingerprint=fingerprint)
     path = os.fspath(Path(path))
     try:
         f = h5py.File(path, "r", rdcc_nbytes=0)

