@@ -100,6 +100,9 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
               show_default=True, help="How the store is read: mmap (memory map, fastest in the page cache), "
               "pread (positional reads from 16 threads: a store bigger than RAM), auto (pread when X is over "
               "half the available memory). May change on --resume.")
+@click.option("--threads", default=DEFAULTS["threads"], show_default=True, metavar="N|auto",
+              help="BLAS threads: auto = the CPUs this process may use less one for the loader (1 per rank under "
+                   "mpiexec), or a number. May change on --resume.")
 @click.option("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"], show_default=True,
               metavar="N", help="Also write checkpoint-latest.h5 every N steps (0: only at epoch ends).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -119,7 +122,7 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
 
     Ctrl-C or SIGTERM saves a checkpoint after the current step and exits with 130 / 143;
     `--resume` continues it exactly. When resuming, options given on the command line must
-    match the saved configuration (only --epochs and --reader may change).
+    match the saved configuration (only --epochs, --reader and --threads may change).
 
     `mpiexec -n K streamnn-train ...` trains data-parallel on K ranks (pip install
     'streamnn[mpi]'): the same run as one process, --batch-size being the global batch;

@@ -25,6 +25,7 @@ from streamnn.nn import models
 from streamnn.nn.network import COMPUTE_DTYPES
 from streamnn.optim.optimizers import OPTIMIZERS
 from streamnn.optim.schedules import FORMULAS
+from streamnn.threads import check_threads
 from streamnn.run.budget import TRAINING_COPIES, check_fits, conv_parameter_count, dense_parameter_count
 
 DEFAULTS: dict[str, Any] = {
@@ -62,6 +63,10 @@ DEFAULTS: dict[str, Any] = {
 SCHEDULE_DEFAULTS: dict[str, dict[str, float]] = {
     "hyperbolic": {"decay": 1.0}, "step": {"every": 10.0}, "exponential": {"factor": 0.95}}
 RESUMABLE = ("epochs", "reader")  # options that may change when a run is resumed
+
+# -- BLAS threads (streamnn.threads): "auto" or a number; may change on resume (not part of the state).
+DEFAULTS["threads"] = "auto"
+RESUMABLE = (*RESUMABLE, "threads")
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -136,6 +141,7 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
         need(store.n_classes == 2, f"logistic regression is binary but the store has {store.n_classes} "
                                    "classes: use --model mlp")
     need(store.n_classes >= 2, "the store needs at least two classes")
+    cfg["threads"] = check_threads(cfg["threads"])  # BLAS threads: "auto" or a positive number
     check_model_size(cfg, store)
     return cfg
 

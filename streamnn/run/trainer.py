@@ -41,6 +41,7 @@ from streamnn.run.predict import model_dtype
 from streamnn.run.state import RunData, read_config, read_data, restore, run_content
 from streamnn.run.stop import AgreedStop, StopAgreement, TrainingInterrupted, agreed_signal
 from streamnn.run.writer import writer_for
+from streamnn.threads import use_threads
 from streamnn.version import __version__
 
 __all__ = ["Components", "Trainer"]
@@ -79,6 +80,7 @@ class Trainer:
             raise StreamnnError("the configuration needs a 'store' path")
         with open_store(config["store"]) as store:
             self.config = resolve_config(config, store)
+            self.threads = self.config.pop("threads")  # a setting of this process, not of the run: not saved
             self.fingerprint = store.fingerprint
             self.store_identity = store_identity(config["store"], store.fingerprint)  # evaluation reads this file
             self.class_names = list(store.class_names)
@@ -263,6 +265,7 @@ class Trainer:
             agreed(self.comm, lambda: stack.enter_context(self.writer.session(self.step, config_text, self.history)))
             stack.enter_context(self.stops.signal_handlers())
             self._share_parameters()
+            self.say(use_threads(self.threads, world_size=self.comm.size, loader=True))  # BLAS threads
             self.console.selection(self.config, self.selection, len(self.val_rows) if self.val_rows is not None else 0,
                                    self.epoch, self.epoch_step, self.step)
             self.say(f"reading the store with {self.parts.loader.reader_mode} (--reader {self.config['reader']})")
