@@ -6,6 +6,8 @@ W), weights ``W`` (k, k, C, F) and bias ``b`` (F,)::
 
     Xp = X zero-padded by p on both sides of H and W
     cols[n, y, x, i, j, c] = Xp[n, s*y + i, s*x + j, c]          (B*Ho*Wo, k*k*C)
+                               (copied one kernel row i at a time: for each (n, y, x) the k*C
+                               values of taps (i, 0..k-1) are one contiguous run of Xp)
     Y = cols @ W.reshape(k*k*C, F) + b                             (B, Ho, Wo, F)
 
     dW = cols^T @ dY2          db = sum over B, Ho, Wo of dY       dY2 = dY as (B*Ho*Wo, F)
@@ -26,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from streamnn.errors import StreamnnError
 from streamnn.nn.dense import initial_weights
@@ -91,9 +94,12 @@ class Conv2D(Layer):
         else:
             Xp = X
         cols = self._buffer("cols", B, (Ho, Wo, k, k, C))
-        for i in range(k):
-            for j in range(k):
-                np.copyto(cols[:, :, :, i, j, :], Xp[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :])
+        Xp = np.ascontiguousarray(Xp)
+        e = Xp.itemsize
+        for i in range(k):  # one copy per kernel row: the k*C values of taps (i, 0..k-1) are contiguous in Xp
+            rows = as_strided(Xp[:, i:], (B, Ho, Wo, k * C), (Xp.strides[0], s * Xp.strides[1], s * C * e, e),
+                              writeable=False)
+            np.copyto(cols[:, :, :, i].reshape(B, Ho, Wo, k * C), rows)
         out = self._buffer("out", B, (Ho, Wo, F))
         np.dot(cols.reshape(B * Ho * Wo, k * k * C), self.params["W"].reshape(k * k * C, F),
                out=out.reshape(B * Ho * Wo, F))

@@ -16,8 +16,11 @@ for a softmax output, and the cost is the mean cross-entropy plus
 * :class:`LogisticRegression` ``(n_features)``: one sigmoid neuron with zero initial
   weights (the loss is convex: no symmetry to break).
 * :class:`ConvNet`: for every entry of ``conv``, ``Conv2D(filters, kernel, "same")`` [->
-  ``BatchNorm``] -> ReLU -> ``MaxPool2D(2)``; then ``Flatten``, the dense hidden layers
-  (``Dense -> ReLU -> Dropout``) and the output ``Dense``.
+  ``BatchNorm``] -> ``MaxPool2D(2)`` -> ReLU; then ``Flatten``, the dense hidden layers
+  (``Dense -> ReLU -> Dropout``) and the output ``Dense``. Max-pooling and ReLU commute
+  (``relu(max(x)) = max(relu(x))``, and the pool's gradient goes to the same first maximum
+  either way), so pooling first gives the same numbers as the usual ReLU -> pool, bit for
+  bit, with the ReLU and its backward over a quarter of the values.
 
 Any other stack of layers is a plain :class:`~streamnn.nn.Network`; :func:`from_config`
 rebuilds all of them from ``config()``.
@@ -102,7 +105,7 @@ class LogisticRegression(DeepNetwork):
 
 
 class ConvNet(Network):
-    """Conv blocks (``Conv2D`` [-> ``BatchNorm``] -> ReLU -> ``MaxPool2D``) then a dense head."""
+    """Conv blocks (``Conv2D`` [-> ``BatchNorm``] -> ``MaxPool2D`` -> ReLU) then a dense head."""
 
     def __init__(self, image_shape: Sequence[int], conv: Sequence[int], hidden: Sequence[int], n_classes: int, *,
                  kernel: int = 3, batch_norm: bool = False, dtype: Any = np.float32, weight_decay: float = 0.0,
@@ -126,7 +129,7 @@ class ConvNet(Network):
             layers.append(Conv2D(filters, self.kernel, padding="same"))
             if self.batch_norm:
                 layers.append(BatchNorm())
-            layers += [Activation("relu"), MaxPool2D(2)]
+            layers += [MaxPool2D(2), Activation("relu")]  # = relu then pool, on a quarter of the values
         layers.append(Flatten())
         for units in self.hidden:
             layers += [Dense(units, "he"), Activation("relu")]
