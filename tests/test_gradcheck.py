@@ -134,3 +134,21 @@ def test_relative_error():
     assert relative_error(np.zeros(3), np.zeros(3)) == 0
     assert relative_error(np.array([1.0, 0]), np.array([1.0, 0])) == 0
     assert relative_error(np.array([3.0, 0]), np.array([0, 4.0])) == pytest.approx(5 / 7)
+
+
+def test_batch_normed_cnn_without_conv_bias_checks_clean_and_the_old_bias_was_the_only_outlier():
+    """Before a batch norm the conv bias has an exactly zero gradient (gradient_check then reports ~1
+    for it); training builds such CNNs without it, and every parameter then checks."""
+    from streamnn.nn.models import ConvNet
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(6 * 6 * 2, 5))
+    Y = (rng.random((1, 5)) < 0.5).astype(float)
+    clean = ConvNet((6, 6, 2), [3], [4], 2, batch_norm=True, conv_bias=False, dtype=np.float64, seed=1)
+    assert "conv0.b" not in clean.params and clean.config()["conv_bias"] is False
+    assert gradient_check(clean, X, Y) < 1e-5
+    old = ConvNet((6, 6, 2), [3], [4], 2, batch_norm=True, dtype=np.float64, seed=1)
+    assert "conv_bias" not in old.config()  # configs (and checkpoints) of biased models as before
+    errors = gradient_errors(old, X, Y)
+    assert np.abs(old.grads["conv0.b"]).max() < 1e-12
+    assert max(v for k, v in errors.items() if k != "conv0.b") < 1e-5

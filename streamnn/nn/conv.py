@@ -22,6 +22,8 @@ train mode, then backwards, then steps (an eval-mode forward in between would ov
 the cache of a conv net; :class:`~streamnn.nn.network.Network` then refuses the backward).
 
 Initialization: He, ``N(0, 2 / (k*k*C))``, biases zero (draws as in :mod:`.dense`).
+``bias=False`` drops ``b`` (for a convolution followed by a batch norm: the norm subtracts the
+per-channel mean, so a bias has no effect there and its gradient is exactly zero).
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ class Conv2D(Layer):
     short_name = "conv"
 
     def __init__(self, filters: int, kernel: int = 3, stride: int = 1, padding: str = "same",
-                 init: str = "he") -> None:
+                 init: str = "he", bias: bool = True) -> None:
         super().__init__()
         if int(filters) < 1 or int(kernel) < 1 or int(stride) < 1:
             raise StreamnnError(f"Conv2D needs positive filters, kernel and stride, got {filters}, {kernel}, {stride}")
@@ -58,6 +60,7 @@ class Conv2D(Layer):
         self.filters, self.kernel, self.stride, self.padding, self.init = (
             int(filters), int(kernel), int(stride), padding, init)
         self.pad = self.kernel // 2 if padding == "same" else 0
+        self.bias = bool(bias)  # False before a batch norm, whose mean subtraction cancels any bias
         self._bufs: dict[str, np.ndarray] = {}
         self._b: int | None = None  # rows of the last train-mode forward (0: an empty rank's share)
 
@@ -72,8 +75,9 @@ class Conv2D(Layer):
         if min(self.out_hw) < 1:
             raise StreamnnError(f"a {k}x{k} {self.padding} convolution does not fit {H}x{W} images")
         fan_in = k * k * C
-        self.params = {"W": initial_weights(rng, (k, k, C, self.filters), fan_in, self.filters, self.init, self.dtype),
-                       "b": np.zeros(self.filters, self.dtype)}
+        self.params = {"W": initial_weights(rng, (k, k, C, self.filters), fan_in, self.filters, self.init, self.dtype)}
+        if self.bias:
+            self.params["b"] = np.zeros(self.filters, self.dtype)
         self.grads = {name: np.zeros_like(v) for name, v in self.params.items()}
         self._bufs = {}
         return (*self.out_hw, self.filters)
@@ -103,7 +107,8 @@ class Conv2D(Layer):
         out = self._buffer("out", B, (Ho, Wo, F))
         np.dot(cols.reshape(B * Ho * Wo, k * k * C), self.params["W"].reshape(k * k * C, F),
                out=out.reshape(B * Ho * Wo, F))
-        out += self.params["b"]
+        if self.bias:
+            out += self.params["b"]
         self._b = B if train_mode else None
         return out
 
@@ -116,7 +121,8 @@ class Conv2D(Layer):
         cols2 = cols.reshape(B * Ho * Wo, k * k * C)
         dY2 = np.ascontiguousarray(dY).reshape(B * Ho * Wo, F)
         np.dot(cols2.T, dY2, out=self.grads["W"].reshape(k * k * C, F))
-        np.sum(dY2, axis=0, out=self.grads["b"])
+        if self.bias:
+            np.sum(dY2, axis=0, out=self.grads["b"])
         self._b = None
         if not self.needs_input_grad:
             return None
@@ -129,5 +135,6 @@ class Conv2D(Layer):
         return dXp[:, p:p + H, p:p + W] if p else dXp
 
     def config(self) -> dict[str, Any]:
-        return {"type": "Conv2D", "filters": self.filters, "kernel": self.kernel, "stride": self.stride,
-                "padding": self.padding, "init": self.init}
+        cfg = {"type": "Conv2D", "filters": self.filters, "kernel": self.kernel, "stride": self.stride,
+               "padding": self.padding, "init": self.init}
+        return cfg if self.bias else {**cfg, "bias": False}  # configs of biased layers as before

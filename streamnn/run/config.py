@@ -67,6 +67,9 @@ RESUMABLE = ("epochs", "reader")  # options that may change when a run is resume
 # -- BLAS threads (streamnn.threads): "auto" or a number; may change on resume (not part of the state).
 DEFAULTS["threads"] = "auto"
 RESUMABLE = (*RESUMABLE, "threads")
+# -- cnn: biases of the convolutions; "auto": none before a batch norm (no effect there). A resolved
+# configuration holds the key only when False (runs saved without it had biases).
+DEFAULTS["conv_bias"] = "auto"
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -142,6 +145,10 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
                                    "classes: use --model mlp")
     need(store.n_classes >= 2, "the store needs at least two classes")
     cfg["threads"] = check_threads(cfg["threads"])  # BLAS threads: "auto" or a positive number
+    if (not cfg["batch_norm"] if cfg["conv_bias"] == "auto" else bool(cfg["conv_bias"])):
+        del cfg["conv_bias"]  # with biases, as every run before the key: the saved configuration as before
+    else:
+        cfg["conv_bias"] = False
     check_model_size(cfg, store)
     return cfg
 
@@ -230,7 +237,7 @@ def _cnn(cfg: dict[str, Any], n_features: int, n_classes: int, image_shape: Any,
          seed: int) -> models.Network:
     return models.ConvNet(image_shape, cfg["conv"], cfg["hidden"], n_classes, kernel=cfg["kernel"],
                           batch_norm=cfg["batch_norm"], dtype=dtype, weight_decay=cfg["weight_decay"],
-                          dropout=cfg["dropout"], seed=seed)
+                          dropout=cfg["dropout"], seed=seed, conv_bias=cfg.get("conv_bias", True))
 
 
 def _dense_size(cfg: dict[str, Any], store: Any) -> tuple[int, str]:
