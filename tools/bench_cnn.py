@@ -9,7 +9,8 @@ dense 128 + ReLU, one sigmoid output) on 64x64x3 float32 images, batch 64:
 * PyTorch: ``Conv2d``/``ReLU``/``MaxPool2d``/``Linear``, ``BCEWithLogitsLoss``, ``torch.optim.Adam``
   (NCHW, oneDNN), skipped with a message when torch is not installed.
 
-Both get the same thread count (BLAS variables set before NumPy loads, ``torch.set_num_threads``).
+Both get the same thread count, each count of ``--threads`` in turn in the same run
+(:func:`streamnn.threads.set_blas_threads`, ``torch.set_num_threads``).
 The machine is shared and noisy: contenders alternate within each repeat and the figures
 are medians over ``--repeats``. Then a per-layer profile of the streamnn step (median time of
 every layer's forward and backward and of the Adam step).
@@ -21,7 +22,7 @@ its peak RSS (VmHWM; mapped store pages count in it) and its peak private memory
 
 Usage::
 
-    python tools/bench_cnn.py [--threads 2] [--repeats 5] [--steps 3] [--size 64] [--batch 64]
+    python tools/bench_cnn.py [--threads 1,2] [--repeats 5] [--steps 3] [--size 64] [--batch 64] [--batch-norm]
     python tools/bench_cnn.py --rss runs/recipe/cats64.h5 [--steps 60] [--threads 1]
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ from typing import Callable
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="1,2", help="BLAS / torch thread counts, each measured in this run")
+    parser.add_argument("--batch-norm", action="store_true", help="a BatchNorm after every convolution (both)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per repeat (with --rss: steps per run)")
     parser.add_argument("--size", type=int, default=64)
@@ -52,8 +54,7 @@ def parse_args() -> argparse.Namespace:
 
 
 ARGS = parse_args()
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(ARGS.threads)  # before NumPy (or torch) loads a BLAS
+THREADS = [int(t) for t in str(ARGS.threads).split(",")]
 
 import numpy as np  # noqa: E402
 
@@ -62,13 +63,15 @@ sys.path[:0] = [str(ROOT)]
 
 from streamnn.nn.models import ConvNet  # noqa: E402
 from streamnn.optim import Adam  # noqa: E402
+from streamnn.threads import set_blas_threads  # noqa: E402
 
 CONV = [int(c) for c in ARGS.conv.split(",")]
 HIDDEN = [int(h) for h in ARGS.hidden.split(",") if h]
 
 
 def streamnn_step(X: np.ndarray, Y: np.ndarray) -> tuple[ConvNet, Callable[[], None]]:
-    model = ConvNet((ARGS.size, ARGS.size, 3), CONV, HIDDEN, 2, seed=0)
+    model = ConvNet((ARGS.size, ARGS.size, 3), CONV, HIDDEN, 2, seed=0, batch_norm=ARGS.batch_norm,
+                    conv_bias=not ARGS.batch_norm)
     opt = Adam(model, 1e-3)
 
     def step() -> None:
@@ -86,12 +89,12 @@ def torch_step(X: np.ndarray, Y: np.ndarray) -> Callable[[], None] | None:
     except ImportError:
         print("PyTorch is not installed: skipped (pip install torch==2.13.0, the CPU build)")
         return None
-    torch.set_num_threads(ARGS.threads)
     torch.manual_seed(0)
     layers: list = []
     channels, side = 3, ARGS.size
     for c in CONV:
-        layers += [torch.nn.Conv2d(channels, c, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+        layers += [torch.nn.Conv2d(channels, c, 3, padding=1, bias=not ARGS.batch_norm),
+                   *([torch.nn.BatchNorm2d(c)] if ARGS.batch_norm else []), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
         channels, side = c, side // 2
     layers.append(torch.nn.Flatten())
     features = channels * side * side
@@ -152,22 +155,35 @@ def speed() -> None:
     Y = (rng.random((1, ARGS.batch)) < 0.5).astype(np.float32)
     model, ours = streamnn_step(X, Y)
     theirs = torch_step(X, Y)
+
+    def at(threads: int) -> None:
+        set_blas_threads(threads)
+        if theirs:
+            import torch
+            torch.set_num_threads(threads)
+
     ours()  # warm-up: allocates the reused buffers
     if theirs:
         theirs()
-    rates: dict[str, list[float]] = {"streamnn": [], "pytorch": []}
-    for _ in range(ARGS.repeats):
-        rates["streamnn"].append(per_second(ours))
+    rates: dict[tuple[str, int], list[float]] = {}
+    for _ in range(ARGS.repeats):  # contenders and thread counts in turns: the machine's load moves
+        for threads in THREADS:
+            at(threads)
+            rates.setdefault(("streamnn", threads), []).append(per_second(ours))
+            if theirs:
+                rates.setdefault(("pytorch", threads), []).append(per_second(theirs))
+    print(f"CNN conv {ARGS.conv} hidden {ARGS.hidden}{' batch-norm' if ARGS.batch_norm else ''}, "
+          f"{ARGS.size}x{ARGS.size}x3 float32, batch {ARGS.batch}, training step (forward, backward, Adam); "
+          f"median of {ARGS.repeats}; load average {os.getloadavg()[0]:.1f}")
+    for threads in THREADS:
+        ours_rate = statistics.median(rates[("streamnn", threads)])
+        line = f"  {threads} thread(s): streamnn {ours_rate:7.1f} samples/s"
         if theirs:
-            rates["pytorch"].append(per_second(theirs))
-    print(f"CNN conv {ARGS.conv} hidden {ARGS.hidden}, {ARGS.size}x{ARGS.size}x3 float32, batch {ARGS.batch}, "
-          f"{ARGS.threads} thread(s), training step (forward, backward, Adam); median of {ARGS.repeats}")
-    ours_rate = statistics.median(rates["streamnn"])
-    print(f"  streamnn  {ours_rate:8.1f} samples/s   (runs: {', '.join(f'{r:.0f}' for r in rates['streamnn'])})")
-    if theirs:
-        torch_rate = statistics.median(rates["pytorch"])
-        print(f"  pytorch   {torch_rate:8.1f} samples/s   (runs: {', '.join(f'{r:.0f}' for r in rates['pytorch'])})")
-        print(f"  ratio streamnn / pytorch: {ours_rate / torch_rate:.2f}x")
+            torch_rate = statistics.median(rates[("pytorch", threads)])
+            line += f", pytorch {torch_rate:7.1f} samples/s, ratio streamnn / pytorch {ours_rate / torch_rate:.2f}x"
+        print(line)
+    at(THREADS[0])
+    print(f"(profile at {THREADS[0]} thread(s))")
     profile(model, X, Y, Adam(model, 1e-3))
 
 

@@ -10,7 +10,7 @@ StoreWriter, deleted afterwards), each through :class:`streamnn.run.trainer.Trai
   16 threads compete with BLAS for the CPUs);
 
 each with ``threads="auto"`` and with every fixed count from 1 to the usable CPUs, in turns
-within each repeat (the machine is shared), twice: idle (as found) and with one busy-loop
+within each repeat (the machine is shared; the order rotates from repeat to repeat), twice: idle (as found) and with one busy-loop
 process started by this tool (a CPU taken by another program), which it ends afterwards.
 Printed: the median time of a training step (steps after the first two) and, per workload and
 load, the ratio of "auto" to the best fixed count (the target: at most 1.10).
@@ -99,9 +99,9 @@ def main() -> None:
             busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
             try:
                 times: dict[tuple[str, str | int], list[float]] = {}
-                for _ in range(args.repeats):
+                for r in range(args.repeats):
                     for w in workloads:
-                        for s in settings:
+                        for s in settings[r % len(settings):] + settings[:r % len(settings)]:  # rotated
                             times.setdefault((w, s), []).append(step_time(store, w, s, args.steps, conv))
             finally:
                 if busy is not None:

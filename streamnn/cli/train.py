@@ -103,6 +103,9 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 @click.option("--threads", default=DEFAULTS["threads"], show_default=True, metavar="N|auto",
               help="BLAS threads: auto = the CPUs this process may use less one for the loader (1 per rank under "
                    "mpiexec), or a number. May change on --resume.")
+@click.option("--early-stop", type=int, default=DEFAULTS["early_stop"], show_default=True, metavar="N",
+              help="Stop when the selection accuracy (validation, else --eval-split) has not improved for N "
+                   "epochs (0: never). May change on --resume.")
 @click.option("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"], show_default=True,
               metavar="N", help="Also write checkpoint-latest.h5 every N steps (0: only at epoch ends).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -122,7 +125,7 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
 
     Ctrl-C or SIGTERM saves a checkpoint after the current step and exits with 130 / 143;
     `--resume` continues it exactly. When resuming, options given on the command line must
-    match the saved configuration (only --epochs, --reader and --threads may change).
+    match the saved configuration (only --epochs, --reader, --threads and --early-stop may change).
 
     `mpiexec -n K streamnn-train ...` trains data-parallel on K ranks (pip install
     'streamnn[mpi]'): the same run as one process, --batch-size being the global batch;

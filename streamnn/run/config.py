@@ -70,6 +70,10 @@ RESUMABLE = (*RESUMABLE, "threads")
 # -- cnn: biases of the convolutions; "auto": none before a batch norm (no effect there). A resolved
 # configuration holds the key only when False (runs saved without it had biases).
 DEFAULTS["conv_bias"] = "auto"
+# -- early stopping: stop when the selection accuracy has not improved for this many epochs (0: never);
+# may change on resume (the epoch of the best accuracy is in the checkpoint).
+DEFAULTS["early_stop"] = 0
+RESUMABLE = (*RESUMABLE, "early_stop")
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -145,6 +149,8 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
                                    "classes: use --model mlp")
     need(store.n_classes >= 2, "the store needs at least two classes")
     cfg["threads"] = check_threads(cfg["threads"])  # BLAS threads: "auto" or a positive number
+    cfg["early_stop"] = int(cfg["early_stop"] or 0)
+    need(cfg["early_stop"] >= 0, f"early-stop must be >= 0 epochs (0: never), not {cfg['early_stop']}")
     if (not cfg["batch_norm"] if cfg["conv_bias"] == "auto" else bool(cfg["conv_bias"])):
         del cfg["conv_bias"]  # with biases, as every run before the key: the saved configuration as before
     else:
@@ -177,6 +183,16 @@ def check_model_size(cfg: dict[str, Any], store: Any) -> None:
     """Refuse, before allocating, a model whose parameters and buffers exceed the memory available."""
     count, what = MODELS[cfg["model"]].size(cfg, store)
     check_fits(count, np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES, what)
+
+
+def early_stopped(cfg: dict[str, Any], epoch: int, best_epoch: int, say: Callable[[str], None]) -> bool:
+    """Whether ``early_stop`` epochs have passed since the best selection accuracy (and say so)."""
+    n = cfg.get("early_stop", 0)
+    if not n or epoch - best_epoch < n or epoch >= cfg["epochs"]:
+        return False
+    say(f"early stop: no better {selection_split(cfg)} accuracy in the {epoch - best_epoch} epochs since epoch "
+        f"{best_epoch} (--early-stop {n}); resume with a larger --early-stop to train on")
+    return True
 
 
 def selection_split(cfg: dict[str, Any]) -> str:

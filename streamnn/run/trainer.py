@@ -32,7 +32,8 @@ from streamnn.dist import AgreedError, Comm, SingleComm, agree, agreed, part
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.run.checkpoint import digest, load_checkpoint, save_checkpoint
-from streamnn.run.config import RESUMABLE, build_model, derive_seed, resolve_config, selection_split, split_validation
+from streamnn.run.config import (RESUMABLE, build_model, derive_seed, early_stopped, resolve_config, selection_split,
+                                 split_validation)
 from streamnn.run.console import Console
 from streamnn.run.evaluate import EvaluationStopped, evaluate_split, store_identity
 from streamnn.run.folder import BEST, CONFIG_FORMAT, HISTORY_COLUMNS, LATEST, RunDir
@@ -269,7 +270,8 @@ class Trainer:
             self.console.selection(self.config, self.selection, len(self.val_rows) if self.val_rows is not None else 0,
                                    self.epoch, self.epoch_step, self.step)
             self.say(f"reading the store with {self.parts.loader.reader_mode} (--reader {self.config['reader']})")
-            while self.epoch < self.config["epochs"]:
+            while self.epoch < self.config["epochs"] and not early_stopped(self.config, self.epoch, self.best_epoch,
+                                                                           self.say):
                 self._run_epoch(on_step)
         return self.history
 
