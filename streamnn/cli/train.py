@@ -15,7 +15,7 @@ from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.run.folder import BEST, LATEST, RunDir
 from streamnn.nn.functional import ACTIVATIONS
-from streamnn.run.config import CHOICES, DEFAULTS, RESUMABLE, resolve_config
+from streamnn.run.config import CHOICES, DEFAULTS, LATER_KEYS, RESUMABLE, resolve_config
 from streamnn.run.stop import TrainingInterrupted
 from streamnn.run.trainer import Trainer
 from streamnn.cli.common import CONTEXT_SETTINGS, rank_fail, user_errors
@@ -106,6 +106,9 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 @click.option("--early-stop", type=int, default=DEFAULTS["early_stop"], show_default=True, metavar="N",
               help="Stop when the selection accuracy (validation, else --eval-split) has not improved for N "
                    "epochs (0: never). May change on --resume.")
+@click.option("--ema", type=float, default=DEFAULTS["ema"], show_default=True, metavar="DECAY",
+              help="Evaluate (and keep in checkpoint-best.h5) an exponential moving average of the weights, "
+                   "average = DECAY * average + (1 - DECAY) * weights after every step, e.g. 0.999 (0: none).")
 @click.option("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"], show_default=True,
               metavar="N", help="Also write checkpoint-latest.h5 every N steps (0: only at epoch ends).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -197,7 +200,7 @@ def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, pro
     path = run / LATEST
     if not path.is_file():
         raise StreamnnError(f"nothing to resume: no {LATEST} here", path_text(out))
-    saved = load_run_config(path)
+    saved = {**LATER_KEYS, **load_run_config(path)}  # keys newer than the run: what runs without them did
     with open_store(store or saved["store"]) as s:
         wanted = resolve_config({**saved, **given, "store": saved["store"]}, s)
     conflicts = [k for k in given if wanted.get(k) != saved.get(k) and k not in RESUMABLE]

@@ -67,13 +67,15 @@ RESUMABLE = ("epochs", "reader")  # options that may change when a run is resume
 # -- BLAS threads (streamnn.threads): "auto" or a number; may change on resume (not part of the state).
 DEFAULTS["threads"] = "auto"
 RESUMABLE = (*RESUMABLE, "threads")
-# -- cnn: biases of the convolutions; "auto": none before a batch norm (no effect there). A resolved
-# configuration holds the key only when False (runs saved without it had biases).
+# -- cnn: biases of the convolutions; "auto": none before a batch norm (no effect there).
 DEFAULTS["conv_bias"] = "auto"
 # -- early stopping: stop when the selection accuracy has not improved for this many epochs (0: never);
 # may change on resume (the epoch of the best accuracy is in the checkpoint).
 DEFAULTS["early_stop"] = 0
 RESUMABLE = (*RESUMABLE, "early_stop")
+# -- an exponential moving average of the weights for evaluation and checkpoint-best.h5 (0: none; else its
+# decay, e.g. 0.999), kept in the optimizer state (streamnn.nn.ema).
+DEFAULTS["ema"] = 0.0
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -151,10 +153,9 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
     cfg["threads"] = check_threads(cfg["threads"])  # BLAS threads: "auto" or a positive number
     cfg["early_stop"] = int(cfg["early_stop"] or 0)
     need(cfg["early_stop"] >= 0, f"early-stop must be >= 0 epochs (0: never), not {cfg['early_stop']}")
-    if (not cfg["batch_norm"] if cfg["conv_bias"] == "auto" else bool(cfg["conv_bias"])):
-        del cfg["conv_bias"]  # with biases, as every run before the key: the saved configuration as before
-    else:
-        cfg["conv_bias"] = False
+    cfg["ema"] = float(cfg["ema"] or 0.0)
+    need(0 <= cfg["ema"] < 1, f"ema (the weight average's decay) must be in [0, 1) (0: none), not {cfg['ema']}")
+    cfg["conv_bias"] = not cfg["batch_norm"] if cfg["conv_bias"] == "auto" else bool(cfg["conv_bias"])
     check_model_size(cfg, store)
     return cfg
 
@@ -185,8 +186,24 @@ def check_model_size(cfg: dict[str, Any], store: Any) -> None:
     check_fits(count, np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES, what)
 
 
-def early_stopped(cfg: dict[str, Any], epoch: int, best_epoch: int, say: Callable[[str], None]) -> bool:
-    """Whether ``early_stop`` epochs have passed since the best selection accuracy (and say so)."""
+#: Keys newer than release 0.1.0, with the value that means what runs saved without them did: a run's
+#: saved configuration holds them only when they differ (:func:`run_settings`), so the configuration of
+#: an earlier run, resumed, stays as it was.
+LATER_KEYS: dict[str, Any] = {"conv_bias": True, "early_stop": 0, "ema": 0.0}
+
+
+def run_settings(cfg: dict[str, Any]) -> str | int:
+    """Take from a resolved configuration what a run does not save: the BLAS threads (returned; a
+    setting of the process) and the later keys at their earlier meaning."""
+    for key, earlier in LATER_KEYS.items():
+        if key in cfg and cfg[key] == earlier:
+            del cfg[key]
+    return cfg.pop("threads")
+
+
+def early_stopped(trainer: Any) -> bool:
+    """Whether ``early_stop`` epochs have passed since a trainer's best selection accuracy (and say so)."""
+    cfg, epoch, best_epoch, say = trainer.config, trainer.epoch, trainer.best_epoch, trainer.say
     n = cfg.get("early_stop", 0)
     if not n or epoch - best_epoch < n or epoch >= cfg["epochs"]:
         return False
