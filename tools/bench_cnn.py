@@ -23,6 +23,7 @@ its peak RSS (VmHWM; mapped store pages count in it) and its peak private memory
 Usage::
 
     python tools/bench_cnn.py [--threads 1,2] [--repeats 5] [--steps 3] [--size 64] [--batch 64] [--batch-norm]
+    python tools/bench_cnn.py --parts [--threads 1]
     python tools/bench_cnn.py --rss runs/recipe/cats64.h5 [--steps 60] [--threads 1]
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--conv", default="32,64,128")
     parser.add_argument("--hidden", default="128")
+    parser.add_argument("--parts", action="store_true", help="A/B of the im2col copies and of ReLU/pool order")
     parser.add_argument("--rss", metavar="STORE", help="measure peak memory of training on STORE and on 10x it")
     parser.add_argument("--rss-child", metavar="STORE", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -187,6 +189,58 @@ def speed() -> None:
     profile(model, X, Y, Adam(model, 1e-3))
 
 
+# -- A/B of the changed parts ---------------------------------------------------------------------
+def parts() -> None:
+    """im2col one tap at a time (0.1.0) vs one kernel row at a time; ReLU -> pool vs pool -> ReLU (forward and
+    backward); alternated, medians of 7, at the first --threads count."""
+    from numpy.lib.stride_tricks import as_strided
+
+    from streamnn.nn import Activation, MaxPool2D
+
+    set_blas_threads(THREADS[0])
+    rng, B, k = np.random.default_rng(0), ARGS.batch, 3
+
+    def med(f: Callable[[], None]) -> float:
+        times = []
+        for _ in range(7):
+            started = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times) * 1000
+
+    def ab(name: str, before: Callable[[], None], after: Callable[[], None]) -> None:
+        a = [med(before), med(after), med(before), med(after)]
+        print(f"  {name:<34} before {min(a[0], a[2]):7.1f} ms   after {min(a[1], a[3]):7.1f} ms")
+
+    print(f"A/B of the changed parts, batch {B}, load average {os.getloadavg()[0]:.1f}:")
+    side, channels = ARGS.size, 3
+    for filters in CONV:
+        Xp = rng.random((B, side + 2, side + 2, channels), dtype=np.float32)
+        cols = np.empty((B, side, side, k, k, channels), np.float32)
+
+        def taps(Xp=Xp, cols=cols, H=side) -> None:
+            for i in range(k):
+                for j in range(k):
+                    np.copyto(cols[:, :, :, i, j, :], Xp[:, i:i + H, j:j + H, :])
+
+        def rows(Xp=Xp, cols=cols, H=side, C=channels) -> None:
+            for i in range(k):
+                v = as_strided(Xp[:, i:], (B, H, H, k * C), (Xp.strides[0], Xp.strides[1], C * 4, 4), writeable=False)
+                np.copyto(cols[:, :, :, i].reshape(B, H, H, k * C), v)
+
+        ab(f"im2col {side}x{side}x{channels}", taps, rows)
+        Z = rng.standard_normal((B, side, side, filters), dtype=np.float32)
+        dY = rng.standard_normal((B, side // 2, side // 2, filters), dtype=np.float32)
+        shape, half = (side, side, filters), (side // 2, side // 2, filters)
+        r1, p1, p2, r2 = Activation("relu"), MaxPool2D(2), MaxPool2D(2), Activation("relu")
+        for layer, sh in ((r1, shape), (p1, shape), (p2, shape), (r2, half)):
+            layer.build(sh, rng, np.float32)
+        ab(f"relu+pool {side}x{side}x{filters} fwd+bwd",
+           lambda: r1.backward(p1.backward(p1.forward(r1.forward(Z)) * 0 + dY)),
+           lambda: p2.backward(r2.backward(r2.forward(p2.forward(Z)) * 0 + dY)))
+        side, channels = side // 2, filters
+
+
 # -- peak memory ---------------------------------------------------------------------------------
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -266,5 +320,7 @@ if __name__ == "__main__":
         rss_child(ARGS.rss_child)
     elif ARGS.rss:
         rss(ARGS.rss)
+    elif ARGS.parts:
+        parts()
     else:
         speed()
