@@ -152,3 +152,20 @@ def test_batch_normed_cnn_without_conv_bias_checks_clean_and_the_old_bias_was_th
     errors = gradient_errors(old, X, Y)
     assert np.abs(old.grads["conv0.b"]).max() < 1e-12
     assert max(v for k, v in errors.items() if k != "conv0.b") < 1e-5
+
+
+@pytest.mark.parametrize("output,n_out", [("sigmoid", 1), ("softmax", 4)])
+def test_label_smoothing_gradient_and_its_minimum(output, n_out):
+    model = randomized(DeepNetwork([5, 4, n_out], ["tanh", output], dtype=np.float64))
+    model.label_smoothing = 0.2
+    X, Y = data(5, n_out)
+    assert gradient_check(model, X, Y) < TOL
+    # the smoothed cost is smallest where the outputs are the smoothed targets: its gradient vanishes there
+    K = max(n_out, 2)
+    T = Y * 0.8 + 0.2 / K
+    assert np.allclose(model._loss.gradient(T, model._targets(Y)), 0)
+    plain = randomized(DeepNetwork([5, 4, n_out], ["tanh", output], dtype=np.float64))
+    A = plain.forward(X)
+    model.forward(X)
+    assert model.loss(Y, model.forward(X)) > plain.loss(Y, A) - 1  # a finite, comparable cost
+    assert model.evaluate(X, Y)["accuracy"] == plain.evaluate(X, Y)["accuracy"]  # accuracy on the labels

@@ -126,3 +126,26 @@ def test_ema_run_evaluates_the_average_keeps_it_in_best_and_resumes_exactly(stor
     assert_same_run(tmp_path / "straight", tmp_path / "stopped")
     with pytest.raises(StreamnnError, match="ema"):
         Trainer({**cfg, "ema": 1.5}, tmp_path / "bad", verbose=False)
+
+
+def test_label_smoothing_trains_resumes_exactly_and_is_saved_only_when_set(store, tmp_path):
+    cfg = {"store": str(store), "model": "mlp", "hidden": [4], "batch_size": 16, "epochs": 2, "lr": 0.05,
+           "seed": 1, "checkpoint_every": 1, "label_smoothing": 0.1}
+    with Trainer(cfg, tmp_path / "straight", verbose=False) as t:
+        assert t.model.label_smoothing == 0.1 and t.config["label_smoothing"] == 0.1
+        t.fit()
+
+    def stop_at(t):
+        if t.step == 3:
+            t.request_stop()
+
+    with Trainer(cfg, tmp_path / "stopped", verbose=False) as t, pytest.raises(TrainingInterrupted):
+        t.fit(on_step=stop_at)
+    with Trainer.resume(tmp_path / "stopped", verbose=False) as t:
+        assert t.model.label_smoothing == 0.1
+        t.fit()
+    assert_same_run(tmp_path / "straight", tmp_path / "stopped")
+    with Trainer({**cfg, "label_smoothing": 0.0}, tmp_path / "plain", verbose=False) as t:
+        assert "label_smoothing" not in t.config and t.model.label_smoothing == 0.0
+    with pytest.raises(StreamnnError, match="label-smoothing must be in"):
+        Trainer({**cfg, "label_smoothing": 1.0}, tmp_path / "bad", verbose=False)

@@ -109,6 +109,8 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 @click.option("--ema", type=float, default=DEFAULTS["ema"], show_default=True, metavar="DECAY",
               help="Evaluate (and keep in checkpoint-best.h5) an exponential moving average of the weights, "
                    "average = DECAY * average + (1 - DECAY) * weights after every step, e.g. 0.999 (0: none).")
+@click.option("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"], show_default=True,
+              metavar="EPS", help="Train towards the targets Y (1 - EPS) + EPS / K (K classes; 2 for two), e.g. 0.1.")
 @click.option("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"], show_default=True,
               metavar="N", help="Also write checkpoint-latest.h5 every N steps (0: only at epoch ends).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,

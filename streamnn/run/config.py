@@ -76,6 +76,8 @@ RESUMABLE = (*RESUMABLE, "early_stop")
 # -- an exponential moving average of the weights for evaluation and checkpoint-best.h5 (0: none; else its
 # decay, e.g. 0.999), kept in the optimizer state (streamnn.nn.ema).
 DEFAULTS["ema"] = 0.0
+# -- label smoothing eps: training targets Y (1 - eps) + eps / K (streamnn.nn.network.Network.label_smoothing).
+DEFAULTS["label_smoothing"] = 0.0
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -155,6 +157,8 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
     need(cfg["early_stop"] >= 0, f"early-stop must be >= 0 epochs (0: never), not {cfg['early_stop']}")
     cfg["ema"] = float(cfg["ema"] or 0.0)
     need(0 <= cfg["ema"] < 1, f"ema (the weight average's decay) must be in [0, 1) (0: none), not {cfg['ema']}")
+    cfg["label_smoothing"] = float(cfg["label_smoothing"] or 0.0)
+    need(0 <= cfg["label_smoothing"] < 1, f"label-smoothing must be in [0, 1), not {cfg['label_smoothing']}")
     cfg["conv_bias"] = not cfg["batch_norm"] if cfg["conv_bias"] == "auto" else bool(cfg["conv_bias"])
     check_model_size(cfg, store)
     return cfg
@@ -189,7 +193,7 @@ def check_model_size(cfg: dict[str, Any], store: Any) -> None:
 #: Keys newer than release 0.1.0, with the value that means what runs saved without them did: a run's
 #: saved configuration holds them only when they differ (:func:`run_settings`), so the configuration of
 #: an earlier run, resumed, stays as it was.
-LATER_KEYS: dict[str, Any] = {"conv_bias": True, "early_stop": 0, "ema": 0.0}
+LATER_KEYS: dict[str, Any] = {"conv_bias": True, "early_stop": 0, "ema": 0.0, "label_smoothing": 0.0}
 
 
 def run_settings(cfg: dict[str, Any]) -> str | int:
@@ -238,7 +242,9 @@ def build_model(cfg: dict[str, Any], n_features: int, n_classes: int,
                 image_shape: tuple[int, ...] | None = None) -> models.Network:
     """A fresh model for the configuration (binary: one sigmoid output; else softmax)."""
     dtype, seed = np.dtype(cfg["dtype"]).type, derive_seed(cfg["seed"], "model")
-    return MODELS[cfg["model"]].build(cfg, n_features, n_classes, image_shape, dtype, seed)
+    model = MODELS[cfg["model"]].build(cfg, n_features, n_classes, image_shape, dtype, seed)
+    model.label_smoothing = cfg.get("label_smoothing", 0.0)  # a training setting of the run
+    return model
 
 
 @dataclass(frozen=True)
