@@ -134,3 +134,38 @@ def test_relative_error():
     assert relative_error(np.zeros(3), np.zeros(3)) == 0
     assert relative_error(np.array([1.0, 0]), np.array([1.0, 0])) == 0
     assert relative_error(np.array([3.0, 0]), np.array([0, 4.0])) == pytest.approx(5 / 7)
+
+
+def test_batch_normed_cnn_without_conv_bias_checks_clean_and_the_old_bias_was_the_only_outlier():
+    """Before a batch norm the conv bias has an exactly zero gradient (gradient_check then reports ~1
+    for it); training builds such CNNs without it, and every parameter then checks."""
+    from streamnn.nn.models import ConvNet
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(6 * 6 * 2, 5))
+    Y = (rng.random((1, 5)) < 0.5).astype(float)
+    clean = ConvNet((6, 6, 2), [3], [4], 2, batch_norm=True, conv_bias=False, dtype=np.float64, seed=1)
+    assert "conv0.b" not in clean.params and clean.config()["conv_bias"] is False
+    assert gradient_check(clean, X, Y) < 1e-5
+    old = ConvNet((6, 6, 2), [3], [4], 2, batch_norm=True, dtype=np.float64, seed=1)
+    assert "conv_bias" not in old.config()  # configs (and checkpoints) of biased models as before
+    errors = gradient_errors(old, X, Y)
+    assert np.abs(old.grads["conv0.b"]).max() < 1e-12
+    assert max(v for k, v in errors.items() if k != "conv0.b") < 1e-5
+
+
+@pytest.mark.parametrize("output,n_out", [("sigmoid", 1), ("softmax", 4)])
+def test_label_smoothing_gradient_and_its_minimum(output, n_out):
+    model = randomized(DeepNetwork([5, 4, n_out], ["tanh", output], dtype=np.float64))
+    model.label_smoothing = 0.2
+    X, Y = data(5, n_out)
+    assert gradient_check(model, X, Y) < TOL
+    # the smoothed cost is smallest where the outputs are the smoothed targets: its gradient vanishes there
+    K = max(n_out, 2)
+    T = Y * 0.8 + 0.2 / K
+    assert np.allclose(model._loss.gradient(T, model._targets(Y)), 0)
+    plain = randomized(DeepNetwork([5, 4, n_out], ["tanh", output], dtype=np.float64))
+    A = plain.forward(X)
+    model.forward(X)
+    assert model.loss(Y, model.forward(X)) > plain.loss(Y, A) - 1  # a finite, comparable cost
+    assert model.evaluate(X, Y)["accuracy"] == plain.evaluate(X, Y)["accuracy"]  # accuracy on the labels

@@ -17,7 +17,7 @@ import streamnn
 
 ROOT = Path(streamnn.__file__).parent
 BASE = {"streamnn", "streamnn.errors", "streamnn.paths", "streamnn.atomic", "streamnn.rng", "streamnn.version",
-        "streamnn.lazy", "streamnn.h5write"}
+        "streamnn.lazy", "streamnn.h5write", "streamnn.threads"}
 #: stage -> the stages it may import from (itself and the base always).
 ALLOWED = {
     "base": set(),

@@ -317,3 +317,35 @@ def test_config_and_state_rebuild_an_identical_model(sizes, act, seed, dtype):
     copy.load_state_dict(model.state_dict())
     X = np.random.default_rng(0).normal(size=(3, 4))
     np.testing.assert_array_equal(copy.forward(X), model.forward(X))
+
+
+def test_training_a_batch_normed_cnn_drops_its_conv_biases_and_resumes_exactly(tmp_path):
+    """New batch-normed CNN runs have no conv bias (saved as conv_bias false); others keep theirs."""
+    from streamnn.run.trainer import Trainer
+    from test_train import assert_same_run, make_store
+
+    store = make_store(tmp_path / "s.h5", n_train=24, n_test=8)
+    base = {"store": str(store), "model": "cnn", "conv": [2], "hidden": [3], "batch_size": 8, "epochs": 2,
+            "eval_split": None, "checkpoint_every": 1}
+    with Trainer({**base, "batch_norm": True}, tmp_path / "bn", verbose=False) as t:
+        assert t.config["conv_bias"] is False and "conv0.b" not in t.model.params
+        t.fit()
+    with Trainer.resume(tmp_path / "bn", verbose=False) as t:
+        assert "conv0.b" not in t.model.params
+    with Trainer(base, tmp_path / "plain", verbose=False) as t:
+        assert "conv_bias" not in t.config and "conv0.b" in t.model.params
+    with Trainer({**base, "batch_norm": True, "conv_bias": True}, tmp_path / "kept", verbose=False) as t:
+        assert "conv0.b" in t.model.params
+
+    def stop_at_3(t):
+        if t.step == 3:
+            t.request_stop()
+
+    import pytest
+    from streamnn.run.stop import TrainingInterrupted
+    with Trainer({**base, "batch_norm": True}, tmp_path / "stopped", verbose=False) as t:
+        with pytest.raises(TrainingInterrupted):
+            t.fit(on_step=stop_at_3)
+    with Trainer.resume(tmp_path / "stopped", verbose=False) as t:
+        t.fit()
+    assert_same_run(tmp_path / "bn", tmp_path / "stopped")

@@ -249,7 +249,7 @@ def test_gradient_check_of_a_float32_cnn_goes_through_a_float64_copy():
 def test_conv_net_reads_feature_columns_as_images_and_round_trips_its_config():
     model = ConvNet((8, 8, 3), [4, 6], [5], 3, batch_norm=True, dropout=0.2, seed=4)
     assert [type(l).__name__ for l in model.layers] == [
-        "Conv2D", "BatchNorm", "Activation", "MaxPool2D", "Conv2D", "BatchNorm", "Activation", "MaxPool2D",
+        "Conv2D", "BatchNorm", "MaxPool2D", "Activation", "Conv2D", "BatchNorm", "MaxPool2D", "Activation",
         "Flatten", "Dense", "Activation", "Dropout", "Dense"]
     assert "conv0.W" in model.params and "bn1.gamma" in model.params and "bn0.mean" in model.state_dict()
     assert all(np.shares_memory(p, model.flat_params) for p in model.params.values())

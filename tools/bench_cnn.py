@@ -9,7 +9,8 @@ dense 128 + ReLU, one sigmoid output) on 64x64x3 float32 images, batch 64:
 * PyTorch: ``Conv2d``/``ReLU``/``MaxPool2d``/``Linear``, ``BCEWithLogitsLoss``, ``torch.optim.Adam``
   (NCHW, oneDNN), skipped with a message when torch is not installed.
 
-Both get the same thread count (BLAS variables set before NumPy loads, ``torch.set_num_threads``).
+Both get the same thread count, each count of ``--threads`` in turn in the same run
+(:func:`streamnn.threads.set_blas_threads`, ``torch.set_num_threads``).
 The machine is shared and noisy: contenders alternate within each repeat and the figures
 are medians over ``--repeats``. Then a per-layer profile of the streamnn step (median time of
 every layer's forward and backward and of the Adam step).
@@ -21,7 +22,8 @@ its peak RSS (VmHWM; mapped store pages count in it) and its peak private memory
 
 Usage::
 
-    python tools/bench_cnn.py [--threads 2] [--repeats 5] [--steps 3] [--size 64] [--batch 64]
+    python tools/bench_cnn.py [--threads 1,2] [--repeats 5] [--steps 3] [--size 64] [--batch 64] [--batch-norm]
+    python tools/bench_cnn.py --parts [--threads 1]
     python tools/bench_cnn.py --rss runs/recipe/cats64.h5 [--steps 60] [--threads 1]
 """
 from __future__ import annotations
@@ -39,21 +41,22 @@ from typing import Callable
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="1,2", help="BLAS / torch thread counts, each measured in this run")
+    parser.add_argument("--batch-norm", action="store_true", help="a BatchNorm after every convolution (both)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per repeat (with --rss: steps per run)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--conv", default="32,64,128")
     parser.add_argument("--hidden", default="128")
+    parser.add_argument("--parts", action="store_true", help="A/B of the im2col copies and of ReLU/pool order")
     parser.add_argument("--rss", metavar="STORE", help="measure peak memory of training on STORE and on 10x it")
     parser.add_argument("--rss-child", metavar="STORE", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
 ARGS = parse_args()
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(ARGS.threads)  # before NumPy (or torch) loads a BLAS
+THREADS = [int(t) for t in str(ARGS.threads).split(",")]
 
 import numpy as np  # noqa: E402
 
@@ -62,13 +65,15 @@ sys.path[:0] = [str(ROOT)]
 
 from streamnn.nn.models import ConvNet  # noqa: E402
 from streamnn.optim import Adam  # noqa: E402
+from streamnn.threads import set_blas_threads  # noqa: E402
 
 CONV = [int(c) for c in ARGS.conv.split(",")]
 HIDDEN = [int(h) for h in ARGS.hidden.split(",") if h]
 
 
 def streamnn_step(X: np.ndarray, Y: np.ndarray) -> tuple[ConvNet, Callable[[], None]]:
-    model = ConvNet((ARGS.size, ARGS.size, 3), CONV, HIDDEN, 2, seed=0)
+    model = ConvNet((ARGS.size, ARGS.size, 3), CONV, HIDDEN, 2, seed=0, batch_norm=ARGS.batch_norm,
+                    conv_bias=not ARGS.batch_norm)
     opt = Adam(model, 1e-3)
 
     def step() -> None:
@@ -86,12 +91,12 @@ def torch_step(X: np.ndarray, Y: np.ndarray) -> Callable[[], None] | None:
     except ImportError:
         print("PyTorch is not installed: skipped (pip install torch==2.13.0, the CPU build)")
         return None
-    torch.set_num_threads(ARGS.threads)
     torch.manual_seed(0)
     layers: list = []
     channels, side = 3, ARGS.size
     for c in CONV:
-        layers += [torch.nn.Conv2d(channels, c, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+        layers += [torch.nn.Conv2d(channels, c, 3, padding=1, bias=not ARGS.batch_norm),
+                   *([torch.nn.BatchNorm2d(c)] if ARGS.batch_norm else []), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
         channels, side = c, side // 2
     layers.append(torch.nn.Flatten())
     features = channels * side * side
@@ -152,23 +157,88 @@ def speed() -> None:
     Y = (rng.random((1, ARGS.batch)) < 0.5).astype(np.float32)
     model, ours = streamnn_step(X, Y)
     theirs = torch_step(X, Y)
+
+    def at(threads: int) -> None:
+        set_blas_threads(threads)
+        if theirs:
+            import torch
+            torch.set_num_threads(threads)
+
     ours()  # warm-up: allocates the reused buffers
     if theirs:
         theirs()
-    rates: dict[str, list[float]] = {"streamnn": [], "pytorch": []}
-    for _ in range(ARGS.repeats):
-        rates["streamnn"].append(per_second(ours))
+    rates: dict[tuple[str, int], list[float]] = {}
+    for _ in range(ARGS.repeats):  # contenders and thread counts in turns: the machine's load moves
+        for threads in THREADS:
+            at(threads)
+            rates.setdefault(("streamnn", threads), []).append(per_second(ours))
+            if theirs:
+                rates.setdefault(("pytorch", threads), []).append(per_second(theirs))
+    print(f"CNN conv {ARGS.conv} hidden {ARGS.hidden}{' batch-norm' if ARGS.batch_norm else ''}, "
+          f"{ARGS.size}x{ARGS.size}x3 float32, batch {ARGS.batch}, training step (forward, backward, Adam); "
+          f"median of {ARGS.repeats}; load average {os.getloadavg()[0]:.1f}")
+    for threads in THREADS:
+        ours_rate = statistics.median(rates[("streamnn", threads)])
+        line = f"  {threads} thread(s): streamnn {ours_rate:7.1f} samples/s"
         if theirs:
-            rates["pytorch"].append(per_second(theirs))
-    print(f"CNN conv {ARGS.conv} hidden {ARGS.hidden}, {ARGS.size}x{ARGS.size}x3 float32, batch {ARGS.batch}, "
-          f"{ARGS.threads} thread(s), training step (forward, backward, Adam); median of {ARGS.repeats}")
-    ours_rate = statistics.median(rates["streamnn"])
-    print(f"  streamnn  {ours_rate:8.1f} samples/s   (runs: {', '.join(f'{r:.0f}' for r in rates['streamnn'])})")
-    if theirs:
-        torch_rate = statistics.median(rates["pytorch"])
-        print(f"  pytorch   {torch_rate:8.1f} samples/s   (runs: {', '.join(f'{r:.0f}' for r in rates['pytorch'])})")
-        print(f"  ratio streamnn / pytorch: {ours_rate / torch_rate:.2f}x")
+            torch_rate = statistics.median(rates[("pytorch", threads)])
+            line += f", pytorch {torch_rate:7.1f} samples/s, ratio streamnn / pytorch {ours_rate / torch_rate:.2f}x"
+        print(line)
+    at(THREADS[0])
+    print(f"(profile at {THREADS[0]} thread(s))")
     profile(model, X, Y, Adam(model, 1e-3))
+
+
+# -- A/B of the changed parts ---------------------------------------------------------------------
+def parts() -> None:
+    """im2col one tap at a time (0.1.0) vs one kernel row at a time; ReLU -> pool vs pool -> ReLU (forward and
+    backward); alternated, medians of 7, at the first --threads count."""
+    from numpy.lib.stride_tricks import as_strided
+
+    from streamnn.nn import Activation, MaxPool2D
+
+    set_blas_threads(THREADS[0])
+    rng, B, k = np.random.default_rng(0), ARGS.batch, 3
+
+    def med(f: Callable[[], None]) -> float:
+        times = []
+        for _ in range(7):
+            started = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times) * 1000
+
+    def ab(name: str, before: Callable[[], None], after: Callable[[], None]) -> None:
+        a = [med(before), med(after), med(before), med(after)]
+        print(f"  {name:<34} before {min(a[0], a[2]):7.1f} ms   after {min(a[1], a[3]):7.1f} ms")
+
+    print(f"A/B of the changed parts, batch {B}, load average {os.getloadavg()[0]:.1f}:")
+    side, channels = ARGS.size, 3
+    for filters in CONV:
+        Xp = rng.random((B, side + 2, side + 2, channels), dtype=np.float32)
+        cols = np.empty((B, side, side, k, k, channels), np.float32)
+
+        def taps(Xp=Xp, cols=cols, H=side) -> None:
+            for i in range(k):
+                for j in range(k):
+                    np.copyto(cols[:, :, :, i, j, :], Xp[:, i:i + H, j:j + H, :])
+
+        def rows(Xp=Xp, cols=cols, H=side, C=channels) -> None:
+            for i in range(k):
+                v = as_strided(Xp[:, i:], (B, H, H, k * C), (Xp.strides[0], Xp.strides[1], C * 4, 4), writeable=False)
+                np.copyto(cols[:, :, :, i].reshape(B, H, H, k * C), v)
+
+        ab(f"im2col {side}x{side}x{channels}", taps, rows)
+        Z = rng.standard_normal((B, side, side, filters), dtype=np.float32)
+        dY = rng.standard_normal((B, side // 2, side // 2, filters), dtype=np.float32)
+        shape, half = (side, side, filters), (side // 2, side // 2, filters)
+        r1, p1, p2, r2 = Activation("relu"), MaxPool2D(2), MaxPool2D(2), Activation("relu")
+        for layer, sh in ((r1, shape), (p1, shape), (p2, shape), (r2, half)):
+            layer.build(sh, rng, np.float32)
+        ab(f"relu+pool {side}x{side}x{filters} fwd+bwd",
+           lambda: r1.backward(p1.backward(p1.forward(r1.forward(Z)) * 0 + dY)),
+           lambda: p2.backward(r2.backward(r2.forward(p2.forward(Z)) * 0 + dY)))
+        side, channels = side // 2, filters
 
 
 # -- peak memory ---------------------------------------------------------------------------------
@@ -250,5 +320,7 @@ if __name__ == "__main__":
         rss_child(ARGS.rss_child)
     elif ARGS.rss:
         rss(ARGS.rss)
+    elif ARGS.parts:
+        parts()
     else:
         speed()

@@ -17,7 +17,7 @@ from streamnn.paths import path_text
 from streamnn.run.console import doubtful_result
 from streamnn.run.folder import BEST, LATEST, STEPS_CSV, RunDir
 from streamnn.nn.functional import ACTIVATIONS
-from streamnn.run.config import CHOICES, DEFAULTS, RESUMABLE, applicable, check_applicable, resolve_config
+from streamnn.run.config import CHOICES, DEFAULTS, LATER_KEYS, RESUMABLE, applicable, check_applicable, resolve_config
 from streamnn.run.stop import TrainingInterrupted
 from streamnn.run.trainer import Trainer
 from streamnn.cli.common import CONTEXT_SETTINGS, Command, rank_fail, user_errors
@@ -102,6 +102,17 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
               show_default=True, help="How the store is read: mmap (memory map, fastest in the page cache), "
               "pread (positional reads from 16 threads: a store bigger than RAM), auto (pread when X is over "
               "half the available memory). May change on --resume.")
+@click.option("--threads", default=DEFAULTS["threads"], show_default=True, metavar="N|auto",
+              help="BLAS threads: auto = the CPUs this process may use less one for the loader (1 per rank under "
+                   "mpiexec), or a number. May change on --resume.")
+@click.option("--early-stop", type=int, default=DEFAULTS["early_stop"], show_default=True, metavar="N",
+              help="Stop when the selection accuracy (validation, else --eval-split) has not improved for N "
+                   "epochs (0: never). May change on --resume.")
+@click.option("--ema", type=float, default=DEFAULTS["ema"], show_default=True, metavar="DECAY",
+              help="Evaluate (and keep in checkpoint-best.h5) an exponential moving average of the weights, "
+                   "average = DECAY * average + (1 - DECAY) * weights after every step, e.g. 0.999 (0: none).")
+@click.option("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"], show_default=True,
+              metavar="EPS", help="Train towards the targets Y (1 - EPS) + EPS / K (K classes; 2 for two), e.g. 0.1.")
 @click.option("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"], show_default=True,
               metavar="N", help="Also write checkpoint-latest.h5 every N steps (0: only at epoch ends).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -121,7 +132,7 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
 
     Ctrl-C or SIGTERM saves a checkpoint after the current step and exits with 130 / 143;
     `--resume` continues it exactly. When resuming, options given on the command line must
-    match the saved configuration (only --epochs and --reader may change).
+    match the saved configuration (only --epochs, --reader, --threads and --early-stop may change).
 
     `mpiexec -n K streamnn-train ...` trains data-parallel on K ranks (pip install
     'streamnn[mpi]'): the same run as one process, --batch-size being the global batch;
@@ -210,7 +221,7 @@ def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, pro
     path = run / LATEST
     if not path.is_file():
         raise StreamnnError(f"nothing to resume: no {LATEST} here", path_text(out))
-    saved = load_run_config(path)
+    saved = {**LATER_KEYS, **load_run_config(path)}  # keys newer than the run: what runs without them did
     check_applicable(given.get("model", saved.get("model", DEFAULTS["model"])), given)
     if not isinstance(saved.get("store"), str):
         raise StreamnnError("checkpoint configuration names no store path", path_text(path))

@@ -3,7 +3,7 @@
 One file per layer family, the equations in each docstring: :mod:`.module` (protocol,
 ``Sequential``, the flat buffer), :mod:`.dense`, :mod:`.activations`, :mod:`.dropout`,
 :mod:`.conv`, :mod:`.pool` (max / global average pooling, flatten), :mod:`.norm` (batch
-norm), :mod:`.network` (the model: layers, loss head, L2, flat buffers).
+norm), :mod:`.residual` (``X + F(X)`` blocks), :mod:`.ema` (a weight average), :mod:`.network` (the model: layers, loss head, L2, flat buffers).
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from streamnn.nn.module import Layer, Sequential
 from streamnn.nn.network import Network
 from streamnn.nn.norm import BatchNorm
 from streamnn.nn.pool import Flatten, GlobalAvgPool2D, MaxPool2D
+from streamnn.nn.residual import Residual
 
 LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (
-    Activation, BatchNorm, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D)}
+    Activation, BatchNorm, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D, Residual)}
 
 
 def layer_from_config(cfg: dict[str, Any]) -> Layer:
@@ -36,4 +37,4 @@ def layer_from_config(cfg: dict[str, Any]) -> Layer:
 
 
 __all__ = ["LAYERS", "Activation", "BatchNorm", "Conv2D", "Dense", "Dropout", "Flatten", "GlobalAvgPool2D", "Layer",
-           "MaxPool2D", "Network", "Sequential", "layer_from_config"]
+           "MaxPool2D", "Network", "Residual", "Sequential", "layer_from_config"]

@@ -6,6 +6,8 @@ W), weights ``W`` (k, k, C, F) and bias ``b`` (F,)::
 
     Xp = X zero-padded by p on both sides of H and W
     cols[n, y, x, i, j, c] = Xp[n, s*y + i, s*x + j, c]          (B*Ho*Wo, k*k*C)
+                               (copied one kernel row i at a time: for each (n, y, x) the k*C
+                               values of taps (i, 0..k-1) are one contiguous run of Xp)
     Y = cols @ W.reshape(k*k*C, F) + b                             (B, Ho, Wo, F)
 
     dW = cols^T @ dY2          db = sum over B, Ho, Wo of dY       dY2 = dY as (B*Ho*Wo, F)
@@ -20,12 +22,15 @@ train mode, then backwards, then steps (an eval-mode forward in between would ov
 the cache of a conv net; :class:`~streamnn.nn.network.Network` then refuses the backward).
 
 Initialization: He, ``N(0, 2 / (k*k*C))``, biases zero (draws as in :mod:`.dense`).
+``bias=False`` drops ``b`` (for a convolution followed by a batch norm: the norm subtracts the
+per-channel mean, so a bias has no effect there and its gradient is exactly zero).
 """
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from streamnn.errors import StreamnnError
 from streamnn.nn.dense import initial_weights
@@ -46,7 +51,7 @@ class Conv2D(Layer):
     short_name = "conv"
 
     def __init__(self, filters: int, kernel: int = 3, stride: int = 1, padding: str = "same",
-                 init: str = "he") -> None:
+                 init: str = "he", bias: bool = True) -> None:
         super().__init__()
         if int(filters) < 1 or int(kernel) < 1 or int(stride) < 1:
             raise StreamnnError(f"Conv2D needs positive filters, kernel and stride, got {filters}, {kernel}, {stride}")
@@ -55,6 +60,7 @@ class Conv2D(Layer):
         self.filters, self.kernel, self.stride, self.padding, self.init = (
             int(filters), int(kernel), int(stride), padding, init)
         self.pad = self.kernel // 2 if padding == "same" else 0
+        self.bias = bool(bias)  # False before a batch norm, whose mean subtraction cancels any bias
         self._bufs: dict[str, np.ndarray] = {}
         self._b: int | None = None  # rows of the last train-mode forward (0: an empty rank's share)
 
@@ -69,8 +75,9 @@ class Conv2D(Layer):
         if min(self.out_hw) < 1:
             raise StreamnnError(f"a {k}x{k} {self.padding} convolution does not fit {H}x{W} images")
         fan_in = k * k * C
-        self.params = {"W": initial_weights(rng, (k, k, C, self.filters), fan_in, self.filters, self.init, self.dtype),
-                       "b": np.zeros(self.filters, self.dtype)}
+        self.params = {"W": initial_weights(rng, (k, k, C, self.filters), fan_in, self.filters, self.init, self.dtype)}
+        if self.bias:
+            self.params["b"] = np.zeros(self.filters, self.dtype)
         self.grads = {name: np.zeros_like(v) for name, v in self.params.items()}
         self._bufs = {}
         return (*self.out_hw, self.filters)
@@ -91,13 +98,17 @@ class Conv2D(Layer):
         else:
             Xp = X
         cols = self._buffer("cols", B, (Ho, Wo, k, k, C))
-        for i in range(k):
-            for j in range(k):
-                np.copyto(cols[:, :, :, i, j, :], Xp[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :])
+        Xp = np.ascontiguousarray(Xp)
+        e = Xp.itemsize
+        for i in range(k):  # one copy per kernel row: the k*C values of taps (i, 0..k-1) are contiguous in Xp
+            rows = as_strided(Xp[:, i:], (B, Ho, Wo, k * C), (Xp.strides[0], s * Xp.strides[1], s * C * e, e),
+                              writeable=False)
+            np.copyto(cols[:, :, :, i].reshape(B, Ho, Wo, k * C), rows)
         out = self._buffer("out", B, (Ho, Wo, F))
         np.dot(cols.reshape(B * Ho * Wo, k * k * C), self.params["W"].reshape(k * k * C, F),
                out=out.reshape(B * Ho * Wo, F))
-        out += self.params["b"]
+        if self.bias:
+            out += self.params["b"]
         self._b = B if train_mode else None
         return out
 
@@ -110,7 +121,8 @@ class Conv2D(Layer):
         cols2 = cols.reshape(B * Ho * Wo, k * k * C)
         dY2 = np.ascontiguousarray(dY).reshape(B * Ho * Wo, F)
         np.dot(cols2.T, dY2, out=self.grads["W"].reshape(k * k * C, F))
-        np.sum(dY2, axis=0, out=self.grads["b"])
+        if self.bias:
+            np.sum(dY2, axis=0, out=self.grads["b"])
         self._b = None
         if not self.needs_input_grad:
             return None
@@ -123,5 +135,6 @@ class Conv2D(Layer):
         return dXp[:, p:p + H, p:p + W] if p else dXp
 
     def config(self) -> dict[str, Any]:
-        return {"type": "Conv2D", "filters": self.filters, "kernel": self.kernel, "stride": self.stride,
-                "padding": self.padding, "init": self.init}
+        cfg = {"type": "Conv2D", "filters": self.filters, "kernel": self.kernel, "stride": self.stride,
+               "padding": self.padding, "init": self.init}
+        return cfg if self.bias else {**cfg, "bias": False}  # configs of biased layers as before

@@ -16,8 +16,13 @@ for a softmax output, and the cost is the mean cross-entropy plus
 * :class:`LogisticRegression` ``(n_features)``: one sigmoid neuron with zero initial
   weights (the loss is convex: no symmetry to break).
 * :class:`ConvNet`: for every entry of ``conv``, ``Conv2D(filters, kernel, "same")`` [->
-  ``BatchNorm``] -> ReLU -> ``MaxPool2D(2)``; then ``Flatten``, the dense hidden layers
-  (``Dense -> ReLU -> Dropout``) and the output ``Dense``.
+  ``BatchNorm``] -> ``MaxPool2D(2)`` -> ReLU; then ``Flatten``, the dense hidden layers
+  (``Dense -> ReLU -> Dropout``) and the output ``Dense``. Max-pooling and ReLU commute
+  (``relu(max(x)) = max(relu(x))``, and the pool's gradient goes to the same first maximum
+  either way), so pooling first gives the same numbers as the usual ReLU -> pool, bit for
+  bit, with the ReLU and its backward over a quarter of the values. ``conv_bias=False`` drops
+  the convolutions' biases (what training does before a batch norm, where they have no effect:
+  ``streamnn.run.config``; models saved with biases keep them).
 
 Any other stack of layers is a plain :class:`~streamnn.nn.Network`; :func:`from_config`
 rebuilds all of them from ``config()``.
@@ -102,14 +107,15 @@ class LogisticRegression(DeepNetwork):
 
 
 class ConvNet(Network):
-    """Conv blocks (``Conv2D`` [-> ``BatchNorm``] -> ReLU -> ``MaxPool2D``) then a dense head."""
+    """Conv blocks (``Conv2D`` [-> ``BatchNorm``] -> ``MaxPool2D`` -> ReLU) then a dense head."""
 
     def __init__(self, image_shape: Sequence[int], conv: Sequence[int], hidden: Sequence[int], n_classes: int, *,
                  kernel: int = 3, batch_norm: bool = False, dtype: Any = np.float32, weight_decay: float = 0.0,
-                 dropout: float = 0.0, seed: int = 0) -> None:
+                 dropout: float = 0.0, seed: int = 0, conv_bias: bool = True) -> None:
         self.image_shape = [int(s) for s in image_shape]
         self.conv, self.hidden = [int(c) for c in conv], [int(h) for h in hidden]
         self.kernel, self.batch_norm, self.dropout = int(kernel), bool(batch_norm), float(dropout)
+        self.conv_bias = bool(conv_bias)
         if len(self.image_shape) != 3:
             raise StreamnnError(f"a ConvNet needs an image shape (H, W, C), not {self.image_shape}")
         if min(self.conv + self.hidden, default=1) < 1 or int(n_classes) < 2:
@@ -123,10 +129,10 @@ class ConvNet(Network):
                                 "--conv entries or larger images")
         layers: list[Layer] = []
         for filters in self.conv:
-            layers.append(Conv2D(filters, self.kernel, padding="same"))
+            layers.append(Conv2D(filters, self.kernel, padding="same", bias=self.conv_bias))
             if self.batch_norm:
                 layers.append(BatchNorm())
-            layers += [Activation("relu"), MaxPool2D(2)]
+            layers += [MaxPool2D(2), Activation("relu")]  # = relu then pool, on a quarter of the values
         layers.append(Flatten())
         for units in self.hidden:
             layers += [Dense(units, "he"), Activation("relu")]
@@ -137,10 +143,11 @@ class ConvNet(Network):
                          weight_decay=weight_decay, seed=seed)
 
     def config(self) -> dict[str, Any]:
-        return {"type": "ConvNet", "image_shape": list(self.image_shape), "conv": list(self.conv),
-                "hidden": list(self.hidden), "n_classes": max(self.n_classes, 2), "kernel": self.kernel,
-                "batch_norm": self.batch_norm, "dtype": self.dtype.name, "weight_decay": self.weight_decay,
-                "dropout": self.dropout, "seed": self.seed}
+        cfg = {"type": "ConvNet", "image_shape": list(self.image_shape), "conv": list(self.conv),
+               "hidden": list(self.hidden), "n_classes": max(self.n_classes, 2), "kernel": self.kernel,
+               "batch_norm": self.batch_norm, "dtype": self.dtype.name, "weight_decay": self.weight_decay,
+               "dropout": self.dropout, "seed": self.seed}
+        return cfg if self.conv_bias else {**cfg, "conv_bias": False}  # configs of earlier models unchanged
 
 
 MODELS: dict[str, type[Network]] = {"ConvNet": ConvNet, "DeepNetwork": DeepNetwork,

@@ -62,6 +62,10 @@ def model_dtype_of(dtype: Any) -> np.dtype:
 class Network:
     """Layers + loss head for samples of ``input_shape``; see the module docstring."""
 
+    #: Label smoothing ``eps`` in [0, 1): the cost and its gradient take the targets ``Y (1 - eps) + eps / K``
+    #: (K classes; 2 for one sigmoid output); accuracy the labels. A training setting, not in ``config()``.
+    label_smoothing = 0.0
+
     def __init__(self, layers: Sequence[Layer], input_shape: Sequence[int], output: str = "sigmoid", *,
                  dtype: Any = np.float32, weight_decay: float = 0.0, seed: int = 0,
                  names: list[str] | None = None) -> None:
@@ -150,7 +154,7 @@ class Network:
             raise RuntimeError("backward() needs a forward() in train mode first")
         Y = self._labels(Y, self._output.shape)
         m = Y.shape[1] if count is None else int(count)
-        self.body.backward(self._loss.gradient(self._output, Y, m))
+        self.body.backward(self._loss.gradient(self._output, self._targets(Y), m))
         if decay:
             self.add_weight_decay(m)
 
@@ -172,6 +176,11 @@ class Network:
             raise StreamnnError(f"labels must have shape {shape}, got {Y.shape}")
         return Y
 
+    def _targets(self, Y: np.ndarray) -> np.ndarray:
+        """The labels, smoothed by :attr:`label_smoothing` (the labels themselves when it is 0)."""
+        eps = self.label_smoothing
+        return Y if not eps else Y * self.dtype.type(1 - eps) + self.dtype.type(eps / max(self.n_classes, 2))
+
     def loss(self, Y: np.ndarray, Y_hat: np.ndarray) -> float:
         """Mean cross-entropy plus the L2 term lambd/(2m) sum ||W||^2.
 
@@ -180,17 +189,18 @@ class Network:
         """
         Y_hat = np.asarray(Y_hat)
         Y = self._labels(Y, Y_hat.shape)
+        T = self._targets(Y)
         if self._last is not None and Y_hat is self._last[0]:
-            cross_entropy = self._loss.from_logits(self._last[1], Y)
+            cross_entropy = self._loss.from_logits(self._last[1], T)
         else:
-            cross_entropy = self._loss.from_probabilities(Y_hat.astype(self.dtype), Y)
+            cross_entropy = self._loss.from_probabilities(Y_hat.astype(self.dtype), T)
         return cross_entropy + self._l2_cost(Y.shape[1])
 
     def loss_sum(self, Y: np.ndarray) -> np.floating:
         """Summed cross-entropy (model dtype) of the last forward pass, from its logits."""
         if self._last is None:
             raise RuntimeError("loss_sum() needs a forward() first")
-        return self._loss.sum_from_logits(self._last[1], self._labels(Y, self._last[0].shape))
+        return self._loss.sum_from_logits(self._last[1], self._targets(self._labels(Y, self._last[0].shape)))
 
     def mean_loss(self, loss_sum: float, m: int) -> float:
         """The cross-entropy part of :meth:`loss`, from a (reduced) :meth:`loss_sum` over a batch of ``m``."""

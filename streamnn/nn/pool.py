@@ -90,12 +90,15 @@ class MaxPool2D(Layer):
             dX.fill(0)  # the dropped last row / column get no gradient
         dXr = dX.reshape(B, Ho, 2, Wo, 2, C) if even else None
         taken = self._buffer("taken", out.shape, np.dtype(bool))
-        taken.fill(False)
         hit = self._buffer("hit", out.shape, np.dtype(bool))
-        for a, b in _WINDOW:
+        for n, (a, b) in enumerate(_WINDOW):
             np.equal(Xr[:, :, a, :, b], out, out=hit)
-            hit &= ~taken
-            taken |= hit
+            if n == 0:
+                np.copyto(taken, hit)
+            else:
+                np.greater(hit, taken, out=hit)  # hit and not taken, with no temporary
+                if n < 3:
+                    taken |= hit
             if dXr is not None:
                 np.multiply(dY, hit, out=dXr[:, :, a, :, b])
             else:

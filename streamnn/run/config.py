@@ -26,6 +26,7 @@ from streamnn.nn import models
 from streamnn.nn.network import COMPUTE_DTYPES
 from streamnn.optim.optimizers import OPTIMIZERS
 from streamnn.optim.schedules import FORMULAS
+from streamnn.threads import check_threads
 from streamnn.run.budget import INFERENCE_COPIES, TRAINING_COPIES, check_fits, conv_parameter_count, dense_parameter_count
 
 DEFAULTS: dict[str, Any] = {
@@ -63,6 +64,21 @@ DEFAULTS: dict[str, Any] = {
 SCHEDULE_DEFAULTS: dict[str, dict[str, float]] = {
     "hyperbolic": {"decay": 1.0}, "step": {"every": 10.0}, "exponential": {"factor": 0.95}}
 RESUMABLE = ("epochs", "reader")  # options that may change when a run is resumed
+
+# -- BLAS threads (streamnn.threads): "auto" or a number; may change on resume (not part of the state).
+DEFAULTS["threads"] = "auto"
+RESUMABLE = (*RESUMABLE, "threads")
+# -- cnn: biases of the convolutions; "auto": none before a batch norm (no effect there).
+DEFAULTS["conv_bias"] = "auto"
+# -- early stopping: stop when the selection accuracy has not improved for this many epochs (0: never);
+# may change on resume (the epoch of the best accuracy is in the checkpoint).
+DEFAULTS["early_stop"] = 0
+RESUMABLE = (*RESUMABLE, "early_stop")
+# -- an exponential moving average of the weights for evaluation and checkpoint-best.h5 (0: none; else its
+# decay, e.g. 0.999), kept in the optimizer state (streamnn.nn.ema).
+DEFAULTS["ema"] = 0.0
+# -- label smoothing eps: training targets Y (1 - eps) + eps / K (streamnn.nn.network.Network.label_smoothing).
+DEFAULTS["label_smoothing"] = 0.0
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -157,6 +173,17 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
         need(store.n_classes == 2, f"logistic regression is binary but the store has {store.n_classes} "
                                    "classes: use --model mlp")
     need(store.n_classes >= 2, "the store needs at least two classes")
+    cfg["threads"] = check_threads(cfg["threads"])  # BLAS threads: "auto" or a positive number
+    cfg["early_stop"] = int(cfg["early_stop"] or 0)
+    need(cfg["early_stop"] >= 0, f"early-stop must be >= 0 epochs (0: never), not {cfg['early_stop']}")
+    cfg["ema"] = float(cfg["ema"] or 0.0)
+    need(0 <= cfg["ema"] < 1, f"ema (the weight average's decay) must be in [0, 1) (0: none), not {cfg['ema']}")
+    cfg["label_smoothing"] = float(cfg["label_smoothing"] or 0.0)
+    need(0 <= cfg["label_smoothing"] < 1, f"label-smoothing must be in [0, 1), not {cfg['label_smoothing']}")
+    if uses("batch_norm"):  # a cnn: no conv bias before a batch norm (it has no effect there)
+        cfg["conv_bias"] = not cfg["batch_norm"] if cfg["conv_bias"] == "auto" else bool(cfg["conv_bias"])
+    else:  # (set by the library only, so never of another model's command line)
+        cfg.pop("conv_bias", None)
     check_model_size(cfg, store)
     check_batch_size(cfg, store)
     return cfg
@@ -253,6 +280,32 @@ def check_model_size(cfg: dict[str, Any], store: Any) -> None:
     check_fits(count, np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES, what)
 
 
+#: Keys newer than release 0.1.0, with the value that means what runs saved without them did: a run's
+#: saved configuration holds them only when they differ (:func:`run_settings`), so the configuration of
+#: an earlier run, resumed, stays as it was.
+LATER_KEYS: dict[str, Any] = {"conv_bias": True, "early_stop": 0, "ema": 0.0, "label_smoothing": 0.0}
+
+
+def run_settings(cfg: dict[str, Any]) -> str | int:
+    """Take from a resolved configuration what a run does not save: the BLAS threads (returned; a
+    setting of the process) and the later keys at their earlier meaning."""
+    for key, earlier in LATER_KEYS.items():
+        if key in cfg and cfg[key] == earlier:
+            del cfg[key]
+    return cfg.pop("threads")
+
+
+def early_stopped(trainer: Any) -> bool:
+    """Whether ``early_stop`` epochs have passed since a trainer's best selection accuracy (and say so)."""
+    cfg, epoch, best_epoch, say = trainer.config, trainer.epoch, trainer.best_epoch, trainer.say
+    n = cfg.get("early_stop", 0)
+    if not n or epoch - best_epoch < n or epoch >= cfg["epochs"]:
+        return False
+    say(f"early stop: no better {selection_split(cfg)} accuracy in the {epoch - best_epoch} epochs since epoch "
+        f"{best_epoch} (--early-stop {n}); resume with a larger --early-stop to train on")
+    return True
+
+
 def selection_split(cfg: dict[str, Any]) -> str:
     """Which accuracy selects checkpoint-best.h5: "val", "eval" or "train"."""
     return "val" if cfg["val_fraction"] > 0 else "eval" if cfg["eval_split"] else "train"
@@ -279,7 +332,9 @@ def build_model(cfg: dict[str, Any], n_features: int, n_classes: int,
                 image_shape: tuple[int, ...] | None = None) -> models.Network:
     """A fresh model for the configuration (binary: one sigmoid output; else softmax)."""
     dtype, seed = np.dtype(cfg["dtype"]).type, derive_seed(cfg["seed"], "model")
-    return MODELS[cfg["model"]].build(cfg, n_features, n_classes, image_shape, dtype, seed)
+    model = MODELS[cfg["model"]].build(cfg, n_features, n_classes, image_shape, dtype, seed)
+    model.label_smoothing = cfg.get("label_smoothing", 0.0)  # a training setting of the run
+    return model
 
 
 @dataclass(frozen=True)
@@ -311,7 +366,7 @@ def _cnn(cfg: dict[str, Any], n_features: int, n_classes: int, image_shape: Any,
          seed: int) -> models.Network:
     return models.ConvNet(image_shape, cfg["conv"], cfg["hidden"], n_classes, kernel=cfg["kernel"],
                           batch_norm=cfg["batch_norm"], dtype=dtype, weight_decay=cfg["weight_decay"],
-                          dropout=cfg["dropout"], seed=seed)
+                          dropout=cfg["dropout"], seed=seed, conv_bias=cfg.get("conv_bias", True))
 
 
 def _dense_size(cfg: dict[str, Any], store: Any) -> tuple[int, str]:

@@ -32,7 +32,8 @@ from streamnn.dist import AgreedError, Comm, SingleComm, agree, agreed, part
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.run.checkpoint import digest, load_checkpoint, save_checkpoint
-from streamnn.run.config import RESUMABLE, build_model, derive_seed, resolve_config, selection_split, split_validation
+from streamnn.run.config import (LATER_KEYS, RESUMABLE, build_model, derive_seed, early_stopped, resolve_config,
+                                 run_settings, selection_split, split_validation)
 from streamnn.run.console import Console
 from streamnn.run.evaluate import EvaluationStopped, evaluate_split, store_identity
 from streamnn.run.folder import BEST, CONFIG_FORMAT, HISTORY_COLUMNS, LATEST, RunDir
@@ -41,6 +42,8 @@ from streamnn.run.predict import model_dtype
 from streamnn.run.state import RunData, read_config, read_data, restore, run_content
 from streamnn.run.stop import AgreedStop, StopAgreement, TrainingInterrupted, agreed_signal
 from streamnn.run.writer import writer_for
+from streamnn.nn.ema import averaged, with_average
+from streamnn.threads import use_threads
 from streamnn.version import __version__
 
 __all__ = ["Components", "Trainer"]
@@ -79,6 +82,7 @@ class Trainer:
             raise StreamnnError("the configuration needs a 'store' path")
         with open_store(config["store"]) as store:
             self.config = resolve_config(config, store)
+            self.threads = run_settings(self.config)  # BLAS threads: a setting of this process, not saved
             self.fingerprint = store.fingerprint
             self.store_identity = store_identity(config["store"], store.fingerprint)  # evaluation reads this file
             self.class_names = list(store.class_names)
@@ -119,7 +123,7 @@ class Trainer:
 
         cfg = self.config
         model = build_model(cfg, self.n_features, self.n_classes, self.image_shape)
-        optimizer = make_optimizer(cfg["optimizer"], model, cfg["lr"], **cfg["optimizer_params"])
+        optimizer = with_average(make_optimizer(cfg["optimizer"], model, cfg["lr"], **cfg["optimizer_params"]), cfg.get("ema", 0))
         schedule = make_schedule(cfg["lr_schedule"], cfg["lr"], **cfg["schedule_params"])
         loader = Loader(cfg["store"], cfg["train_split"], batch_size=cfg["batch_size"], shuffle=True,
                         seed=derive_seed(cfg["seed"], "loader"), standardize=cfg["standardize"],
@@ -221,7 +225,7 @@ class Trainer:
         path = Path(out_dir) / LATEST
         if not path.is_file():
             raise StreamnnError(f"nothing to resume: no {LATEST} in this folder", path_text(out_dir))
-        config = read_config(load_checkpoint(path), path)
+        config = {**LATER_KEYS, **read_config(load_checkpoint(path), path)}  # keys newer than the run: as it ran
         for key, value in (changes or {}).items():
             if key not in RESUMABLE:
                 raise StreamnnError(f"{key} cannot change when resuming (only {', '.join(RESUMABLE)} can)")
@@ -263,10 +267,11 @@ class Trainer:
             agreed(self.comm, lambda: stack.enter_context(self.writer.session(self.step, config_text, self.history)))
             stack.enter_context(self.stops.signal_handlers())
             self._share_parameters()
+            self.say(use_threads(self.threads, world_size=self.comm.size, loader=True))  # BLAS threads
             self.console.selection(self.config, self.selection, len(self.val_rows) if self.val_rows is not None else 0,
                                    self.epoch, self.epoch_step, self.step)
             self.say(f"reading the store with {self.parts.loader.reader_mode} (--reader {self.config['reader']})")
-            while self.epoch < self.config["epochs"]:
+            while self.epoch < self.config["epochs"] and not early_stopped(self):
                 self._run_epoch(on_step)
         return self.history
 
@@ -351,9 +356,10 @@ class Trainer:
             return bool(stopping)
 
         try:
-            return evaluate_split(self.model, self.preprocess(), cfg["store"], split, self.n_classes, stop=stop,
-                                  batch_size=cfg["eval_batch_size"], comm=self.comm, subset=subset,
-                                  identity=self.store_identity)
+            with averaged(self.optimizer):  # --ema: the weight average is evaluated
+                return evaluate_split(self.model, self.preprocess(), cfg["store"], split, self.n_classes, stop=stop,
+                                      batch_size=cfg["eval_batch_size"], comm=self.comm, subset=subset,
+                                      identity=self.store_identity)
         except EvaluationStopped:
             raise AgreedStop(stopping[0]) from None
 
@@ -392,7 +398,8 @@ class Trainer:
         for buf in self.parts.optimizer.flat_state:
             self.comm.allgather(buf)
         for name in names:
-            self.writer.checkpoint(name, self.state)
+            with averaged(self.optimizer) if name == BEST else contextlib.nullcontext():  # --ema: best = average
+                self.writer.checkpoint(name, self.state)
 
     def _draw_curves(self, final: bool) -> None:
         self.writer.curves(self.history, self.config["eval_split"] or "eval", final)
@@ -407,7 +414,6 @@ class Trainer:
 @dataclass
 class _Step:
     """One step's numbers on this rank, before the ranks agree on them."""
-
     m: int            # rows of the global batch (the means divide by it)
     loss_sum: float   # this rank's summed cross-entropy (model dtype, held exactly in a float)
     l2: float         # the L2 term lambd/(2m) sum ||W||^2, before the update
