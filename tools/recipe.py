@@ -30,7 +30,6 @@ import numpy as np
 from streamnn.run.checkpoint import load_checkpoint
 from streamnn.run.writer import read_metrics_csv
 
-DATA = "/work/shared/data/cat-and-dog/dataset"
 
 CNN = ["--model", "cnn", "--conv", "32,64,128", "--batch-norm", "--hidden", "128", "--dropout", "0.5", "--standardize",
        "--augment", "flip,shift", "--shift", "3", "--optimizer", "adam", "--lr", "1e-3", "--lr-schedule", "cosine",
@@ -78,7 +77,7 @@ def sh(cmd: list[str], log: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--data", required=True, help="the Kaggle cat-and-dog folder (training_set, test_set)")
     ap.add_argument("--work", default="runs/recipe")
     ap.add_argument("--only", nargs="*", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds")

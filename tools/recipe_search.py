@@ -26,7 +26,6 @@ import numpy as np
 
 from streamnn.run.writer import read_metrics_csv
 
-DATA = "/work/shared/data/cat-and-dog/dataset"
 COMMON = ["--standardize", "--augment", "flip", "--optimizer", "adam", "--batch-size", "64",
           "--val-fraction", "0.15", "--eval-split", "none", "--no-progress", "-q"]
 BASELINE = "base"
@@ -82,7 +81,7 @@ def run_all(work: Path, names: list[str], seeds: list[int], scores: dict[str, di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--data", required=True, help="the Kaggle cat-and-dog folder (training_set, test_set)")
     ap.add_argument("--work", default="/tmp/recipe-search")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--confirm-seeds", default="5,6,7,8,9,10,11")
