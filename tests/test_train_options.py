@@ -20,6 +20,21 @@ def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("store") / "s.h5")
 
 
+def stop_and_resume(cfg: dict, out, step: int, on_resume=None) -> None:
+    """Train ``cfg`` into ``out``, stopped at ``step`` and resumed to its end (``on_resume(trainer)``
+    checks the resumed trainer before it goes on)."""
+    def stop_at(t):
+        if t.step == step:
+            t.request_stop()
+
+    with Trainer(cfg, out, verbose=False) as t, pytest.raises(TrainingInterrupted):
+        t.fit(on_step=stop_at)
+    with Trainer.resume(out, verbose=False) as t:
+        if on_resume is not None:
+            on_resume(t)
+        t.fit()
+
+
 def test_early_stop_stops_after_n_epochs_without_improvement(store, tmp_path):
     said: list[str] = []
     with Trainer({"store": str(store), **STALL, "early_stop": 2}, tmp_path / "run", echo=said.append) as t:
@@ -39,14 +54,7 @@ def test_early_stopped_run_interrupted_and_resumed_is_bit_identical(store, tmp_p
     with Trainer(cfg, tmp_path / "straight", verbose=False) as t:
         t.fit()
 
-    def stop_at(t):
-        if t.step == 7:
-            t.request_stop()
-
-    with Trainer(cfg, tmp_path / "stopped", verbose=False) as t, pytest.raises(TrainingInterrupted):
-        t.fit(on_step=stop_at)
-    with Trainer.resume(tmp_path / "stopped", verbose=False) as t:
-        t.fit()
+    stop_and_resume(cfg, tmp_path / "stopped", 7)
     assert_same_run(tmp_path / "straight", tmp_path / "stopped")
 
 
@@ -115,14 +123,7 @@ def test_ema_run_evaluates_the_average_keeps_it_in_best_and_resumes_exactly(stor
         assert np.array_equal(flat, t.optimizer.average)  # checkpoint-best holds the average as the weights
         assert not np.array_equal(flat, t.model.flat_params)
 
-    def stop_at(t):
-        if t.step == 5:
-            t.request_stop()
-
-    with Trainer(cfg, tmp_path / "stopped", verbose=False) as t, pytest.raises(TrainingInterrupted):
-        t.fit(on_step=stop_at)
-    with Trainer.resume(tmp_path / "stopped", verbose=False) as t:
-        t.fit()
+    stop_and_resume(cfg, tmp_path / "stopped", 5)
     assert_same_run(tmp_path / "straight", tmp_path / "stopped")
     with pytest.raises(StreamnnError, match="ema"):
         Trainer({**cfg, "ema": 1.5}, tmp_path / "bad", verbose=False)
@@ -135,15 +136,10 @@ def test_label_smoothing_trains_resumes_exactly_and_is_saved_only_when_set(store
         assert t.model.label_smoothing == 0.1 and t.config["label_smoothing"] == 0.1
         t.fit()
 
-    def stop_at(t):
-        if t.step == 3:
-            t.request_stop()
-
-    with Trainer(cfg, tmp_path / "stopped", verbose=False) as t, pytest.raises(TrainingInterrupted):
-        t.fit(on_step=stop_at)
-    with Trainer.resume(tmp_path / "stopped", verbose=False) as t:
+    def smoothing_kept(t):
         assert t.model.label_smoothing == 0.1
-        t.fit()
+
+    stop_and_resume(cfg, tmp_path / "stopped", 3, on_resume=smoothing_kept)
     assert_same_run(tmp_path / "straight", tmp_path / "stopped")
     with Trainer({**cfg, "label_smoothing": 0.0}, tmp_path / "plain", verbose=False) as t:
         assert "label_smoothing" not in t.config and t.model.label_smoothing == 0.0
