@@ -68,7 +68,7 @@ def _values(kind: str, shape: tuple[int, ...]):
     if kind == "compound":
         return None, np.zeros(shape, [("a", "<i4"), ("b", "<f8")])
     if kind == "subarray":
-        return None, np.zeros(shape, np.dtype("(2,)f4"))
+        return np.dtype("(2,)f4"), np.zeros(shape, np.dtype("(2,)f4"))  # NumPy folds (2,) into the shape
     if kind == "enum":
         return h5py.enum_dtype({"A": 0, "B": 1}, basetype="i1"), np.ones(shape, "i1")
     if kind == "vlen":
@@ -108,6 +108,8 @@ def _plant(src: Path, dst: Path, where: tuple[str, ...], kind: str, shape: tuple
             del group.attrs[name]
         if as_attr and data is not None:
             group.attrs.create(name, data, dtype=dtype)
+        elif dtype is not None and dtype.subdtype is not None:  # h5py writes a subarray dataset's zeros only
+            group.create_dataset(name, shape=shape, dtype=dtype)
         else:
             group.create_dataset(name, shape=shape, dtype=dtype or data.dtype, data=data)
         node = content

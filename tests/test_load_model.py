@@ -17,7 +17,7 @@ EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 
 
 @pytest.mark.parametrize("run", ["mlp", "cnn"])
-def test_predict_a_folder_as_the_command_does(run, monkeypatch):
+def test_predict_a_folder_as_the_command_does(run, monkeypatch, recorded_blas):
     monkeypatch.chdir(FIXTURES)
     results = streamnn.load_model(f"{run}-done/checkpoint-latest.h5").predict("images")
     assert [{**r, "path": r["path"].as_posix()} for r in results] == EXPECTED[run]["predict"]
