@@ -88,9 +88,14 @@ def test_an_object_changed_under_the_loader_is_a_one_line_error_never_mixed_rows
     assert all(np.array_equal(a, b) for a, b in zip(got, want))  # what came before is the old store, exactly
 
 
-def test_object_replaced_between_loader_and_reader_is_refused(content, mock):
-    """The loader was made on one version, the reader opens another: the fingerprints differ."""
+@pytest.mark.parametrize("reuse", [0.0, 10.0])
+def test_object_replaced_between_loader_and_reader_is_refused(content, mock, monkeypatch, reuse):
+    """The loader was made on one version, the reader opens another: the fingerprints differ
+    (a reader opened at once takes the loader's version and meets the change at its first request)."""
+    monkeypatch.setattr("streamnn.data.remote.objects.REUSE_SECONDS", reuse)
     with Loader(mock.url(), "train", batch_size=8) as L:
         mock.faults = ["change"]
-        with pytest.raises(StreamnnError, match="the store changed since the loader was made"):
+        with pytest.raises(StreamnnError, match="the store changed since the loader was made" if not reuse
+                           else "the store changed on the server") as info:
             next(iter(L))
+    assert "\n" not in str(info.value)

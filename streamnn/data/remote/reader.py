@@ -15,7 +15,6 @@ import numpy as np
 
 from streamnn.data.format import FORMAT, STORE_DTYPES
 from streamnn.data.readers.pread import PreadReader
-from streamnn.data.remote import open_object
 from streamnn.data.remote.objects import RemoteObject
 from streamnn.data.remote.rangefile import open_h5
 from streamnn.errors import StreamnnError
@@ -94,13 +93,10 @@ class RemoteReader(PreadReader):
 
 def open_remote_rows(url: str, split: str, *, fingerprint: str | None = None, **_: object) -> RemoteReader:
     """The row reader of ``split`` of the store at ``url``: :class:`RemoteReader` for the default
-    layout (uncompressed, contiguous X); other layouts are a one-line error."""
-    obj = open_object(url)
-    try:
-        f = open_h5(url, obj)
-    except BaseException:
-        obj.close()
-        raise
+    layout (uncompressed, contiguous X; a sharded store's rows through its view, :mod:`.shards`);
+    other layouts are a one-line error."""
+    f = open_h5(url)
+    source = f._streamnn_source
     try:
         attrs = f.attrs
         text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
@@ -113,8 +109,6 @@ def open_remote_rows(url: str, split: str, *, fingerprint: str | None = None, **
         if split not in f or "X" not in f[split]:
             raise StreamnnError(f"unknown split {split!r}", url)
         dset = f[split]["X"]
-        if dset.is_virtual:
-            raise StreamnnError("a sharded store cannot be read from a URL yet (serve a one-file store)", url)
         dtype = np.dtype(STORE_DTYPES[text(attrs["dtype"])])
         scale = float(attrs["scale"])
         n, d = (int(s) for s in dset.shape)
@@ -123,14 +117,15 @@ def open_remote_rows(url: str, split: str, *, fingerprint: str | None = None, **
                                 f"(uncompressed, contiguous) is streamed from a URL; repack without --compression", url)
         offset = dset.id.get_offset()
         if n > 0 and offset is not None and dset.dtype == dtype and dset.dtype.isnative and f.userblock_size == 0:
-            reader = RemoteReader(obj, int(offset), n, d, dtype, scale)
-            if np.array_equal(reader.row(0), dset[0], equal_nan=dtype.kind == "f"):  # the offset is right
+            raw = np.empty((1, d), dtype)
+            source.pread(int(offset), memoryview(raw).cast("B"))  # through the metadata's blocks
+            if np.array_equal(raw[0], dset[0], equal_nan=dtype.kind == "f"):  # the offset is right
+                reader = RemoteReader(source.obj, int(offset), n, d, dtype, scale)
                 f.close()
                 return reader
-            reader.close()
         raise StreamnnError(f"split {split!r}: X cannot be read by byte range (not native, contiguous rows)", url)
     except BaseException:
         if f.id.valid:
             f.close()
-        obj.close()
+        source.obj.close()
         raise

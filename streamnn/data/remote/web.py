@@ -4,17 +4,23 @@ Why urllib3 rather than fsspec's HTTP filesystem: each ranged GET must be checke
 object's version (ETag, Last-Modified, size from ``Content-Range``) before its body lands in the
 loader's buffers, retried under one policy, and read straight into the rows' buffers; urllib3
 gives exactly that (a thread-safe connection pool, ``readinto``, per-request timeouts), where
-fsspec returns bytes without the response's headers and retries by its own rules. A pool of
-``policy.threads`` kept-alive connections per process (created lazily: never shared across a
-fork). Credentials in the URL (``user:password@``) are refused: they would end up in run folders.
+fsspec returns bytes without the response's headers and retries by its own rules. One pool of
+``policy.threads`` kept-alive connections per server and process, shared by every object the
+process opens (the loader's reader reuses the connections its store was opened with; created
+lazily: never shared across a fork). Credentials in the URL (``user:password@``) are refused:
+they would end up in run folders. ``https://`` certificates are verified against the system's
+CA certificates, or the bundle named by ``SSL_CERT_FILE`` (``SSL_CERT_DIR``); a certificate that
+does not verify is a one-line error at once, not retried.
 """
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from streamnn.data.remote.objects import Policy, RemoteObject, Transient, Version, parse_content_range
+from streamnn.data.remote.cache import FILL_THREADS
+from streamnn.data.remote.objects import HEAD_BYTES, Policy, RemoteObject, Transient, Version, parse_content_range
 from streamnn.errors import StreamnnError
 
 try:
@@ -27,10 +33,28 @@ def need_extra(url: str, module: str) -> StreamnnError:
     return StreamnnError(f"reading a store from a URL needs {module}: pip install 'streamnn[remote]'", url)
 
 
+_POOLS: dict[tuple[int, float, int], urllib3.PoolManager] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def pool_manager(policy: Policy) -> urllib3.PoolManager:
+    """The process's pool manager for ``policy``'s timeout and connections (made on first use)."""
+    key = (os.getpid(), policy.timeout, policy.threads)
+    with _POOLS_LOCK:
+        manager = _POOLS.get(key)
+        if manager is None:
+            if any(k[0] != key[0] for k in _POOLS):  # inherited through a fork: not ours
+                _POOLS.clear()
+            t = policy.timeout
+            manager = _POOLS[key] = urllib3.PoolManager(num_pools=8, maxsize=policy.threads + FILL_THREADS, block=False,
+                                                        retries=False, timeout=urllib3.Timeout(connect=t, read=t))
+        return manager
+
+
 class HttpObject(RemoteObject):
     """An object on an HTTP(S) server that honours ``Range`` (nginx, S3's HTTPS endpoint, ...)."""
 
-    def __init__(self, url: str, policy: Policy | None = None) -> None:
+    def __init__(self, url: str, policy: Policy | None = None, reuse: bool = False) -> None:
         if urllib3 is None:
             raise need_extra(url, "urllib3")
         parts = urlsplit(url)
@@ -40,22 +64,15 @@ class HttpObject(RemoteObject):
                                 "AWS credentials", f"{parts.scheme}://{parts.hostname}{parts.path}")
         if not parts.hostname:
             raise StreamnnError("not a valid URL (no host)", url)
-        self._pool: urllib3.PoolManager | None = None
-        self._pid = -1
-        super().__init__(url, policy)
-
-    def _manager(self) -> urllib3.PoolManager:
-        if self._pool is None or self._pid != os.getpid():
-            t = self.policy.timeout
-            self._pool = urllib3.PoolManager(num_pools=2, maxsize=self.policy.threads, block=False, retries=False,
-                                             timeout=urllib3.Timeout(connect=t, read=t))
-            self._pid = os.getpid()
-        return self._pool
+        super().__init__(url, policy, reuse)
 
     def _request(self, first: int, last: int) -> urllib3.BaseHTTPResponse:
         try:
-            resp = self._manager().request("GET", self.url, preload_content=False, redirect=False,
-                                           headers={"Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"})
+            resp = pool_manager(self.policy).request(
+                "GET", self.url, preload_content=False, redirect=False,
+                headers={"Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"})
+        except urllib3.exceptions.SSLError as exc:
+            raise self.fail(_tls_reason(exc)) from None
         except urllib3.exceptions.HTTPError as exc:
             raise Transient(_reason(exc)) from None
         status = resp.status
@@ -78,18 +95,21 @@ class HttpObject(RemoteObject):
         version = Version(span[2] if span else -1, resp.headers.get("ETag"), resp.headers.get("Last-Modified"))
         return version, span
 
-    def _stat(self, deadline: float) -> Version:
-        resp = self._request(0, 0)
+    def _open(self, deadline: float) -> tuple[Version, bytes]:
+        resp = self._request(0, HEAD_BYTES - 1)
         try:
             version, span = self._version(resp)
-            if span is None:
+            if span is None or span[0] != 0 or span[1] != min(HEAD_BYTES, span[2]) - 1:
                 raise self.fail("the server's answer to a Range request has no usable Content-Range")
-            resp.read()
+            head = memoryview(bytearray(span[1] + 1))
+            self.fill([head], resp.readinto, deadline)
         except urllib3.exceptions.HTTPError as exc:
             raise Transient(_reason(exc)) from None
+        except OSError as exc:
+            raise Transient(f"{exc.__class__.__name__}: {exc}") from None
         finally:
             resp.release_conn()
-        return version
+        return version, bytes(head)
 
     def _get(self, offset: int, size: int, sinks: Sequence[memoryview], deadline: float) -> None:
         last = offset + size - 1
@@ -112,6 +132,17 @@ class HttpObject(RemoteObject):
             else:  # a half-read response: its connection cannot be reused
                 resp.close()
                 resp.release_conn()
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """Why the TLS handshake failed, in one line (OpenSSL's verify message when there is one)."""
+    text = " ".join(str(exc).split())
+    for marker in ("certificate verify failed: ", "CERTIFICATE_VERIFY_FAILED"):
+        if marker in text:
+            detail = text.split(marker, 1)[1].split(" (_ssl")[0].strip(" ]()'\"")
+            return (f"the server's TLS certificate does not verify ({detail or 'certificate verify failed'}): "
+                    f"trust its CA with SSL_CERT_FILE=CA.pem")
+    return f"the TLS connection failed ({text[:120]})"
 
 
 def _reason(exc: BaseException) -> str:
