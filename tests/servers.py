@@ -63,12 +63,34 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-class Nginx:
-    """nginx serving ``root`` on 127.0.0.1 (``url(name)``), in the foreground, its own config."""
+def make_certificate(folder: Path, name: str = "server") -> tuple[Path, Path, Path]:
+    """A CA of its own and a certificate it signed for 127.0.0.1 (openssl, EC keys): (CA file,
+    certificate, key)."""
+    openssl = need("openssl", "apt-get install openssl")
+    folder.mkdir(parents=True, exist_ok=True)
+    ca, ca_key, cert, key, csr = (folder / f"{name}-{part}" for part in ("ca.pem", "ca.key", "cert.pem", "key.pem", "csr"))
+    ext = folder / f"{name}.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
+                   "extendedKeyUsage=serverAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for args in ([openssl, "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", f"/CN={name} test CA",
+                  "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+                 [openssl, "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+                 [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+                  "-days", "2", "-extfile", ext]):
+        subprocess.run([str(a) for a in args], check=True, capture_output=True, timeout=30)
+    return ca, cert, key
 
-    def __init__(self, root: Path, work: Path) -> None:
+
+class Nginx:
+    """nginx serving ``root`` on 127.0.0.1 (``url(name)``), in the foreground, its own config;
+    ``tls``: (certificate, key) to serve HTTPS instead."""
+
+    def __init__(self, root: Path, work: Path, tls: tuple[Path, Path] | None = None) -> None:
         binary = need("nginx", "apt-get install nginx")
         self.root, self.port = root, free_port()
+        self.scheme = "https" if tls else "http"
+        listen = f"127.0.0.1:{self.port}" + (f" ssl; ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]}" if tls else "")
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (work / sub).mkdir(parents=True, exist_ok=True)
         user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read the temporary root
@@ -84,7 +106,7 @@ http {{
     uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
     keepalive_requests 100000;
     sendfile on;
-    server {{ listen 127.0.0.1:{self.port}; root {root}; location / {{ }} }}
+    server {{ listen {listen}; root {root}; location / {{ }} }}
 }}
 """)
         self.log = work / "error.log"
@@ -97,7 +119,7 @@ http {{
             raise
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+        return f"{self.scheme}://127.0.0.1:{self.port}/{name}"
 
     def close(self) -> None:
         stop(self.proc)

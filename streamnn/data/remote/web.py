@@ -33,13 +33,15 @@ def need_extra(url: str, module: str) -> StreamnnError:
     return StreamnnError(f"reading a store from a URL needs {module}: pip install 'streamnn[remote]'", url)
 
 
-_POOLS: dict[tuple[int, float, int], urllib3.PoolManager] = {}
+_POOLS: dict[tuple[int, float, int, str, str], urllib3.PoolManager] = {}
 _POOLS_LOCK = threading.Lock()
 
 
 def pool_manager(policy: Policy) -> urllib3.PoolManager:
-    """The process's pool manager for ``policy``'s timeout and connections (made on first use)."""
-    key = (os.getpid(), policy.timeout, policy.threads)
+    """The process's pool manager for ``policy``'s timeout and connections and the certificates
+    trusted (made on first use: another ``SSL_CERT_FILE`` makes new connections)."""
+    key = (os.getpid(), policy.timeout, policy.threads, os.environ.get("SSL_CERT_FILE", ""),
+           os.environ.get("SSL_CERT_DIR", ""))
     with _POOLS_LOCK:
         manager = _POOLS.get(key)
         if manager is None:
