@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -182,15 +183,56 @@ class Seaweed:
 
 
 # -- a fault-injecting mock --------------------------------------------------------------------
-class MockServer:
-    """Serves ``content`` (bytes) at any path with Range support, ETag and Last-Modified; each
-    request first takes the next fault of ``faults`` (a list): "reset" (the connection is reset),
-    "503", "stall" (nothing is sent for ``stall`` seconds), "short" (half the body, then close),
-    or "change" (the object is replaced by ``changed`` for this and later requests)."""
+def answer_ranges(handler: http.server.BaseHTTPRequestHandler, data: Any, etag: str, multi: bool = True) -> bytes:
+    """Send the status and headers of a GET of ``data`` (bytes, or a file's path) as nginx does
+    (one range: 206 with Content-Range; several: 206 ``multipart/byteranges``, or with ``multi``
+    False the whole object with 200; none: 200) and return the body to write."""
+    size = len(data) if isinstance(data, bytes) else os.path.getsize(data)
 
-    def __init__(self, content: bytes, changed: bytes | None = None) -> None:
+    def read(a: int, b: int) -> bytes:
+        if isinstance(data, bytes):
+            return data[a:b + 1]
+        with open(data, "rb") as f:
+            f.seek(a)
+            return f.read(b - a + 1)
+    header = handler.headers.get("Range")
+    spans = []
+    for part in header.split("=", 1)[1].split(",") if header else []:
+        a, b = part.strip().split("-")
+        spans.append((size - int(b), size - 1) if not a else (int(a), min(int(b), size - 1)))
+    if len(spans) > 1 and multi:
+        boundary = "00000000000000000042"
+        body = b"".join(f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes "
+                        f"{a}-{b}/{size}\r\n\r\n".encode() + read(a, b) for a, b in spans)
+        body += f"\r\n--{boundary}--\r\n".encode()
+        handler.send_response(206)
+        handler.send_header("Content-Type", f"multipart/byteranges; boundary={boundary}")
+    elif len(spans) == 1:
+        (a, b), = spans
+        body = read(a, b)
+        handler.send_response(206)
+        handler.send_header("Content-Range", f"bytes {a}-{b}/{size}")
+    else:
+        body = read(0, size - 1)
+        handler.send_response(200)
+    handler.send_header("ETag", etag)
+    handler.send_header("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    return body
+
+
+class MockServer:
+    """Serves ``content`` (bytes) at any path with Range support (several ranges in one answer
+    unless ``multi`` is False: then the whole object), ETag and Last-Modified; each request first
+    takes the next fault of ``faults`` (a list): "reset" (the connection is reset), "503",
+    "stall" (nothing is sent for ``stall`` seconds), "short" (half the body, then close), or
+    "change" (the object is replaced by ``changed`` for this and later requests)."""
+
+    def __init__(self, content: bytes, changed: bytes | None = None, multi: bool = True) -> None:
         self.content, self.changed = content, changed
         self.etag, self.faults, self.requests, self.stall = '"v1"', [], 0, 5.0
+        self.ranges: list[str] = []  # the Range header of every request
         self.lock = threading.Lock()
         outer = self
 
@@ -203,6 +245,7 @@ class MockServer:
             def do_GET(self) -> None:
                 with outer.lock:
                     outer.requests += 1
+                    outer.ranges.append(self.headers.get("Range", ""))
                     fault = outer.faults.pop(0) if outer.faults else None
                     if fault == "change":
                         outer.content, outer.etag = outer.changed, '"v2"'
@@ -221,24 +264,13 @@ class MockServer:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                first, last = 0, len(data) - 1
-                header = self.headers.get("Range")
-                if header:
-                    a, b = header.split("=")[1].split("-")
-                    first, last = int(a), min(int(b), len(data) - 1)
-                self.send_response(206 if header else 200)
-                if header:
-                    self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
-                self.send_header("ETag", etag)
-                self.send_header("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")
-                self.send_header("Content-Length", str(last - first + 1))
-                self.end_headers()
-                body = data[first:last + 1]
+                body = answer_ranges(self, data, etag, multi)
                 if fault == "short":
                     self.wfile.write(body[:len(body) // 2])
                     self.close_connection = True
                     return
-                self.wfile.write(body)
+                with contextlib.suppress(OSError):  # a client that drops a 200 it did not want
+                    self.wfile.write(body)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -99,3 +99,18 @@ def test_object_replaced_between_loader_and_reader_is_refused(content, mock, mon
                            else "the store changed on the server") as info:
             next(iter(L))
     assert "\n" not in str(info.value)
+
+
+def test_a_server_that_sends_the_whole_object_for_several_ranges_is_asked_one_range_at_a_time(content):
+    """Some servers answer a request for several ranges with the whole object (200): it is not
+    read, and the object is read one range per request from then on, exactly."""
+    server = MockServer(content[1], multi=False)
+    try:
+        want = epoch(content[0])
+        got = epoch(server.url())
+        assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+        several = [i for i, r in enumerate(server.ranges) if "," in r]
+        assert several and len(several) <= 4  # tried once per thread in flight at most, then never again
+        assert "," not in "".join(server.ranges[max(several) + 1:])
+    finally:
+        server.close()

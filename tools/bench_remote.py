@@ -111,10 +111,13 @@ def child_link(url: str, rows: int, count: int) -> dict:
     return {"rows_s": count / (time.perf_counter() - start), "threads": threads}
 
 
-def serve_delayed(root: str, port: int, delay_ms: float) -> None:
+def serve_delayed(root: str, port: int, delay_ms: float, multi: bool) -> None:
     """A ranged-GET file server that waits ``delay_ms`` before each answer (a round trip of that
-    length; ``tc netem`` is not available in every kernel), one thread per connection."""
+    length; ``tc netem`` is not available in every kernel), one thread per connection; several
+    ranges in one request are answered as nginx does (``multi``), or with the whole file (200)
+    as a server without it does."""
     import http.server
+    from servers import answer_ranges
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -126,17 +129,11 @@ def serve_delayed(root: str, port: int, delay_ms: float) -> None:
             time.sleep(delay_ms / 1000)
             path = Path(root) / self.path.lstrip("/")
             st = path.stat()
-            a, b = (int(v) for v in self.headers["Range"].split("=")[1].split("-"))
-            b = min(b, st.st_size - 1)
-            with open(path, "rb") as f:
-                f.seek(a)
-                body = f.read(b - a + 1)
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {a}-{b}/{st.st_size}")
-            self.send_header("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"')
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            body = answer_ranges(self, str(path), f'"{st.st_mtime_ns:x}-{st.st_size:x}"', multi)
+            try:
+                self.wfile.write(body)
+            except OSError:  # a whole file not wanted: the client closed the connection
+                self.close_connection = True
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True

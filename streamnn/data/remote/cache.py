@@ -131,28 +131,33 @@ class BlockCache:
         return min(BLOCK, self.size - k * BLOCK)
 
     # -- reading ----------------------------------------------------------------------------------
-    def read_into(self, offset: int, sinks: Sequence[memoryview]) -> None:
-        """``sinks`` (in order) from ``offset``: entries where they exist, the server for the rest."""
-        ends, total = [], 0
-        for s in sinks:
-            total += len(s)
-            ends.append(total)
-        pending: tuple[int, int] | None = None  # a run of bytes to read from the server
-        missing = []
-        pos, end = offset, offset + total
-        while pos < end:
-            k = pos // BLOCK
-            hi = min(end, (k + 1) * BLOCK)
-            if not self._read_entry(k, pos - k * BLOCK, _cut(sinks, ends, pos - offset, hi - offset)):
-                missing.append(k)
-                pending = (pending[0] if pending else pos, hi)
-            elif pending:
-                self.obj.fetch(pending[0], _cut(sinks, ends, pending[0] - offset, pending[1] - offset))
-                pending = None
-            pos = hi
+    def read_many(self, ranges: Sequence[tuple[int, Sequence[memoryview]]]) -> None:
+        """Each range's sinks from its offset: entries where they exist, the server for the rest
+        (the missing pieces of all the ranges in one :meth:`~.objects.RemoteObject.fetch_many`)."""
+        pending: list[tuple[int, list[memoryview]]] = []
+        missing: set[int] = set()
+        for offset, sinks in ranges:
+            ends, total = [], 0
+            for s in sinks:
+                total += len(s)
+                ends.append(total)
+            run: tuple[int, int] | None = None  # a run of this range's bytes to read from the server
+            pos, end = offset, offset + total
+            while pos <= end:
+                k = pos // BLOCK
+                hi = min(end, (k + 1) * BLOCK)
+                if pos < end and not self._read_entry(k, pos - k * BLOCK, _cut(sinks, ends, pos - offset, hi - offset)):
+                    missing.add(k)
+                    run = (run[0] if run else pos, hi)
+                elif run:
+                    pending.append((run[0], _cut(sinks, ends, run[0] - offset, run[1] - offset)))
+                    run = None
+                if pos == end:
+                    break
+                pos = hi
         if pending:
-            self.obj.fetch(pending[0], _cut(sinks, ends, pending[0] - offset, pending[1] - offset))
-        for k in missing:
+            self.obj.fetch_many(pending)
+        for k in sorted(missing):
             self._want(k)
 
     def _read_entry(self, k: int, at: int, views: list[memoryview]) -> bool:
@@ -245,7 +250,7 @@ class BlockCache:
             if self._exists(k):
                 return
             data = bytearray(self._length(k))
-            self.obj.fetch(k * BLOCK, [memoryview(data)])
+            self.obj.fetch_many([(k * BLOCK, [memoryview(data)])])
             tmp = os.path.join(self.folder, f".snc1-{self.key}-{k}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:

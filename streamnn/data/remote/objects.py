@@ -86,6 +86,14 @@ class Transient(Exception):
     """A failure worth retrying (reset, timeout, 5xx, 429); its text says what happened."""
 
 
+class NoMultiRange(Exception):
+    """The server does not answer a request for several byte ranges with those ranges."""
+
+
+#: A byte range to read: its offset in the object and the buffers it fills, in order.
+Range = tuple[int, Sequence[memoryview]]
+
+
 #: First backoff (seconds), doubled each attempt up to ``MAX_BACKOFF``, times a jitter in [0.5, 1].
 BACKOFF = 0.1
 MAX_BACKOFF = 2.0
@@ -142,6 +150,13 @@ class RemoteObject:
         response's validators checked with :meth:`validate` before the body is read."""
         raise NotImplementedError
 
+    #: Whether the server answers one request for several ranges (None: not known yet).
+    multi: bool | None = False
+
+    def _get_many(self, ranges: Sequence[Range], deadline: float) -> None:
+        """One GET of several byte ranges (raise :class:`NoMultiRange` if the server will not)."""
+        raise NoMultiRange
+
     def close(self) -> None:
         """Stop the cache's filling (the connections stay pooled for the process)."""
         if self.cache is not None:
@@ -190,25 +205,46 @@ class RemoteObject:
         raise AssertionError("unreachable")
 
     def read_into(self, offset: int, bufs: Sequence[np.ndarray | memoryview | bytearray]) -> None:
-        """Fill ``bufs`` (in order) with the object's bytes from ``offset``: from the cache's
-        blocks where it has them, else one ranged GET, retried as the policy says."""
-        sinks = [memoryview(b).cast("B") for b in bufs]
-        size = sum(len(s) for s in sinks)
-        if size == 0:
-            return
-        if offset < 0 or offset + size > self.version.size:
-            raise self.fail(f"bytes {offset}..{offset + size} lie beyond the object's end "
-                            f"({self.version.size} bytes: truncated?)")
-        if self.cache is not None:
-            self.cache.read_into(offset, sinks)
-        else:
-            self.fetch(offset, sinks)
+        """Fill ``bufs`` (in order) with the object's bytes from ``offset`` (:meth:`read_many`)."""
+        self.read_many([(offset, [memoryview(b).cast("B") for b in bufs])])
 
-    def fetch(self, offset: int, sinks: Sequence[memoryview]) -> None:
-        """``sinks`` from the server: one ranged GET at ``offset``, retried as the policy says."""
-        size = sum(len(s) for s in sinks)
-        self._retrying(lambda deadline: self._get(offset, size, sinks, deadline),
-                       f"read bytes {offset}..{offset + size - 1}")
+    def read_many(self, ranges: Sequence[Range]) -> None:
+        """Fill each range's sinks (in order) with the object's bytes from its offset: from the
+        cache's blocks where it has them, else from the server (:meth:`fetch_many`)."""
+        todo = []
+        for offset, sinks in ranges:
+            size = sum(len(s) for s in sinks)
+            if offset < 0 or offset + size > self.version.size:
+                raise self.fail(f"bytes {offset}..{offset + size} lie beyond the object's end "
+                                f"({self.version.size} bytes: truncated?)")
+            if size:
+                todo.append((offset, sinks))
+        if self.cache is not None:
+            self.cache.read_many(todo)
+        elif todo:
+            self.fetch_many(todo)
+
+    def fetch_many(self, ranges: Sequence[Range]) -> None:
+        """The ranges from the server: one request for them all where the server sends several
+        ranges in one answer (``multi``), else one request each; retried as the policy says."""
+        if len(ranges) > 1 and self.multi is not False:
+            try:
+                if self.multi is None:  # the first time: one try, whatever fails falls back for good
+                    self._get_many(ranges, time.monotonic() + self.policy.deadline)
+                else:
+                    self._retrying(lambda deadline: self._get_many(ranges, deadline), f"read {len(ranges)} byte ranges")
+                self.multi = True
+                self._counted(sum(len(s) for _, sinks in ranges for s in sinks))
+                return
+            except (NoMultiRange, Transient):
+                self.multi = False
+        for offset, sinks in ranges:
+            size = sum(len(s) for s in sinks)
+            self._retrying(lambda deadline: self._get(offset, size, sinks, deadline),
+                           f"read bytes {offset}..{offset + size - 1}")
+            self._counted(size)
+
+    def _counted(self, size: int) -> None:
         with self._count:
             self.requests += 1
             self.bytes_read += size

@@ -106,16 +106,29 @@ class ViewObject:
         self.version = version._replace(size=max(image.size, nbytes))
 
     @property
+    def multi(self) -> bool | None:
+        """False once a shard's server refused several ranges in one request."""
+        return None if all(o.multi is not False for o in self.shards) else False
+
+    @property
     def requests(self) -> int:
         return sum(o.requests for o in [self.index, *self.shards])
 
     def read_into(self, offset: int, bufs: Any) -> None:
-        sinks = [memoryview(b).cast("B") for b in bufs]
-        for sink in sinks:
-            self._read(offset, sink)
-            offset += len(sink)
+        self.read_many([(offset, [memoryview(b).cast("B") for b in bufs])])
 
-    def _read(self, offset: int, sink: memoryview) -> None:
+    def read_many(self, ranges: Any) -> None:
+        """The ranges' bytes: the view's metadata from memory, X's from the shards (each
+        shard's pieces in one :meth:`~.objects.RemoteObject.read_many`)."""
+        pieces: dict[int, tuple[Any, list]] = {}
+        for offset, sinks in ranges:
+            for sink in sinks:
+                self._map(offset, sink, pieces)
+                offset += len(sink)
+        for obj, todo in pieces.values():
+            obj.read_many(todo)
+
+    def _map(self, offset: int, sink: memoryview, pieces: dict[int, tuple[Any, list]]) -> None:
         at = 0
         while at < len(sink):
             pos = offset + at
@@ -123,7 +136,7 @@ class ViewObject:
             start, length, obj, there = self.regions[i] if i >= 0 else (0, 0, None, 0)
             if start <= pos < start + length:
                 take = min(len(sink) - at, start + length - pos)
-                obj.read_into(there + pos - start, [sink[at:at + take]])
+                pieces.setdefault(id(obj), (obj, []))[1].append((there + pos - start, [sink[at:at + take]]))
             else:
                 nxt = self._starts[i + 1] if i + 1 < len(self._starts) else offset + len(sink)
                 take = min(len(sink) - at, max(nxt - pos, 1))

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from streamnn.data.remote.cache import FILL_THREADS
-from streamnn.data.remote.objects import HEAD_BYTES, Policy, RemoteObject, Transient, Version, parse_content_range
+from streamnn.data.remote.objects import (HEAD_BYTES, NoMultiRange, Policy, Range, RemoteObject, Transient, Version,
+                                          parse_content_range)
 from streamnn.errors import StreamnnError
 
 try:
@@ -68,11 +69,13 @@ class HttpObject(RemoteObject):
             raise StreamnnError("not a valid URL (no host)", url)
         super().__init__(url, policy, reuse)
 
-    def _request(self, first: int, last: int) -> urllib3.BaseHTTPResponse:
+    def _request(self, spans: str, many: bool = False) -> urllib3.BaseHTTPResponse:
+        """The answer (206) to a GET of the byte ranges ``spans`` ("a-b,c-d"); another status is
+        raised as what it means (``many``: a 200 is :class:`NoMultiRange`)."""
         try:
             resp = pool_manager(self.policy).request(
                 "GET", self.url, preload_content=False, redirect=False,
-                headers={"Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"})
+                headers={"Range": f"bytes={spans}", "Accept-Encoding": "identity"})
         except urllib3.exceptions.SSLError as exc:
             raise self.fail(_tls_reason(exc)) from None
         except urllib3.exceptions.HTTPError as exc:
@@ -80,8 +83,13 @@ class HttpObject(RemoteObject):
         status = resp.status
         if status == 206:
             return resp
-        resp.drain_conn()
+        if status == 200:  # the whole object follows: not read, the connection is dropped
+            resp.close()
+        else:
+            resp.drain_conn()
         resp.release_conn()
+        if many and status in (200, 416):  # the whole object, or several ranges refused
+            raise NoMultiRange
         if status in (408, 429) or status >= 500:
             raise Transient(f"the server answered HTTP {status}")
         if status == 200:
@@ -92,13 +100,61 @@ class HttpObject(RemoteObject):
         what = {404: "no such object", 401: "access denied", 403: "access denied"}.get(status, "refused")
         raise self.fail(f"{what} (HTTP {status})")
 
+    #: Not known until a request for several ranges was answered (see :meth:`_get_many`).
+    multi: bool | None = None
+
+    def _get_many(self, ranges: Sequence[Range], deadline: float) -> None:
+        """One GET of several ranges, answered as ``multipart/byteranges`` (nginx, Apache, ...)
+        or as one range covering them; a server that answers otherwise (the whole object, with
+        200) is asked one range at a time from then on (:class:`NoMultiRange`)."""
+        spans: list[list[int]] = []
+        for a, b in sorted((o, o + sum(len(s) for s in sinks) - 1) for o, sinks in ranges):
+            if spans and a <= spans[-1][1] + 1:  # overlapping or adjacent: one range
+                spans[-1][1] = max(spans[-1][1], b)
+            else:
+                spans.append([a, b])
+        resp = self._request(",".join(f"{a}-{b}" for a, b in spans), many=True)
+        try:
+            kind = resp.headers.get("Content-Type", "")
+            etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
+            if kind.lower().startswith("multipart/byteranges"):
+                boundary = kind.split("boundary=", 1)[-1].strip().strip('"').encode()
+                self.validate(Version(self.version.size, etag, modified))
+                parts = _parts(resp.read(), boundary)
+            else:
+                version, span = self._version(resp)
+                self.validate(version)
+                parts = [(*span, memoryview(resp.read()))] if span else []
+            self.check_deadline(deadline)
+            for a, b, total, data in parts:
+                if total != self.version.size:
+                    raise self.changed(f"its size changed from {self.version.size} to {total} bytes")
+                if b - a + 1 != len(data):
+                    raise Transient("the response ended early (connection closed)")
+            for offset, sinks in ranges:
+                where = next((p for p in parts if p[0] <= offset and offset + sum(len(s) for s in sinks) - 1 <= p[1]), None)
+                if where is None:
+                    raise NoMultiRange
+                at = offset - where[0]
+                for sink in sinks:
+                    sink[:] = where[3][at:at + len(sink)]
+                    at += len(sink)
+        except urllib3.exceptions.HTTPError as exc:
+            resp.close()
+            raise Transient(_reason(exc)) from None
+        except BaseException:
+            resp.close()
+            raise
+        finally:
+            resp.release_conn()
+
     def _version(self, resp: urllib3.BaseHTTPResponse) -> tuple[Version, tuple[int, int, int] | None]:
         span = parse_content_range(resp.headers.get("Content-Range"))
         version = Version(span[2] if span else -1, resp.headers.get("ETag"), resp.headers.get("Last-Modified"))
         return version, span
 
     def _open(self, deadline: float) -> tuple[Version, bytes]:
-        resp = self._request(0, HEAD_BYTES - 1)
+        resp = self._request(f"0-{HEAD_BYTES - 1}")
         try:
             version, span = self._version(resp)
             if span is None or span[0] != 0 or span[1] != min(HEAD_BYTES, span[2]) - 1:
@@ -115,7 +171,7 @@ class HttpObject(RemoteObject):
 
     def _get(self, offset: int, size: int, sinks: Sequence[memoryview], deadline: float) -> None:
         last = offset + size - 1
-        resp = self._request(offset, last)
+        resp = self._request(f"{offset}-{last}")
         ok = False
         try:
             version, span = self._version(resp)
@@ -134,6 +190,29 @@ class HttpObject(RemoteObject):
             else:  # a half-read response: its connection cannot be reused
                 resp.close()
                 resp.release_conn()
+
+
+def _parts(body: bytes, boundary: bytes) -> list[tuple[int, int, int, memoryview]]:
+    """The parts of a ``multipart/byteranges`` body: (first byte, last byte, total, bytes)."""
+    view, out, pos = memoryview(body), [], 0
+    mark = b"--" + boundary
+    while True:
+        at = body.find(mark, pos)
+        if at < 0 or body[at + len(mark):at + len(mark) + 2] == b"--":
+            return out
+        end = body.find(b"\r\n\r\n", at)
+        if end < 0:
+            raise Transient("a multipart answer is cut short")
+        span = None
+        for line in body[at:end].split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-range":
+                span = parse_content_range(value.strip().decode("latin-1"))
+        if span is None:
+            raise Transient("a part of a multipart answer has no Content-Range")
+        start = end + 4
+        out.append((*span, view[start:start + span[1] - span[0] + 1]))
+        pos = start + span[1] - span[0] + 1
 
 
 def _tls_reason(exc: BaseException) -> str:
