@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import itertools
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,41 +185,49 @@ class Seaweed:
 
 
 # -- a fault-injecting mock --------------------------------------------------------------------
-def answer_ranges(handler: http.server.BaseHTTPRequestHandler, data: Any, etag: str, multi: bool = True) -> bytes:
+def answer_ranges(handler: http.server.BaseHTTPRequestHandler, data: Any, etag: str, multi: bool = True) -> Iterator[bytes]:
     """Send the status and headers of a GET of ``data`` (bytes, or a file's path) as nginx does
     (one range: 206 with Content-Range; several: 206 ``multipart/byteranges``, or with ``multi``
-    False the whole object with 200; none: 200) and return the body to write."""
+    False the whole object with 200; none: 200); returns the body's pieces (read as written)."""
     size = len(data) if isinstance(data, bytes) else os.path.getsize(data)
 
-    def read(a: int, b: int) -> bytes:
+    def read(a: int, b: int) -> Iterator[bytes]:
         if isinstance(data, bytes):
-            return data[a:b + 1]
+            yield data[a:b + 1]
+            return
         with open(data, "rb") as f:
             f.seek(a)
-            return f.read(b - a + 1)
+            while a <= b:
+                piece = f.read(min(1 << 20, b - a + 1))
+                yield piece
+                a += len(piece)
     header = handler.headers.get("Range")
     spans = []
     for part in header.split("=", 1)[1].split(",") if header else []:
         a, b = part.strip().split("-")
-        spans.append((size - int(b), size - 1) if not a else (int(a), min(int(b), size - 1)))
+        spans.append((max(0, size - int(b)), size - 1) if not a else (int(a), min(int(b or size - 1), size - 1)))
+    if sum(b - a + 1 for a, b in spans) > size:  # as nginx: overlapping ranges get the whole object
+        spans = []
     if len(spans) > 1 and multi:
         boundary = "00000000000000000042"
-        body = b"".join(f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes "
-                        f"{a}-{b}/{size}\r\n\r\n".encode() + read(a, b) for a, b in spans)
-        body += f"\r\n--{boundary}--\r\n".encode()
+        heads = [f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes "
+                 f"{a}-{b}/{size}\r\n\r\n".encode() for a, b in spans]
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        length = sum(len(h) + b - a + 1 for h, (a, b) in zip(heads, spans)) + len(tail)
+        body = itertools.chain(*(itertools.chain([h], read(a, b)) for h, (a, b) in zip(heads, spans)), [tail])
         handler.send_response(206)
         handler.send_header("Content-Type", f"multipart/byteranges; boundary={boundary}")
     elif len(spans) == 1:
         (a, b), = spans
-        body = read(a, b)
+        length, body = b - a + 1, read(a, b)
         handler.send_response(206)
         handler.send_header("Content-Range", f"bytes {a}-{b}/{size}")
     else:
-        body = read(0, size - 1)
+        length, body = size, read(0, size - 1)
         handler.send_response(200)
     handler.send_header("ETag", etag)
     handler.send_header("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")
-    handler.send_header("Content-Length", str(len(body)))
+    handler.send_header("Content-Length", str(length))
     handler.end_headers()
     return body
 
@@ -264,7 +274,7 @@ class MockServer:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                body = answer_ranges(self, data, etag, multi)
+                body = b"".join(answer_ranges(self, data, etag, multi))
                 if fault == "short":
                     self.wfile.write(body[:len(body) // 2])
                     self.close_connection = True

@@ -97,8 +97,10 @@ Range = tuple[int, Sequence[memoryview]]
 #: First backoff (seconds), doubled each attempt up to ``MAX_BACKOFF``, times a jitter in [0.5, 1].
 BACKOFF = 0.1
 MAX_BACKOFF = 2.0
-#: Bytes of the object read by the request that opens it (its first metadata block).
+#: Bytes of the object read by the request that opens it: its first ones (the superblock and the
+#: first metadata) and, where the server answers several ranges at once, its last ones too.
 HEAD_BYTES = 256 << 10
+TAIL_BYTES = 1 << 20
 #: Seconds during which a version the server answered with is taken again without a request.
 REUSE_SECONDS = 10.0
 _SEEN: dict[str, tuple[Version, float]] = {}
@@ -122,12 +124,13 @@ class RemoteObject:
         #: The error that ended a read: later and concurrent reads fail with it at once (a dead
         #: server ends the job after one deadline, not after one deadline per request in flight).
         self.broken: StreamnnError | None = None
-        #: The object's first bytes as the opening request read them (empty: not read).
-        self.head = b""
+        #: The object's first bytes as the opening request read them (empty: not read), and its
+        #: last ones (their offset and bytes) if it read them too.
+        self.head, self.tail = b"", None
         known = recent(url) if reuse else None
         if known is None:
-            self.version, self.head = self._retrying(lambda deadline: self._open(deadline), "open")  # type: ignore[misc]
-            self.requests, self.bytes_read = 1, len(self.head)
+            self.version, self.head, self.tail = self._retrying(lambda deadline: self._open(deadline), "open")  # type: ignore[misc]
+            self.requests, self.bytes_read = 1, len(self.head) + len(self.tail[1] if self.tail else b"")
             self.seen()
         else:
             self.version = known
@@ -141,8 +144,9 @@ class RemoteObject:
         _SEEN[self.url] = (self.version, time.monotonic())
 
     # -- what a backend provides ---------------------------------------------------------------
-    def _open(self, deadline: float) -> tuple[Version, bytes]:
-        """One ranged GET of the first ``HEAD_BYTES``: the object's version and those bytes."""
+    def _open(self, deadline: float) -> tuple[Version, bytes, tuple[int, bytes] | None]:
+        """One ranged GET of the first ``HEAD_BYTES`` (and the last ``TAIL_BYTES`` where the
+        server can): the object's version, those bytes and (their offset, the last ones)."""
         raise NotImplementedError
 
     def _get(self, offset: int, size: int, sinks: Sequence[memoryview], deadline: float) -> None:

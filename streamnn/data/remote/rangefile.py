@@ -46,6 +46,11 @@ class RangeFile(io.RawIOBase):
         self._key = (obj.url, obj.version)
         if obj.head and len(obj.head) >= min(BLOCK, self.size):
             _keep((*self._key, 0), obj.head[:BLOCK])  # read by the request that opened the object
+        tail = getattr(obj, "tail", None)
+        if tail is not None:  # so were the last bytes: the whole blocks they hold
+            at, data = tail
+            for k in range(-(-at // BLOCK), -(-self.size // BLOCK)):
+                _keep((*self._key, k), data[k * BLOCK - at:min((k + 1) * BLOCK, self.size) - at])
 
     def readable(self) -> bool:
         return True

@@ -95,7 +95,7 @@ class S3Object(RemoteObject):
     def _modified(value: Any) -> str | None:
         return None if value is None else str(value)
 
-    def _open(self, deadline: float) -> tuple[Version, bytes]:
+    def _open(self, deadline: float) -> tuple[Version, bytes, None]:
         resp = self._call("get_object", Range=f"bytes=0-{HEAD_BYTES - 1}")
         span = parse_content_range(resp.get("ContentRange"))
         version = Version(span[2] if span else -1, resp.get("ETag"), self._modified(resp.get("LastModified")))
@@ -104,7 +104,7 @@ class S3Object(RemoteObject):
             raise self.fail(f"S3 sent bytes {span} for the range 0-{HEAD_BYTES - 1}")
         head = memoryview(bytearray(span[1] + 1))
         self._body(resp, [head], deadline)
-        return version, bytes(head)
+        return version, bytes(head), None
 
     def _get(self, offset: int, size: int, sinks: Sequence[memoryview], deadline: float) -> None:
         last = offset + size - 1

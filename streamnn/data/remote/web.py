@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from streamnn.data.remote.cache import FILL_THREADS
-from streamnn.data.remote.objects import (HEAD_BYTES, NoMultiRange, Policy, Range, RemoteObject, Transient, Version,
-                                          parse_content_range)
+from streamnn.data.remote.objects import (HEAD_BYTES, TAIL_BYTES, NoMultiRange, Policy, Range, RemoteObject, Transient,
+                                          Version, parse_content_range)
 from streamnn.errors import StreamnnError
 
 try:
@@ -69,9 +69,10 @@ class HttpObject(RemoteObject):
             raise StreamnnError("not a valid URL (no host)", url)
         super().__init__(url, policy, reuse)
 
-    def _request(self, spans: str, many: bool = False) -> urllib3.BaseHTTPResponse:
+    def _request(self, spans: str, many: bool = False, whole: int = 0) -> urllib3.BaseHTTPResponse:
         """The answer (206) to a GET of the byte ranges ``spans`` ("a-b,c-d"); another status is
-        raised as what it means (``many``: a 200 is :class:`NoMultiRange`)."""
+        raised as what it means (``many``: a 200 is :class:`NoMultiRange`, unless the whole
+        object follows and is at most ``whole`` bytes: then that answer)."""
         try:
             resp = pool_manager(self.policy).request(
                 "GET", self.url, preload_content=False, redirect=False,
@@ -81,7 +82,7 @@ class HttpObject(RemoteObject):
         except urllib3.exceptions.HTTPError as exc:
             raise Transient(_reason(exc)) from None
         status = resp.status
-        if status == 206:
+        if status == 206 or (status == 200 and many and 0 < int(resp.headers.get("Content-Length") or 0) <= whole):
             return resp
         if status == 200:  # the whole object follows: not read, the connection is dropped
             resp.close()
@@ -153,7 +154,12 @@ class HttpObject(RemoteObject):
         version = Version(span[2] if span else -1, resp.headers.get("ETag"), resp.headers.get("Last-Modified"))
         return version, span
 
-    def _open(self, deadline: float) -> tuple[Version, bytes]:
+    def _open(self, deadline: float) -> tuple[Version, bytes, tuple[int, bytes] | None]:
+        if self.multi is not False:
+            try:
+                return self._open_many(deadline)
+            except NoMultiRange:
+                self.multi = False
         resp = self._request(f"0-{HEAD_BYTES - 1}")
         try:
             version, span = self._version(resp)
@@ -167,7 +173,39 @@ class HttpObject(RemoteObject):
             raise Transient(f"{exc.__class__.__name__}: {exc}") from None
         finally:
             resp.release_conn()
-        return version, bytes(head)
+        return version, bytes(head), None
+
+    def _open_many(self, deadline: float) -> tuple[Version, bytes, tuple[int, bytes] | None]:
+        """The first ``HEAD_BYTES`` and the last ``TAIL_BYTES`` in one request (where the store's
+        labels, paths and statistics usually are); :class:`NoMultiRange` if the server will not."""
+        resp = self._request(f"0-{HEAD_BYTES - 1},-{TAIL_BYTES}", many=True, whole=HEAD_BYTES + TAIL_BYTES)
+        try:
+            kind = resp.headers.get("Content-Type", "")
+            etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
+            if resp.status == 200:  # a small object, sent whole
+                data = resp.read()
+                parts = [(0, len(data) - 1, len(data), memoryview(data))]
+            elif kind.lower().startswith("multipart/byteranges"):
+                parts = _parts(resp.read(), kind.split("boundary=", 1)[-1].strip().strip('"').encode())
+                self.multi = True
+            else:  # one range covering both
+                version, span = self._version(resp)
+                parts = [(*span, memoryview(resp.read()))] if span else []
+                self.multi = True
+            self.check_deadline(deadline)
+        except urllib3.exceptions.HTTPError as exc:
+            resp.close()
+            raise Transient(_reason(exc)) from None
+        finally:
+            resp.release_conn()
+        if not parts or any(b - a + 1 != len(data) for a, b, _, data in parts):
+            raise Transient("the response ended early (connection closed)")
+        total = parts[0][2]
+        head = next((p[3] for p in parts if p[0] == 0 and p[1] + 1 >= min(HEAD_BYTES, total)), None)
+        tail = next(((p[0], bytes(p[3])) for p in parts if p[1] == total - 1), None)
+        if head is None or any(p[2] != total for p in parts):
+            raise NoMultiRange
+        return Version(total, etag, modified), bytes(head[:HEAD_BYTES]), tail
 
     def _get(self, offset: int, size: int, sinks: Sequence[memoryview], deadline: float) -> None:
         last = offset + size - 1
