@@ -66,8 +66,8 @@ def cache_options(command: Callable[..., Any]) -> Callable[..., Any]:
         if value is not None:
             try:
                 parse_size(value, "--cache-limit")
-            except StreamnnError as exc:
-                raise click.BadParameter(str(exc)) from None
+            except StreamnnError:
+                raise click.BadParameter(f"{value!r} is not a size (e.g. 2G, 500M or 1048576)") from None
             os.environ["STREAMNN_REMOTE_CACHE_LIMIT"] = value
 
     def folder(ctx: click.Context, param: click.Parameter, value: str | None) -> None:

@@ -15,10 +15,11 @@ import hashlib
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from streamnn.data.remote.cache import FILL_THREADS
-from streamnn.data.remote.objects import HEAD_BYTES, Policy, RemoteObject, Transient, Version, parse_content_range
+from streamnn.data.remote.objects import HEAD_BYTES, TAIL_BYTES, Policy, RemoteObject, Transient, Version, parse_content_range
 from streamnn.data.remote.web import need_extra
 from streamnn.errors import StreamnnError
 
@@ -95,16 +96,28 @@ class S3Object(RemoteObject):
     def _modified(value: Any) -> str | None:
         return None if value is None else str(value)
 
-    def _open(self, deadline: float) -> tuple[Version, bytes, None]:
-        resp = self._call("get_object", Range=f"bytes=0-{HEAD_BYTES - 1}")
+    def _open(self, deadline: float) -> tuple[Version, bytes, tuple[int, bytes] | None]:
+        """The first ``HEAD_BYTES`` and, by a second request sent at the same time (S3 answers
+        one range per request), the last ``TAIL_BYTES``: one round trip."""
+        with ThreadPoolExecutor(1) as pool:
+            last = pool.submit(self._range, f"bytes=-{TAIL_BYTES}", deadline)
+            version, span, head = self._range(f"bytes=0-{HEAD_BYTES - 1}", deadline)
+            if span[0] != 0 or span[1] != min(HEAD_BYTES, span[2]) - 1:
+                raise self.fail(f"S3 sent bytes {span} for the range 0-{HEAD_BYTES - 1}")
+            got, tail_span, tail = last.result()
+        if got != version:  # replaced between the two answers: open again
+            raise Transient("the object changed while it was opened")
+        return version, head, (tail_span[0], tail) if tail_span[1] == span[2] - 1 else None
+
+    def _range(self, spec: str, deadline: float) -> tuple[Version, tuple[int, int, int], bytes]:
+        resp = self._call("get_object", Range=spec)
         span = parse_content_range(resp.get("ContentRange"))
-        version = Version(span[2] if span else -1, resp.get("ETag"), self._modified(resp.get("LastModified")))
-        if span is None or span[0] != 0 or span[1] != min(HEAD_BYTES, span[2]) - 1:
+        if span is None:
             resp["Body"].close()
-            raise self.fail(f"S3 sent bytes {span} for the range 0-{HEAD_BYTES - 1}")
-        head = memoryview(bytearray(span[1] + 1))
-        self._body(resp, [head], deadline)
-        return version, bytes(head), None
+            raise self.fail(f"S3 sent no Content-Range for the range {spec[6:]}")
+        data = memoryview(bytearray(span[1] - span[0] + 1))
+        self._body(resp, [data], deadline)
+        return Version(span[2], resp.get("ETag"), self._modified(resp.get("LastModified"))), span, bytes(data)
 
     def _get(self, offset: int, size: int, sinks: Sequence[memoryview], deadline: float) -> None:
         last = offset + size - 1
