@@ -188,10 +188,10 @@ class HttpObject(RemoteObject):
             elif kind.lower().startswith("multipart/byteranges"):
                 parts = _parts(resp.read(), kind.split("boundary=", 1)[-1].strip().strip('"').encode())
                 self.multi = True
-            else:  # one range covering both
+            else:  # one range: covering both (several ranges answered), or the first alone (not)
                 version, span = self._version(resp)
                 parts = [(*span, memoryview(resp.read()))] if span else []
-                self.multi = True
+                self.multi = None if not span or span[1] != span[2] - 1 else True
             self.check_deadline(deadline)
         except urllib3.exceptions.HTTPError as exc:
             resp.close()
