@@ -3,9 +3,12 @@
 ``open_store(URL)`` and the loader's readers take a URL where they take a path. The metadata is
 read once through a block-cached range file (:mod:`.rangefile`, h5py's file-object driver);
 rows are fetched by byte range with the ``pread`` reader's design (:mod:`.reader`): runs of
-adjacent rows coalesced into one request, many requests in flight, read ahead along the epoch
-order, written into the loader's buffers. Every response is checked against the object's
-version seen at open (:mod:`.objects`): a changed object is a one-line error, never mixed rows.
+adjacent rows coalesced into one range, several ranges in one request where the server allows,
+many requests in flight, read ahead along the epoch order, written into the loader's buffers.
+Every response is checked against the object's version seen at open (:mod:`.objects`): a
+changed object is a one-line error, never mixed rows. A sharded store is read by its index's
+URL as the one-file store it stands for (:mod:`.shards`); blocks may be kept in a local folder
+(:mod:`.cache`, :func:`set_cache`).
 The network libraries (urllib3 for HTTP, botocore for S3: the optional extra ``[remote]``) are
 imported only by the modules that talk to a server, loaded only for a URL: nothing here imports
 them, so the core stays free of them.
