@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import itertools
 import os
 import shutil
 import socket
@@ -17,7 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,12 +66,34 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-class Nginx:
-    """nginx serving ``root`` on 127.0.0.1 (``url(name)``), in the foreground, its own config."""
+def make_certificate(folder: Path, name: str = "server") -> tuple[Path, Path, Path]:
+    """A CA of its own and a certificate it signed for 127.0.0.1 (openssl, EC keys): (CA file,
+    certificate, key)."""
+    openssl = need("openssl", "apt-get install openssl")
+    folder.mkdir(parents=True, exist_ok=True)
+    ca, ca_key, cert, key, csr = (folder / f"{name}-{part}" for part in ("ca.pem", "ca.key", "cert.pem", "key.pem", "csr"))
+    ext = folder / f"{name}.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
+                   "extendedKeyUsage=serverAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for args in ([openssl, "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", f"/CN={name} test CA",
+                  "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+                 [openssl, "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+                 [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+                  "-days", "2", "-extfile", ext]):
+        subprocess.run([str(a) for a in args], check=True, capture_output=True, timeout=30)
+    return ca, cert, key
 
-    def __init__(self, root: Path, work: Path) -> None:
+
+class Nginx:
+    """nginx serving ``root`` on 127.0.0.1 (``url(name)``), in the foreground, its own config;
+    ``tls``: (certificate, key) to serve HTTPS instead."""
+
+    def __init__(self, root: Path, work: Path, tls: tuple[Path, Path] | None = None) -> None:
         binary = need("nginx", "apt-get install nginx")
         self.root, self.port = root, free_port()
+        self.scheme = "https" if tls else "http"
+        listen = f"127.0.0.1:{self.port}" + (f" ssl; ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]}" if tls else "")
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (work / sub).mkdir(parents=True, exist_ok=True)
         user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read the temporary root
@@ -84,7 +109,7 @@ http {{
     uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
     keepalive_requests 100000;
     sendfile on;
-    server {{ listen 127.0.0.1:{self.port}; root {root}; location / {{ }} }}
+    server {{ listen {listen}; root {root}; location / {{ }} }}
 }}
 """)
         self.log = work / "error.log"
@@ -97,7 +122,7 @@ http {{
             raise
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+        return f"{self.scheme}://127.0.0.1:{self.port}/{name}"
 
     def close(self) -> None:
         stop(self.proc)
@@ -160,15 +185,64 @@ class Seaweed:
 
 
 # -- a fault-injecting mock --------------------------------------------------------------------
-class MockServer:
-    """Serves ``content`` (bytes) at any path with Range support, ETag and Last-Modified; each
-    request first takes the next fault of ``faults`` (a list): "reset" (the connection is reset),
-    "503", "stall" (nothing is sent for ``stall`` seconds), "short" (half the body, then close),
-    or "change" (the object is replaced by ``changed`` for this and later requests)."""
+def answer_ranges(handler: http.server.BaseHTTPRequestHandler, data: Any, etag: str, multi: bool = True) -> Iterator[bytes]:
+    """Send the status and headers of a GET of ``data`` (bytes, or a file's path) as nginx does
+    (one range: 206 with Content-Range; several: 206 ``multipart/byteranges``, or with ``multi``
+    False the whole object with 200; none: 200); returns the body's pieces (read as written)."""
+    size = len(data) if isinstance(data, bytes) else os.path.getsize(data)
 
-    def __init__(self, content: bytes, changed: bytes | None = None) -> None:
+    def read(a: int, b: int) -> Iterator[bytes]:
+        if isinstance(data, bytes):
+            yield data[a:b + 1]
+            return
+        with open(data, "rb") as f:
+            f.seek(a)
+            while a <= b:
+                piece = f.read(min(1 << 20, b - a + 1))
+                yield piece
+                a += len(piece)
+    header = handler.headers.get("Range")
+    spans = []
+    for part in header.split("=", 1)[1].split(",") if header else []:
+        a, b = part.strip().split("-")
+        spans.append((max(0, size - int(b)), size - 1) if not a else (int(a), min(int(b or size - 1), size - 1)))
+    if sum(b - a + 1 for a, b in spans) > size:  # as nginx: overlapping ranges get the whole object
+        spans = []
+    if len(spans) > 1 and multi:
+        boundary = "00000000000000000042"
+        heads = [f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes "
+                 f"{a}-{b}/{size}\r\n\r\n".encode() for a, b in spans]
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        length = sum(len(h) + b - a + 1 for h, (a, b) in zip(heads, spans)) + len(tail)
+        body = itertools.chain(*(itertools.chain([h], read(a, b)) for h, (a, b) in zip(heads, spans)), [tail])
+        handler.send_response(206)
+        handler.send_header("Content-Type", f"multipart/byteranges; boundary={boundary}")
+    elif len(spans) == 1:
+        (a, b), = spans
+        length, body = b - a + 1, read(a, b)
+        handler.send_response(206)
+        handler.send_header("Content-Range", f"bytes {a}-{b}/{size}")
+    else:
+        length, body = size, read(0, size - 1)
+        handler.send_response(200)
+    handler.send_header("ETag", etag)
+    handler.send_header("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")
+    handler.send_header("Content-Length", str(length))
+    handler.end_headers()
+    return body
+
+
+class MockServer:
+    """Serves ``content`` (bytes) at any path with Range support (several ranges in one answer
+    unless ``multi`` is False: then the whole object), ETag and Last-Modified; each request first
+    takes the next fault of ``faults`` (a list): "reset" (the connection is reset), "503",
+    "stall" (nothing is sent for ``stall`` seconds), "short" (half the body, then close), or
+    "change" (the object is replaced by ``changed`` for this and later requests)."""
+
+    def __init__(self, content: bytes, changed: bytes | None = None, multi: bool = True) -> None:
         self.content, self.changed = content, changed
         self.etag, self.faults, self.requests, self.stall = '"v1"', [], 0, 5.0
+        self.ranges: list[str] = []  # the Range header of every request
         self.lock = threading.Lock()
         outer = self
 
@@ -181,6 +255,7 @@ class MockServer:
             def do_GET(self) -> None:
                 with outer.lock:
                     outer.requests += 1
+                    outer.ranges.append(self.headers.get("Range", ""))
                     fault = outer.faults.pop(0) if outer.faults else None
                     if fault == "change":
                         outer.content, outer.etag = outer.changed, '"v2"'
@@ -199,24 +274,13 @@ class MockServer:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                first, last = 0, len(data) - 1
-                header = self.headers.get("Range")
-                if header:
-                    a, b = header.split("=")[1].split("-")
-                    first, last = int(a), min(int(b), len(data) - 1)
-                self.send_response(206 if header else 200)
-                if header:
-                    self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
-                self.send_header("ETag", etag)
-                self.send_header("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")
-                self.send_header("Content-Length", str(last - first + 1))
-                self.end_headers()
-                body = data[first:last + 1]
+                body = b"".join(answer_ranges(self, data, etag, multi))
                 if fault == "short":
                     self.wfile.write(body[:len(body) // 2])
                     self.close_connection = True
                     return
-                self.wfile.write(body)
+                with contextlib.suppress(OSError):  # a client that drops a 200 it did not want
+                    self.wfile.write(body)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -115,33 +115,52 @@ def test_resume_from_a_url_continues_the_local_stream(served, stop):
     assert all(np.array_equal(a, b) for a, (b, _) in zip(rest, whole[stop:]))
 
 
-def test_reads_are_coalesced_and_bytes_are_the_rows(served, monkeypatch):
-    """The stored order, batches read ahead together: one run of adjacent rows is one ranged GET
-    of exactly the rows' bytes."""
+def recorded(monkeypatch):
+    """The requests of the row reader's threads (not the metadata's), each as its byte ranges."""
     from streamnn.data.remote.objects import RemoteObject
     gets = []
-    real = RemoteObject.read_into
-    monkeypatch.setattr(RemoteObject, "read_into", lambda self, off, bufs: (
-        threading.current_thread().name.startswith("streamnn-pread")  # the reader's, not the metadata's
-        and gets.append((off, sum(b.nbytes for b in bufs)))) or real(self, off, bufs))
+    real = RemoteObject.fetch_many
+
+    def fetch_many(self, ranges):
+        if threading.current_thread().name.startswith("streamnn-pread"):
+            gets.append([(off, sum(len(s) for s in sinks)) for off, sinks in ranges])
+        return real(self, ranges)
+    monkeypatch.setattr(RemoteObject, "fetch_many", fetch_many)
+    return gets
+
+
+def test_reads_are_coalesced_and_bytes_are_the_rows(served, monkeypatch):
+    """The stored order, batches read ahead together: one run of adjacent rows is one byte
+    range of exactly the rows' bytes; a request carries several ranges (nginx answers them)."""
+    gets = recorded(monkeypatch)
     path, url = served["float32"]
     with Loader(url, "train", batch_size=30, shuffle=False, prefetch=0) as L:
         next(iter(L))
         row_bytes = L.n_features * 4
     # the first batch, read at once, is one run of 30 adjacent rows: one GET of exactly its bytes;
     # the batches read ahead (this epoch's and the next ones', sorted together) are long runs too
-    assert gets[0][1] == 30 * row_bytes
-    assert all(size % row_bytes == 0 for _, size in gets)
-    assert len(gets) * 30 <= sum(size for _, size in gets) // row_bytes
+    assert gets[0] == [(L._maker.reader.offsets[0] if L._maker else gets[0][0][0], 30 * row_bytes)]
+    spans = [r for g in gets for r in g]
+    assert all(size % row_bytes == 0 for _, size in spans)
+    assert len(spans) * 30 <= sum(size for _, size in spans) // row_bytes
+
+
+def test_random_rows_go_several_to_a_request(served, monkeypatch):
+    gets = recorded(monkeypatch)
+    monkeypatch.setenv("STREAMNN_REMOTE_THREADS", "1")  # one request at a time: the order is visible
+    path, url = served["uint8"]
+    with Loader(url, "train", batch_size=32, seed=2, prefetch=0) as L:
+        rows = L.batch_rows(0, 0)
+        next(iter(L))
+        offset, row_bytes = L._maker.reader.offsets[0], L._maker.reader.row_bytes
+    # 32 random rows, one thread: two requests of the runs of 16 rows each (MAX_RANGES)
+    got = [(off - offset) // row_bytes + i for g in gets[:2] for off, size in g for i in range(size // row_bytes)]
+    assert sorted(got) == sorted(rows.tolist())
+    assert all(1 < len(g) <= 16 for g in gets[:2])
 
 
 def test_the_first_batch_is_not_queued_behind_the_reads_ahead(served, monkeypatch):
-    from streamnn.data.remote.objects import RemoteObject
-    gets = []
-    real = RemoteObject.read_into
-    monkeypatch.setattr(RemoteObject, "read_into", lambda self, off, bufs: (
-        threading.current_thread().name.startswith("streamnn-pread")
-        and gets.append(off)) or real(self, off, bufs))
+    gets = recorded(monkeypatch)
     path, url = served["uint8"]
     monkeypatch.setenv("STREAMNN_REMOTE_THREADS", "1")  # one request at a time: the order is visible
     with Loader(url, "train", batch_size=4, seed=2, prefetch=0) as L:
@@ -149,7 +168,7 @@ def test_the_first_batch_is_not_queued_behind_the_reads_ahead(served, monkeypatc
         next(iter(L))
         offset = L._maker.reader.offsets[0]
         row_bytes = L._maker.reader.row_bytes
-    assert sorted((off - offset) // row_bytes for off in gets[:4]) == sorted(first.tolist())
+    assert sorted((off - offset) // row_bytes for off, _ in gets[0]) == sorted(first.tolist())
 
 
 @pytest.mark.parametrize("name, message", [("missing.h5", "no such object (HTTP 404)"),

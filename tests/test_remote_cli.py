@@ -62,3 +62,15 @@ def test_train_eval_info_resume_from_a_url(served, tmp_path):
 def test_a_missing_url_is_a_one_line_error(nginx):  # noqa: F811
     r = CliRunner().invoke(info_main, [nginx.url("nothing.h5")])
     assert r.exit_code != 0 and r.output.strip().count("\n") == 0 and "no such object" in r.output
+
+
+def test_train_with_a_cache_folder_fills_it_and_a_bad_limit_is_a_usage_error(served, tmp_path, monkeypatch):
+    from streamnn.data.remote.cache import ENTRY
+    path, url = served
+    for name in ("STREAMNN_REMOTE_CACHE", "STREAMNN_REMOTE_CACHE_LIMIT"):
+        monkeypatch.setenv(name, "")  # restored after the test: the options set them in this process
+    run(train_main, [url, *CLI_ARGS, "--out", tmp_path / "run", "-q", "--cache", tmp_path / "cache",
+                     "--cache-limit", "1G"])
+    assert any(ENTRY.fullmatch(p.name) for p in (tmp_path / "cache").iterdir())
+    r = CliRunner().invoke(info_main, [url, "--cache", str(tmp_path / "c"), "--cache-limit", "lots"])
+    assert r.exit_code == 2 and "'lots' is not a size" in r.output

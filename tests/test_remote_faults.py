@@ -88,9 +88,29 @@ def test_an_object_changed_under_the_loader_is_a_one_line_error_never_mixed_rows
     assert all(np.array_equal(a, b) for a, b in zip(got, want))  # what came before is the old store, exactly
 
 
-def test_object_replaced_between_loader_and_reader_is_refused(content, mock):
-    """The loader was made on one version, the reader opens another: the fingerprints differ."""
+@pytest.mark.parametrize("reuse", [0.0, 10.0])
+def test_object_replaced_between_loader_and_reader_is_refused(content, mock, monkeypatch, reuse):
+    """The loader was made on one version, the reader opens another: the fingerprints differ
+    (a reader opened at once takes the loader's version and meets the change at its first request)."""
+    monkeypatch.setattr("streamnn.data.remote.objects.REUSE_SECONDS", reuse)
     with Loader(mock.url(), "train", batch_size=8) as L:
         mock.faults = ["change"]
-        with pytest.raises(StreamnnError, match="the store changed since the loader was made"):
+        with pytest.raises(StreamnnError, match="the store changed since the loader was made" if not reuse
+                           else "the store changed on the server") as info:
             next(iter(L))
+    assert "\n" not in str(info.value)
+
+
+def test_a_server_that_sends_the_whole_object_for_several_ranges_is_asked_one_range_at_a_time(content):
+    """Some servers answer a request for several ranges with the whole object (200): it is not
+    read, and the object is read one range per request from then on, exactly."""
+    server = MockServer(content[1], multi=False)
+    try:
+        want = epoch(content[0])
+        got = epoch(server.url())
+        assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+        several = [i for i, r in enumerate(server.ranges) if "," in r]
+        assert several and len(several) <= 4  # tried once per thread in flight at most, then never again
+        assert "," not in "".join(server.ranges[max(several) + 1:])
+    finally:
+        server.close()

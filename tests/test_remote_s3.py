@@ -52,6 +52,7 @@ def test_s3_errors_are_one_line_and_name_no_endpoint_or_secret(s3env, uploaded, 
     with pytest.raises(StreamnnError, match="no such object") as info:
         open_store(bad)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    monkeypatch.setattr("streamnn.data.remote.objects.REUSE_SECONDS", 0.0)  # ask the server again
     with pytest.raises(StreamnnError, match="refused") as denied:
         open_store(uploaded[1])
     for err in (info.value, denied.value):
@@ -72,3 +73,19 @@ def test_s3_object_replaced_under_the_loader_is_a_one_line_error(s3env, seaweed,
         with pytest.raises(StreamnnError, match="changed on the server"):
             for _ in it:
                 pass
+
+
+def test_a_sharded_store_in_s3_is_read_by_the_key_of_its_index(s3env, seaweed, tmp_path):
+    from imagetree import make_tree
+    from streamnn.data.format import shard_folder
+    from streamnn.pack.sharded import pack_sharded
+    make_tree(tmp_path / "src", {"training_set": {"cats": 5, "dogs": 4}})
+    index = tmp_path / "s.h5"
+    pack_sharded(tmp_path / "src", index, shards=2, size=(6, 8), workers=1, seed=1)
+    url = seaweed.upload(index, "sharded/s.h5")
+    for part in shard_folder(index).iterdir():
+        seaweed.upload(part, f"sharded/s.h5.shards/{part.name}")
+    with open_store(index) as local, open_store(url) as remote:
+        assert remote.fingerprint == local.fingerprint and remote.paths("train") == local.paths("train")
+    with Loader(index, "train", batch_size=4, seed=1) as A, Loader(url, "train", batch_size=4, seed=1) as B:
+        assert all(np.array_equal(a[0], b[0]) for a, b in zip(A, B, strict=True))

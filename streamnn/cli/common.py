@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import signal
 import sys
 import time
@@ -53,6 +54,32 @@ from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def cache_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--cache DIR`` and ``--cache-limit SIZE`` for a command that reads a store by URL: they set
+    ``STREAMNN_REMOTE_CACHE`` and ``STREAMNN_REMOTE_CACHE_LIMIT`` (docs/remote.md, "Local cache")
+    for the command and the processes it starts; the command's function does not see them."""
+    from streamnn.data.remote.cache import DEFAULT_LIMIT, parse_size
+
+    def limit(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            try:
+                parse_size(value, "--cache-limit")
+            except StreamnnError:
+                raise click.BadParameter(f"{value!r} is not a size (e.g. 2G, 500M or 1048576)") from None
+            os.environ["STREAMNN_REMOTE_CACHE_LIMIT"] = value
+
+    def folder(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            os.environ["STREAMNN_REMOTE_CACHE"] = os.path.abspath(value)
+
+    # applied to the command made, in this order (its options are listed in the order they are added)
+    command = click.option("--cache", metavar="DIR", type=click.Path(file_okay=False), expose_value=False,
+                           callback=folder, help="A store read by URL: keep its blocks in this local folder "
+                           "(shared by the processes of this machine), so later epochs read the disk.")(command)
+    return click.option("--cache-limit", metavar="SIZE", expose_value=False, callback=limit,
+                        help=f"Bytes the --cache folder may hold (e.g. 2G, 500M) [default: {DEFAULT_LIMIT}].")(command)
 
 
 class _Unshown(click.UsageError):

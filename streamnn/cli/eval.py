@@ -10,9 +10,10 @@ from streamnn.dist import world
 from streamnn.run.evaluate import evaluate_checkpoint
 from streamnn.run.predict import TTA
 from streamnn.paths import path_text
-from streamnn.cli.common import CONTEXT_SETTINGS, Command, sigterm_as_interrupt, user_errors
+from streamnn.cli.common import CONTEXT_SETTINGS, Command, cache_options, sigterm_as_interrupt, user_errors
 
 
+@cache_options
 @click.command(cls=Command, context_settings=CONTEXT_SETTINGS)
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.argument("store", type=click.Path(dir_okay=False))

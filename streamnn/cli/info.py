@@ -12,7 +12,7 @@ from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.data.format import FORMAT_VERSION
 from streamnn.data.store import Store, open_store, reading
-from streamnn.cli.common import CONTEXT_SETTINGS, Command, sigterm_as_interrupt, user_errors
+from streamnn.cli.common import CONTEXT_SETTINGS, Command, cache_options, sigterm_as_interrupt, user_errors
 
 
 def describe(store: Store) -> dict[str, Any]:
@@ -93,6 +93,7 @@ def render_grid(store: Store, split: str, n: int, path: str) -> int:
     return count
 
 
+@cache_options
 @click.command(cls=Command, context_settings=CONTEXT_SETTINGS)
 @click.argument("store", type=click.Path(path_type=str))
 @click.option("--grid", type=click.Path(dir_okay=False, path_type=str), default=None,

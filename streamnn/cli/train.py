@@ -20,7 +20,7 @@ from streamnn.nn.functional import ACTIVATIONS
 from streamnn.run.config import CHOICES, DEFAULTS, LATER_KEYS, RESUMABLE, applicable, check_applicable, resolve_config
 from streamnn.run.stop import TrainingInterrupted
 from streamnn.run.trainer import Trainer
-from streamnn.cli.common import CONTEXT_SETTINGS, Command, rank_fail, user_errors
+from streamnn.cli.common import CONTEXT_SETTINGS, Command, cache_options, rank_fail, user_errors
 
 # configuration keys set by differently named options
 _SOURCES = {"schedule_params": ("lr_decay", "lr_factor", "lr_every", "lr_min", "lr_param"),
@@ -47,6 +47,7 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
     return out
 
 
+@cache_options
 @click.command(cls=Command, context_settings=CONTEXT_SETTINGS)
 @click.argument("store", required=False, type=click.Path(dir_okay=False))
 @click.option("--model", type=click.Choice(CHOICES["model"]), default=DEFAULTS["model"], show_default=True,

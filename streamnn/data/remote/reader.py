@@ -1,8 +1,10 @@
 """Rows of a remote store read by byte range: the ``pread`` reader's design over the network.
 
 :class:`RemoteReader` is :class:`~streamnn.data.readers.pread.PreadReader` with its I/O swapped:
-the batch's rows are sorted, each run of adjacent stored rows is one ranged GET (split at 1 MiB)
-written straight into the rows' buffers, ``policy.threads`` requests are in flight, and the
+the batch's rows are sorted, each run of adjacent stored rows is one byte range (split at 1 MiB)
+written straight into the rows' buffers, up to ``MAX_RANGES`` ranges in one GET where the server
+answers several at once (``multipart/byteranges``: nginx, Apache; not S3), else one GET each;
+``policy.threads`` requests are in flight, and the
 coming batches (announced along the epoch order) are read ahead into staging buffers up to the
 same byte bound as ``pread`` (so memory does not grow with the store). Every response is checked
 against the object's version, so a batch never mixes two versions of the store.
@@ -15,10 +17,12 @@ import numpy as np
 
 from streamnn.data.format import FORMAT, STORE_DTYPES
 from streamnn.data.readers.pread import PreadReader
-from streamnn.data.remote import open_object
 from streamnn.data.remote.objects import RemoteObject
 from streamnn.data.remote.rangefile import open_h5
 from streamnn.errors import StreamnnError
+
+#: Byte ranges (runs of rows) asked for in one request, where the server answers several at once.
+MAX_RANGES = 16
 
 
 class RemoteReader(PreadReader):
@@ -40,12 +44,21 @@ class RemoteReader(PreadReader):
             raise StreamnnError(f"the object ends at byte {obj.version.size}, before the end of its rows "
                                 f"({need}: truncated?)", obj.url)
 
+    def _submit(self, rows: np.ndarray, dest: list[np.ndarray] | np.ndarray) -> object:
+        # A pool task is one request: one run each, or where the server answers several byte
+        # ranges at once, the runs of up to MAX_RANGES rows, as many as keep every thread busy.
+        many = self.obj.multi is not False
+        self._task_rows = min(MAX_RANGES, max(1, -(-len(rows) // self.threads))) if many else 1
+        return super()._submit(rows, dest)
+
     def _read_runs(self, first: list[int], count: list[int], where: list[int], dest: list[np.ndarray] | np.ndarray) -> int:
-        """In a pool thread: one ranged GET per run, straight into the rows of ``dest``."""
+        """In a pool thread: the runs in one request (or one each), straight into the rows of ``dest``."""
         i, base, size = 0, self.offsets[0], self.row_bytes
+        ranges = []
         for r, c in zip(first, count):
-            self.obj.read_into(base + r * size, [dest[w] for w in where[i:i + c]])
+            ranges.append((base + r * size, [memoryview(dest[w]).cast("B") for w in where[i:i + c]]))
             i += c
+        self.obj.read_many(ranges)
         return len(first)
 
     # -- the first batch: not behind the reads ahead ----------------------------------------------
@@ -94,13 +107,10 @@ class RemoteReader(PreadReader):
 
 def open_remote_rows(url: str, split: str, *, fingerprint: str | None = None, **_: object) -> RemoteReader:
     """The row reader of ``split`` of the store at ``url``: :class:`RemoteReader` for the default
-    layout (uncompressed, contiguous X); other layouts are a one-line error."""
-    obj = open_object(url)
-    try:
-        f = open_h5(url, obj)
-    except BaseException:
-        obj.close()
-        raise
+    layout (uncompressed, contiguous X; a sharded store's rows through its view, :mod:`.shards`);
+    other layouts are a one-line error."""
+    f = open_h5(url)
+    source = f._streamnn_source
     try:
         attrs = f.attrs
         text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
@@ -113,8 +123,6 @@ def open_remote_rows(url: str, split: str, *, fingerprint: str | None = None, **
         if split not in f or "X" not in f[split]:
             raise StreamnnError(f"unknown split {split!r}", url)
         dset = f[split]["X"]
-        if dset.is_virtual:
-            raise StreamnnError("a sharded store cannot be read from a URL yet (serve a one-file store)", url)
         dtype = np.dtype(STORE_DTYPES[text(attrs["dtype"])])
         scale = float(attrs["scale"])
         n, d = (int(s) for s in dset.shape)
@@ -123,14 +131,15 @@ def open_remote_rows(url: str, split: str, *, fingerprint: str | None = None, **
                                 f"(uncompressed, contiguous) is streamed from a URL; repack without --compression", url)
         offset = dset.id.get_offset()
         if n > 0 and offset is not None and dset.dtype == dtype and dset.dtype.isnative and f.userblock_size == 0:
-            reader = RemoteReader(obj, int(offset), n, d, dtype, scale)
-            if np.array_equal(reader.row(0), dset[0], equal_nan=dtype.kind == "f"):  # the offset is right
+            raw = np.empty((1, d), dtype)
+            source.pread(int(offset), memoryview(raw).cast("B"))  # through the metadata's blocks
+            if np.array_equal(raw[0], dset[0], equal_nan=dtype.kind == "f"):  # the offset is right
+                reader = RemoteReader(source.obj, int(offset), n, d, dtype, scale)
                 f.close()
                 return reader
-            reader.close()
         raise StreamnnError(f"split {split!r}: X cannot be read by byte range (not native, contiguous rows)", url)
     except BaseException:
         if f.id.valid:
             f.close()
-        obj.close()
+        source.obj.close()
         raise
