@@ -44,10 +44,14 @@ def batches(path, reader, epochs=2, **kw):
        world=st.integers(1, 3), data=st.data(), prefetch=st.sampled_from([0, 1, 3]),
        policy=st.sampled_from(["inline", "thread"]), augment=st.sampled_from([None, "flip", "flip,shift"]),
        standardize=st.booleans(),
-       drop_last=st.booleans(), threads=st.sampled_from([1, 3, 16]), block_rows=st.integers(1, 12))
+       drop_last=st.booleans(), threads=st.sampled_from([1, 3, 16]), block_rows=st.integers(1, 12),
+       row_copies=st.booleans())
 def test_pread_batches_equal_the_memory_maps(stores, monkeypatch, dtype, order, batch, n_subset, world, data,
-                                             prefetch, policy, augment, standardize, drop_last, threads, block_rows):
+                                             prefetch, policy, augment, standardize, drop_last, threads, block_rows,
+                                             row_copies):
     path, _ = stores[dtype]
+    # The map gathers by np.take or (rows of ROW_COPY_BYTES or more) one copy per row: both here.
+    monkeypatch.setattr("streamnn.data.readers.mmap.ROW_COPY_BYTES", 0 if row_copies else 1 << 40)
     rank = data.draw(st.integers(0, world - 1))
     subset = None if n_subset is None else np.random.default_rng(n_subset).permutation(90)[:n_subset]
     kw = dict(batch_size=batch, seed=5, shuffle=order != "none", order="exact" if order == "none" else order,

@@ -45,6 +45,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_bound import Gather, load_split, measure_bound  # noqa: E402
+
 METHODS = ["memory", "loader-exact", "loader-exact-p0", "loader-block", "h5py-rows", "torch-w0", "torch-w2",
            "train-memory", "train-stream", "train-stream-p0"]
 BATCH = 64
@@ -111,128 +114,6 @@ def _step_fn(d: int):
     def step(X: np.ndarray) -> None:
         np.tanh(W @ X)
     return step
-
-
-def load_split(store: str, split: str = "train") -> np.ndarray:
-    """X of ``split`` read into memory (64 MB at a time)."""
-    import h5py
-
-    with h5py.File(store, "r") as f:
-        dset = f[split]["X"]
-        data = np.empty(dset.shape, dset.dtype)
-        step_rows = max(1, (64 << 20) // (dset.shape[1] * dset.dtype.itemsize))
-        for i in range(0, dset.shape[0], step_rows):
-            dset.read_direct(data, np.s_[i:i + step_rows], np.s_[i:i + step_rows])
-    return data
-
-
-class Gather:
-    """The in-memory gather, the loader's bound: ``np.take`` of the rows from ``data`` (in memory)
-    into one reused buffer, normalized to float32 (``stored * scale``: float16 / uint8 rows through
-    a staging buffer and one ``np.multiply``, as plain NumPy code would; ``two_pass``: a cast,
-    then a multiply in place, the same values)."""
-
-    def __init__(self, data: np.ndarray, scale: float, batch: int = BATCH, two_pass: bool = False) -> None:
-        self.data, self.s32, self.two_pass = data, np.float32(scale), two_pass
-        self.direct = data.dtype == np.float32 and scale == 1.0
-        self.buf = np.empty((batch, data.shape[1]), np.float32)
-        self.stage = np.empty((batch, data.shape[1]), data.dtype)
-
-    def __call__(self, idx: np.ndarray) -> np.ndarray:
-        out = self.buf[:len(idx)]
-        if self.direct:
-            return np.take(self.data, idx, axis=0, out=out)
-        st = np.take(self.data, idx, axis=0, out=self.stage[:len(idx)])
-        if self.two_pass:
-            np.copyto(out, st, casting="unsafe")
-            np.multiply(out, self.s32, out=out)
-        else:
-            np.multiply(st, self.s32, out=out, casting="unsafe")
-        return out
-
-
-def measure_bound(store: str, batch: int, rounds: int, segment: int) -> None:
-    """The loader against the in-memory gather of the same permutation, in one process.
-
-    Methods: ``memory`` (:class:`Gather`: the bound, ratios are to it), ``memory-2pass`` (the
-    same with the conversion in two passes; not for float32), ``loader`` (the default: batches
-    safe to keep) and ``loader-reuse`` (``reuse_buffers=True``, what the trainer uses); exact
-    shuffle, seed 0, a bare loop over the batches. Each loader first runs a whole epoch (its
-    memory map's page faults), then ``rounds`` rounds run ``segment`` batches of every method in
-    turn, each continuing its own stream, so that the machine's load hits all alike. Figures:
-    medians over the rounds of rows/s (wall clock and CPU time of the process) and of the
-    round's ratio to ``memory``.
-    """
-    import itertools
-
-    from streamnn import open_store
-    from streamnn.data.loader import Loader
-    from streamnn.data.order import epoch_order
-
-    data = load_split(store)
-    n = len(data)
-    loaders = {"loader": Loader(store, "train", batch, seed=0),
-               "loader-reuse": Loader(store, "train", batch, seed=0, reuse_buffers=True)}
-    for L in loaders.values():
-        # What "auto" chooses for a bare loop (the thread would count the other methods' turns
-        # as the caller's work between batches and produce batches meanwhile).
-        L.prefetch_policy = "inline"
-    with open_store(store) as s:
-        scale = s.scale
-    gathers = {"memory": Gather(data, scale, batch)}
-    if not gathers["memory"].direct:
-        gathers["memory-2pass"] = Gather(data, scale, batch, two_pass=True)
-    orders: dict[int, np.ndarray] = {}
-    where = {m: [0, 0] for m in gathers}  # epoch, batch
-
-    def run_gather(m: str, count: int) -> None:
-        for _ in range(count):
-            epoch, k = where[m]
-            if epoch not in orders:
-                orders.clear()
-                orders[epoch] = epoch_order(np.arange(n), 0, epoch)
-            gathers[m](orders[epoch][k * batch:(k + 1) * batch])
-            where[m] = [epoch, k + 1] if (k + 1) * batch < n else [epoch + 1, 0]
-
-    def run_loader(m: str, count: int) -> None:
-        done = 0
-        while done < count:  # an epoch's end stops a loop: start the next
-            for _X, _Y in itertools.islice(loaders[m], count - done):
-                done += 1
-
-    # The same rows and values: the first batch of epoch 1, each way.
-    first = epoch_order(np.arange(n), 0, 1)[:batch]
-    for m, L in loaders.items():
-        run_loader(m, len(L))  # epoch 0: the map's page faults (not timed)
-        X, _ = next(iter(L))
-        assert np.array_equal(X.T, gathers["memory"](first)), f"{m}: not the in-memory batch"
-        L.position = 0
-    methods = {**{m: run_gather for m in gathers}, **{m: run_loader for m in loaders}}
-    wall: dict[str, list[float]] = {m: [] for m in methods}
-    cpu: dict[str, list[float]] = {m: [] for m in methods}
-    load = os.getloadavg()[0]
-    for _ in range(rounds):
-        for m, run in methods.items():
-            t, c = time.perf_counter(), time.process_time()
-            run(m, segment)
-            wall[m].append(time.perf_counter() - t)
-            cpu[m].append(time.process_time() - c)
-    rows = segment * batch
-    print(f"{'method':<14}{'rows/s':>10}{'x memory':>10}{'rows/CPU-s':>12}{'x memory':>10}  notes")
-    for m in methods:
-        ratio = [b / a for a, b in zip(wall[m], wall["memory"])]
-        ratio_cpu = [b / a for a, b in zip(cpu[m], cpu["memory"])]
-        note = ""
-        if m in loaders:
-            L = loaders[m]
-            note = (f"reader {L.reader_mode}, {L.batches_threaded} of "
-                    f"{L.batches_threaded + L.batches_inline} batches from the prefetch thread")
-        print(f"{m:<14}{rows / statistics.median(wall[m]):>10.0f}{statistics.median(ratio):>10.2f}"
-              f"{rows / statistics.median(cpu[m]):>12.0f}{statistics.median(ratio_cpu):>10.2f}  {note}")
-        if m in loaders:
-            loaders[m].close()
-    print(f"{rounds} rounds of {segment} batches of {batch} per method, interleaved; load average "
-          f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (2 cores)")
 
 
 def worker(method: str, store: str, repeats: int, subset_rows: int) -> dict:

@@ -1,9 +1,10 @@
 """The store format's constants, content fingerprint and sharded-store integrity checks.
 
 A store is one HDF5 file (``format = "streamnn-store"``) of splits (``X`` (N, D), ``y``,
-``paths``) plus ``stats`` and ``skipped``, X page-aligned in new stores (:data:`X_ALIGNMENT`); a sharded store is an index of virtual datasets over
-shard files (``OUT.h5.shards/``), checked on every open (:func:`check_index`). The format is
-written once, in docs/format.md.
+``paths``) plus ``stats`` and ``skipped``, X page-aligned in new stores (:data:`X_ALIGNMENT`,
+:func:`x_layout`); a sharded store is an index of virtual datasets over shard files
+(``OUT.h5.shards/``), checked on every open (:func:`check_index`). The format is written once,
+in docs/format.md.
 """
 from __future__ import annotations
 
