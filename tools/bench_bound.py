@@ -27,36 +27,44 @@ def load_split(store: str, split: str = "train") -> np.ndarray:
 
 
 class Gather:
-    """The in-memory gather, the loader's bound: ``np.take`` of the rows from ``data`` (in memory)
-    into one reused buffer, normalized to float32 (``stored * scale``: float16 / uint8 rows through
-    a staging buffer and one ``np.multiply``, as plain NumPy code would; ``two_pass``: a cast,
-    then a multiply in place, the same values)."""
+    """The in-memory gather, the loader's bound: the rows from ``data`` (in memory) into one reused
+    buffer, normalized to float32 (``stored * scale``). ``how``: "take" (the bound: one ``np.take``,
+    float16 / uint8 rows into a staging buffer and one mixed-type ``np.multiply`` into the
+    buffer, as plain NumPy code would), "2pass" (the same, then a cast and a float32 multiply in
+    place: the same values) or "rows" (one assignment per row, cast on the way, then the multiply
+    in place: how the loader gathers rows of 8 KiB or more)."""
 
-    def __init__(self, data: np.ndarray, scale: float, batch: int = BATCH, two_pass: bool = False) -> None:
-        self.data, self.s32, self.two_pass = data, np.float32(scale), two_pass
+    def __init__(self, data: np.ndarray, scale: float, batch: int = BATCH, how: str = "take") -> None:
+        self.data, self.s32, self.how = data, np.float32(scale), how
         self.direct = data.dtype == np.float32 and scale == 1.0
         self.buf = np.empty((batch, data.shape[1]), np.float32)
         self.stage = np.empty((batch, data.shape[1]), data.dtype)
 
     def __call__(self, idx: np.ndarray) -> np.ndarray:
         out = self.buf[:len(idx)]
-        if self.direct:
-            return np.take(self.data, idx, axis=0, out=out)
-        st = np.take(self.data, idx, axis=0, out=self.stage[:len(idx)])
-        if self.two_pass:
-            np.copyto(out, st, casting="unsafe")
+        if self.how == "rows":
+            for i, r in enumerate(idx.tolist()):
+                out[i] = self.data[r]
+            if not self.direct:
+                np.multiply(out, self.s32, out=out)
+        elif self.direct:
+            np.take(self.data, idx, axis=0, out=out)
+        elif self.how == "2pass":
+            np.copyto(out, np.take(self.data, idx, axis=0, out=self.stage[:len(idx)]), casting="unsafe")
             np.multiply(out, self.s32, out=out)
         else:
-            np.multiply(st, self.s32, out=out, casting="unsafe")
+            np.multiply(np.take(self.data, idx, axis=0, out=self.stage[:len(idx)]), self.s32, out=out,
+                        casting="unsafe")
         return out
 
 
 def measure_bound(store: str, batch: int, rounds: int, segment: int) -> None:
     """The loader against the in-memory gather of the same permutation, in one process.
 
-    Methods: ``memory`` (:class:`Gather`: the bound, ratios are to it), ``memory-2pass`` (the
-    same with the conversion in two passes; not for float32), ``loader`` (the default: batches
-    safe to keep) and ``loader-reuse`` (``reuse_buffers=True``, what the trainer uses); exact
+    Methods: ``memory`` (:class:`Gather`: the bound, ratios are to it), ``memory-2pass`` and
+    ``memory-rows`` (the same rows gathered the other ways of :class:`Gather`), ``loader`` (the
+    default: batches safe to keep) and ``loader-reuse`` (``reuse_buffers=True``, what the
+    trainer uses); exact
     shuffle, seed 0, a bare loop over the batches. Each loader first runs a whole epoch (its
     memory map's page faults), then ``rounds`` rounds run ``segment`` batches of every method in
     turn (in a shuffled order each round), each continuing its own stream, so that the machine's
@@ -81,7 +89,8 @@ def measure_bound(store: str, batch: int, rounds: int, segment: int) -> None:
         scale = s.scale
     gathers = {"memory": Gather(data, scale, batch)}
     if not gathers["memory"].direct:
-        gathers["memory-2pass"] = Gather(data, scale, batch, two_pass=True)
+        gathers["memory-2pass"] = Gather(data, scale, batch, how="2pass")
+    gathers["memory-rows"] = Gather(data, scale, batch, how="rows")
     orders: dict[int, np.ndarray] = {}
     where = {m: [0, 0] for m in gathers}  # epoch, batch
 
