@@ -175,6 +175,21 @@ def test_pread_maps_nothing_of_the_store(stores):
             assert not _mapped(path)
 
 
+def test_pread_drops_the_head_of_x_that_h5py_read(stores, monkeypatch):
+    """h5py's reads on opening leave readahead marks in X's first pages, which would start
+    readahead on the reader's own reads despite POSIX_FADV_RANDOM: the reader drops them."""
+    path, _ = stores["uint8"]
+    with open_store(path) as s:
+        offset, nbytes = s.layout("train")["offsets"][0], s.n_rows("train") * s.n_features
+    advice = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, *a: advice.append(a) or real(fd, *a))
+    r = rr.open_rows(path, "train", reader="pread")
+    r.close()
+    assert (offset, nbytes, os.POSIX_FADV_RANDOM) in advice
+    assert (offset, min(nbytes, rr.pread.HEAD_BYTES), os.POSIX_FADV_DONTNEED) in advice
+
+
 def _pread_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("streamnn-pread")]
 
