@@ -18,9 +18,10 @@ drags readahead with it: 55-68x the bytes delivered, exact shuffle of a 31.6 GB 
 The advice does not stop readahead that a read starts on a page marked by an earlier readahead
 (the kernel's asynchronous readahead only checks the file's window size), and h5py's reads when
 the file is opened (the superblock, row 0) leave such marks in the first pages of X; so the
-first ``HEAD_BYTES`` of X are dropped from the page cache when the reader opens (a cold epoch of
-a 25,000-row uint8 store otherwise read 1.56x its bytes, once its own readahead was off:
-``tools/bench_cold.py --bytes``). The process's memory is its buffers: nothing of the store is mapped, so RSS does not grow
+first ``HEAD_BYTES`` of X are dropped from the page cache when the reader opens (without that, a
+cold epoch of a 25,000-row uint8 store read up to 1.5x the bytes asked for, seen with
+``tools/bench_cold.py --bytes`` and the reader's own read-ahead turned off). The process's memory
+is its buffers: nothing of the store is mapped, so RSS does not grow
 with the pages touched. The pool is created on the first read in the reading process and
 joined by :meth:`PreadReader.close`.
 """
