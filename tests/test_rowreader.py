@@ -44,10 +44,14 @@ def batches(path, reader, epochs=2, **kw):
        world=st.integers(1, 3), data=st.data(), prefetch=st.sampled_from([0, 1, 3]),
        policy=st.sampled_from(["inline", "thread"]), augment=st.sampled_from([None, "flip", "flip,shift"]),
        standardize=st.booleans(),
-       drop_last=st.booleans(), threads=st.sampled_from([1, 3, 16]), block_rows=st.integers(1, 12))
+       drop_last=st.booleans(), threads=st.sampled_from([1, 3, 16]), block_rows=st.integers(1, 12),
+       row_copies=st.booleans())
 def test_pread_batches_equal_the_memory_maps(stores, monkeypatch, dtype, order, batch, n_subset, world, data,
-                                             prefetch, policy, augment, standardize, drop_last, threads, block_rows):
+                                             prefetch, policy, augment, standardize, drop_last, threads, block_rows,
+                                             row_copies):
     path, _ = stores[dtype]
+    # The map gathers by np.take or (rows of ROW_COPY_BYTES or more) one copy per row: both here.
+    monkeypatch.setattr("streamnn.data.readers.mmap.ROW_COPY_BYTES", 0 if row_copies else 1 << 40)
     rank = data.draw(st.integers(0, world - 1))
     subset = None if n_subset is None else np.random.default_rng(n_subset).permutation(90)[:n_subset]
     kw = dict(batch_size=batch, seed=5, shuffle=order != "none", order="exact" if order == "none" else order,
@@ -169,6 +173,21 @@ def test_pread_maps_nothing_of_the_store(stores):
     with Loader(path, "train", 8, reader="pread") as L:
         for _ in L:
             assert not _mapped(path)
+
+
+def test_pread_drops_the_head_of_x_that_h5py_read(stores, monkeypatch):
+    """h5py's reads on opening leave readahead marks in X's first pages, which would start
+    readahead on the reader's own reads despite POSIX_FADV_RANDOM: the reader drops them."""
+    path, _ = stores["uint8"]
+    with open_store(path) as s:
+        offset, nbytes = s.layout("train")["offsets"][0], s.n_rows("train") * s.n_features
+    advice = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, *a: advice.append(a) or real(fd, *a))
+    r = rr.open_rows(path, "train", reader="pread")
+    r.close()
+    assert (offset, nbytes, os.POSIX_FADV_RANDOM) in advice
+    assert (offset, min(nbytes, rr.pread.HEAD_BYTES), os.POSIX_FADV_DONTNEED) in advice
 
 
 def _pread_threads() -> list[threading.Thread]:

@@ -2,6 +2,10 @@
 
     python tools/bench_loader.py                  # 25,000 rows of 64x64x3: a 1.2 GB float32 store + uint8
     python tools/bench_loader.py --rows 5000 --repeats 2 --no-torch     # quick look
+    python tools/bench_loader.py --bound --rows 200000 --dtypes uint8   # the loader / its bound, one process
+
+``--bound``: the loader against the in-memory gather of the same permutation, in one process,
+interleaved (see :func:`measure_bound`): the ratio that says whether the loader is at its bound.
 
 Generates stores of random pixels with StoreWriter in a temporary directory (deleted at the
 end), then measures each method in a fresh subprocess (so peak memory is that method's own):
@@ -40,6 +44,9 @@ import threading
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_bound import Gather, load_split, measure_bound  # noqa: E402
 
 METHODS = ["memory", "loader-exact", "loader-exact-p0", "loader-block", "h5py-rows", "torch-w0", "torch-w2",
            "train-memory", "train-stream", "train-stream-p0"]
@@ -137,28 +144,14 @@ def worker(method: str, store: str, repeats: int, subset_rows: int) -> dict:
                 extra["threaded"] = L.threaded
                 extra["in_thread"] = L.batches_threaded / max(1, L.batches_threaded + L.batches_inline)
         elif method in ("memory", "train-memory"):
-            data = np.empty((n, d), stored)
-            with h5py.File(store, "r") as f:
-                dset = f["train/X"]
-                step_rows = max(1, (64 << 20) // (d * stored.itemsize))
-                for i in range(0, n, step_rows):
-                    dset.read_direct(data, np.s_[i:i + step_rows], np.s_[i:i + step_rows])
-            buf = np.empty((BATCH, d), np.float32)
-            stage = np.empty((BATCH, d), stored)
+            data = load_split(store)
+            gather = Gather(data, scale)
             step = _step_fn(d) if method == "train-memory" else None
-            s32 = np.float32(scale)
             for epoch in range(repeats):
                 perm = _perm(n, epoch)
                 t = time.perf_counter()
                 for i in range(0, n, BATCH):
-                    idx = perm[i:i + BATCH]
-                    out = buf[:len(idx)]
-                    if stored == np.float32 and scale == 1.0:
-                        np.take(data, idx, axis=0, out=out)
-                    else:
-                        st = stage[:len(idx)]
-                        np.take(data, idx, axis=0, out=st)
-                        np.multiply(st, s32, out=out, casting="unsafe")
+                    out = gather(perm[i:i + BATCH])
                     if step is not None:
                         step(out.T)
                 times.append(time.perf_counter() - t)
@@ -256,11 +249,26 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--blas-threads", type=int, default=1)
     ap.add_argument("--dir", default=None, help="where to write the temporary stores")
+    ap.add_argument("--bound", action="store_true",
+                    help="only the loader against the in-memory gather, interleaved in one process")
+    ap.add_argument("--store", help="with --bound: an existing store (its train split) instead of a new one")
+    ap.add_argument("--batch", type=int, default=BATCH, help="with --bound: the batch size")
+    ap.add_argument("--rounds", type=int, default=40, help="with --bound: rounds of interleaved segments")
+    ap.add_argument("--segment", type=int, default=100, help="with --bound: batches per method and round")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--store", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.store, args.repeats, args.subset_rows)))
+        return
+    if args.bound:
+        print(f"cores {os.cpu_count()}, numpy {np.__version__}, BLAS threads {args.blas_threads}")
+        with tempfile.TemporaryDirectory(prefix="bench_loader_", dir=args.dir) as tmp:
+            for dtype in [None] if args.store else args.dtypes.split(","):
+                path = args.store or os.path.join(tmp, f"bench_{dtype}.h5")
+                if dtype:
+                    make_store(path, args.rows, dtype)
+                print(f"\n== {path}: {os.path.getsize(path) / 1e9:.2f} GB ==")
+                measure_bound(path, args.batch, args.rounds, args.segment)
         return
 
     methods = [m for m in args.methods.split(",") if m]

@@ -10,7 +10,7 @@ import numpy as np
 
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
-from streamnn.data.format import FORMAT_VERSION
+from streamnn.data.format import FORMAT_VERSION, layout_text
 from streamnn.data.store import Store, open_store, reading
 from streamnn.cli.common import CONTEXT_SETTINGS, Command, cache_options, sigterm_as_interrupt, user_errors
 
@@ -28,6 +28,7 @@ def describe(store: Store) -> dict[str, Any]:
         "command": store.command, "class_names": store.class_names, "image_shape": list(store.image_shape),
         "channel_order": store.channel_order, "dtype": store.dtype, "scale": store.scale,
         "compression": compression, "counts": store.counts(),
+        "layout": store.layout(max(store.splits, key=store.n_rows)),
         "stats": None if stats is None else {"split": store.options.get("stats_split"),
                                              "mean_of_means": float(np.mean(stats[0])),
                                              "mean_of_stds": float(np.mean(stats[1]))},
@@ -46,7 +47,8 @@ def _text(d: dict[str, Any], max_skipped: int) -> str:
              f"command      {d['command']}",
              f"classes      {', '.join(f'{i}={n}' for i, n in enumerate(d['class_names']))}",
              f"image        {h}x{w}x{c} {d['channel_order']}, row = HxWxC flattened ({h * w * c} values)",
-             f"stored as    {kind}, {d['compression'] or 'uncompressed, contiguous'}"]
+             f"stored as    {kind}, {d['compression'] or 'uncompressed, contiguous'}",
+             f"layout       {layout_text(d['layout'])}"]
     if d["shards"]:
         lines.append(f"shards       {len(d['shards'])} files in {os.path.dirname(d['shards'][0])}/ "
                      "(present and as the index recorded them)")

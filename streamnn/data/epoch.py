@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from streamnn.data.readers import RowReader, open_rows
+from streamnn.data.readers.base import page_aligned
 from streamnn.data.transforms import flip_images, shift_images
 from streamnn.errors import StreamnnError
 
@@ -146,12 +147,13 @@ class BatchMaker:
         if self._free:
             slot = self._free.pop()
             # Safe batches (the default): a buffer that a batch still uses (the caller kept its X, or
-            # a view of it) is left to the caller and replaced, never overwritten. References here:
-            # the list and getrefcount's argument.
-            if not self.loader.reuse_buffers and sys.getrefcount(self._buffers[slot]) > 2:
-                self._buffers[slot] = np.empty(shape, np.float32)
+            # a view of it) is left to the caller and replaced, never overwritten. Every view of a
+            # page-aligned buffer references its block (``base``); references to the block here:
+            # the buffer and getrefcount's argument.
+            if not self.loader.reuse_buffers and sys.getrefcount(self._buffers[slot].base) > 2:
+                self._buffers[slot] = page_aligned(shape, np.float32)
             return slot
-        self._buffers.append(np.empty(shape, np.float32))
+        self._buffers.append(page_aligned(shape, np.float32))
         return len(self._buffers) - 1
 
     def _discard(self, key: tuple[int, int]) -> None:

@@ -1,9 +1,10 @@
 """The store format's constants, content fingerprint and sharded-store integrity checks.
 
 A store is one HDF5 file (``format = "streamnn-store"``) of splits (``X`` (N, D), ``y``,
-``paths``) plus ``stats`` and ``skipped``; a sharded store is an index of virtual datasets over
-shard files (``OUT.h5.shards/``), checked on every open (:func:`check_index`). The format is
-written once, in docs/format.md.
+``paths``) plus ``stats`` and ``skipped``, X page-aligned in new stores (:data:`X_ALIGNMENT`,
+:func:`x_layout`); a sharded store is an index of virtual datasets over shard files
+(``OUT.h5.shards/``), checked on every open (:func:`check_index`). The format is written once,
+in docs/format.md.
 """
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ from streamnn.paths import path_text
 
 FORMAT = "streamnn-store"
 FORMAT_VERSION = 1
+#: New stores are written with HDF5 file alignment (``H5Pset_alignment``): every object of at
+#: least this many bytes, X of every split above all, starts at a multiple of it in the file (a
+#: memory page), recorded as the root attribute ``x_alignment``. Rows whose size is a multiple
+#: of a page then start on page boundaries and a cold read of a row reads no page it does not
+#: need. Older stores (no attribute) are read the same way; only their cold reads cost more.
+X_ALIGNMENT = 4096
 RESERVED_GROUPS = ("stats", "skipped")
 #: Stored pixel dtypes of X (``streamnn-pack --dtype``).
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
@@ -48,6 +55,42 @@ def fingerprint(class_names: Sequence[str], image_shape: Sequence[int],
         for p in paths:
             h.update(p.encode() + b"\0")
     return h.hexdigest()
+
+
+def x_layout(dset: h5py.Dataset, split: str, shards: Sequence[Path] = ()) -> dict[str, Any]:
+    """Where the rows of ``dset`` (a split's X; virtual: over ``shards``) lie: ``storage``
+    ("contiguous", "chunked" or "virtual"), ``row_bytes``, ``offsets`` (of X in each file that
+    holds its rows, the store or every shard; None where chunked), ``start_aligned``: X starts
+    at a multiple of :data:`X_ALIGNMENT` in every file (or is smaller than that: HDF5 aligns
+    only objects of at least that size), and ``page_aligned``: every row does."""
+    row_bytes = int(dset.shape[1]) * dset.dtype.itemsize
+    parts: list[tuple[int | None, int]] = []  # (offset, rows) per file
+    if dset.is_virtual:
+        for shard in shards:
+            with h5py.File(shard, "r") as f:
+                part = f[split]["X"]
+                parts.append((part.id.get_offset(), int(part.shape[0])))
+    else:
+        parts.append((dset.id.get_offset(), int(dset.shape[0])))
+    storage = "virtual" if dset.is_virtual else "chunked" if dset.chunks is not None else "contiguous"
+    start = storage != "chunked" and all(rows * row_bytes < X_ALIGNMENT or (o is not None and o % X_ALIGNMENT == 0)
+                                         for o, rows in parts)
+    return {"storage": storage, "row_bytes": row_bytes, "offsets": [None if o is None else int(o) for o, _ in parts],
+            "start_aligned": start, "page_aligned": start and row_bytes % X_ALIGNMENT == 0}
+
+
+def layout_text(layout: dict[str, Any]) -> str:
+    """One line on how a split's rows lie in its file(s) (:func:`x_layout`), for ``streamnn-info``."""
+    size = layout["row_bytes"]
+    if layout["storage"] == "chunked":
+        return f"rows of {size:,} bytes in chunks (read a chunk at a time)"
+    pages = f" ({size // X_ALIGNMENT} pages)" if size % X_ALIGNMENT == 0 else ""
+    if layout["page_aligned"]:
+        return f"rows of {size:,} bytes{pages}, each starting on a page boundary"
+    if layout["start_aligned"]:
+        return f"rows of {size:,} bytes from a page boundary on (not whole pages: a row may straddle two)"
+    return (f"rows of {size:,} bytes{pages} from byte {layout['offsets'][0] or 0:,} on, not page-aligned (packed "
+            f"before streamnn aligned X: a cold read of a row can read a page more; pack again to align)")
 
 
 # -- sharded stores -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.data.remote import is_url, location
 from streamnn.data.format import (CHANNEL_ORDERS, FORMAT, FORMAT_VERSION, RESERVED_GROUPS, STORE_DTYPES, as_text,
-                                  check_index, fingerprint)
+                                  check_index, fingerprint, x_layout)
 
 
 def _valid_text(value: Any) -> bool:
@@ -222,6 +222,11 @@ class Store:
         self.fingerprint = c.text("fingerprint")
         if len(self.fingerprint) != 64 or set(self.fingerprint) - set("0123456789abcdef"):
             raise c.fail("store attribute 'fingerprint' must be 64 hex digits (sha256)")
+        alignment = c.attr("x_alignment", required=False)
+        if alignment is not None and (not _is_int(alignment) or alignment < 1 or alignment & (alignment - 1)):
+            raise c.fail(f"store attribute 'x_alignment' must be a power of two, not {_shown(alignment)}")
+        #: The alignment new stores are written with (bytes; None: a store written before it).
+        self.x_alignment = None if alignment is None else int(alignment)
         self.options = c.json_object("options") if "options" in self._file.attrs else {}
         self.command = c.text("command", required=False) or ""
         self.created = c.text("created", required=False) or ""
@@ -303,6 +308,11 @@ class Store:
                                 path_text(self.path))
         with reading(self.path):
             return self._file[split][key]
+
+    def layout(self, split: str) -> dict[str, Any]:
+        """Where ``split``'s rows lie in the file(s) (:func:`~streamnn.data.format.x_layout`)."""
+        with reading(self.path):
+            return x_layout(self.dataset(split), split, self.shards)
 
     def labels(self, split: str) -> np.ndarray:
         """All labels of ``split`` (small: 4 bytes per row)."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from streamnn.atomic import atomic_output
 from streamnn.data.format import (COMPRESSIONS, FORMAT, FORMAT_VERSION, RESERVED_GROUPS, STORE_DTYPES, STRING_DTYPE,
-                                  as_text, fingerprint)
+                                  X_ALIGNMENT, as_text, fingerprint)
 from streamnn.errors import StreamnnError
 from streamnn.h5write import checked_flush, close_hard, failure_text, flush_close
 from streamnn.paths import path_text
@@ -59,6 +59,7 @@ class StoreWriter:
             "class_names": np.array(self.class_names, dtype=STRING_DTYPE), "image_shape": np.array(self.image_shape),
             "pixel_layout": "HWC", "channel_order": channel_order, "dtype": dtype,
             "scale": 1.0 / 255.0 if dtype == "uint8" else 1.0, "options": json.dumps(options or {}, sort_keys=True),
+            "x_alignment": X_ALIGNMENT,
         }
         self._filled: dict[str, int] = {}
         #: The datasets of each split (X, y, paths), held open so that none is closed by a
@@ -76,7 +77,8 @@ class StoreWriter:
             self._file = self._create(self._tmp)
 
     def _create(self, path: Path) -> h5py.File:
-        f = h5py.File(path, "w")
+        # Every object of a page or more (X, and each chunk of a compressed X) starts on a page.
+        f = h5py.File(path, "w", alignment_threshold=X_ALIGNMENT, alignment_interval=X_ALIGNMENT)
         self._open.append(f)
         return f
 

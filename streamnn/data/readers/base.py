@@ -58,6 +58,25 @@ class FileWatch:
                 raise self._changed("another file was put at its path: replaced")
 
 
+#: Batch buffers start on a page (:func:`page_aligned`).
+PAGE = 4096
+
+
+def page_aligned(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """An uninitialized C-ordered array whose data starts on a page boundary; its ``base`` is
+    the block it lies in, which every view of it references.
+
+    Rows copied from a page-aligned store (:data:`~streamnn.data.format.X_ALIGNMENT`) into a
+    buffer that starts 16 bytes into a page (where ``np.empty`` puts a large array) have loads
+    that alias the stores just made (the same address bits below 4096): a row copy is then up
+    to 2x slower (64x64x3 float32 rows, ``tools/bench_loader.py --bound``)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    block = np.empty(nbytes + PAGE, np.uint8)
+    start = -block.ctypes.data % PAGE
+    return block[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def check_files(watches: Sequence[FileWatch], path: bool = True) -> None:
     for watch in watches:
         watch.check(path)
@@ -88,15 +107,21 @@ class RowReader:
     def _staging(self, n: int, dtype: np.dtype | None = None) -> np.ndarray:
         dtype = np.dtype(dtype or self.dtype)
         if self._stage is None or self._stage.shape[0] < n or self._stage.dtype != dtype:
-            self._stage = np.empty((max(n, 1), self.n_features), dtype)
+            self._stage = page_aligned((max(n, 1), self.n_features), dtype)
         return self._stage[:n]
 
     def _convert(self, raw: np.ndarray, out: np.ndarray) -> None:
-        """Stored rows to normalized float32, one pass (same values as ``Store.normalize``)."""
-        if self.scale == 1.0:
-            np.copyto(out, raw, casting="unsafe")
-        else:
-            np.multiply(raw, self._scale32, out=out, casting="unsafe")
+        """Stored rows to normalized float32 (same values as ``Store.normalize``): a cast into
+        ``out``, then a multiply in place. (One mixed-type ``np.multiply(raw, scale, out=out)``
+        gives the same values but casts through NumPy's small ufunc buffers: 1.2-1.3x slower for a
+        uint8 batch, ``memory`` against ``memory-2pass`` in ``tools/bench_loader.py --bound``.)"""
+        np.copyto(out, raw, casting="unsafe")
+        self._scale(out)
+
+    def _scale(self, out: np.ndarray) -> None:
+        """Stored values already cast into ``out`` (float32) to normalized ones, in place."""
+        if self.scale != 1.0:
+            np.multiply(out, self._scale32, out=out)
 
     def read(self, rows: np.ndarray, out: np.ndarray, key: Hashable = None) -> np.ndarray:
         """Fill ``out`` with the rows and return it, or return an array of the same shape and

@@ -14,8 +14,14 @@ converts it into ``out`` in one pass, or lends its staging buffer (float32: no c
 unannounced batch is read at once, the same way. The fd is advised ``POSIX_FADV_RANDOM``: no
 readahead, so the bytes read are the rows asked for (through a memory map each random row
 drags readahead with it: 55-68x the bytes delivered, exact shuffle of a 31.6 GB store,
-``tools/bench_bigstore.py``; this reader: 1.04x, at the disk's own 16-thread random-row rate),
-and the process's memory is its buffers: nothing of the store is mapped, so RSS does not grow
+``tools/bench_bigstore.py``; this reader: 1.04x, at the disk's own 16-thread random-row rate).
+The advice does not stop readahead that a read starts on a page marked by an earlier readahead
+(the kernel's asynchronous readahead only checks the file's window size), and h5py's reads when
+the file is opened (the superblock, row 0) leave such marks in the first pages of X; so the
+first ``HEAD_BYTES`` of X are dropped from the page cache when the reader opens (without that, a
+cold epoch of a 25,000-row uint8 store read up to 1.5x the bytes asked for, seen with
+``tools/bench_cold.py --bytes`` and the reader's own read-ahead turned off). The process's memory
+is its buffers: nothing of the store is mapped, so RSS does not grow
 with the pages touched. The pool is created on the first read in the reading process and
 joined by :meth:`PreadReader.close`.
 """
@@ -43,6 +49,8 @@ AHEAD_ROWS = 2048
 MAX_RUN_BYTES = 1 << 20
 #: Rows per pool task (fewer tasks: less Python overhead; enough of them: every thread busy).
 TASK_BYTES = 256 << 10
+#: The head of X dropped from the page cache on opening (see :class:`PreadReader`).
+HEAD_BYTES = 8 << 20
 
 
 class _Reads:
@@ -100,6 +108,10 @@ class PreadReader(RowReader):
                                               expect[i] if expect is not None else None))
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(self._fds[-1], seg_offset, rows * self.row_bytes, os.POSIX_FADV_RANDOM)
+                    # Readahead marks left in X by h5py's reads (opening the file, checking row 0)
+                    # would start readahead on our reads too: drop the pages they can be on.
+                    os.posix_fadvise(self._fds[-1], seg_offset, min(rows * self.row_bytes, HEAD_BYTES),
+                                     os.POSIX_FADV_DONTNEED)
         except BaseException:
             for fd in self._fds:
                 os.close(fd)

@@ -22,9 +22,9 @@ class SegmentReader(RowReader):
     """Rows of a split spread over segments (one row reader per shard), read as one.
 
     Memory-mapped segments (the default) are copied row by row straight from the maps into
-    ``out`` (float32), or into a staging buffer of the stored dtype converted in one pass
-    (float16, uint8), as the one-file gather does; rows of a few KB copy about as fast this
-    way as with one ``np.take`` (``tools/bench_shards.py``).
+    ``out``, cast to float32 on the way, then scaled in place (uint8), as the one-file gather
+    does rows of :data:`~streamnn.data.readers.mmap.ROW_COPY_BYTES` or more; rows of a few KB
+    copy about as fast this way as with one ``np.take`` (``tools/bench_shards.py``).
     (Shards read with ``pread`` are one :class:`~streamnn.data.readers.pread.PreadReader` over all the
     files, not a SegmentReader.) Other segments (``chunks``, ``hdf5``) read their share of
     the batch into a float32 staging buffer, which is then put in batch order; batches
@@ -64,11 +64,10 @@ class SegmentReader(RowReader):
         seg = self._segments(rows)
         if self._maps is not None:
             self.check()  # before the gather: a truncated shard would be a SIGBUS (see .mmap)
-            maps, dest = self._maps, out if self._direct else self._staging(len(rows))
+            maps = self._maps
             for j, (s, r) in enumerate(zip(seg.tolist(), (rows - self._starts[seg]).tolist())):
-                dest[j] = maps[s][r]  # one copy per row, straight from the map
-            if not self._direct:
-                self._convert(dest, out)
+                out[j] = maps[s][r]  # one copy (a cast) per row, straight from the map
+            self._scale(out)
             self.check(path=False)
             return out
         order = np.argsort(seg, kind="stable")
