@@ -27,9 +27,11 @@ def test_dense_count_matches_the_model(sizes):
 @settings(max_examples=8, deadline=None)
 @given(h=st.integers(4, 12), w=st.integers(4, 12), c=st.sampled_from([1, 3]),
        conv=st.lists(st.integers(1, 4), min_size=1, max_size=2), hidden=st.lists(st.integers(1, 5), max_size=2),
-       n_classes=st.integers(2, 4), kernel=st.sampled_from([1, 3]), batch_norm=st.booleans())
-def test_conv_count_matches_the_model(h, w, c, conv, hidden, n_classes, kernel, batch_norm):
-    model = models.ConvNet((h, w, c), conv, hidden, n_classes, kernel=kernel, batch_norm=batch_norm)
+       n_classes=st.integers(2, 4), kernel=st.sampled_from([1, 3]), batch_norm=st.booleans(),
+       conv_bias=st.booleans(), head=st.sampled_from(sorted(models.HEADS)))
+def test_conv_count_matches_the_model(h, w, c, conv, hidden, n_classes, kernel, batch_norm, conv_bias, head):
+    model = models.ConvNet((h, w, c), conv, hidden, n_classes, kernel=kernel, batch_norm=batch_norm,
+                           conv_bias=conv_bias, head=head)
     assert budget.parameter_count(model.config()) == _allocated(model)
 
 

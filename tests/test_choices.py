@@ -13,7 +13,7 @@ from streamnn.data.order import ORDERS
 from streamnn.data.readers import READERS
 from streamnn.data.transforms import PADDINGS, Augment
 from streamnn.nn.functional import ACTIVATIONS
-from streamnn.nn.models import DeepNetwork
+from streamnn.nn.models import HEADS, DeepNetwork
 from streamnn.nn.network import COMPUTE_DTYPES
 from streamnn.optim.optimizers import OPTIMIZERS, make_optimizer
 from streamnn.optim.schedules import FORMULAS, make_schedule
@@ -32,6 +32,7 @@ REGISTRIES = {
     ("streamnn-train", "reader"): READERS,
     ("streamnn-train", "order"): ORDERS,
     ("streamnn-train", "shift_padding"): PADDINGS,
+    ("streamnn-train", "head"): HEADS,
     ("streamnn-train", "augment"): ["none", *[s for s in CHOICES["augment"] if s is not None]],
     ("streamnn-eval", "tta"): TTA,
     ("streamnn-predict", "tta"): TTA,
@@ -60,7 +61,7 @@ def test_config_choices_are_the_registries_keys():
     assert CHOICES["model"] == tuple(MODELS) and CHOICES["optimizer"] == tuple(OPTIMIZERS)
     assert CHOICES["lr_schedule"] == tuple(FORMULAS) and CHOICES["dtype"] == tuple(COMPUTE_DTYPES)
     assert CHOICES["reader"] == tuple(READERS) and CHOICES["order"] == tuple(ORDERS)
-    assert CHOICES["shift_padding"] == tuple(PADDINGS)
+    assert CHOICES["shift_padding"] == tuple(PADDINGS) and CHOICES["head"] == tuple(HEADS)
     assert CHOICES["augment"] == (None, "flip", "shift", "flip,shift")
 
 

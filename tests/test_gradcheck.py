@@ -169,3 +169,17 @@ def test_label_smoothing_gradient_and_its_minimum(output, n_out):
     model.forward(X)
     assert model.loss(Y, model.forward(X)) > plain.loss(Y, A) - 1  # a finite, comparable cost
     assert model.evaluate(X, Y)["accuracy"] == plain.evaluate(X, Y)["accuracy"]  # accuracy on the labels
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_cnn_with_a_global_average_pooling_head(batch_norm):
+    """head="gap": each channel's mean feeds the dense layers; every parameter checks, conv ones included."""
+    from streamnn.nn.models import ConvNet
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(8 * 6 * 2, 5))
+    Y = np.eye(3)[rng.integers(0, 3, 5)].T
+    model = ConvNet((8, 6, 2), [3, 4], [5], 3, batch_norm=batch_norm, conv_bias=not batch_norm, head="gap",
+                    dtype=np.float64, seed=2)
+    assert model.params["dense0.W"].shape == (5, 4)  # conv[-1] features, not 2 * 1 * 4
+    assert gradient_check(model, X, Y) < 1e-5

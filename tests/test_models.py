@@ -349,3 +349,31 @@ def test_training_a_batch_normed_cnn_drops_its_conv_biases_and_resumes_exactly(t
     with Trainer.resume(tmp_path / "stopped", verbose=False) as t:
         t.fit()
     assert_same_run(tmp_path / "bn", tmp_path / "stopped")
+
+
+def test_a_gap_head_averages_the_last_block_and_is_saved_only_when_chosen():
+    """The gap head's features are the channel means of what a flatten head would see; the flatten head
+    (the default) is absent from the config, so configs of earlier models (no "head") load as flatten."""
+    from streamnn.nn.models import ConvNet
+
+    X = np.random.default_rng(0).normal(size=(8 * 8 * 3, 4))
+    flat = ConvNet((8, 8, 3), [4, 5], [], 2, seed=3)
+    gap = ConvNet((8, 8, 3), [4, 5], [], 2, seed=3, head="gap")
+    assert "head" not in flat.config() and gap.config()["head"] == "gap"
+    assert flat.params["dense0.W"].shape == (1, 2 * 2 * 5) and gap.params["dense0.W"].shape == (1, 5)
+    for name in ("conv0.W", "conv1.W"):  # the same draws for the conv layers
+        np.testing.assert_array_equal(flat.params[name], gap.params[name])
+    blocks = flat.layers[:-2]  # up to the flatten
+    images = X.T.reshape(4, 8, 8, 3)
+    for layer in blocks:
+        images = layer.forward(images, False)
+    features = images.mean(axis=(1, 2)).T
+    W, b = gap.params["dense0.W"], gap.params["dense0.b"]
+    np.testing.assert_allclose(gap.forward(X, False), sigmoid(W @ features + b), rtol=1e-5)
+    old = {k: v for k, v in gap.config().items() if k != "head"}
+    assert from_config(old).config() == flat.config()
+    rebuilt = from_config(json.loads(json.dumps(gap.config())))
+    rebuilt.load_state_dict(gap.state_dict())
+    np.testing.assert_array_equal(rebuilt.forward(X, False), gap.forward(X, False))
+    with pytest.raises(StreamnnError, match="unknown ConvNet head 'max'; choose from flatten, gap"):
+        ConvNet((8, 8, 3), [4], [], 2, head="max")

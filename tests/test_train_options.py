@@ -145,3 +145,33 @@ def test_label_smoothing_trains_resumes_exactly_and_is_saved_only_when_set(store
         assert "label_smoothing" not in t.config and t.model.label_smoothing == 0.0
     with pytest.raises(StreamnnError, match="label-smoothing must be in"):
         Trainer({**cfg, "label_smoothing": 1.0}, tmp_path / "bad", verbose=False)
+
+
+# -- --head ------------------------------------------------------------------------------------------
+def test_a_gap_headed_cnn_trains_resumes_exactly_and_is_saved_only_when_chosen(store, tmp_path):
+    import json
+
+    from streamnn.run.checkpoint import load_checkpoint
+    from streamnn.run.folder import LATEST
+    from streamnn.run.state import load_run_config
+
+    cfg = {"store": str(store), "model": "cnn", "conv": [3, 4], "hidden": [5], "batch_norm": True, "head": "gap",
+           "batch_size": 16, "epochs": 2, "lr": 0.01, "augment": "flip,shift", "shift": 1, "seed": 1,
+           "checkpoint_every": 1}
+    with Trainer(cfg, tmp_path / "straight", verbose=False) as t:
+        assert t.model.params["dense0.W"].shape == (5, 4)
+        t.fit()
+    assert load_run_config(tmp_path / "straight" / LATEST)["head"] == "gap"
+    assert json.loads(load_checkpoint(tmp_path / "straight" / LATEST)["model"]["config"])["head"] == "gap"
+
+    def head_kept(t):
+        assert t.model.config()["head"] == "gap"
+
+    stop_and_resume(cfg, tmp_path / "stopped", 3, on_resume=head_kept)
+    assert_same_run(tmp_path / "straight", tmp_path / "stopped")
+    with Trainer({**cfg, "head": "flatten"}, tmp_path / "flat", verbose=False) as t:  # as runs before the option
+        assert "head" not in t.config and "head" not in t.model.config()
+    with pytest.raises(StreamnnError, match="head must be one of flatten, gap, not 'max'"):
+        Trainer({**cfg, "head": "max"}, tmp_path / "bad", verbose=False)
+    r = CliRunner().invoke(train_main, [str(store), "--out", str(tmp_path / "mlp"), "--head", "gap"])
+    assert r.exit_code == 1 and "--head does not apply to --model mlp" in r.output, r.output

@@ -58,6 +58,9 @@ RUNS: dict[str, tuple[int, list[str], str]] = {
     # validation accuracy only (seeds 0 and 1; see the README); the test split is measured once, by streamnn-eval
     "cnn32e60": (32, [*CNN, "--epochs", "60", "--eval-split", "none"],
                  "the CNN above for 60 epochs (cosine over all 60)"),
+    # the same for 100 epochs: a candidate of `tools/recipe_search.py --search cnn` (docs/recipes.md)
+    "cnn32e100": (32, [*CNN, "--epochs", "100", "--eval-split", "none"],
+                  "the CNN above for 100 epochs (cosine over all 100)"),
 }
 VAL_FRACTION = "0.15"
 

@@ -52,6 +52,7 @@ import click
 from streamnn.dist import AgreedError, launcher_world, leave
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
+from streamnn.threads import AUTO, check_threads
 
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -80,6 +81,20 @@ def cache_options(command: Callable[..., Any]) -> Callable[..., Any]:
                            "(shared by the processes of this machine), so later epochs read the disk.")(command)
     return click.option("--cache-limit", metavar="SIZE", expose_value=False, callback=limit,
                         help=f"Bytes the --cache folder may hold (e.g. 2G, 500M) [default: {DEFAULT_LIMIT}].")(command)
+
+
+def threads_option(what: str) -> Callable[[Any], Any]:
+    """The ``--threads`` option of the commands that compute (the policy: :mod:`streamnn.threads`): "auto"
+    or a positive number; anything else is an ``Error:`` line (printed once under ``mpiexec``), status 1."""
+    return click.option("--threads", default=AUTO, show_default=True, metavar="N|auto", callback=_threads,
+                        help=f"BLAS threads: auto = {what}, or a number.")
+
+
+def _threads(ctx: click.Context, param: click.Parameter, value: str) -> str | int:
+    try:
+        return check_threads(value)
+    except StreamnnError as exc:
+        fail(str(exc))
 
 
 class _Unshown(click.UsageError):

@@ -10,7 +10,8 @@ from streamnn.dist import world
 from streamnn.run.evaluate import evaluate_checkpoint
 from streamnn.run.predict import TTA
 from streamnn.paths import path_text
-from streamnn.cli.common import CONTEXT_SETTINGS, Command, cache_options, sigterm_as_interrupt, user_errors
+from streamnn.threads import use_threads
+from streamnn.cli.common import CONTEXT_SETTINGS, Command, cache_options, sigterm_as_interrupt, threads_option, user_errors
 
 
 @cache_options
@@ -27,14 +28,16 @@ from streamnn.cli.common import CONTEXT_SETTINGS, Command, cache_options, sigter
 @click.option("--tta", type=click.Choice(list(TTA)), default="none", show_default=True,
               help="Test-time augmentation: average the probabilities of each image and its mirror.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@threads_option("the CPUs this process may use (1 per rank under mpiexec)")
 def main(checkpoint: str, store: str, split: str, as_json: bool, errors_png: str | None, max_errors: int,
-         tta: str, batch_size: int) -> None:
+         tta: str, batch_size: int, threads: str | int) -> None:
     """Evaluate CHECKPOINT on a split of STORE (streamed; memory does not grow with the split).
 
     Under `mpiexec -n K` every rank evaluates a share of the split and rank 0 prints the sums.
     """
     with sigterm_as_interrupt(), user_errors(ranks=True):
         comm = world()
+        use_threads(threads, world_size=comm.size)
         if errors_png:
             from streamnn.run.plots import check_figure_path
 

@@ -9,7 +9,8 @@ import click
 
 from streamnn.run.predict import TTA, iter_image_files, load_model, predict_files
 from streamnn.paths import path_text
-from streamnn.cli.common import CONTEXT_SETTINGS, Command, sigterm_as_interrupt, user_errors
+from streamnn.threads import use_threads
+from streamnn.cli.common import CONTEXT_SETTINGS, Command, sigterm_as_interrupt, threads_option, user_errors
 
 
 @click.command(cls=Command, context_settings=CONTEXT_SETTINGS)
@@ -19,7 +20,9 @@ from streamnn.cli.common import CONTEXT_SETTINGS, Command, sigterm_as_interrupt,
 @click.option("--tta", type=click.Choice(list(TTA)), default="none", show_default=True,
               help="Average the probabilities of each image and its mirror.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-def main(checkpoint: str, inputs: tuple[str, ...], as_json: bool, tta: str, batch_size: int) -> None:
+@threads_option("the CPUs this process may use")
+def main(checkpoint: str, inputs: tuple[str, ...], as_json: bool, tta: str, batch_size: int,
+         threads: str | int) -> None:
     """Predict the class of each image (folders are searched recursively).
 
     Prints `path<TAB>class<TAB>probability` per image; paths are printed in streamnn's
@@ -29,6 +32,7 @@ def main(checkpoint: str, inputs: tuple[str, ...], as_json: bool, tta: str, batc
     """
     failures = done = 0
     with sigterm_as_interrupt(), user_errors():
+        use_threads(threads)
         pred = load_model(checkpoint)
         missing = [i for i in inputs if not os.path.lexists(i)]
         for item in missing:  # reported as such, not as an image that could not be read

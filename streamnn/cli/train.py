@@ -20,7 +20,7 @@ from streamnn.nn.functional import ACTIVATIONS
 from streamnn.run.config import CHOICES, DEFAULTS, LATER_KEYS, RESUMABLE, applicable, check_applicable, resolve_config
 from streamnn.run.stop import TrainingInterrupted
 from streamnn.run.trainer import Trainer
-from streamnn.cli.common import CONTEXT_SETTINGS, Command, cache_options, rank_fail, user_errors
+from streamnn.cli.common import CONTEXT_SETTINGS, Command, cache_options, rank_fail, threads_option, user_errors
 
 # configuration keys set by differently named options
 _SOURCES = {"schedule_params": ("lr_decay", "lr_factor", "lr_every", "lr_min", "lr_param"),
@@ -60,6 +60,9 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
               help="cnn: convolution kernel size (3 or 5; any odd size).")
 @click.option("--batch-norm/--no-batch-norm", default=DEFAULTS["batch_norm"], show_default=True,
               help="cnn: batch normalization after every convolution.")
+@click.option("--head", type=click.Choice(CHOICES["head"]), default=DEFAULTS["head"], show_default=True,
+              help="cnn: flatten = the last block's pixels x channels feed the dense layers; gap = global average "
+                   "pooling, each channel's mean (far fewer weights).")
 @click.option("--activation", type=click.Choice(list(ACTIVATIONS)), default=DEFAULTS["activation"], show_default=True,
               help="Hidden-layer activation of the mlp (e.g. relu, tanh, sigmoid).")
 @click.option("--optimizer", type=click.Choice(CHOICES["optimizer"]), default=DEFAULTS["optimizer"], show_default=True)
@@ -103,9 +106,8 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
               show_default=True, help="How the store is read: mmap (memory map, fastest in the page cache), "
               "pread (positional reads from 16 threads: a store bigger than RAM), auto (pread when X is over "
               "half the available memory). May change on --resume.")
-@click.option("--threads", default=DEFAULTS["threads"], show_default=True, metavar="N|auto",
-              help="BLAS threads: auto = the CPUs this process may use less one for the loader (1 per rank under "
-                   "mpiexec), or a number. May change on --resume.")
+@threads_option("the CPUs this process may use less one for the loader (1 per rank under mpiexec); may "
+                "change on --resume")
 @click.option("--early-stop", type=int, default=DEFAULTS["early_stop"], show_default=True, metavar="N",
               help="Stop when the selection accuracy (validation, else --eval-split) has not improved for N "
                    "epochs (0: never). May change on --resume.")

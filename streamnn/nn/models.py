@@ -22,7 +22,11 @@ for a softmax output, and the cost is the mean cross-entropy plus
   either way), so pooling first gives the same numbers as the usual ReLU -> pool, bit for
   bit, with the ReLU and its backward over a quarter of the values. ``conv_bias=False`` drops
   the convolutions' biases (what training does before a batch norm, where they have no effect:
-  ``streamnn.run.config``; models saved with biases keep them).
+  ``streamnn.run.config``; models saved with biases keep them). ``head="gap"`` replaces the
+  ``Flatten`` by a ``GlobalAvgPool2D`` (each channel's mean over the last block's pixels, so the
+  first dense layer sees ``conv[-1]`` features instead of ``H W conv[-1]``: far fewer weights);
+  ``head="flatten"``, the default, is absent from ``config()``, so configs of earlier models
+  are unchanged and load as before.
 
 Any other stack of layers is a plain :class:`~streamnn.nn.Network`; :func:`from_config`
 rebuilds all of them from ``config()``.
@@ -36,11 +40,14 @@ import numpy as np
 from streamnn.nn.functional import ACTIVATIONS
 from streamnn.errors import StreamnnError
 from streamnn.nn.losses import LOSSES
-from streamnn.nn import (Activation, BatchNorm, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, Network,
-                 layer_from_config)
+from streamnn.nn import (Activation, BatchNorm, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, Layer, MaxPool2D,
+                         Network, layer_from_config)
 from streamnn.nn.network import COMPUTE_DTYPES
 
-__all__ = ["COMPUTE_DTYPES", "ConvNet", "DeepNetwork", "LogisticRegression", "Network", "from_config"]
+#: The ConvNet heads: how the last conv block's images become the dense layers' features.
+HEADS: dict[str, type[Layer]] = {"flatten": Flatten, "gap": GlobalAvgPool2D}
+
+__all__ = ["COMPUTE_DTYPES", "HEADS", "ConvNet", "DeepNetwork", "LogisticRegression", "Network", "from_config"]
 
 
 class DeepNetwork(Network):
@@ -107,15 +114,17 @@ class LogisticRegression(DeepNetwork):
 
 
 class ConvNet(Network):
-    """Conv blocks (``Conv2D`` [-> ``BatchNorm``] -> ``MaxPool2D`` -> ReLU) then a dense head."""
+    """Conv blocks (``Conv2D`` [-> ``BatchNorm``] -> ``MaxPool2D`` -> ReLU), flatten or GAP, then dense layers."""
 
     def __init__(self, image_shape: Sequence[int], conv: Sequence[int], hidden: Sequence[int], n_classes: int, *,
                  kernel: int = 3, batch_norm: bool = False, dtype: Any = np.float32, weight_decay: float = 0.0,
-                 dropout: float = 0.0, seed: int = 0, conv_bias: bool = True) -> None:
+                 dropout: float = 0.0, seed: int = 0, conv_bias: bool = True, head: str = "flatten") -> None:
         self.image_shape = [int(s) for s in image_shape]
         self.conv, self.hidden = [int(c) for c in conv], [int(h) for h in hidden]
         self.kernel, self.batch_norm, self.dropout = int(kernel), bool(batch_norm), float(dropout)
-        self.conv_bias = bool(conv_bias)
+        self.conv_bias, self.head = bool(conv_bias), str(head)
+        if self.head not in HEADS:
+            raise StreamnnError(f"unknown ConvNet head {head!r}; choose from {', '.join(HEADS)}")
         if len(self.image_shape) != 3:
             raise StreamnnError(f"a ConvNet needs an image shape (H, W, C), not {self.image_shape}")
         if min(self.conv + self.hidden, default=1) < 1 or int(n_classes) < 2:
@@ -133,7 +142,7 @@ class ConvNet(Network):
             if self.batch_norm:
                 layers.append(BatchNorm())
             layers += [MaxPool2D(2), Activation("relu")]  # = relu then pool, on a quarter of the values
-        layers.append(Flatten())
+        layers.append(HEADS[self.head]())
         for units in self.hidden:
             layers += [Dense(units, "he"), Activation("relu")]
             if self.dropout > 0:
@@ -147,7 +156,11 @@ class ConvNet(Network):
                "hidden": list(self.hidden), "n_classes": max(self.n_classes, 2), "kernel": self.kernel,
                "batch_norm": self.batch_norm, "dtype": self.dtype.name, "weight_decay": self.weight_decay,
                "dropout": self.dropout, "seed": self.seed}
-        return cfg if self.conv_bias else {**cfg, "conv_bias": False}  # configs of earlier models unchanged
+        if not self.conv_bias:  # configs of earlier models unchanged
+            cfg["conv_bias"] = False
+        if self.head != "flatten":
+            cfg["head"] = self.head
+        return cfg
 
 
 MODELS: dict[str, type[Network]] = {"ConvNet": ConvNet, "DeepNetwork": DeepNetwork,

@@ -1,13 +1,14 @@
 """Memory budget: refuse a model that cannot fit before allocating it.
 
-A model's size follows from its configuration: a dense layer of ``n_in`` inputs and ``n_out``
-units holds ``n_out * (n_in + 1)`` parameters; a ``k x k`` convolution of ``c_in`` to ``c_out``
-channels ``c_out * (k * k * c_in + 1)`` (plus ``2 c_out`` with BatchNorm), each conv block's
-2x2 pooling halves height and width (rounding down). Training keeps about :data:`TRAINING_COPIES`
-arrays of that size (parameters, gradients, the weight-decay buffer, up to two optimizer
-moments, one scratch buffer), inference about :data:`INFERENCE_COPIES` (parameters and
-gradients). A configuration whose arrays exceed the memory the system reports as available
-(``MemAvailable`` of ``/proc/meminfo``, else the physical memory, and never more than the
+A model's size follows from its configuration: a dense layer of ``n_in`` inputs and ``n_out`` units
+holds ``n_out * (n_in + 1)`` parameters; a ``k x k`` convolution of ``c_in`` to ``c_out`` channels
+``c_out * (k * k * c_in + 1)`` (``c_out * k * k * c_in`` without its bias; plus ``2 c_out`` with
+BatchNorm), each conv block's 2x2 pooling halves height and width (rounding down), and the head
+feeds the dense layers ``H W C`` features (flatten) or ``C`` (global average pooling, gap). Training
+keeps about :data:`TRAINING_COPIES` arrays of that size (parameters, gradients, the weight-decay
+buffer, up to two optimizer moments, one scratch buffer), inference about :data:`INFERENCE_COPIES`
+(parameters and gradients). A configuration whose arrays exceed the memory the system reports as
+available (``MemAvailable`` of ``/proc/meminfo``, else the physical memory, and never more than the
 address space ``RLIMIT_AS`` (``ulimit -v``) leaves this process) is a one-line error naming the
 size, instead of a ``MemoryError`` or an exhausted machine later. Batches are checked the same way.
 """
@@ -36,14 +37,15 @@ def _positive_ints(value: Any, what: str) -> list[int]:
 
 
 def conv_parameter_count(image_shape: Sequence[int], conv: Sequence[int], hidden: Sequence[int], n_classes: int,
-                         kernel: int, batch_norm: bool) -> int:
-    """Parameters of a ConvNet (conv blocks with 2x2 pooling, then dense layers)."""
+                         kernel: int, batch_norm: bool, conv_bias: bool = True, head: str = "flatten") -> int:
+    """Parameters of a ConvNet (conv blocks with 2x2 pooling, the head, then dense layers)."""
     h, w, c = image_shape
     total = 0
     for filters in conv:
-        total += filters * (kernel * kernel * c + 1) + (2 * filters if batch_norm else 0)
+        total += filters * (kernel * kernel * c + int(conv_bias)) + (2 * filters if batch_norm else 0)
         h, w, c = h // 2, w // 2, filters
-    return total + dense_parameter_count([h * w * c, *hidden, 1 if n_classes == 2 else n_classes])
+    features = c if head == "gap" else h * w * c
+    return total + dense_parameter_count([features, *hidden, 1 if n_classes == 2 else n_classes])
 
 
 def parameter_count(model_config: Mapping[str, Any]) -> int | None:
@@ -62,7 +64,9 @@ def parameter_count(model_config: Mapping[str, Any]) -> int | None:
                                     _positive_ints(hidden, "hidden") if hidden else [],
                                     _positive_ints([model_config.get("n_classes")], "n_classes")[0],
                                     _positive_ints([model_config.get("kernel", 3)], "kernel")[0],
-                                    bool(model_config.get("batch_norm")))
+                                    bool(model_config.get("batch_norm")),
+                                    model_config.get("conv_bias", True) is not False,
+                                    str(model_config.get("head", "flatten")))
     return None
 
 

@@ -79,6 +79,8 @@ RESUMABLE = (*RESUMABLE, "early_stop")
 DEFAULTS["ema"] = 0.0
 # -- label smoothing eps: training targets Y (1 - eps) + eps / K (streamnn.nn.network.Network.label_smoothing).
 DEFAULTS["label_smoothing"] = 0.0
+# -- cnn: what turns the last conv block into the dense layers' features (streamnn.nn.models.HEADS).
+DEFAULTS["head"] = "flatten"
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
         if not ok:
             raise StreamnnError(message)
 
-    for key, choices in CHOICES.items():
+    for key, choices in ((k, c) for k, c in CHOICES.items() if k in cfg):  # (a model option only for its model)
         need(cfg[key] in choices, f"{key.replace('_', '-')} must be one of "
                                   f"{', '.join(str(c) for c in choices)}, not {cfg[key]!r}")
     h, w = store.image_shape[:2]
@@ -283,7 +285,8 @@ def check_model_size(cfg: dict[str, Any], store: Any) -> None:
 #: Keys newer than release 0.1.0, with the value that means what runs saved without them did: a run's
 #: saved configuration holds them only when they differ (:func:`run_settings`), so the configuration of
 #: an earlier run, resumed, stays as it was.
-LATER_KEYS: dict[str, Any] = {"conv_bias": True, "early_stop": 0, "ema": 0.0, "label_smoothing": 0.0}
+LATER_KEYS: dict[str, Any] = {"conv_bias": True, "early_stop": 0, "ema": 0.0, "label_smoothing": 0.0,
+                              "head": "flatten"}
 
 
 def run_settings(cfg: dict[str, Any]) -> str | int:
@@ -366,7 +369,8 @@ def _cnn(cfg: dict[str, Any], n_features: int, n_classes: int, image_shape: Any,
          seed: int) -> models.Network:
     return models.ConvNet(image_shape, cfg["conv"], cfg["hidden"], n_classes, kernel=cfg["kernel"],
                           batch_norm=cfg["batch_norm"], dtype=dtype, weight_decay=cfg["weight_decay"],
-                          dropout=cfg["dropout"], seed=seed, conv_bias=cfg.get("conv_bias", True))
+                          dropout=cfg["dropout"], seed=seed, conv_bias=cfg.get("conv_bias", True),
+                          head=cfg.get("head", "flatten"))
 
 
 def _dense_size(cfg: dict[str, Any], store: Any) -> tuple[int, str]:
@@ -376,8 +380,8 @@ def _dense_size(cfg: dict[str, Any], store: Any) -> tuple[int, str]:
 
 def _cnn_size(cfg: dict[str, Any], store: Any) -> tuple[int, str]:
     count = conv_parameter_count(store.image_shape, cfg["conv"], cfg["hidden"], store.n_classes, cfg["kernel"],
-                                 cfg["batch_norm"])
-    return count, f"the cnn model (conv {cfg['conv']}, hidden {cfg['hidden']})"
+                                 cfg["batch_norm"], cfg.get("conv_bias", True), cfg.get("head", "flatten"))
+    return count, f"the cnn model (conv {cfg['conv']}, {cfg.get('head', 'flatten')}, hidden {cfg['hidden']})"
 
 
 #: The ``--model`` choices, each with the builder of its model.
@@ -388,7 +392,7 @@ MODELS: dict[str, ModelKind] = {"logistic": ModelKind(_logistic, _dense_size), "
 MODEL_OPTIONS: dict[str, frozenset[str]] = {
     "logistic": frozenset(),
     "mlp": frozenset({"hidden", "activation", "dropout"}),
-    "cnn": frozenset({"hidden", "dropout", "conv", "kernel", "batch_norm"}),
+    "cnn": frozenset({"hidden", "dropout", "conv", "kernel", "batch_norm", "head"}),
 }
 MODEL_SPECIFIC: frozenset[str] = frozenset().union(*MODEL_OPTIONS.values())
 assert set(MODEL_OPTIONS) == set(MODELS) and MODEL_SPECIFIC <= set(DEFAULTS)
@@ -407,4 +411,4 @@ def _augment_choices() -> tuple[str | None, ...]:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model": tuple(MODELS), "optimizer": tuple(OPTIMIZERS), "lr_schedule": tuple(FORMULAS),
     "dtype": tuple(COMPUTE_DTYPES), "order": tuple(ORDERS), "augment": _augment_choices(),
-    "shift_padding": tuple(PADDINGS), "reader": tuple(READERS)}
+    "shift_padding": tuple(PADDINGS), "reader": tuple(READERS), "head": tuple(models.HEADS)}
