@@ -22,7 +22,8 @@ for a softmax output, and the cost is the mean cross-entropy plus
   either way), so pooling first gives the same numbers as the usual ReLU -> pool, bit for
   bit, with the ReLU and its backward over a quarter of the values. ``conv_bias=False`` drops
   the convolutions' biases (what training does before a batch norm, where they have no effect:
-  ``streamnn.run.config``; models saved with biases keep them).
+  ``streamnn.run.config``; models saved with biases keep them). ``conv_algo`` is the convolutions'
+  kernel (:mod:`streamnn.nn.conv`): ``"im2col"``, that of models saved without it, or ``"blocked"``.
 
 Any other stack of layers is a plain :class:`~streamnn.nn.Network`; :func:`from_config`
 rebuilds all of them from ``config()``.
@@ -111,11 +112,11 @@ class ConvNet(Network):
 
     def __init__(self, image_shape: Sequence[int], conv: Sequence[int], hidden: Sequence[int], n_classes: int, *,
                  kernel: int = 3, batch_norm: bool = False, dtype: Any = np.float32, weight_decay: float = 0.0,
-                 dropout: float = 0.0, seed: int = 0, conv_bias: bool = True) -> None:
+                 dropout: float = 0.0, seed: int = 0, conv_bias: bool = True, conv_algo: str = "im2col") -> None:
         self.image_shape = [int(s) for s in image_shape]
         self.conv, self.hidden = [int(c) for c in conv], [int(h) for h in hidden]
         self.kernel, self.batch_norm, self.dropout = int(kernel), bool(batch_norm), float(dropout)
-        self.conv_bias = bool(conv_bias)
+        self.conv_bias, self.conv_algo = bool(conv_bias), str(conv_algo)
         if len(self.image_shape) != 3:
             raise StreamnnError(f"a ConvNet needs an image shape (H, W, C), not {self.image_shape}")
         if min(self.conv + self.hidden, default=1) < 1 or int(n_classes) < 2:
@@ -129,7 +130,7 @@ class ConvNet(Network):
                                 "--conv entries or larger images")
         layers: list[Layer] = []
         for filters in self.conv:
-            layers.append(Conv2D(filters, self.kernel, padding="same", bias=self.conv_bias))
+            layers.append(Conv2D(filters, self.kernel, padding="same", bias=self.conv_bias, algo=self.conv_algo))
             if self.batch_norm:
                 layers.append(BatchNorm())
             layers += [MaxPool2D(2), Activation("relu")]  # = relu then pool, on a quarter of the values
@@ -147,7 +148,8 @@ class ConvNet(Network):
                "hidden": list(self.hidden), "n_classes": max(self.n_classes, 2), "kernel": self.kernel,
                "batch_norm": self.batch_norm, "dtype": self.dtype.name, "weight_decay": self.weight_decay,
                "dropout": self.dropout, "seed": self.seed}
-        return cfg if self.conv_bias else {**cfg, "conv_bias": False}  # configs of earlier models unchanged
+        cfg = cfg if self.conv_bias else {**cfg, "conv_bias": False}  # configs of earlier models unchanged
+        return cfg if self.conv_algo == "im2col" else {**cfg, "conv_algo": self.conv_algo}
 
 
 MODELS: dict[str, type[Network]] = {"ConvNet": ConvNet, "DeepNetwork": DeepNetwork,

@@ -23,6 +23,7 @@ from streamnn.data.transforms import PADDINGS, Augment
 from streamnn.data.remote import is_url
 from streamnn.errors import StreamnnError
 from streamnn.nn import models
+from streamnn.nn.conv import ALGOS
 from streamnn.nn.network import COMPUTE_DTYPES
 from streamnn.optim.optimizers import OPTIMIZERS
 from streamnn.optim.schedules import FORMULAS
@@ -70,6 +71,8 @@ DEFAULTS["threads"] = "auto"
 RESUMABLE = (*RESUMABLE, "threads")
 # -- cnn: biases of the convolutions; "auto": none before a batch norm (no effect there).
 DEFAULTS["conv_bias"] = "auto"
+# -- cnn: the convolutions' kernel (streamnn.nn.conv.ALGOS; runs saved without it: "im2col", that of 0.1.0).
+DEFAULTS["conv_algo"] = "blocked"
 # -- early stopping: stop when the selection accuracy has not improved for this many epochs (0: never);
 # may change on resume (the epoch of the best accuracy is in the checkpoint).
 DEFAULTS["early_stop"] = 0
@@ -184,6 +187,8 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
         cfg["conv_bias"] = not cfg["batch_norm"] if cfg["conv_bias"] == "auto" else bool(cfg["conv_bias"])
     else:  # (set by the library only, so never of another model's command line)
         cfg.pop("conv_bias", None)
+    if not uses("conv"):
+        cfg.pop("conv_algo", None)
     check_model_size(cfg, store)
     check_batch_size(cfg, store)
     return cfg
@@ -283,7 +288,8 @@ def check_model_size(cfg: dict[str, Any], store: Any) -> None:
 #: Keys newer than release 0.1.0, with the value that means what runs saved without them did: a run's
 #: saved configuration holds them only when they differ (:func:`run_settings`), so the configuration of
 #: an earlier run, resumed, stays as it was.
-LATER_KEYS: dict[str, Any] = {"conv_bias": True, "early_stop": 0, "ema": 0.0, "label_smoothing": 0.0}
+LATER_KEYS: dict[str, Any] = {"conv_bias": True, "early_stop": 0, "ema": 0.0, "label_smoothing": 0.0,
+                              "conv_algo": "im2col"}
 
 
 def run_settings(cfg: dict[str, Any]) -> str | int:
@@ -366,7 +372,8 @@ def _cnn(cfg: dict[str, Any], n_features: int, n_classes: int, image_shape: Any,
          seed: int) -> models.Network:
     return models.ConvNet(image_shape, cfg["conv"], cfg["hidden"], n_classes, kernel=cfg["kernel"],
                           batch_norm=cfg["batch_norm"], dtype=dtype, weight_decay=cfg["weight_decay"],
-                          dropout=cfg["dropout"], seed=seed, conv_bias=cfg.get("conv_bias", True))
+                          dropout=cfg["dropout"], seed=seed, conv_bias=cfg.get("conv_bias", True),
+                          conv_algo=cfg.get("conv_algo", "im2col"))
 
 
 def _dense_size(cfg: dict[str, Any], store: Any) -> tuple[int, str]:
@@ -407,4 +414,4 @@ def _augment_choices() -> tuple[str | None, ...]:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model": tuple(MODELS), "optimizer": tuple(OPTIMIZERS), "lr_schedule": tuple(FORMULAS),
     "dtype": tuple(COMPUTE_DTYPES), "order": tuple(ORDERS), "augment": _augment_choices(),
-    "shift_padding": tuple(PADDINGS), "reader": tuple(READERS)}
+    "shift_padding": tuple(PADDINGS), "reader": tuple(READERS), "conv_algo": ALGOS}
