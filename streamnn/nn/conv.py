@@ -252,7 +252,7 @@ class Conv2D(Layer):
             np.dot(cols, Wb, out=out[b0:b1, y0:y1].reshape(-1, F))
 
         views = kernel_rows(Xp, k, s, Ho, Wo)
-        banded = units[0][3] - units[0][2] < Ho  # bands of an image read their neighbours' rows: pad first
+        banded = bool(units) and units[0][3] - units[0][2] < Ho  # bands of an image read their neighbours' rows: pad first
         if banded:
             run_blocks(lambda b: pad(b, b + 1), B)
         run_blocks(block, len(units))
@@ -293,8 +293,7 @@ class Conv2D(Layer):
         q = k - 1 - p
         Wf = np.ascontiguousarray(self.params["W"][::-1, ::-1].transpose(0, 1, 3, 2)).reshape(k * k * F, C)
         units = blocks(dX.shape[0], H, W)
-
-        nb, band = units[0][1] - units[0][0], units[0][3] - units[0][2]
+        nb, band = (units[0][1] - units[0][0], units[0][3] - units[0][2]) if units else (0, 0)
 
         def block(i: int) -> None:
             b0, b1, u0, u1 = units[i]
