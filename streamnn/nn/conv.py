@@ -25,22 +25,26 @@ Kernels (``algo``; the choice changes the last bits of the numbers, so a model r
 its config, and a layer or model saved without it is ``"im2col"``):
 
 * ``"im2col"`` (0.1.0, the default): the above over the whole batch, one product each.
-* ``"blocked"``: the same sums, over blocks of ``nb = max(1, BLOCK_ROWS // (Ho*Wo))`` whole images
-  at a time, so each block's columns stay in the CPU's cache; the blocks run on the worker
-  threads of :func:`streamnn.threads.run_blocks`. The columns are not kept: the backward pass
-  copies them again from the padded input (a copy in cache costs less than a trip to memory).
-  Per block ``b``::
+* ``"blocked"`` (new CNN training runs): the same sums over blocks of about ``BLOCK_ROWS``
+  output pixels (:func:`blocks`: groups of whole images, or bands of rows of one larger image),
+  so that a block's columns stay in the CPU's cache (the products then run at the speed of
+  the CPU rather than of memory); the blocks run on the worker threads of
+  :func:`streamnn.threads.run_blocks`. The columns are not kept: the backward pass copies them
+  again from the padded input (a copy in cache costs less than a trip to memory), and the
+  column matrix ends with a column of ones when the layer has a bias, whose weight row is
+  ``b``, so the products add ``b`` and sum ``db``. Per block ``blk``::
 
-      Y_b = cols_b @ W2 + b;   dW = sum over b of cols_b^T @ dY_b;   db = sum over b of sum(dY_b)
+      Y_blk = [cols_blk, 1] @ [W2; b]        [dW; db] = sum over blk of [cols_blk, 1]^T @ dY_blk
 
   (the partial sums added in block order: the same numbers at any worker count), and for a
   stride-1 convolution the input gradient as a "full" convolution of the zero-padded output
-  gradient with the flipped kernel, one product and no scattered adds (q = k - 1 - p)::
+  gradient with the flipped kernel, in blocks of input rows: one product, no scattered adds
+  (``q = k - 1 - p``)::
 
-      dYq = dY_b zero-padded by q;   Wf[i, j, f, c] = W[k-1-i, k-1-j, c, f]
-      dX_b = im2col(dYq) @ Wf.reshape(k*k*F, C)          (B_b*H*W, C)
+      dYq = dY zero-padded by q;   Wf[i, j, f, c] = W[k-1-i, k-1-j, c, f]
+      dX_blk = im2col(dYq)_blk @ Wf.reshape(k*k*F, C)
 
-  (a stride-2 convolution scatters the block's ``dY_b @ W2^T`` as above, into a padded block).
+  (a stride-2 convolution scatters each block of whole images' ``dY @ W2^T`` as above).
 
 Initialization: He, ``N(0, 2 / (k*k*C))``, biases zero (draws as in :mod:`.dense`).
 ``bias=False`` drops ``b`` (for a convolution followed by a batch norm: the norm subtracts the
@@ -61,8 +65,8 @@ from streamnn.threads import run_blocks
 
 PADDINGS = ("same", "valid")
 ALGOS = ("im2col", "blocked")
-#: Column-matrix rows per block of the "blocked" kernel (rounded to whole images). It fixes how the
-#: weight gradient is summed, so it is part of that kernel's numbers: never change it.
+#: Output pixels (column-matrix rows) per block of the "blocked" kernel (:func:`blocks`). It fixes how
+#: the weight gradient is summed, so it is part of that kernel's numbers: never change it.
 BLOCK_ROWS = 1024
 
 
