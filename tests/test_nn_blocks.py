@@ -1,6 +1,7 @@
-"""The "blocked" convolution kernel of new CNN runs: the loop reference, gradient checks, the same numbers at any
-worker count, blocks and bands of any size; MaxPool2D in blocks gives the numbers of one whole-batch pass;
-new runs save the kernel and old ones keep theirs."""
+"""Layers that work in blocks of images on the worker threads. The "blocked" convolution kernel of new CNN runs:
+the loop reference, gradient checks, the same numbers at any worker count, blocks and bands of any size; new runs
+save the kernel and old ones keep theirs. MaxPool2D and BatchNorm in blocks give the numbers of one whole-batch
+pass of their formulas, bit for bit."""
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamnn import StreamnnError, threads
-from streamnn.nn import Conv2D, MaxPool2D, layer_from_config
+from streamnn.nn import BatchNorm, Conv2D, MaxPool2D, layer_from_config
 from streamnn.nn import conv as conv_module
+from streamnn.nn import norm as norm_module
 from streamnn.nn import pool as pool_module
 from streamnn.nn.gradcheck import gradient_check, layer_gradient_errors
 from streamnn.nn.models import ConvNet, from_config
@@ -166,6 +168,41 @@ def test_maxpool_in_blocks_gives_the_numbers_of_one_pass(h, w, c, b, block, ties
     with setting(pool_module, "POOL_BLOCK", block, 3):
         blocked = built(MaxPool2D(), (h, w, c), np.float32)
         assert np.array_equal(blocked.forward(X), Y) and np.array_equal(blocked.backward(dY), dX)
+
+
+def batch_norm_formulas(X, dY, gamma, beta, eps=1e-5):
+    """The batch norm of conv outputs as whole-batch array expressions (the module docstring's formulas)."""
+    axes = (0, 1, 2)
+    mu = X.mean(axis=axes, keepdims=True)
+    centred = X - mu
+    var = np.mean(centred * centred, axis=axes, keepdims=True)
+    inv = 1 / np.sqrt(var + eps)
+    x_hat = centred * inv
+    Y = x_hat * gamma + beta
+    dx_hat = dY * gamma
+    dX = dx_hat - dx_hat.mean(axis=axes, keepdims=True)
+    dX -= x_hat * np.mean(dx_hat * x_hat, axis=axes, keepdims=True)
+    dX *= inv
+    return Y, dX, np.sum(dY * x_hat, axis=axes), np.sum(dY, axis=axes)
+
+
+@settings(max_examples=30, deadline=None)
+@given(h=st.integers(1, 6), w=st.integers(1, 6), c=st.integers(1, 4), b=st.integers(2, 7), block=st.integers(1, 60),
+       n_workers=st.sampled_from([1, 3]), dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 99))
+def test_batch_norm_in_blocks_gives_the_numbers_of_its_formulas(h, w, c, b, block, n_workers, dtype, seed):
+    rng = np.random.default_rng(seed)
+    X = (rng.normal(size=(b, h, w, c)) * 3 + 1).astype(dtype)
+    dY = rng.normal(size=X.shape).astype(dtype)
+    with setting(norm_module, "NORM_BLOCK", block, n_workers):
+        layer = built(BatchNorm(), (h, w, c), dtype)
+        layer.params["gamma"][...] = rng.normal(size=c)
+        layer.params["beta"][...] = rng.normal(size=c)
+        gamma, beta = layer.params["gamma"].reshape(1, 1, 1, c), layer.params["beta"].reshape(1, 1, 1, c)
+        expected = batch_norm_formulas(X, dY, gamma, beta)
+        got = (layer.forward(X).copy(), layer.backward(dY).copy(), layer.grads["gamma"], layer.grads["beta"])
+        assert all(np.array_equal(g, e) and g.dtype == e.dtype for g, e in zip(got, expected))
+        mean, var = layer.state["mean"].reshape(gamma.shape), layer.state["var"].reshape(gamma.shape)
+        assert np.array_equal(layer.forward(X, False), (X - mean) * (1 / np.sqrt(var + 1e-5)) * gamma + beta)
 
 
 # -- training --------------------------------------------------------------------------------
