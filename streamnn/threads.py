@@ -4,7 +4,7 @@ Policy (``threads="auto"``, the default of ``streamnn-train`` / ``streamnn-eval`
 ``threads`` key of a :class:`~streamnn.run.trainer.Trainer` configuration)::
 
     usable  = min(CPUs in this process's affinity mask, ceil(cgroup CPU quota))
-    ranks > 1 (mpiexec):        1 BLAS thread per rank
+    ranks > 1 (mpiexec):        1 thread per rank
     training from a store:      usable - 1   (at least 1): one CPU for the loader's threads
     otherwise (evaluation):     usable
 
@@ -15,7 +15,7 @@ A number (``threads=2``, ``--threads 2``) is used as given. The count goes to on
   in whole-batch products (dense networks, conv nets of the ``"im2col"`` kernel);
 * or this module's :class:`WorkerPool` of Python threads, with BLAS at 1 thread, for models whose
   layers split the batch into blocks themselves (``Conv2D(algo="blocked")``, the kernel of new CNN
-  runs, and the pooling / activation layers around it): :func:`run_blocks` hands the blocks to the
+  runs; max-pooling and batch norm then work in blocks too): :func:`run_blocks` hands the blocks to the
   pool's threads, each block's products run on one BLAS thread in the thread that took it (NumPy
   releases the GIL in products, copies and elementwise operations). Such a model's numbers do
   not depend on the count at all (every block is computed alike, whichever thread takes it, and

@@ -18,7 +18,8 @@ The machine is shared and noisy: contenders alternate within each repeat (the or
 from repeat to repeat) and the figures are medians over ``--repeats``, with the CPU seconds a
 step took in the process (at 1 thread the least noisy measure on a loaded machine: the time
 spent waiting for a CPU is not in it). Then a per-layer profile of the streamnn step for each
-kernel (median time of every layer's forward and backward and of the Adam step).
+kernel at the first thread count (median CPU time of every layer's forward and backward and of the
+Adam step).
 
 ``--rss STORE`` instead reports peak memory of CNN training: a child process trains
 ``--steps`` steps on STORE and on a store 10x larger (the training split repeated, written
@@ -131,7 +132,7 @@ def timed(step: Callable[[], None]) -> tuple[float, float]:
 
 
 def profile(models: dict[str, ConvNet], X: np.ndarray, Y: np.ndarray) -> None:
-    """Median milliseconds of every layer's forward and backward, over the repeats, per kernel."""
+    """Median CPU milliseconds (of the process) of every layer's forward and backward, over the repeats, per kernel."""
     times: dict[str, dict[str, list[float]]] = {kernel: {} for kernel in models}
     optimizers = {kernel: Adam(model, 1e-3) for kernel, model in models.items()}
     for _ in range(ARGS.repeats):
@@ -140,21 +141,21 @@ def profile(models: dict[str, ConvNet], X: np.ndarray, Y: np.ndarray) -> None:
             t_kernel = times[kernel]
             A = X.T.reshape(-1, ARGS.size, ARGS.size, 3)
             for name, layer in model.body.named_layers():
-                t = time.perf_counter()
+                t = time.process_time()
                 A = layer.forward(A, True)
-                t_kernel.setdefault(f"{name} forward", []).append(time.perf_counter() - t)
+                t_kernel.setdefault(f"{name} forward", []).append(time.process_time() - t)
             d = model._loss.gradient(model._loss.output(A), Y, ARGS.batch)
             for name, layer in reversed(list(model.body.named_layers())):
-                t = time.perf_counter()
+                t = time.process_time()
                 d = layer.backward(d)
-                t_kernel.setdefault(f"{name} backward", []).append(time.perf_counter() - t)
-            t = time.perf_counter()
+                t_kernel.setdefault(f"{name} backward", []).append(time.process_time() - t)
+            t = time.process_time()
             optimizers[kernel].step()
-            t_kernel.setdefault("adam step", []).append(time.perf_counter() - t)
+            t_kernel.setdefault("adam step", []).append(time.process_time() - t)
     med = {kernel: {k: statistics.median(v) * 1000 for k, v in t.items()} for kernel, t in times.items()}
     first = next(iter(med.values()))
     total = {kernel: sum(m.values()) for kernel, m in med.items()}
-    print(f"\nper-layer profile at {THREADS[0]} thread(s), median ms of {ARGS.repeats}; load average "
+    print(f"\nper-layer profile at {THREADS[0]} thread(s), median CPU ms of {ARGS.repeats}; load average "
           f"{os.getloadavg()[0]:.1f}:")
     print(f"  {'part':<20}" + "".join(f"{kernel:>10}" for kernel in med))
     for name in sorted(first, key=lambda n: -first[n]):
