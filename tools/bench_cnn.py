@@ -29,7 +29,13 @@ its peak RSS (VmHWM; mapped store pages count in it) and its peak private memory
 Usage::
 
     python tools/bench_cnn.py [--threads 1,2] [--repeats 5] [--steps 3] [--size 64] [--batch 64] [--batch-norm]
+    python tools/bench_cnn.py --blocks 512,1024,2048,4096 [--threads 1]
     python tools/bench_cnn.py --rss runs/recipe/cats64.h5 [--steps 60] [--threads 1]
+
+``--blocks`` times each convolution layer of the network alone (forward and backward, the input
+gradient for all but the first, CPU ms of the process, medians of ``--repeats``) with the blocked
+kernel at each block size (``streamnn.nn.conv.BLOCK_ROWS``, which fixes that kernel's numbers:
+a speed measurement only) against the im2col kernel, alternated.
 """
 from __future__ import annotations
 
@@ -55,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--conv", default="32,64,128")
     parser.add_argument("--hidden", default="128")
     parser.add_argument("--kernels", default="blocked,im2col", help="streamnn convolution kernels to time")
+    parser.add_argument("--blocks", metavar="ROWS", help="time each conv layer of the blocked kernel with blocks of "
+                                                          "these sizes (e.g. 512,1024,2048), against im2col")
     parser.add_argument("--rss", metavar="STORE", help="measure peak memory of training on STORE and on 10x it")
     parser.add_argument("--rss-child", metavar="STORE", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -211,6 +219,42 @@ def speed() -> None:
         profile(models, X, Y)
 
 
+def block_sizes() -> None:
+    """Each conv layer alone, the blocked kernel at each --blocks size against im2col (CPU ms)."""
+    from streamnn.nn import Conv2D
+    from streamnn.nn import conv as conv_module
+
+    sizes, rng, kept = [int(r) for r in ARGS.blocks.split(",")], np.random.default_rng(0), conv_module.BLOCK_ROWS
+    model = ConvNet((ARGS.size, ARGS.size, 3), CONV, HIDDEN, 2, seed=0, conv_algo="blocked")
+    use_threads(THREADS[0], model=model)
+    print(f"conv layers alone, forward + backward, batch {ARGS.batch}, {THREADS[0]} worker thread(s); median CPU ms "
+          f"of {ARGS.repeats}; load average {os.getloadavg()[0]:.1f}")
+    print(f"  {'layer':<20}{'im2col':>10}" + "".join(f"{'blocks ' + str(r):>13}" for r in sizes))
+    side, channels, totals = ARGS.size, 3, [0.0] * (len(sizes) + 1)
+    for n, filters in enumerate(CONV):
+        X = rng.random((ARGS.batch, side, side, channels), dtype=np.float32)
+        dY = rng.random((ARGS.batch, side, side, filters), dtype=np.float32)
+        layers = [Conv2D(filters, algo="im2col")] + [Conv2D(filters, algo="blocked") for _ in sizes]
+        for layer in layers:
+            layer.build((side, side, channels), rng, np.dtype(np.float32))
+            layer.needs_input_grad = n > 0
+        times: list[list[float]] = [[] for _ in layers]
+        for _ in range(ARGS.repeats + 1):
+            for i, layer in enumerate(layers):
+                conv_module.BLOCK_ROWS = sizes[i - 1] if i else kept
+                started = time.process_time()
+                layer.forward(X)
+                layer.backward(dY)
+                times[i].append((time.process_time() - started) * 1000)
+        med = [statistics.median(t[1:]) for t in times]
+        totals = [a + b for a, b in zip(totals, med)]
+        name = f"conv{n} {side}x{side}x{channels}"
+        print(f"  {name:<20}{med[0]:10.1f}" + "".join(f"{m:13.1f}" for m in med[1:]))
+        side, channels = side // 2, filters
+    conv_module.BLOCK_ROWS = kept
+    print(f"  {'total':<20}{totals[0]:10.1f}" + "".join(f"{t:13.1f}" for t in totals[1:]))
+
+
 # -- peak memory ---------------------------------------------------------------------------------
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -288,6 +332,8 @@ def rss(store: str) -> None:
 if __name__ == "__main__":
     if ARGS.rss_child:
         rss_child(ARGS.rss_child)
+    elif ARGS.blocks:
+        block_sizes()
     elif ARGS.rss:
         rss(ARGS.rss)
     else:

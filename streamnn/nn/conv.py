@@ -221,11 +221,11 @@ class Conv2D(Layer):
         return dXp[:, p:p + H, p:p + W] if p else dXp
 
     # -- the "blocked" kernel ------------------------------------------------------------------------
-    def _columns(self, rows: int, bias: bool = True) -> np.ndarray:
+    def _columns(self, rows: int) -> np.ndarray:
         """This thread's column matrix of ``rows`` rows: k*k*C columns, then a column of ones when the
         layer has a bias (so that the products add b and sum db)."""
         kkc = self.kernel * self.kernel * self.in_shape[2]
-        shape = (max(BLOCK_ROWS, rows), kkc + (self.bias and bias))
+        shape = (max(BLOCK_ROWS, rows), kkc + self.bias)
         bufs = self._local.__dict__
         cols = bufs.get("cols")
         if cols is None or cols.shape[0] < rows or cols.shape[1] != shape[1]:
@@ -256,7 +256,7 @@ class Conv2D(Layer):
             np.dot(cols, Wb, out=out[b0:b1, y0:y1].reshape(-1, F))
 
         views = kernel_rows(Xp, k, s, Ho, Wo)
-        banded = bool(units) and units[0][3] - units[0][2] < Ho  # bands of an image read their neighbours' rows: pad first
+        banded = bool(units) and units[0][3] - units[0][2] < Ho  # a band reads its neighbours' rows: pad first
         if banded:
             run_blocks(lambda b: pad(b, b + 1), B)
         run_blocks(block, len(units))

@@ -126,7 +126,8 @@ class BatchNorm(Layer):
         gamma, beta = self._stat_shape(self.params["gamma"]), self._stat_shape(self.params["beta"])
         Y = self._buffer("out", X.shape)
         if not train_mode:
-            mean, inv = self._stat_shape(self._state["mean"]), 1 / np.sqrt(self._stat_shape(self._state["var"]) + self.eps)
+            mean = self._stat_shape(self._state["mean"])
+            inv = 1 / np.sqrt(self._stat_shape(self._state["var"]) + self.eps)
 
             def evaluate(b: slice) -> None:
                 np.multiply(np.subtract(X[b], mean, out=Y[b]), inv, out=Y[b])
