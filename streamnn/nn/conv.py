@@ -68,6 +68,8 @@ ALGOS = ("im2col", "blocked")
 #: Output pixels (column-matrix rows) per block of the "blocked" kernel (:func:`blocks`). It fixes how
 #: the weight gradient is summed, so it is part of that kernel's numbers: never change it.
 BLOCK_ROWS = 1024
+#: Below this many input values per kernel row (k*C), the blocked kernel stores its columns transposed.
+TRANSPOSE_BELOW = 16
 
 
 def conv_output_size(n: int, kernel: int, stride: int, pad: int) -> int:
@@ -221,17 +223,37 @@ class Conv2D(Layer):
         return dXp[:, p:p + H, p:p + W] if p else dXp
 
     # -- the "blocked" kernel ------------------------------------------------------------------------
-    def _columns(self, rows: int) -> np.ndarray:
-        """This thread's column matrix of ``rows`` rows: k*k*C columns, then a column of ones when the
-        layer has a bias (so that the products add b and sum db)."""
-        kkc = self.kernel * self.kernel * self.in_shape[2]
-        shape = (max(BLOCK_ROWS, rows), kkc + self.bias)
+    def _sources(self, Xp: np.ndarray) -> Any:
+        """What :meth:`_columns` copies a block's columns from: the kernel-row views of ``Xp``, or for
+        few input values per kernel row (``k*C < TRANSPOSE_BELOW``, e.g. the 3 colour channels of a
+        first layer) the view ``taps[n, y, i, j, c, x] = Xp[n, s*y + i, s*x + j, c]``."""
+        (Ho, Wo), k, s, C = self.out_hw, self.kernel, self.stride, self.in_shape[2]
+        if k * C >= TRANSPOSE_BELOW:
+            return kernel_rows(Xp, k, s, Ho, Wo)
+        sb, sy, e = Xp.strides[0], Xp.strides[1], Xp.itemsize
+        return as_strided(Xp, (Xp.shape[0], Ho, k, k, C, Wo), (sb, s * sy, sy, C * e, e, s * C * e), writeable=False)
+
+    def _columns(self, sources: Any, b0: int, b1: int, y0: int, y1: int) -> np.ndarray:
+        """The column matrix of the block (images b0:b1, output rows y0:y1) in this thread's buffer:
+        k*k*C columns, then a column of ones when the layer has a bias (so that the products add b
+        and sum db). With few values per kernel row it is stored transposed (one copy then runs
+        along an image row: long runs instead of k*C values at a time) and returned as its
+        transpose, a view."""
+        kkc, rows = self.kernel * self.kernel * self.in_shape[2], (b1 - b0) * (y1 - y0) * self.out_hw[1]
+        transposed = not isinstance(sources, list)
+        shape = (kkc + self.bias, max(BLOCK_ROWS, rows)) if transposed else (max(BLOCK_ROWS, rows), kkc + self.bias)
         bufs = self._local.__dict__
         cols = bufs.get("cols")
-        if cols is None or cols.shape[0] < rows or cols.shape[1] != shape[1]:
+        if cols is None or cols.shape != shape:
             cols = bufs["cols"] = np.empty(shape, self.dtype)
-            cols[:, kkc:] = 1  # never written by im2col
-        return cols[:rows]
+            (cols[kkc:] if transposed else cols[:, kkc:])[...] = 1  # never written by the copies
+        if not transposed:
+            copy_columns([v[b0:b1, y0:y1] for v in sources], cols[:rows])
+            return cols[:rows]
+        k, C = self.kernel, self.in_shape[2]
+        np.copyto(cols[:kkc, :rows].reshape(k, k, C, b1 - b0, y1 - y0, -1),
+                  sources[b0:b1, y0:y1].transpose(2, 3, 4, 0, 1, 5))
+        return cols[:, :rows].T
 
     def _forward_blocked(self, X: np.ndarray, train_mode: bool) -> np.ndarray:
         B = X.shape[0]
@@ -251,11 +273,9 @@ class Conv2D(Layer):
             b0, b1, y0, y1 = units[i]
             if not banded:
                 pad(b0, b1)
-            cols = self._columns((b1 - b0) * (y1 - y0) * Wo)
-            copy_columns([v[b0:b1, y0:y1] for v in views], cols)
-            np.dot(cols, Wb, out=out[b0:b1, y0:y1].reshape(-1, F))
+            np.dot(self._columns(sources, b0, b1, y0, y1), Wb, out=out[b0:b1, y0:y1].reshape(-1, F))
 
-        views = kernel_rows(Xp, k, s, Ho, Wo)
+        sources = self._sources(Xp)
         banded = bool(units) and units[0][3] - units[0][2] < Ho  # a band reads its neighbours' rows: pad first
         if banded:
             run_blocks(lambda b: pad(b, b + 1), B)
@@ -269,13 +289,11 @@ class Conv2D(Layer):
         Xp, dY = self._bufs["pad"][:B], np.ascontiguousarray(dY)
         units = blocks(B, Ho, Wo)
         parts = self._buffer("parts", len(units), (kkc + self.bias, F))  # [dW; db] of each block
-        views = kernel_rows(Xp, k, s, Ho, Wo)
+        sources = self._sources(Xp)
 
         def weights(i: int) -> None:
             b0, b1, y0, y1 = units[i]
-            cols = self._columns((b1 - b0) * (y1 - y0) * Wo)
-            copy_columns([v[b0:b1, y0:y1] for v in views], cols)
-            np.dot(cols.T, dY[b0:b1, y0:y1].reshape(-1, F), out=parts[i])
+            np.dot(self._columns(sources, b0, b1, y0, y1).T, dY[b0:b1, y0:y1].reshape(-1, F), out=parts[i])
 
         run_blocks(weights, len(units))
         np.sum(parts[:, :kkc], axis=0, out=self.grads["W"].reshape(kkc, F))  # in block order

@@ -127,14 +127,13 @@ class MaxPool2D(Layer):
             taken, hit = self._masks((nb, *Y.shape[1:]))
             taken, hit = taken[:b1 - b0], hit[:b1 - b0]
             for n, (a, b) in enumerate(_WINDOW):
-                np.equal(Xr[:, :, a, :, b], Y, out=hit)
-                if n == 0:
-                    np.copyto(taken, hit)
-                else:
+                mask = taken if n == 0 else hit  # the first position's hits are the first ones taken
+                np.equal(Xr[:, :, a, :, b], Y, out=mask)
+                if n > 0:
                     np.greater(hit, taken, out=hit)  # hit and not taken, with no temporary
                     if n < 3:
                         taken |= hit
-                np.multiply(dYb, hit, out=dXr[:, :, a, :, b])
+                np.multiply(dYb, mask, out=dXr[:, :, a, :, b])
 
         run_blocks(block, count)
         return dX
