@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -10,6 +12,7 @@ from hypothesis import given, strategies as st
 from streamnn import threads
 from streamnn.cli.train import main as train_main
 from streamnn.errors import StreamnnError
+from streamnn.nn.models import ConvNet
 from streamnn.run.folder import LATEST
 from streamnn.run.state import load_run_config
 from streamnn.run.trainer import Trainer
@@ -77,6 +80,58 @@ def test_set_blas_threads_changes_the_count_at_run_time():
             assert threads.blas_threads() == n
     finally:
         threads.set_blas_threads(before)
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_the_worker_pool_runs_every_block_once(size):
+    pool = threads.WorkerPool(size)
+    try:
+        for count in (0, 1, 3, 50):
+            seen: list[int] = []
+            names: set[str] = set()
+            pool.run(lambda i: (seen.append(i), names.add(threading.current_thread().name)), count)
+            assert sorted(seen) == list(range(count))
+            assert len(names) <= min(size, max(count, 1))
+    finally:
+        pool.close()
+
+
+def test_the_worker_pool_raises_a_blocks_error_after_all_blocks_are_done():
+    pool = threads.WorkerPool(3)
+    done: list[int] = []
+
+    def block(i: int) -> None:
+        if i == 5:
+            raise ValueError("block 5")
+        time.sleep(0.001)
+        done.append(i)
+
+    try:
+        with pytest.raises(ValueError, match="block 5"):
+            pool.run(block, 20)
+        assert len(done) == 19  # the other threads went on; nothing runs after run() returned
+        time.sleep(0.01)
+        assert len(done) == 19
+        pool.run(done.append, 2)  # and the pool still works
+        assert len(done) == 21
+    finally:
+        pool.close()
+
+
+def test_use_threads_gives_a_blocked_model_worker_threads_and_one_blas_thread():
+    before = threads.blas_threads()
+    blocked, plain = ConvNet((8, 8, 1), [2], [2], 2, conv_algo="blocked"), ConvNet((8, 8, 1), [2], [2], 2)
+    try:
+        assert threads.use_threads(2, model=blocked) == "2 worker threads (--threads 2)"
+        assert threads.workers() == 2 and threads.blas_threads() in (1, None)
+        assert threads.use_threads(2, model=plain) == "2 BLAS threads (--threads 2)"
+        assert threads.workers() == 1 and threads.blas_threads() in (2, None)
+        assert threads.use_threads(3, world_size=2, model=blocked).startswith("3 worker")  # a number is kept
+        assert threads.use_threads("auto", world_size=2, model=blocked) == "1 worker thread (--threads auto)"
+    finally:
+        threads.set_workers(1)
+        if before is not None:
+            threads.set_blas_threads(before)
 
 
 @pytest.fixture(scope="module")

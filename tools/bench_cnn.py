@@ -5,15 +5,21 @@ Design. One run times a training step (forward, loss, backward, Adam step) of th
 dense 128 + ReLU, one sigmoid output) on 64x64x3 float32 images, batch 64:
 
 * streamnn: :class:`streamnn.nn.models.ConvNet` + :class:`streamnn.optim.Adam`, inputs as the
-  loader gives them (X features x batch, F-ordered, read as NHWC);
+  loader gives them (X features x batch, F-ordered, read as NHWC), once per convolution kernel of
+  ``--kernels``: ``blocked`` (that of new training runs: blocks of images on worker threads, BLAS
+  at 1 thread) and ``im2col`` (that of 0.1.0 and of the runs it wrote: whole-batch products on
+  BLAS threads);
 * PyTorch: ``Conv2d``/``ReLU``/``MaxPool2d``/``Linear``, ``BCEWithLogitsLoss``, ``torch.optim.Adam``
   (NCHW, oneDNN), skipped with a message when torch is not installed.
 
-Both get the same thread count, each count of ``--threads`` in turn in the same run
-(:func:`streamnn.threads.set_blas_threads`, ``torch.set_num_threads``).
-The machine is shared and noisy: contenders alternate within each repeat and the figures
-are medians over ``--repeats``. Then a per-layer profile of the streamnn step (median time of
-every layer's forward and backward and of the Adam step).
+All get the same thread count, each count of ``--threads`` in turn in the same run
+(:func:`streamnn.threads.use_threads` as training sets it, ``torch.set_num_threads``).
+The machine is shared and noisy: contenders alternate within each repeat (the order rotating
+from repeat to repeat) and the figures are medians over ``--repeats``, with the CPU seconds a
+step took in the process (at 1 thread the least noisy measure on a loaded machine: the time
+spent waiting for a CPU is not in it). Then a per-layer profile of the streamnn step for each
+kernel at the first thread count (median CPU time of every layer's forward and backward and of the
+Adam step).
 
 ``--rss STORE`` instead reports peak memory of CNN training: a child process trains
 ``--steps`` steps on STORE and on a store 10x larger (the training split repeated, written
@@ -23,8 +29,13 @@ its peak RSS (VmHWM; mapped store pages count in it) and its peak private memory
 Usage::
 
     python tools/bench_cnn.py [--threads 1,2] [--repeats 5] [--steps 3] [--size 64] [--batch 64] [--batch-norm]
-    python tools/bench_cnn.py --parts [--threads 1]
+    python tools/bench_cnn.py --blocks 512,1024,2048,4096 [--threads 1]
     python tools/bench_cnn.py --rss runs/recipe/cats64.h5 [--steps 60] [--threads 1]
+
+``--blocks`` times each convolution layer of the network alone (forward and backward, the input
+gradient for all but the first, CPU ms of the process, medians of ``--repeats``) with the blocked
+kernel at each block size (``streamnn.nn.conv.BLOCK_ROWS``, which fixes that kernel's numbers:
+a speed measurement only) against the im2col kernel, alternated.
 """
 from __future__ import annotations
 
@@ -49,7 +60,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--conv", default="32,64,128")
     parser.add_argument("--hidden", default="128")
-    parser.add_argument("--parts", action="store_true", help="A/B of the im2col copies and of ReLU/pool order")
+    parser.add_argument("--kernels", default="blocked,im2col", help="streamnn convolution kernels to time")
+    parser.add_argument("--blocks", metavar="ROWS", help="time each conv layer of the blocked kernel with blocks of "
+                                                          "these sizes (e.g. 512,1024,2048), against im2col")
     parser.add_argument("--rss", metavar="STORE", help="measure peak memory of training on STORE and on 10x it")
     parser.add_argument("--rss-child", metavar="STORE", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -65,15 +78,15 @@ sys.path[:0] = [str(ROOT)]
 
 from streamnn.nn.models import ConvNet  # noqa: E402
 from streamnn.optim import Adam  # noqa: E402
-from streamnn.threads import set_blas_threads  # noqa: E402
+from streamnn.threads import use_threads  # noqa: E402
 
 CONV = [int(c) for c in ARGS.conv.split(",")]
 HIDDEN = [int(h) for h in ARGS.hidden.split(",") if h]
 
 
-def streamnn_step(X: np.ndarray, Y: np.ndarray) -> tuple[ConvNet, Callable[[], None]]:
+def streamnn_step(X: np.ndarray, Y: np.ndarray, kernel: str) -> tuple[ConvNet, Callable[[], None]]:
     model = ConvNet((ARGS.size, ARGS.size, 3), CONV, HIDDEN, 2, seed=0, batch_norm=ARGS.batch_norm,
-                    conv_bias=not ARGS.batch_norm)
+                    conv_bias=not ARGS.batch_norm, conv_algo=kernel)
     opt = Adam(model, 1e-3)
 
     def step() -> None:
@@ -118,127 +131,128 @@ def torch_step(X: np.ndarray, Y: np.ndarray) -> Callable[[], None] | None:
     return step
 
 
-def per_second(step: Callable[[], None]) -> float:
-    started = time.perf_counter()
+def timed(step: Callable[[], None]) -> tuple[float, float]:
+    """(samples per second, CPU milliseconds of the process per step) over --steps steps."""
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(ARGS.steps):
         step()
-    return ARGS.steps * ARGS.batch / (time.perf_counter() - started)
+    return ARGS.steps * ARGS.batch / (time.perf_counter() - started), (time.process_time() - cpu) / ARGS.steps * 1000
 
 
-def profile(model: ConvNet, X: np.ndarray, Y: np.ndarray, opt: Adam) -> None:
-    """Median milliseconds of every layer's forward and backward, over the repeats."""
-    times: dict[str, list[float]] = {}
+def profile(models: dict[str, ConvNet], X: np.ndarray, Y: np.ndarray) -> None:
+    """Median CPU milliseconds (of the process) of every layer's forward and backward, over the repeats, per kernel."""
+    times: dict[str, dict[str, list[float]]] = {kernel: {} for kernel in models}
+    optimizers = {kernel: Adam(model, 1e-3) for kernel, model in models.items()}
     for _ in range(ARGS.repeats):
-        A = X.T.reshape(-1, ARGS.size, ARGS.size, 3)
-        for name, layer in model.body.named_layers():
-            t = time.perf_counter()
-            A = layer.forward(A, True)
-            times.setdefault(f"{name} forward", []).append(time.perf_counter() - t)
-        d = model._loss.gradient(model._loss.output(A), Y)
-        for name, layer in reversed(list(model.body.named_layers())):
-            t = time.perf_counter()
-            d = layer.backward(d)
-            times.setdefault(f"{name} backward", []).append(time.perf_counter() - t)
-        t = time.perf_counter()
-        opt.step()
-        times.setdefault("adam step", []).append(time.perf_counter() - t)
-    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
-    total = sum(med.values())
-    print(f"\nper-layer profile (median ms of {ARGS.repeats}; total {total:.1f} ms = {ARGS.batch / total * 1000:.0f} "
-          "samples/s):")
-    for name, ms in sorted(med.items(), key=lambda kv: -kv[1]):
-        if ms >= 0.05 * total / 10:
-            print(f"  {name:<20} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
+        for kernel, model in models.items():
+            use_threads(THREADS[0], model=model)
+            t_kernel = times[kernel]
+            A = X.T.reshape(-1, ARGS.size, ARGS.size, 3)
+            for name, layer in model.body.named_layers():
+                t = time.process_time()
+                A = layer.forward(A, True)
+                t_kernel.setdefault(f"{name} forward", []).append(time.process_time() - t)
+            d = model._loss.gradient(model._loss.output(A), Y, ARGS.batch)
+            for name, layer in reversed(list(model.body.named_layers())):
+                t = time.process_time()
+                d = layer.backward(d)
+                t_kernel.setdefault(f"{name} backward", []).append(time.process_time() - t)
+            t = time.process_time()
+            optimizers[kernel].step()
+            t_kernel.setdefault("adam step", []).append(time.process_time() - t)
+    med = {kernel: {k: statistics.median(v) * 1000 for k, v in t.items()} for kernel, t in times.items()}
+    first = next(iter(med.values()))
+    total = {kernel: sum(m.values()) for kernel, m in med.items()}
+    print(f"\nper-layer profile at {THREADS[0]} thread(s), median CPU ms of {ARGS.repeats}; load average "
+          f"{os.getloadavg()[0]:.1f}:")
+    print(f"  {'part':<20}" + "".join(f"{kernel:>10}" for kernel in med))
+    for name in sorted(first, key=lambda n: -first[n]):
+        if max(m[name] for m in med.values()) >= 0.005 * max(total.values()):
+            print(f"  {name:<20}" + "".join(f"{m[name]:10.1f}" for m in med.values()))
+    print(f"  {'total':<20}" + "".join(f"{t:10.1f}" for t in total.values()))
 
 
 def speed() -> None:
     rng = np.random.default_rng(0)
     X = np.asfortranarray(rng.random((ARGS.size * ARGS.size * 3, ARGS.batch), dtype=np.float32))
     Y = (rng.random((1, ARGS.batch)) < 0.5).astype(np.float32)
-    model, ours = streamnn_step(X, Y)
+    kernels = [k for k in ARGS.kernels.split(",") if k]
+    models, steps = {}, {}
+    for kernel in kernels:
+        models[kernel], steps[f"streamnn {kernel}"] = streamnn_step(X, Y, kernel)
     theirs = torch_step(X, Y)
+    if theirs:
+        steps["pytorch"] = theirs
 
-    def at(threads: int) -> None:
-        set_blas_threads(threads)
-        if theirs:
+    def at(name: str, threads: int) -> None:
+        use_threads(threads, model=models["blocked"] if name == "streamnn blocked" else None)
+        if name == "pytorch":
             import torch
             torch.set_num_threads(threads)
 
-    ours()  # warm-up: allocates the reused buffers
-    if theirs:
-        theirs()
-    rates: dict[tuple[str, int], list[float]] = {}
-    for _ in range(ARGS.repeats):  # contenders and thread counts in turns: the machine's load moves
+    for name, step in steps.items():  # warm-up: allocates the reused buffers
+        at(name, THREADS[0])
+        step()
+    rates: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    names = list(steps)
+    load = [os.getloadavg()[0]]
+    for r in range(ARGS.repeats):  # contenders and thread counts in turns, rotated: the machine's load moves
         for threads in THREADS:
-            at(threads)
-            rates.setdefault(("streamnn", threads), []).append(per_second(ours))
-            if theirs:
-                rates.setdefault(("pytorch", threads), []).append(per_second(theirs))
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                at(name, threads)
+                rates.setdefault((name, threads), []).append(timed(steps[name]))
+        load.append(os.getloadavg()[0])
     print(f"CNN conv {ARGS.conv} hidden {ARGS.hidden}{' batch-norm' if ARGS.batch_norm else ''}, "
           f"{ARGS.size}x{ARGS.size}x3 float32, batch {ARGS.batch}, training step (forward, backward, Adam); "
-          f"median of {ARGS.repeats}; load average {os.getloadavg()[0]:.1f}")
+          f"median of {ARGS.repeats} x {ARGS.steps} steps; load average {min(load):.1f}-{max(load):.1f}")
     for threads in THREADS:
-        ours_rate = statistics.median(rates[("streamnn", threads)])
-        line = f"  {threads} thread(s): streamnn {ours_rate:7.1f} samples/s"
-        if theirs:
-            torch_rate = statistics.median(rates[("pytorch", threads)])
-            line += f", pytorch {torch_rate:7.1f} samples/s, ratio streamnn / pytorch {ours_rate / torch_rate:.2f}x"
-        print(line)
-    at(THREADS[0])
-    print(f"(profile at {THREADS[0]} thread(s))")
-    profile(model, X, Y, Adam(model, 1e-3))
+        med = {name: (statistics.median(r for r, _ in rates[(name, threads)]),
+                      statistics.median(c for _, c in rates[(name, threads)])) for name in names}
+        print(f"  {threads} thread(s):")
+        for name in names:
+            line = f"    {name:<18} {med[name][0]:7.1f} samples/s  {med[name][1]:7.1f} ms CPU per step"
+            if theirs and name != "pytorch":
+                line += (f"   ratio to pytorch {med[name][0] / med['pytorch'][0]:.2f}x "
+                         f"(CPU {med['pytorch'][1] / med[name][1]:.2f}x)")
+            print(line)
+    if models:
+        profile(models, X, Y)
 
 
-# -- A/B of the changed parts ---------------------------------------------------------------------
-def parts() -> None:
-    """im2col one tap at a time (0.1.0) vs one kernel row at a time; ReLU -> pool vs pool -> ReLU (forward and
-    backward); alternated, medians of 7, at the first --threads count."""
-    from numpy.lib.stride_tricks import as_strided
+def block_sizes() -> None:
+    """Each conv layer alone, the blocked kernel at each --blocks size against im2col (CPU ms)."""
+    from streamnn.nn import Conv2D
+    from streamnn.nn import conv as conv_module
 
-    from streamnn.nn import Activation, MaxPool2D
-
-    set_blas_threads(THREADS[0])
-    rng, B, k = np.random.default_rng(0), ARGS.batch, 3
-
-    def med(f: Callable[[], None]) -> float:
-        times = []
-        for _ in range(7):
-            started = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - started)
-        return statistics.median(times) * 1000
-
-    def ab(name: str, before: Callable[[], None], after: Callable[[], None]) -> None:
-        a = [med(before), med(after), med(before), med(after)]
-        print(f"  {name:<34} before {min(a[0], a[2]):7.1f} ms   after {min(a[1], a[3]):7.1f} ms")
-
-    print(f"A/B of the changed parts, batch {B}, load average {os.getloadavg()[0]:.1f}:")
-    side, channels = ARGS.size, 3
-    for filters in CONV:
-        Xp = rng.random((B, side + 2, side + 2, channels), dtype=np.float32)
-        cols = np.empty((B, side, side, k, k, channels), np.float32)
-
-        def taps(Xp=Xp, cols=cols, H=side) -> None:
-            for i in range(k):
-                for j in range(k):
-                    np.copyto(cols[:, :, :, i, j, :], Xp[:, i:i + H, j:j + H, :])
-
-        def rows(Xp=Xp, cols=cols, H=side, C=channels) -> None:
-            for i in range(k):
-                v = as_strided(Xp[:, i:], (B, H, H, k * C), (Xp.strides[0], Xp.strides[1], C * 4, 4), writeable=False)
-                np.copyto(cols[:, :, :, i].reshape(B, H, H, k * C), v)
-
-        ab(f"im2col {side}x{side}x{channels}", taps, rows)
-        Z = rng.standard_normal((B, side, side, filters), dtype=np.float32)
-        dY = rng.standard_normal((B, side // 2, side // 2, filters), dtype=np.float32)
-        shape, half = (side, side, filters), (side // 2, side // 2, filters)
-        r1, p1, p2, r2 = Activation("relu"), MaxPool2D(2), MaxPool2D(2), Activation("relu")
-        for layer, sh in ((r1, shape), (p1, shape), (p2, shape), (r2, half)):
-            layer.build(sh, rng, np.float32)
-        ab(f"relu+pool {side}x{side}x{filters} fwd+bwd",
-           lambda: r1.backward(p1.backward(p1.forward(r1.forward(Z)) * 0 + dY)),
-           lambda: p2.backward(r2.backward(r2.forward(p2.forward(Z)) * 0 + dY)))
+    sizes, rng, kept = [int(r) for r in ARGS.blocks.split(",")], np.random.default_rng(0), conv_module.BLOCK_ROWS
+    model = ConvNet((ARGS.size, ARGS.size, 3), CONV, HIDDEN, 2, seed=0, conv_algo="blocked")
+    use_threads(THREADS[0], model=model)
+    print(f"conv layers alone, forward + backward, batch {ARGS.batch}, {THREADS[0]} worker thread(s); median CPU ms "
+          f"of {ARGS.repeats}; load average {os.getloadavg()[0]:.1f}")
+    print(f"  {'layer':<20}{'im2col':>10}" + "".join(f"{'blocks ' + str(r):>13}" for r in sizes))
+    side, channels, totals = ARGS.size, 3, [0.0] * (len(sizes) + 1)
+    for n, filters in enumerate(CONV):
+        X = rng.random((ARGS.batch, side, side, channels), dtype=np.float32)
+        dY = rng.random((ARGS.batch, side, side, filters), dtype=np.float32)
+        layers = [Conv2D(filters, algo="im2col")] + [Conv2D(filters, algo="blocked") for _ in sizes]
+        for layer in layers:
+            layer.build((side, side, channels), rng, np.dtype(np.float32))
+            layer.needs_input_grad = n > 0
+        times: list[list[float]] = [[] for _ in layers]
+        for _ in range(ARGS.repeats + 1):
+            for i, layer in enumerate(layers):
+                conv_module.BLOCK_ROWS = sizes[i - 1] if i else kept
+                started = time.process_time()
+                layer.forward(X)
+                layer.backward(dY)
+                times[i].append((time.process_time() - started) * 1000)
+        med = [statistics.median(t[1:]) for t in times]
+        totals = [a + b for a, b in zip(totals, med)]
+        name = f"conv{n} {side}x{side}x{channels}"
+        print(f"  {name:<20}{med[0]:10.1f}" + "".join(f"{m:13.1f}" for m in med[1:]))
         side, channels = side // 2, filters
+    conv_module.BLOCK_ROWS = kept
+    print(f"  {'total':<20}{totals[0]:10.1f}" + "".join(f"{t:13.1f}" for t in totals[1:]))
 
 
 # -- peak memory ---------------------------------------------------------------------------------
@@ -318,9 +332,9 @@ def rss(store: str) -> None:
 if __name__ == "__main__":
     if ARGS.rss_child:
         rss_child(ARGS.rss_child)
+    elif ARGS.blocks:
+        block_sizes()
     elif ARGS.rss:
         rss(ARGS.rss)
-    elif ARGS.parts:
-        parts()
     else:
         speed()

@@ -5,7 +5,8 @@ StoreWriter, deleted afterwards), each through :class:`streamnn.run.trainer.Trai
 ``streamnn-train`` runs them (loader, prefetch, Adam; no evaluation):
 
 * ``mlp``: [12288, 128, 32, 1], batch 64, the store memory-mapped (in the page cache);
-* ``cnn``: conv ``--conv`` + dense 128, batch 64;
+* ``cnn``: conv ``--conv`` + dense 128, batch 64 (the kernel of new runs, "blocked": the count is
+  that of its worker threads, BLAS at 1 thread);
 * ``pread``: the mlp read with ``--reader pread``, the reader of a store bigger than RAM (its
   16 threads compete with BLAS for the CPUs);
 
@@ -91,7 +92,8 @@ def main() -> None:
     cpus = usable_cpus()
     settings: list[str | int] = ["auto", *range(1, cpus + 1)]
     workloads = args.only.split(",")
-    print(f"{cpus} usable CPUs; auto gives {choose_threads('auto', loader=True)} BLAS thread(s) for training; "
+    print(f"{cpus} usable CPUs; auto gives {choose_threads('auto', loader=True)} thread(s) for training (BLAS "
+          "threads; the cnn's blocked convolutions: worker threads, BLAS at 1); "
           f"load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         store = make_store(Path(tmp) / "bench.h5", args.rows)

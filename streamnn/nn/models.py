@@ -26,7 +26,8 @@ for a softmax output, and the cost is the mean cross-entropy plus
   ``Flatten`` by a ``GlobalAvgPool2D`` (each channel's mean over the last block's pixels, so the
   first dense layer sees ``conv[-1]`` features instead of ``H W conv[-1]``: far fewer weights);
   ``head="flatten"``, the default, is absent from ``config()``, so configs of earlier models
-  are unchanged and load as before.
+  are unchanged and load as before. ``conv_algo`` is the convolutions'
+  kernel (:mod:`streamnn.nn.conv`): ``"im2col"``, that of models saved without it, or ``"blocked"``.
 
 Any other stack of layers is a plain :class:`~streamnn.nn.Network`; :func:`from_config`
 rebuilds all of them from ``config()``.
@@ -118,11 +119,12 @@ class ConvNet(Network):
 
     def __init__(self, image_shape: Sequence[int], conv: Sequence[int], hidden: Sequence[int], n_classes: int, *,
                  kernel: int = 3, batch_norm: bool = False, dtype: Any = np.float32, weight_decay: float = 0.0,
-                 dropout: float = 0.0, seed: int = 0, conv_bias: bool = True, head: str = "flatten") -> None:
+                 dropout: float = 0.0, seed: int = 0, conv_bias: bool = True, head: str = "flatten",
+                 conv_algo: str = "im2col") -> None:
         self.image_shape = [int(s) for s in image_shape]
         self.conv, self.hidden = [int(c) for c in conv], [int(h) for h in hidden]
         self.kernel, self.batch_norm, self.dropout = int(kernel), bool(batch_norm), float(dropout)
-        self.conv_bias, self.head = bool(conv_bias), str(head)
+        self.conv_bias, self.head, self.conv_algo = bool(conv_bias), str(head), str(conv_algo)
         if self.head not in HEADS:
             raise StreamnnError(f"unknown ConvNet head {head!r}; choose from {', '.join(HEADS)}")
         if len(self.image_shape) != 3:
@@ -138,7 +140,7 @@ class ConvNet(Network):
                                 "--conv entries or larger images")
         layers: list[Layer] = []
         for filters in self.conv:
-            layers.append(Conv2D(filters, self.kernel, padding="same", bias=self.conv_bias))
+            layers.append(Conv2D(filters, self.kernel, padding="same", bias=self.conv_bias, algo=self.conv_algo))
             if self.batch_norm:
                 layers.append(BatchNorm())
             layers += [MaxPool2D(2), Activation("relu")]  # = relu then pool, on a quarter of the values
@@ -160,6 +162,8 @@ class ConvNet(Network):
             cfg["conv_bias"] = False
         if self.head != "flatten":
             cfg["head"] = self.head
+        if self.conv_algo != "im2col":
+            cfg["conv_algo"] = self.conv_algo
         return cfg
 
 

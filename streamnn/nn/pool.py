@@ -8,9 +8,14 @@ computed as a reshape ``(B, Ho, 2, Wo, 2, C)`` and three elementwise maxima. The
 pass routes each window's gradient to ONE maximum: the first of the four positions, in the
 order (0,0), (0,1), (1,0), (1,1), that equals the window's maximum (ties, e.g. a ReLU's
 zeros, would otherwise receive the gradient several times); its input gradient is written
-into a buffer reused across steps (valid until the next backward)::
+into a buffer reused across steps (valid until the next backward), and so is the output
+(valid until the next forward)::
 
     dX[n, 2y + a, 2x + b, c] = dY[n, y, x, c] * [(a, b) is that first maximum]
+
+Both passes run over blocks of whole images (about ``POOL_BLOCK`` outputs each) on the worker
+threads of :func:`streamnn.threads.run_blocks`, so the masks of a block stay in the CPU's cache;
+every value is computed as over the whole batch, so the numbers do not depend on the blocks.
 
 GlobalAvgPool2D: ``Y[c, n] = mean over y, x of X[n, y, x, c]`` (features x batch), with
 ``dX[n, y, x, c] = dY[c, n] / (H W)``.
@@ -21,14 +26,18 @@ store row (HWC); a free view for a contiguous input.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
 
 from streamnn.errors import StreamnnError
 from streamnn.nn.module import Layer, Shape
+from streamnn.threads import run_blocks
 
 _WINDOW = ((0, 0), (0, 1), (1, 0), (1, 1))
+#: Outputs per block of MaxPool2D's passes (whole images; any size gives the same numbers).
+POOL_BLOCK = 1 << 16
 
 
 def _image_shape(layer: str, shape: Shape) -> tuple[int, int, int]:
@@ -47,8 +56,9 @@ class MaxPool2D(Layer):
         if int(pool) != 2:
             raise StreamnnError(f"MaxPool2D supports 2x2 windows (stride 2) only, not {pool}")
         self.pool = 2
-        self._cache: tuple[np.ndarray, np.ndarray] | None = None
-        self._bufs: dict[str, np.ndarray] = {}  # backward buffers, reused while the batch shape holds
+        self._cache: tuple[np.ndarray, np.ndarray] | None = None  # (X, Y) of the last train-mode forward
+        self._bufs: dict[str, np.ndarray] = {}  # the output and input gradient, reused while the shape holds
+        self._local = threading.local()  # each worker thread's masks
 
     def build(self, input_shape: Shape, rng: np.random.Generator, dtype: np.dtype) -> Shape:
         super().build(input_shape, rng, dtype)
@@ -56,53 +66,76 @@ class MaxPool2D(Layer):
         if H < 2 or W < 2:
             raise StreamnnError(f"MaxPool2D needs images of at least 2x2, not {H}x{W}")
         self.in_shape = (H, W, C)
+        self._bufs, self._local = {}, threading.local()
         return (H // 2, W // 2, C)
 
     def _windows(self, X: np.ndarray) -> np.ndarray:
-        B, (H, W, C) = X.shape[0], self.in_shape
-        Ho, Wo = H // 2, W // 2
-        X = X[:, :2 * Ho, :2 * Wo]
-        return np.ascontiguousarray(X).reshape(B, Ho, 2, Wo, 2, C)
+        """X (n, H, W, C) as (n, Ho, 2, Wo, 2, C) windows (an odd last row / column dropped)."""
+        (H, W, C), n = self.in_shape, X.shape[0]
+        return X[:, :H // 2 * 2, :W // 2 * 2].reshape(n, H // 2, 2, W // 2, 2, C)
 
-    def forward(self, X: np.ndarray, train_mode: bool = True) -> np.ndarray:
-        Xr = self._windows(X)
-        out = np.maximum(Xr[:, :, 0, :, 0], Xr[:, :, 0, :, 1])
-        np.maximum(out, Xr[:, :, 1, :, 0], out=out)
-        np.maximum(out, Xr[:, :, 1, :, 1], out=out)
-        self._cache = (Xr, out) if train_mode else self._cache
-        return out
+    def _blocks(self, B: int) -> tuple[int, int]:
+        """(images per block, blocks) for a batch of B."""
+        H, W, C = self.in_shape
+        nb = max(1, POOL_BLOCK // max(1, H // 2 * (W // 2) * C))
+        return nb, -(-B // nb)
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         buf = self._bufs.get(name)
-        if buf is None or buf.shape != shape:
+        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
             buf = self._bufs[name] = np.empty(shape, dtype)
-        return buf
+        return buf[:shape[0]]
+
+    def forward(self, X: np.ndarray, train_mode: bool = True) -> np.ndarray:
+        B, (H, W, C) = X.shape[0], self.in_shape
+        out = self._buffer("out", (B, H // 2, W // 2, C), self.dtype)
+        nb, count = self._blocks(B)
+
+        def block(i: int) -> None:
+            b0, b1 = i * nb, min(B, (i + 1) * nb)
+            Xr, Y = self._windows(X[b0:b1]), out[b0:b1]
+            np.maximum(Xr[:, :, 0, :, 0], Xr[:, :, 0, :, 1], out=Y)
+            np.maximum(Y, Xr[:, :, 1, :, 0], out=Y)
+            np.maximum(Y, Xr[:, :, 1, :, 1], out=Y)
+
+        run_blocks(block, count)
+        self._cache = (X, out) if train_mode else self._cache
+        return out
+
+    def _masks(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """This thread's two boolean buffers for a block of outputs of ``shape``."""
+        bufs = self._local.__dict__
+        if bufs.get("taken") is None or bufs["taken"].shape[1:] != shape[1:] or len(bufs["taken"]) < shape[0]:
+            bufs["taken"], bufs["hit"] = np.empty(shape, bool), np.empty(shape, bool)
+        return bufs["taken"][:shape[0]], bufs["hit"][:shape[0]]
 
     def backward(self, dY: np.ndarray) -> np.ndarray | None:
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() in train mode first")
-        Xr, out = self._cache
-        B, (H, W, C) = Xr.shape[0], self.in_shape
+        X, out = self._cache
+        B, (H, W, C) = X.shape[0], self.in_shape
         dX = self._buffer("dX", (B, H, W, C), self.dtype)
-        Ho, Wo = H // 2, W // 2
+        nb, count = self._blocks(B)
         even = H % 2 == 0 and W % 2 == 0
-        if not even:
-            dX.fill(0)  # the dropped last row / column get no gradient
-        dXr = dX.reshape(B, Ho, 2, Wo, 2, C) if even else None
-        taken = self._buffer("taken", out.shape, np.dtype(bool))
-        hit = self._buffer("hit", out.shape, np.dtype(bool))
-        for n, (a, b) in enumerate(_WINDOW):
-            np.equal(Xr[:, :, a, :, b], out, out=hit)
-            if n == 0:
-                np.copyto(taken, hit)
-            else:
-                np.greater(hit, taken, out=hit)  # hit and not taken, with no temporary
-                if n < 3:
-                    taken |= hit
-            if dXr is not None:
-                np.multiply(dY, hit, out=dXr[:, :, a, :, b])
-            else:
-                dX[:, a:2 * Ho:2, b:2 * Wo:2] = dY * hit
+
+        def block(i: int) -> None:
+            b0, b1 = i * nb, min(B, (i + 1) * nb)
+            Xr, Y, dYb = self._windows(X[b0:b1]), out[b0:b1], dY[b0:b1]
+            if not even:
+                dX[b0:b1].fill(0)  # the dropped last row / column get no gradient
+            dXr = self._windows(dX[b0:b1])
+            taken, hit = self._masks((nb, *Y.shape[1:]))
+            taken, hit = taken[:b1 - b0], hit[:b1 - b0]
+            for n, (a, b) in enumerate(_WINDOW):
+                mask = taken if n == 0 else hit  # the first position's hits are the first ones taken
+                np.equal(Xr[:, :, a, :, b], Y, out=mask)
+                if n > 0:
+                    np.greater(hit, taken, out=hit)  # hit and not taken, with no temporary
+                    if n < 3:
+                        taken |= hit
+                np.multiply(dYb, mask, out=dXr[:, :, a, :, b])
+
+        run_blocks(block, count)
         return dX
 
     def config(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from streamnn.data.transforms import PADDINGS, Augment
 from streamnn.data.remote import is_url
 from streamnn.errors import StreamnnError
 from streamnn.nn import models
+from streamnn.nn.conv import ALGOS
 from streamnn.nn.network import COMPUTE_DTYPES
 from streamnn.optim.optimizers import OPTIMIZERS
 from streamnn.optim.schedules import FORMULAS
@@ -70,6 +71,8 @@ DEFAULTS["threads"] = "auto"
 RESUMABLE = (*RESUMABLE, "threads")
 # -- cnn: biases of the convolutions; "auto": none before a batch norm (no effect there).
 DEFAULTS["conv_bias"] = "auto"
+# -- cnn: the convolutions' kernel (streamnn.nn.conv.ALGOS; runs saved without it: "im2col", that of 0.1.0).
+DEFAULTS["conv_algo"] = "blocked"
 # -- early stopping: stop when the selection accuracy has not improved for this many epochs (0: never);
 # may change on resume (the epoch of the best accuracy is in the checkpoint).
 DEFAULTS["early_stop"] = 0
@@ -186,6 +189,8 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
         cfg["conv_bias"] = not cfg["batch_norm"] if cfg["conv_bias"] == "auto" else bool(cfg["conv_bias"])
     else:  # (set by the library only, so never of another model's command line)
         cfg.pop("conv_bias", None)
+    if not uses("conv"):
+        cfg.pop("conv_algo", None)
     check_model_size(cfg, store)
     check_batch_size(cfg, store)
     return cfg
@@ -286,7 +291,7 @@ def check_model_size(cfg: dict[str, Any], store: Any) -> None:
 #: saved configuration holds them only when they differ (:func:`run_settings`), so the configuration of
 #: an earlier run, resumed, stays as it was.
 LATER_KEYS: dict[str, Any] = {"conv_bias": True, "early_stop": 0, "ema": 0.0, "label_smoothing": 0.0,
-                              "head": "flatten"}
+                              "head": "flatten", "conv_algo": "im2col"}
 
 
 def run_settings(cfg: dict[str, Any]) -> str | int:
@@ -370,7 +375,7 @@ def _cnn(cfg: dict[str, Any], n_features: int, n_classes: int, image_shape: Any,
     return models.ConvNet(image_shape, cfg["conv"], cfg["hidden"], n_classes, kernel=cfg["kernel"],
                           batch_norm=cfg["batch_norm"], dtype=dtype, weight_decay=cfg["weight_decay"],
                           dropout=cfg["dropout"], seed=seed, conv_bias=cfg.get("conv_bias", True),
-                          head=cfg.get("head", "flatten"))
+                          head=cfg.get("head", "flatten"), conv_algo=cfg.get("conv_algo", "im2col"))
 
 
 def _dense_size(cfg: dict[str, Any], store: Any) -> tuple[int, str]:
@@ -411,4 +416,4 @@ def _augment_choices() -> tuple[str | None, ...]:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model": tuple(MODELS), "optimizer": tuple(OPTIMIZERS), "lr_schedule": tuple(FORMULAS),
     "dtype": tuple(COMPUTE_DTYPES), "order": tuple(ORDERS), "augment": _augment_choices(),
-    "shift_padding": tuple(PADDINGS), "reader": tuple(READERS), "head": tuple(models.HEADS)}
+    "shift_padding": tuple(PADDINGS), "reader": tuple(READERS), "head": tuple(models.HEADS), "conv_algo": ALGOS}

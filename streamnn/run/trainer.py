@@ -267,7 +267,7 @@ class Trainer:
             agreed(self.comm, lambda: stack.enter_context(self.writer.session(self.step, config_text, self.history)))
             stack.enter_context(self.stops.signal_handlers())
             self._share_parameters()
-            self.say(use_threads(self.threads, world_size=self.comm.size, loader=True))  # BLAS threads
+            self.say(use_threads(self.threads, world_size=self.comm.size, loader=True, model=self.model))
             self.console.selection(self.config, self.selection, len(self.val_rows) if self.val_rows is not None else 0,
                                    self.epoch, self.epoch_step, self.step)
             self.say(f"reading the store with {self.parts.loader.reader_mode} (--reader {self.config['reader']})")

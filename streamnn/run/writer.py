@@ -14,6 +14,7 @@ import csv
 import io
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any
@@ -32,6 +33,7 @@ class RunWriter:
         self.run, self.say = run, say
         self._steps: IO[str] | None = None
         self._curves_drawn: float | None = None
+        self._drawing: threading.Thread | None = None
 
     @contextlib.contextmanager
     def session(self, step: int, config_text: str, history: Mapping[str, Sequence[float]]) -> Iterator[None]:
@@ -48,6 +50,7 @@ class RunWriter:
                     self.metrics(history)
                 yield
             finally:
+                self.wait_for_curves()
                 self._steps.close()
                 self._steps = None
 
@@ -66,17 +69,34 @@ class RunWriter:
         write_metrics_csv(self.run, history)
 
     def curves(self, history: Mapping[str, Sequence[float]], eval_name: str, final: bool) -> None:
-        """curves.png at the first and last epoch, and between them at most every CURVES_SECONDS."""
+        """curves.png at the first and last epoch, and between them at most every CURVES_SECONDS, drawn
+        in a thread of its own (matplotlib's import and a drawing take seconds that training need not
+        wait for): one drawing at a time, the final one waited for, and any before the lock is let go."""
         now = time.monotonic()
         if not final and self._curves_drawn is not None and now - self._curves_drawn < CURVES_SECONDS:
             return
         self._curves_drawn = now
+        self.wait_for_curves()
+        snapshot = {name: list(values) for name, values in history.items()}
+        self._drawing = threading.Thread(target=self._draw, args=(snapshot, eval_name), name="streamnn-curves",
+                                         daemon=True)
+        self._drawing.start()
+        if final:
+            self.wait_for_curves()
+
+    def _draw(self, history: Mapping[str, Sequence[float]], eval_name: str) -> None:
         try:
             from streamnn.run.plots import save_curves  # lazily: matplotlib is only needed here
 
             save_curves(history, self.run / CURVES_PNG, eval_name=eval_name, metadata=CURVES_METADATA)
         except Exception as exc:  # noqa: BLE001 - a plotting problem must not stop training
             self.say(f"warning: could not draw {CURVES_PNG} ({exc.__class__.__name__}: {exc})")
+
+    def wait_for_curves(self) -> None:
+        """Return once curves.png is drawn (at once when no drawing runs)."""
+        if self._drawing is not None:
+            self._drawing.join()
+            self._drawing = None
 
 
 class NoWriter:
