@@ -319,3 +319,27 @@ def test_the_pytorch_example_of_the_docs_runs(tmp_path, monkeypatch, capsys):
     again = StoreBatches(tmp_path / "demo.h5", "train", batch_size=32)
     again.load_state_dict(saved["data"])
     assert (again.epoch, again.position) == (2, 0)
+
+
+def test_a_stateful_dataloader_resumes_exactly_mid_epoch_with_the_same_or_another_number_of_workers(store):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    path, px, _ = store
+    kw = dict(batch_size=4, seed=9, augment="flip", layout="NHWC", channels="BGR")
+    want = [row_ids(as_loader_x(x), px) for x, _ in StoreBatches(path, "train", **kw)]  # 13 batches
+    for workers, then in ((2, 2), (2, 0), (0, 2)):
+        sdl = StatefulDataLoader(StoreBatches(path, "train", **kw), batch_size=None, num_workers=workers)
+        got = []
+        for x, _ in sdl:
+            got.append(row_ids(as_loader_x(x), px))
+            if len(got) == 5:
+                break
+        state = json.loads(json.dumps(sdl.state_dict()))  # a checkpoint: plain data
+        ds = StoreBatches(path, "train", **kw)
+        if then == workers:  # the StatefulDataLoader's own resume (it needs the same number of workers)
+            again = StatefulDataLoader(ds, batch_size=None, num_workers=then)
+            again.load_state_dict(state)
+        else:  # another number of workers: the dataset takes its place from that state
+            ds.load_state_dict(state)
+            assert (ds.epoch, ds.position) == (0, 5)
+            again = StatefulDataLoader(ds, batch_size=None, num_workers=then)
+        assert got + [row_ids(as_loader_x(x), px) for x, _ in again] == want, (workers, then)

@@ -113,6 +113,9 @@ class StoreBatches(IterableDataset):
         self._ring: Ring | None = None
         self._scratch: dict[str, np.ndarray] = {}
         self._counting = False  # dataloader() counts the batches itself
+        #: In a DataLoader worker: (epoch, last batch made, workers), and where to resume (epoch, batch).
+        self._made: tuple[int, int, int] | None = None
+        self._resume: tuple[int, int] | None = None
 
     # -- the engine: a Loader of this process ------------------------------------------------------
     def _engine(self) -> Loader:
@@ -157,12 +160,17 @@ class StoreBatches(IterableDataset):
         return epoch, position
 
     def shard(self, worker: int, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches worker ``worker`` of ``num_workers`` makes for the rest of the current epoch."""
+        """The batches worker ``worker`` of ``num_workers`` makes for the rest of the current epoch (or
+        from where a StatefulDataLoader restored this worker)."""
         L = self._engine()
         epoch, start = self._start(move=False)
+        epoch, first = self._resume if self._resume is not None else (epoch, start + worker)
+        self._resume = None
         L.batch_step = num_workers
-        for k in range(start + worker, len(L), num_workers):
-            yield self.batch(epoch, k)
+        for k in range(first, len(L), num_workers):
+            batch = self.batch(epoch, k)
+            self._made = (epoch, k, num_workers)  # this worker's place (its state_dict)
+            yield batch
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
@@ -257,14 +265,24 @@ class StoreBatches(IterableDataset):
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, str | int]:
-        """The Loader's state (str and int values) at this stream's epoch and position."""
+        """The Loader's state (str and int values) at this stream's epoch and position. In a DataLoader
+        worker (torchdata's StatefulDataLoader asks each worker), the position after the last batch
+        the worker made, and ``worker_next``, the next batch it makes."""
         L = self._engine()
-        L.epoch, L.position = self.epoch, min(self.position, len(L))
-        return L.state_dict()
+        made = self._made if get_worker_info() is not None else None
+        if made is None:
+            L.epoch, L.position = self.epoch, min(self.position, len(L))
+            return L.state_dict()
+        epoch, k, step = made
+        L.epoch, L.position = epoch, k + 1
+        return {**L.state_dict(), "worker_next": k + step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue the stream saved by :meth:`state_dict` (or by a Loader), with any number of
-        workers or ranks; the saved order-defining settings are adopted (nothing changes on error)."""
+        """Continue the stream saved by :meth:`state_dict` (or by a Loader, or a StatefulDataLoader's
+        ``state_dict()``: the furthest of its workers' states), with any number of workers or
+        ranks; the saved order-defining settings are adopted (nothing changes on error)."""
+        info = get_worker_info()
+        state = _own_state(state) if info is None else state
         L = self._engine()
         before = [getattr(L, k) for k in _ORDER_SETTINGS]
         L.load_state_dict(state)
@@ -274,9 +292,28 @@ class StoreBatches(IterableDataset):
             self.last = "drop"
         elif self.last == "drop":
             self.last = "keep"
+        if info is not None:  # a StatefulDataLoader restores this worker: its own place, nothing shared
+            self._resume = (int(state["epoch"]), int(state.get("worker_next", L.position + info.id)))
+            return
         if before != [getattr(L, k) for k in _ORDER_SETTINGS]:  # workers made before cannot go on
             self._settings = int(self._control[2]) + 1
             self._control[2] = self._settings
         self.epoch, self.position = L.epoch, L.position
 
 
+def _own_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The StoreBatches state in a torchdata StatefulDataLoader's ``state_dict()`` (with workers: the
+    furthest worker's, plus the batches taken since the last snapshot), else ``state`` itself."""
+    snapshot = state.get("_snapshot")
+    if isinstance(snapshot, Mapping):
+        found = [w.get("dataset_state") for w in snapshot.get("_worker_snapshots", {}).values()]
+        found = [s for s in found if isinstance(s, Mapping) and "position" in s]
+        if not found:
+            raise StreamnnError("the StatefulDataLoader state holds no StoreBatches state")
+        best = dict(max(found, key=lambda s: (int(s["epoch"]), int(s["position"]))))
+        best["position"] = int(best["position"]) + int(state.get("_steps_since_snapshot", 0))
+        best.pop("samples", None)
+        best.pop("worker_next", None)
+        return best
+    inner = state.get("dataset_state")
+    return inner if isinstance(inner, Mapping) and "position" in inner else state
