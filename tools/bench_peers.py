@@ -22,10 +22,12 @@ arrays in [0, 1] with --workers worker processes:
                   sample (the first --jpeg-samples samples of the epoch only: it is slow)
 
 Each epoch runs in a fresh process, watched from here: samples/s in the page cache (median of
---repeats rounds, the contenders interleaved in each round) and from a cold cache (the
-contender's files dropped from the page cache with posix_fadvise DONTNEED first), peak memory
-(the process tree's proportional set size, PSS, so shared pages count once), bytes read from
-storage (/proc io read_bytes of the tree, cold epoch), shuffle quality (every row exactly once,
+--repeats rounds, the contenders interleaved in each round; the epoch's time counts from the
+first request, so it includes the start of the workers, also shown alone: the first batch's
+wait) and from a cold cache (the contender's files dropped from the page cache with
+posix_fadvise DONTNEED first), peak memory (the process tree's proportional set size, PSS, so
+shared pages count once), the data read from storage in the cold epoch (the pages of the
+contender's files in the page cache after it, by mincore), shuffle quality (every row exactly once,
 and the mean distance between consecutive rows / rows: 1/3 for a uniform shuffle, 0 for
 stored order), and whether a checkpoint after 10 batches resumes with exactly the remaining
 samples (on a copy of --resume-rows rows). Prints a Markdown table and the load average.
@@ -279,16 +281,19 @@ def child(a: argparse.Namespace) -> None:
     """One epoch (or a resume check) of one contender; prints a JSON line."""
     it, ids = loader(a.child, a.work, "resume" if a.phase == "resume" else "main", a.workers, a.batch)
     if a.phase != "resume":
-        got, t = [], time.perf_counter()
+        got, t, first = [], time.perf_counter(), None
         for b in it:
             got.append(ids(b))
+            first = first or time.perf_counter() - t
             if a.limit and sum(map(len, got)) >= a.limit:
                 break
         dt = time.perf_counter() - t
         rows = np.concatenate(got) if got else np.zeros(0, np.int64)
-        print(json.dumps({"samples": len(rows), "seconds": dt, "ids": rows.tolist()}))
-        return
-    print(json.dumps({"resume": resume_check(a, it, ids)}))
+        result = {"samples": len(rows), "seconds": dt, "first": first, "ids": rows.tolist()}
+    else:
+        result = {"resume": resume_check(a, it, ids)}
+    with open(a.result, "w") as f:  # (not stdout: a pipe nobody reads while the child runs would fill)
+        json.dump(result, f)
 
 
 def resume_check(a: argparse.Namespace, it: Any, ids: Any) -> str:
@@ -346,8 +351,13 @@ def tree(pid: int) -> list[int]:
 
 
 def watch(cmd: list[str], timeout: float) -> tuple[dict[str, Any], float, int]:
-    """Run ``cmd``; its JSON result, the tree's peak PSS (bytes) and its bytes read from storage."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Run ``cmd`` (a child writing its JSON result to the file after its --result); that result, the
+    tree's peak PSS (bytes) and its bytes read from storage."""
+    result = cmd[cmd.index("--result") + 1]
+    if os.path.exists(result):
+        os.remove(result)
+    errors = open(result + ".err", "w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors)
     peak, reads, t0 = 0.0, {}, time.time()
     while proc.poll() is None:
         pss = 0
@@ -363,12 +373,15 @@ def watch(cmd: list[str], timeout: float) -> tuple[dict[str, Any], float, int]:
         if time.time() - t0 > timeout:
             proc.kill()
         time.sleep(0.05)
-    out, err = proc.communicate()
-    line = out.strip().splitlines()[-1] if out.strip() else ""
-    if proc.returncode != 0 or not line.startswith("{"):
+    proc.wait()
+    errors.seek(0)
+    err = errors.read()
+    errors.close()
+    if proc.returncode != 0 or not os.path.exists(result):
         last = [ln for ln in err.strip().splitlines() if ln.strip()][-1:] or [f"exit {proc.returncode}"]
         return {"error": last[0][:120]}, peak, sum(reads.values())
-    return json.loads(line), peak, sum(reads.values())
+    with open(result) as f:
+        return json.load(f), peak, sum(reads.values())
 
 
 def files_of(name: str, work: str) -> list[str]:
@@ -379,6 +392,27 @@ def files_of(name: str, work: str) -> list[str]:
              "grain": "grain.array_record"}.get(name, name)
     path = os.path.join(base, where)
     return [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+
+
+def resident(paths: list[str]) -> int:
+    """Bytes of the files in the page cache (mincore over a read-only map of each)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    page, total = os.sysconf("SC_PAGE_SIZE"), 0
+    for p in paths:
+        size = os.path.getsize(p)
+        if not size:
+            continue
+        with open(p, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
+            view = np.frombuffer(m, np.uint8)
+            vec = np.zeros(-(-size // page), np.uint8)
+            if libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size),
+                            ctypes.c_void_p(vec.ctypes.data)) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            total += int((vec & 1).sum()) * page
+            del view
+    return total
 
 
 def cache(paths: list[str], drop: bool) -> None:
@@ -448,6 +482,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--phase", default="epoch", help=argparse.SUPPRESS)
     ap.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.work = os.path.abspath(a.work)
     if a.child:
@@ -461,7 +496,8 @@ def main() -> None:
     def cmd(name: str, phase: str) -> list[str]:
         limit = a.jpeg_samples if name == "jpeg" else 0
         return [sys.executable, os.path.abspath(__file__), a.photos, "--work", a.work, "--child", name,
-                "--phase", phase, "--workers", str(a.workers), "--batch", str(a.batch), "--limit", str(limit)]
+                "--phase", phase, "--workers", str(a.workers), "--batch", str(a.batch), "--limit", str(limit),
+                "--result", os.path.join(a.work, "result.json")]
     res: dict[str, dict[str, Any]] = {n: {"warm": [], "errors": []} for n in names}
     for _ in range(a.repeats):
         for n in names:
@@ -471,18 +507,19 @@ def main() -> None:
                 res[n]["errors"].append(r["error"])
                 continue
             res[n]["warm"].append(r["samples"] / r["seconds"])
+            res[n].setdefault("first", []).append(r["first"])
             res[n]["pss"] = max(res[n].get("pss", 0), peak)
             ids = np.asarray(r["ids"])
             res[n]["once"] = len(np.unique(ids)) == len(ids) and (n == "jpeg" or len(ids) == a.rows)
             res[n]["spread"] = float(np.abs(np.diff(ids)).mean() / a.rows) if len(ids) > 1 else None
     for n in names:
         cache(files_of(n, a.work), drop=True)
-        r, _, read = watch(cmd(n, "epoch"), a.timeout)
+        r, _, _ = watch(cmd(n, "epoch"), a.timeout)
         if "error" in r:
             res[n]["errors"].append(r["error"])
         else:
             res[n]["cold"] = r["samples"] / r["seconds"]
-            res[n]["read"] = read
+            res[n]["read"] = resident(files_of(n, a.work))  # the data's pages the epoch brought in
         r, _, _ = watch(cmd(n, "resume"), a.timeout)
         res[n]["resume"] = r.get("resume", "error: " + r.get("error", "?"))
     load1 = os.getloadavg()
@@ -494,9 +531,9 @@ def report(a: argparse.Namespace, names: list[str], info: dict[str, Any], res: d
     print(f"{a.rows:,} rows of {SIZE}x{SIZE}x3 uint8 ({info['photos']} photos decoded at "
           f"{info['decode']:.0f}/s, tiled), batch {a.batch}, {a.workers} workers, {a.repeats} warm rounds; "
           f"load average {load0[0]:.1f} before, {load1[0]:.1f} after ({os.cpu_count()} cores)\n")
-    print("| loader | convert rows/s | on disk | warm samples/s | cold samples/s | peak PSS | read (cold) "
-          "| once per epoch | shuffle (spread) | resume |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| loader | convert rows/s | on disk | warm samples/s | first batch | cold samples/s | peak PSS "
+          "| read (cold) | once per epoch | shuffle (spread) | resume |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     data = a.rows * SIZE * SIZE * 3
     for n in names:
         r, conv = res[n], info.get(FORMAT[n]) or {}
@@ -505,12 +542,14 @@ def report(a: argparse.Namespace, names: list[str], info: dict[str, Any], res: d
         rate = "-" if FORMAT[n] is None else (f"{conv['rate']:,.0f}" if conv.get("rate") else
                                                f"error: {conv.get('error')}")
         disk = "-" if FORMAT[n] is None else f"{conv.get('bytes', 0) / 1e9:.2f} GB"
-        read = f"{r['read'] / 1e9:.2f} GB ({r['read'] / data:.2f}x)" if "read" in r else "-"
+        read = "-" if "read" not in r else f"{r['read'] / 1e9:.2f} GB" + \
+            (f" ({r['read'] / data:.2f}x)" if FORMAT[n] else " (JPEG files)")
+        first = f"{statistics.median(r['first']):.2f} s" if r.get("first") else "-"
         spread = f"{r['spread']:.2f}" if r.get("spread") is not None else "-"
         once = {True: "yes", False: "no"}.get(r.get("once"), "-")
         if n == "jpeg":
             warm, cold, once = warm + f" (first {a.jpeg_samples:,})", cold + " (idem)", once + " (of those)"
-        print(f"| {n} | {rate} | {disk} | {warm} | {cold} | {r.get('pss', 0) / 2**20:,.0f} MB | {read} | {once} | "
+        print(f"| {n} | {rate} | {disk} | {warm} | {first} | {cold} | {r.get('pss', 0) / 2**20:,.0f} MB | {read} | {once} | "
               f"{SHUFFLE[n]} ({spread}) | {r['resume']} |")
     for n in names:
         for e in sorted(set(res[n]["errors"])):

@@ -13,6 +13,7 @@ medians, their ratio to the NumPy loader, and the load average before and after:
   loader-keep    Loader() default, the caller keeping every batch (fresh buffers: the cost of keeping)
   torch-wN       StoreBatches(...).dataloader(num_workers=N): NCHW RGB float32 tensors, fresh each
                  batch (N > 0: persistent workers, batches handed over through the shared ring)
+  uint8-wN       as torch-wN with dtype=torch.uint8 (NCHW RGB bytes, to normalize on the device; --uint8)
   plain-wN       DataLoader(StoreBatches(...), batch_size=None, num_workers=N): a fresh shared tensor
                  per batch (--plain)
 """
@@ -58,10 +59,10 @@ def loader_epoch(path: str, reuse: bool, keep: bool) -> Callable[[], int]:
     return run
 
 
-def torch_epoch(path: str, workers: int, plain: bool) -> Callable[[], int]:
+def torch_epoch(path: str, workers: int, plain: bool, dtype: str = "float32") -> Callable[[], int]:
     from torch.utils.data import DataLoader
     from streamnn.torch import StoreBatches
-    ds = StoreBatches(path, "train", batch_size=64, seed=0)
+    ds = StoreBatches(path, "train", batch_size=64, seed=0, dtype=dtype)
     dl = DataLoader(ds, batch_size=None, num_workers=workers) if plain else ds.dataloader(num_workers=workers)
     epoch = [0]
 
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="rounds (epochs of each method)")
     ap.add_argument("--workers", default="0,2", help="DataLoader workers to time, comma-separated")
     ap.add_argument("--plain", action="store_true", help="also a plain DataLoader over StoreBatches")
+    ap.add_argument("--uint8", action="store_true", help="also uint8 batches")
     ap.add_argument("--no-torch", action="store_true")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +90,8 @@ def main() -> None:
         if not a.no_torch:
             for w in (int(x) for x in a.workers.split(",")):
                 methods[f"torch-w{w}"] = torch_epoch(path, w, plain=False)
+                if a.uint8:
+                    methods[f"uint8-w{w}"] = torch_epoch(path, w, plain=False, dtype="uint8")
                 if a.plain and w:
                     methods[f"plain-w{w}"] = torch_epoch(path, w, plain=True)
         load0 = os.getloadavg()
