@@ -30,6 +30,7 @@ workers) keeps only its settings, its position and the shared blocks.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -209,7 +210,7 @@ class StoreBatches(IterableDataset):
 
     def _stage(self, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         """This process's scratch buffer ``name``, grown on demand."""
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         buf = self._scratch.get(name)
         if buf is None or buf.size < n or buf.dtype != dtype:
             buf = self._scratch[name] = np.empty(n, dtype)

@@ -74,12 +74,12 @@ class Ring:
 
     def claim(self, worker: int) -> int | None:
         """A free slot of ``worker``, now busy (None: all are in use)."""
-        free = np.flatnonzero(self.state[worker] == FREE)
-        if not len(free):
-            return None
-        slot = int(free[0])
-        self.state[worker, slot] = BUSY
-        return slot
+        states = self.state[worker]
+        for slot, state in enumerate(states.tolist()):
+            if state == FREE:
+                states[slot] = BUSY
+                return slot
+        return None
 
     def lend(self, worker: int, slot: int, rows: int) -> torch.Tensor:
         """The images of a filled slot as a tensor over the slot; the slot is freed once it and every
@@ -116,6 +116,7 @@ class Counted:
             kw = dict(self.kwargs)
             if self.workers > 0:
                 kw["pin_memory"] = False  # the main process pins what it hands out
+                kw.setdefault("collate_fn", as_is)  # slot numbers or tensors: nothing to convert
                 kw.setdefault("persistent_workers", True)
                 clone = copy_of(ds)
                 slots = int(kw.get("prefetch_factor") or 2) + 3  # in flight, and held by the caller
@@ -155,6 +156,11 @@ class Counted:
             ds._counting = False
         if ds.epoch == epoch and ds.position >= len(ds):
             ds.epoch, ds.position = epoch + 1, 0
+
+
+def as_is(item: Any) -> Any:
+    """The workers' collate function: their items go to the main process as they are."""
+    return item
 
 
 def copy_of(ds: Any) -> Any:
