@@ -4,7 +4,7 @@ process through a pool of slots in shared memory (:meth:`StoreBatches.dataloader
 A plain DataLoader sends each batch as a fresh shared-memory tensor: the worker makes a new
 shared segment, its pages are faulted in on both sides, and its descriptor is passed over a
 socket for each of the images and the labels. Measured on 2 busy cores, that caps 64 float32
-64x64x3 images at ~7,000 samples/s, whatever the data. Here each worker has ``slots`` slots
+64x64x3 images at 7,000-11,000 samples/s, whatever the data. Here each worker has ``slots`` slots
 made once, before the workers start: it writes a batch into a free slot and sends only integers
 (worker, slot, rows, loop); the main process hands out the slot itself as the image tensor (no
 copy; the labels are copied) and frees the slot when the last reference to it is gone (a weak
