@@ -100,3 +100,16 @@ def test_host_batches_resume_exactly_on_another_process_count(store):
 def test_no_jax_or_grain_needed():
     code = "import sys, streamnn.grain; assert not {'jax', 'grain', 'torch'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_jax_example_of_the_docs_is_the_script_that_runs_it():
+    import re
+    import textwrap
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "frameworks.md").read_text()
+    shown = re.search(r"## JAX and Grain\n.*?```python\n(.*?)```", page, flags=re.S).group(1)
+    script = (root / "tools" / "example_jax.py").read_text()
+    body = re.search(r"    # -- example: start --\n(.*?)    # -- example: end --", script, flags=re.S).group(1)
+    lines = [line for line in textwrap.dedent(body).splitlines() if "(not in the docs' example)" not in line]
+    assert shown.splitlines()[1:] == lines and shown.startswith("store, split, batch_size, epochs")

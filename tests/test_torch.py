@@ -159,8 +159,48 @@ def test_real_workers_two_epochs_and_resume_with_other_workers(store):
     rest = [row_ids(as_loader_x(x), px) for x, _ in resumed.dataloader(num_workers=1)]  # 1 worker now
     got.append(first + rest)
     assert got == want
-    with pytest.raises(StreamnnError, match="persistent_workers"):
-        ds.dataloader(num_workers=1, persistent_workers=True)
+    with pytest.raises(StreamnnError, match="in_order"):
+        ds.dataloader(num_workers=1, in_order=False)
+
+
+def test_the_ring_lends_slots_only_while_unreferenced_and_falls_back_when_all_are_held(store):
+    path, px, _ = store
+    kw = dict(batch_size=4, seed=7, augment="flip,shift=1/zero")  # uint8 store: batches made from its bytes
+    want = list(StoreBatches(path, "train", **kw))  # in this process (13 batches, NCHW RGB float32)
+    ds = StoreBatches(path, "train", **kw)
+    dl = ds.dataloader(num_workers=2, prefetch_factor=1)  # 4 slots a worker: keeping all 13 exhausts them
+    kept = list(dl)
+    assert len(kept) == 13 and all(torch.equal(x, w[0]) and torch.equal(y, w[1]) for (x, y), (w) in zip(kept, want))
+    ring = dl.ring
+    assert len(ring.lent) == 8 and (ring.state == 1).all()  # every slot lent: the rest came as fresh tensors
+    view = kept[0][0][1:]  # a view keeps its slot lent
+    del kept
+    assert ring.lent == {(0, 0)}
+    del view
+    assert not ring.lent and (ring.state == 0).all()
+    for epoch in (1, 2):  # the next loops reuse the slots: batches dropped as they come
+        ref = StoreBatches(path, "train", **kw)
+        ref.set_epoch(epoch)
+        assert all(torch.equal(x, w[0]) for (x, _), w in zip(dl, ref)) and ds.epoch == epoch + 1
+        assert not ring.lent
+
+
+def test_persistent_workers_of_a_plain_dataloader_follow_set_epoch_and_refuse_other_settings(store):
+    path, px, _ = store
+    kw = dict(batch_size=8, seed=3, layout="NHWC", channels="BGR")
+    ds = StoreBatches(path, "train", **kw)
+    dl = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    for epoch in (0, 1, 0):
+        ds.set_epoch(epoch)
+        loader = Loader(path, "train", batch_size=8, seed=3)
+        loader.epoch = epoch
+        assert [row_ids(as_loader_x(x), px) for x, _ in dl] == [row_ids(X, px) for X, _ in loader]
+    other = Loader(path, "train", batch_size=8, seed=4)
+    ds.load_state_dict(other.state_dict())  # another seed: the running workers cannot follow
+    with pytest.raises(StreamnnError, match="make a new DataLoader"):
+        list(dl)
+    counted = ds.dataloader(num_workers=1)  # dataloader() remakes its workers by itself
+    assert [row_ids(as_loader_x(x), px) for x, _ in counted] == [row_ids(X, px) for X, _ in other]
 
 
 def test_resume_on_another_number_of_ranks(store):
@@ -279,3 +319,27 @@ def test_the_pytorch_example_of_the_docs_runs(tmp_path, monkeypatch, capsys):
     again = StoreBatches(tmp_path / "demo.h5", "train", batch_size=32)
     again.load_state_dict(saved["data"])
     assert (again.epoch, again.position) == (2, 0)
+
+
+def test_a_stateful_dataloader_resumes_exactly_mid_epoch_with_the_same_or_another_number_of_workers(store):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    path, px, _ = store
+    kw = dict(batch_size=4, seed=9, augment="flip", layout="NHWC", channels="BGR")
+    want = [row_ids(as_loader_x(x), px) for x, _ in StoreBatches(path, "train", **kw)]  # 13 batches
+    for workers, then in ((2, 2), (2, 0), (0, 2)):
+        sdl = StatefulDataLoader(StoreBatches(path, "train", **kw), batch_size=None, num_workers=workers)
+        got = []
+        for x, _ in sdl:
+            got.append(row_ids(as_loader_x(x), px))
+            if len(got) == 5:
+                break
+        state = json.loads(json.dumps(sdl.state_dict()))  # a checkpoint: plain data
+        ds = StoreBatches(path, "train", **kw)
+        if then == workers:  # the StatefulDataLoader's own resume (it needs the same number of workers)
+            again = StatefulDataLoader(ds, batch_size=None, num_workers=then)
+            again.load_state_dict(state)
+        else:  # another number of workers: the dataset takes its place from that state
+            ds.load_state_dict(state)
+            assert (ds.epoch, ds.position) == (0, 5)
+            again = StatefulDataLoader(ds, batch_size=None, num_workers=then)
+        assert got + [row_ids(as_loader_x(x), px) for x, _ in again] == want, (workers, then)

@@ -1,15 +1,21 @@
-"""Samples/s of the NumPy Loader (safe batches vs reuse_buffers) and of streamnn.torch under DataLoader.
+"""Samples/s of the NumPy Loader and of streamnn.torch under torch's DataLoader, interleaved in one run.
 
-    python tools/bench_torch.py                       # 25,000 rows of 64x64x3 uint8, 3 epochs each
-    python tools/bench_torch.py --rows 5000 --repeats 2
+    python tools/bench_torch.py                       # 25,000 rows of 64x64x3 uint8, 5 rounds
+    python tools/bench_torch.py --rows 5000 --repeats 3 --workers 0,1,2
 
 Writes a uint8 store of random pixels in a temporary directory (deleted at the end), page cache
-warm, and times a shuffled epoch (batch 64) for each method; the median over --repeats epochs:
+warm, and times shuffled epochs (batch 64) of each method, one epoch of each method per round,
+over --repeats rounds (so a change of the machine's load hits every method alike); prints the
+medians, their ratio to the NumPy loader, and the load average before and after:
 
   loader-reuse   Loader(reuse_buffers=True): the ring of buffers (what the trainer needs)
   loader-safe    Loader() default: buffers reused only once nothing references them
   loader-keep    Loader() default, the caller keeping every batch (fresh buffers: the cost of keeping)
-  torch-wN       StoreBatches(...).dataloader(num_workers=N): NCHW RGB float32 tensors
+  torch-wN       StoreBatches(...).dataloader(num_workers=N): NCHW RGB float32 tensors, fresh each
+                 batch (N > 0: persistent workers, batches handed over through the shared ring)
+  uint8-wN       as torch-wN with dtype=torch.uint8 (NCHW RGB bytes, to normalize on the device; --uint8)
+  plain-wN       DataLoader(StoreBatches(...), batch_size=None, num_workers=N): a fresh shared tensor
+                 per batch (--plain)
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,57 +46,71 @@ def make(path: str, rows: int, shape: tuple[int, int, int]) -> None:
         w.commit()
 
 
-def timed(epoch_fn, repeats: int) -> float:
-    times = []
-    for e in range(repeats):
-        t = time.perf_counter()
-        n = epoch_fn(e)
-        times.append(n / (time.perf_counter() - t))
-    return statistics.median(times)
+def loader_epoch(path: str, reuse: bool, keep: bool) -> Callable[[], int]:
+    loader = Loader(path, "train", batch_size=64, seed=0, reuse_buffers=reuse)
+
+    def run() -> int:
+        kept, n = [], 0
+        for X, _ in loader:
+            n += X.shape[1]
+            if keep:
+                kept.append(X)
+        return n
+    return run
+
+
+def torch_epoch(path: str, workers: int, plain: bool, dtype: str = "float32") -> Callable[[], int]:
+    from torch.utils.data import DataLoader
+    from streamnn.torch import StoreBatches
+    ds = StoreBatches(path, "train", batch_size=64, seed=0, dtype=dtype)
+    dl = DataLoader(ds, batch_size=None, num_workers=workers) if plain else ds.dataloader(num_workers=workers)
+    epoch = [0]
+
+    def run() -> int:
+        ds.set_epoch(epoch[0])
+        epoch[0] += 1
+        return sum(len(x) for x, _ in dl)
+    return run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=25_000)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", default="0,2")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds (epochs of each method)")
+    ap.add_argument("--workers", default="0,2", help="DataLoader workers to time, comma-separated")
+    ap.add_argument("--plain", action="store_true", help="also a plain DataLoader over StoreBatches")
+    ap.add_argument("--uint8", action="store_true", help="also uint8 batches")
     ap.add_argument("--no-torch", action="store_true")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "s.h5")
         make(path, a.rows, (64, 64, 3))
-        results = {}
-
-        def loader_epoch(reuse: bool, keep: bool):
-            loader = Loader(path, "train", batch_size=64, seed=0, reuse_buffers=reuse)
-
-            def run(e: int) -> int:
-                kept, n = [], 0
-                for X, _ in loader:
-                    n += X.shape[1]
-                    if keep:
-                        kept.append(X)
-                return n
-            return run
-
-        for name, reuse, keep in (("loader-reuse", True, False), ("loader-safe", False, False),
-                                  ("loader-keep", False, True)):
-            timed(loader_epoch(reuse, keep), 1)  # warm: page cache and map
-            results[name] = timed(loader_epoch(reuse, keep), a.repeats)
+        methods = {name: loader_epoch(path, reuse, keep) for name, reuse, keep in
+                   (("loader-reuse", True, False), ("loader-safe", False, False), ("loader-keep", False, True))}
         if not a.no_torch:
-            from streamnn.torch import StoreBatches
             for w in (int(x) for x in a.workers.split(",")):
-                ds = StoreBatches(path, "train", batch_size=64, seed=0)
-                dl = ds.dataloader(num_workers=w)
-
-                def run(e: int) -> int:
-                    return sum(len(x) for x, _ in dl)
-                results[f"torch-w{w}"] = timed(run, a.repeats)
-        base = results["loader-reuse"]
-        print(f"{a.rows} rows of 64x64x3 uint8, batch 64, median of {a.repeats} epochs (page cache warm)")
-        print(f"{'method':<14} {'samples/s':>10} {'vs reuse':>9}")
-        for name, v in results.items():
-            print(f"{name:<14} {v:>10.0f} {v / base:>8.2f}x")
+                methods[f"torch-w{w}"] = torch_epoch(path, w, plain=False)
+                if a.uint8:
+                    methods[f"uint8-w{w}"] = torch_epoch(path, w, plain=False, dtype="uint8")
+                if a.plain and w:
+                    methods[f"plain-w{w}"] = torch_epoch(path, w, plain=True)
+        load0 = os.getloadavg()
+        for run in methods.values():
+            run()  # warm: page cache, maps, persistent workers
+        rates: dict[str, list[float]] = {name: [] for name in methods}
+        for _ in range(a.repeats):
+            for name, run in methods.items():
+                t = time.perf_counter()
+                n = run()
+                rates[name].append(n / (time.perf_counter() - t))
+        load1 = os.getloadavg()
+        base = statistics.median(rates["loader-reuse"])
+        print(f"{a.rows} rows of 64x64x3 uint8, batch 64, page cache warm, median of {a.repeats} interleaved rounds")
+        print(f"load average {load0[0]:.1f} before, {load1[0]:.1f} after ({os.cpu_count()} cores)")
+        print(f"{'method':<14} {'samples/s':>10} {'vs reuse':>9} {'min..max':>16}")
+        for name, v in rates.items():
+            m = statistics.median(v)
+            print(f"{name:<14} {m:>10.0f} {m / base:>8.2f}x {min(v):>7.0f}..{max(v):<7.0f}")
 
 
 if __name__ == "__main__":
