@@ -163,13 +163,10 @@ class BlockCache:
     def _read_entry(self, k: int, at: int, views: list[memoryview]) -> bool:
         """Read ``views`` from block ``k``'s entry at ``at``; False if there is no valid entry."""
         path = self._path(k)
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
+        fd = self._open_valid(k, path)
+        if fd is None:
             return False
         try:
-            if not self._valid(fd, k, path):
-                return False
             want = sum(len(v) for v in views)
             if os.preadv(fd, views, HEADER + at) != want:
                 return False  # cannot happen to a valid entry (its size was checked): read it again
@@ -277,15 +274,25 @@ class BlockCache:
             self.evict()
 
     def _exists(self, k: int) -> bool:
-        path = self._path(k)
+        fd = self._open_valid(k, self._path(k))
+        if fd is not None:
+            os.close(fd)
+        return fd is not None
+
+    def _open_valid(self, k: int, path: str) -> int | None:
+        """A descriptor of block ``k``'s entry at ``path`` if it is a valid one, else None."""
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError:
-            return False
+            return None
         try:
-            return self._valid(fd, k, path)
-        finally:
+            if self._valid(fd, k, path):
+                return fd
+        except BaseException:
             os.close(fd)
+            raise
+        os.close(fd)
+        return None
 
     def _lockfile(self) -> int:
         with self._lock:
