@@ -87,7 +87,8 @@ def threads_option(what: str) -> Callable[[Any], Any]:
     """The ``--threads`` option of the commands that compute (the policy: :mod:`streamnn.threads`): "auto"
     or a positive number; anything else is an ``Error:`` line (printed once under ``mpiexec``), status 1."""
     return click.option("--threads", default=AUTO, show_default=True, metavar="N|auto", callback=_threads,
-                        help=f"BLAS threads: auto = {what}, or a number.")
+                        help=f"Threads (BLAS threads, or the worker threads of a CNN that computes in blocks): "
+                        f"auto = {what}, or a number.")
 
 
 def _threads(ctx: click.Context, param: click.Parameter, value: str) -> str | int:

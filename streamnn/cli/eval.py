@@ -10,7 +10,6 @@ from streamnn.dist import world
 from streamnn.run.evaluate import evaluate_checkpoint
 from streamnn.run.predict import TTA
 from streamnn.paths import path_text
-from streamnn.threads import use_threads
 from streamnn.cli.common import CONTEXT_SETTINGS, Command, cache_options, sigterm_as_interrupt, threads_option, user_errors
 
 
@@ -37,13 +36,13 @@ def main(checkpoint: str, store: str, split: str, as_json: bool, errors_png: str
     """
     with sigterm_as_interrupt(), user_errors(ranks=True):
         comm = world()
-        use_threads(threads, world_size=comm.size)
         if errors_png:
             from streamnn.run.plots import check_figure_path
 
             check_figure_path(errors_png)
         summary, errors = evaluate_checkpoint(checkpoint, store, split, tta=TTA[tta], batch_size=batch_size,
-                                              max_errors=max_errors if errors_png else 0, comm=comm)
+                                              max_errors=max_errors if errors_png else 0, comm=comm,
+                                              threads=threads)
         if errors_png:
             summary["errors_png"] = _save_errors(errors_png, errors, summary["channel_order"])
     if comm.rank == 0:

@@ -32,8 +32,8 @@ def main(checkpoint: str, inputs: tuple[str, ...], as_json: bool, tta: str, batc
     """
     failures = done = 0
     with sigterm_as_interrupt(), user_errors():
-        use_threads(threads)
         pred = load_model(checkpoint)
+        use_threads(threads, model=pred.model)
         missing = [i for i in inputs if not os.path.lexists(i)]
         for item in missing:  # reported as such, not as an image that could not be read
             click.echo(f"Error: {path_text(item)}: no such file or folder", err=True)

@@ -22,6 +22,7 @@ from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.run.metrics import Metrics
 from streamnn.run.predict import Predictor, load_model, predict_proba
+from streamnn.threads import use_threads
 
 
 class EvaluationStopped(Exception):
@@ -127,8 +128,10 @@ def _keep_errors(errors: Misclassified, X: np.ndarray, Y: np.ndarray, P: np.ndar
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.PathLike, split: str = "test", *,
                         tta: bool = False, batch_size: int = 256, max_errors: int = 0,
-                        comm: Comm | None = None) -> tuple[dict, Misclassified]:
+                        comm: Comm | None = None, threads: Any = None) -> tuple[dict, Misclassified]:
     """Evaluate a checkpoint on ``split`` of a store; returns (summary dict, misclassified images).
+    ``threads`` (``"auto"`` or a number; None leaves them as they are) are set as
+    :func:`streamnn.threads.use_threads` gives them for the checkpoint's model.
 
     With a ``comm`` of K > 1 ranks (:mod:`streamnn.dist`) each rank evaluates its interleaved
     share of every batch and the sums are reduced: every rank returns the one-process numbers
@@ -142,6 +145,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store_path: str | os.Path
         return _checked_predictor(checkpoint, store_path, split)
 
     pred, fingerprint = agreed(comm, checked)
+    if threads is not None:
+        use_threads(threads, world_size=comm.size, model=pred.model)
     same_store = fingerprint == pred.fingerprint
     # every rank evaluates the same checkpoint on the same store and split, alike, or none does
     agree(comm, "evaluation", {"checkpoint": _model_digest(pred), "store fingerprint": fingerprint, "split": split,
