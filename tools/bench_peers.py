@@ -26,7 +26,8 @@ Each epoch runs in a fresh process, watched from here: samples/s in the page cac
 first request, so it includes the start of the workers, also shown alone: the first batch's
 wait) and from a cold cache (the contender's files dropped from the page cache with
 posix_fadvise DONTNEED first), peak memory (the process tree's proportional set size, PSS, so
-shared pages count once), the data read from storage in the cold epoch (the pages of the
+shared pages count once; in brackets without the pages of mapped files: a memory-mapped store's
+pages and the libraries' code are the page cache's, shared and reclaimable), the data read from storage in the cold epoch (the pages of the
 contender's files in the page cache after it, by mincore), shuffle quality (every row exactly once,
 and the mean distance between consecutive rows / rows: 1/3 for a uniform shuffle, 0 for
 stored order), and whether a checkpoint after 10 batches resumes with exactly the remaining
@@ -350,26 +351,28 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def watch(cmd: list[str], timeout: float) -> tuple[dict[str, Any], float, int]:
+def watch(cmd: list[str], timeout: float) -> tuple[dict[str, Any], tuple[float, float], int]:
     """Run ``cmd`` (a child writing its JSON result to the file after its --result); that result, the
-    tree's peak PSS (bytes) and its bytes read from storage."""
+    tree's peak PSS and peak PSS without mapped files' pages (bytes), its bytes read from storage."""
     result = cmd[cmd.index("--result") + 1]
     if os.path.exists(result):
         os.remove(result)
     errors = open(result + ".err", "w+")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors)
-    peak, reads, t0 = 0.0, {}, time.time()
+    peak, own, reads, t0 = 0.0, 0.0, {}, time.time()
     while proc.poll() is None:
-        pss = 0
+        pss = anon = 0
         for p in tree(proc.pid):
             try:
                 with open(f"/proc/{p}/smaps_rollup") as f:
-                    pss += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) * 1024
+                    kb = {line.split()[0]: int(line.split()[1]) for line in f if line.startswith("Pss")}
+                pss += kb.get("Pss:", 0) * 1024
+                anon += (kb.get("Pss_Anon:", 0) + kb.get("Pss_Shmem:", 0)) * 1024
                 with open(f"/proc/{p}/io") as f:
                     reads[p] = next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
             except (OSError, StopIteration):
                 pass
-        peak = max(peak, pss)
+        peak, own = max(peak, pss), max(own, anon)
         if time.time() - t0 > timeout:
             proc.kill()
         time.sleep(0.05)
@@ -379,9 +382,9 @@ def watch(cmd: list[str], timeout: float) -> tuple[dict[str, Any], float, int]:
     errors.close()
     if proc.returncode != 0 or not os.path.exists(result):
         last = [ln for ln in err.strip().splitlines() if ln.strip()][-1:] or [f"exit {proc.returncode}"]
-        return {"error": last[0][:120]}, peak, sum(reads.values())
+        return {"error": last[0][:120]}, (peak, own), sum(reads.values())
     with open(result) as f:
-        return json.load(f), peak, sum(reads.values())
+        return json.load(f), (peak, own), sum(reads.values())
 
 
 def files_of(name: str, work: str) -> list[str]:
@@ -508,7 +511,8 @@ def main() -> None:
                 continue
             res[n]["warm"].append(r["samples"] / r["seconds"])
             res[n].setdefault("first", []).append(r["first"])
-            res[n]["pss"] = max(res[n].get("pss", 0), peak)
+            res[n]["pss"] = max(res[n].get("pss", 0), peak[0])
+            res[n]["own"] = max(res[n].get("own", 0), peak[1])
             ids = np.asarray(r["ids"])
             res[n]["once"] = len(np.unique(ids)) == len(ids) and (n == "jpeg" or len(ids) == a.rows)
             res[n]["spread"] = float(np.abs(np.diff(ids)).mean() / a.rows) if len(ids) > 1 else None
@@ -531,8 +535,8 @@ def report(a: argparse.Namespace, names: list[str], info: dict[str, Any], res: d
     print(f"{a.rows:,} rows of {SIZE}x{SIZE}x3 uint8 ({info['photos']} photos decoded at "
           f"{info['decode']:.0f}/s, tiled), batch {a.batch}, {a.workers} workers, {a.repeats} warm rounds; "
           f"load average {load0[0]:.1f} before, {load1[0]:.1f} after ({os.cpu_count()} cores)\n")
-    print("| loader | convert rows/s | on disk | warm samples/s | first batch | cold samples/s | peak PSS "
-          "| read (cold) | once per epoch | shuffle (spread) | resume |")
+    print("| loader | convert rows/s | on disk | warm samples/s | first batch | cold samples/s | peak PSS (not "
+          "of files) | read (cold) | once per epoch | shuffle (spread) | resume |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     data = a.rows * SIZE * SIZE * 3
     for n in names:
@@ -549,7 +553,7 @@ def report(a: argparse.Namespace, names: list[str], info: dict[str, Any], res: d
         once = {True: "yes", False: "no"}.get(r.get("once"), "-")
         if n == "jpeg":
             warm, cold, once = warm + f" (first {a.jpeg_samples:,})", cold + " (idem)", once + " (of those)"
-        print(f"| {n} | {rate} | {disk} | {warm} | {first} | {cold} | {r.get('pss', 0) / 2**20:,.0f} MB | {read} | {once} | "
+        print(f"| {n} | {rate} | {disk} | {warm} | {first} | {cold} | {r.get('pss', 0) / 2**20:,.0f} MB ({r.get('own', 0) / 2**20:,.0f} MB) | {read} | {once} | "
               f"{SHUFFLE[n]} ({spread}) | {r['resume']} |")
     for n in names:
         for e in sorted(set(res[n]["errors"])):

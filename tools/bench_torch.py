@@ -14,6 +14,7 @@ medians, their ratio to the NumPy loader, and the load average before and after:
   torch-wN       StoreBatches(...).dataloader(num_workers=N): NCHW RGB float32 tensors, fresh each
                  batch (N > 0: persistent workers, batches handed over through the shared ring)
   uint8-wN       as torch-wN with dtype=torch.uint8 (NCHW RGB bytes, to normalize on the device; --uint8)
+  nhwc-wN        as torch-wN with layout="NHWC", channels="BGR": the rows as stored, not turned (--nhwc)
   plain-wN       DataLoader(StoreBatches(...), batch_size=None, num_workers=N): a fresh shared tensor
                  per batch (--plain)
 """
@@ -59,10 +60,10 @@ def loader_epoch(path: str, reuse: bool, keep: bool) -> Callable[[], int]:
     return run
 
 
-def torch_epoch(path: str, workers: int, plain: bool, dtype: str = "float32") -> Callable[[], int]:
+def torch_epoch(path: str, workers: int, plain: bool, **kwargs: str) -> Callable[[], int]:
     from torch.utils.data import DataLoader
     from streamnn.torch import StoreBatches
-    ds = StoreBatches(path, "train", batch_size=64, seed=0, dtype=dtype)
+    ds = StoreBatches(path, "train", batch_size=64, seed=0, **kwargs)
     dl = DataLoader(ds, batch_size=None, num_workers=workers) if plain else ds.dataloader(num_workers=workers)
     epoch = [0]
 
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--workers", default="0,2", help="DataLoader workers to time, comma-separated")
     ap.add_argument("--plain", action="store_true", help="also a plain DataLoader over StoreBatches")
     ap.add_argument("--uint8", action="store_true", help="also uint8 batches")
+    ap.add_argument("--nhwc", action="store_true", help="also NHWC BGR batches")
     ap.add_argument("--no-torch", action="store_true")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,6 +94,8 @@ def main() -> None:
                 methods[f"torch-w{w}"] = torch_epoch(path, w, plain=False)
                 if a.uint8:
                     methods[f"uint8-w{w}"] = torch_epoch(path, w, plain=False, dtype="uint8")
+                if a.nhwc:
+                    methods[f"nhwc-w{w}"] = torch_epoch(path, w, plain=False, layout="NHWC", channels="BGR")
                 if a.plain and w:
                     methods[f"plain-w{w}"] = torch_epoch(path, w, plain=True)
         load0 = os.getloadavg()
