@@ -212,6 +212,16 @@ def _take_blocks(fn: Callable[[int], None], counter: Any, count: int) -> BaseExc
 _POOL = WorkerPool(1)
 
 
+def _forget_pool_in_child() -> None:
+    """A forked child has none of its parent's threads: it starts with no helper threads."""
+    global _POOL
+    _POOL = WorkerPool(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def set_workers(n: int) -> None:
     """Use ``n`` worker threads in :func:`run_blocks` from now on (the calling thread included)."""
     global _POOL

@@ -118,6 +118,22 @@ def test_the_worker_pool_raises_a_blocks_error_after_all_blocks_are_done():
         pool.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_runs_blocks_without_its_parents_threads():
+    threads.set_workers(2)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its pool has no helper threads, yet runs every block
+            seen: list[int] = []
+            threads.run_blocks(seen.append, 5)
+            os._exit(0 if sorted(seen) == list(range(5)) and threads.workers() == 1 else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert threads.workers() == 2  # the parent keeps its own
+    finally:
+        threads.set_workers(1)
+
+
 def test_use_threads_gives_a_blocked_model_worker_threads_and_one_blas_thread():
     before = threads.blas_threads()
     blocked, plain = ConvNet((8, 8, 1), [2], [2], 2, conv_algo="blocked"), ConvNet((8, 8, 1), [2], [2], 2)
