@@ -44,6 +44,20 @@ def as_text(value: Any) -> Any:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
+def checked_split(f: h5py.File, split: str, fingerprint: str | None, where: Any) -> h5py.Dataset:
+    """The X of ``split`` in the store ``f`` (named ``where`` in errors), once ``f`` is a streamnn
+    store and, if ``fingerprint`` is given, still the store of that content fingerprint."""
+    if as_text(f.attrs.get("format")) != FORMAT:
+        raise StreamnnError("not a streamnn store (no 'format = streamnn-store' attribute)", where)
+    fp = str(as_text(f.attrs.get("fingerprint")))
+    if fingerprint is not None and fp != fingerprint:
+        raise StreamnnError(f"the store changed since the loader was made (content fingerprint "
+                            f"{fp[:12]}..., expected {fingerprint[:12]}...)", where)
+    if split not in f or "X" not in f[split]:
+        raise StreamnnError(f"unknown split {split!r}", where)
+    return f[split]["X"]
+
+
 def fingerprint(class_names: Sequence[str], image_shape: Sequence[int],
                 splits: Iterable[tuple[str, np.ndarray, Sequence[str]]]) -> str:
     """sha256 over class names, image shape and each split's (name, labels, paths), in order."""

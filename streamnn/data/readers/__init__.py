@@ -35,7 +35,7 @@ from streamnn.data.readers.mmap import MemmapReader
 from streamnn.data.readers.pread import AHEAD_BYTES, AHEAD_ROWS, MAX_RUN_BYTES, PREAD_THREADS, TASK_BYTES, PreadReader
 from streamnn.data.readers.segments import SegmentReader, joined
 from streamnn.data.remote import is_url
-from streamnn.data.format import FORMAT, STORE_DTYPES, check_index, segments, shard_records
+from streamnn.data.format import STORE_DTYPES, check_index, checked_split, segments, shard_records
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 
@@ -71,18 +71,7 @@ def open_rows(path: str | os.PathLike, split: str, *, fingerprint: str | None = 
         raise StreamnnError(f"cannot open the store ({exc.__class__.__name__}: {exc})", path) from None
     try:
         attrs = f.attrs
-        fmt = attrs.get("format")
-        fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
-        if fmt != FORMAT:
-            raise StreamnnError("not a streamnn store (no 'format = streamnn-store' attribute)", path)
-        fp = attrs.get("fingerprint")
-        fp = fp.decode() if isinstance(fp, bytes) else str(fp)
-        if fingerprint is not None and fp != fingerprint:
-            raise StreamnnError(f"the store changed since the loader was made (content fingerprint "
-                                f"{fp[:12]}..., expected {fingerprint[:12]}...)", path)
-        if split not in f or "X" not in f[split]:
-            raise StreamnnError(f"unknown split {split!r}", path)
-        dset = f[split]["X"]
+        dset = checked_split(f, split, fingerprint, path)
         if dset.is_virtual:  # a sharded store's index: read the shards themselves
             try:
                 return open_segments(f, Path(path), split, reader=reader, cached_bands=cached_bands,

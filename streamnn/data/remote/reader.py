@@ -15,7 +15,7 @@ from collections.abc import Hashable
 
 import numpy as np
 
-from streamnn.data.format import FORMAT, STORE_DTYPES
+from streamnn.data.format import STORE_DTYPES, as_text, checked_split
 from streamnn.data.readers.pread import PreadReader
 from streamnn.data.remote.objects import RemoteObject
 from streamnn.data.remote.rangefile import open_h5
@@ -113,17 +113,8 @@ def open_remote_rows(url: str, split: str, *, fingerprint: str | None = None, **
     source = f._streamnn_source
     try:
         attrs = f.attrs
-        text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
-        if text(attrs.get("format")) != FORMAT:
-            raise StreamnnError("not a streamnn store (no 'format = streamnn-store' attribute)", url)
-        fp = text(attrs.get("fingerprint"))
-        if fingerprint is not None and fp != fingerprint:
-            raise StreamnnError(f"the store changed since the loader was made (content fingerprint "
-                                f"{fp[:12]}..., expected {fingerprint[:12]}...)", url)
-        if split not in f or "X" not in f[split]:
-            raise StreamnnError(f"unknown split {split!r}", url)
-        dset = f[split]["X"]
-        dtype = np.dtype(STORE_DTYPES[text(attrs["dtype"])])
+        dset = checked_split(f, split, fingerprint, url)
+        dtype = np.dtype(STORE_DTYPES[str(as_text(attrs["dtype"]))])
         scale = float(attrs["scale"])
         n, d = (int(s) for s in dset.shape)
         if dset.chunks is not None:
