@@ -82,6 +82,9 @@ CNN: dict[str, tuple[int, list[str]]] = {
     "100 ep": cnn(32, "32,64,128", "flatten", 100),
     "gap": cnn(32, "32,64,128", "gap"),
     "conv 48,96,192": cnn(32, "48,96,192"),
+    "100 ep, ema": cnn(32, "32,64,128", "flatten", 100, "--ema", "0.995"),
+    "100 ep, ema, smooth, dense 256": cnn(32, "32,64,128", "flatten", 100, "--ema", "0.995", "--label-smoothing", "0.1",
+                                          "--hidden", "256"),
 }
 SEARCHES = {"mlp": MLP, "cnn": CNN}
 
