@@ -521,6 +521,9 @@ def _in_child(method: str, target, arg):
         got = queue.get(timeout=120)
     finally:
         child.join(timeout=60)
+        if child.exitcode is None:  # hung: never left behind (multiprocessing joins it at exit)
+            child.kill()
+            child.join()
     assert child.exitcode == 0
     return got
 

@@ -286,10 +286,16 @@ def test_torch_distributed_gloo_two_processes(store, tmp_path):
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("fork")  # torch is imported already: forking saves two imports
     procs = [ctx.Process(target=_gloo_rank, args=(path, port, r, tmp_path / f"{r}.json")) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+    finally:  # a rank that hangs is killed, never left behind (multiprocessing joins it at exit)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
     assert [p.exitcode for p in procs] == [0, 0]
     got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     for epoch in range(2):
