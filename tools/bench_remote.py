@@ -191,6 +191,7 @@ def serve_delayed(root: str, port: int, delay_ms: float, multi: bool) -> None:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body leave at once, not 40 ms apart (delayed ACK)
 
         def log_message(self, *args: object) -> None:
             pass
