@@ -243,7 +243,7 @@ class StoreBatches(IterableDataset):
             src = X.T.reshape(b, *L.image_shape)
             if images.dtype == np.uint8:
                 src = to_uint8(src)  # (a uint8 store's own bytes)
-        self.images.arrange(src, images[:b], self._scale32, self._stage("order", images[:b].shape, "uint8"))
+        self.images.arrange(src, images[:b], self._scale32, self._stage("order", src.shape, src.dtype.str))
         return b, total
 
     def batch(self, epoch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
