@@ -7,7 +7,7 @@ Nothing here imports JAX or Grain: the protocols need neither (usage: docs/frame
   store itself). ``process_index`` / ``process_count`` shard it by process: process p holds the
   stored rows p, p + P, p + 2P, ... A record is ``{"image": (H, W, C), "label": int32}``.
 * :class:`HostBatches`: the :class:`~streamnn.data.loader.Loader`'s global batches (its exact
-  seeded orders, flips and shifts), process p of P taking its interleaved share, every batch
+  seeded orders, flips, shifts and erasures), process p of P taking its interleaved share, every batch
   padded to the same shape ``ceil(B / P)`` rows with a boolean ``mask`` (False on padded rows), so
   that ``jax.make_array_from_process_local_data`` gets the same shape on every process and a
   jitted step compiles once. ``get_state()`` / ``set_state()`` (a dict of str and int) resume

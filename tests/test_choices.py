@@ -1,6 +1,8 @@
 """Every choice the commands offer comes from the registry that implements it, and each one builds."""
 from __future__ import annotations
 
+import itertools
+
 import click
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from streamnn.cli.train import main as train_main
 from streamnn.data.loader import Loader
 from streamnn.data.order import ORDERS
 from streamnn.data.readers import READERS
-from streamnn.data.transforms import PADDINGS, Augment
+from streamnn.data.transforms import KINDS, PADDINGS, Augment
 from streamnn.nn.functional import ACTIVATIONS
 from streamnn.nn.models import HEADS, DeepNetwork
 from streamnn.nn.network import COMPUTE_DTYPES
@@ -22,6 +24,8 @@ from streamnn.run.predict import TTA
 from test_train import make_store
 
 SHAPE = (4, 4, 3)
+#: None and every combination of the augmentations (in their order: flip, shift, erase, "flip,shift", ...).
+AUGMENTS = (None, *(",".join(c) for n in range(1, len(KINDS) + 1) for c in itertools.combinations(KINDS, n)))
 
 REGISTRIES = {
     ("streamnn-train", "model"): MODELS,
@@ -33,7 +37,6 @@ REGISTRIES = {
     ("streamnn-train", "order"): ORDERS,
     ("streamnn-train", "shift_padding"): PADDINGS,
     ("streamnn-train", "head"): HEADS,
-    ("streamnn-train", "augment"): ["none", *[s for s in CHOICES["augment"] if s is not None]],
     ("streamnn-eval", "tta"): TTA,
     ("streamnn-predict", "tta"): TTA,
 }
@@ -62,7 +65,6 @@ def test_config_choices_are_the_registries_keys():
     assert CHOICES["lr_schedule"] == tuple(FORMULAS) and CHOICES["dtype"] == tuple(COMPUTE_DTYPES)
     assert CHOICES["reader"] == tuple(READERS) and CHOICES["order"] == tuple(ORDERS)
     assert CHOICES["shift_padding"] == tuple(PADDINGS) and CHOICES["head"] == tuple(HEADS)
-    assert CHOICES["augment"] == (None, "flip", "shift", "flip,shift")
 
 
 def _cfg(**changes):
@@ -104,7 +106,7 @@ def test_each_loader_choice_reads(tmp_path):
     store = make_store(tmp_path / "s.h5", n_train=8, n_test=4, shape=SHAPE)
     for order in ORDERS:
         for reader in READERS:
-            for augment in CHOICES["augment"]:
+            for augment in AUGMENTS:
                 for padding in PADDINGS:
                     Augment.parse(augment, padding=padding)
                     with Loader(store, "train", batch_size=4, order=order, reader=reader, augment=augment,

@@ -85,6 +85,10 @@ CNN: dict[str, tuple[int, list[str]]] = {
     "100 ep, ema": cnn(32, "32,64,128", "flatten", 100, "--ema", "0.995"),
     "100 ep, ema, smooth, dense 256": cnn(32, "32,64,128", "flatten", 100, "--ema", "0.995", "--label-smoothing", "0.1",
                                           "--hidden", "256"),
+    # (a later --augment wins over cnn()'s "flip,shift")
+    "100 ep, ema, smooth, dense 256, erase": cnn(32, "32,64,128", "flatten", 100, "--ema", "0.995",
+                                                 "--label-smoothing", "0.1", "--hidden", "256",
+                                                 "--augment", "flip,shift,erase"),
 }
 SEARCHES = {"mlp": MLP, "cnn": CNN}
 

@@ -88,8 +88,11 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
               help="Dropout rate of hidden dense layers (mlp, cnn).")
 @click.option("--standardize/--no-standardize", default=DEFAULTS["standardize"], show_default=True,
               help="Standardize inputs with the store's per-pixel training mean/std.")
-@click.option("--augment", type=click.Choice([spec or "none" for spec in CHOICES["augment"]]), default="none",
-              show_default=True, help="Training augmentation: random horizontal flips and/or random translations.")
+@click.option("--augment", default="none", show_default=True, metavar="SPEC",
+              help="Training augmentation: none, or any of flip (random horizontal flips), shift (random "
+                   "translations, see --shift) and erase[=P] (random erasing: with probability P, default 0.5, "
+                   "a random rectangle of 2-33% of the image, aspect 0.3-3.3, set to 0 after standardization: "
+                   "the mean image with --standardize, else black) joined by commas, e.g. flip,shift,erase=0.25.")
 @click.option("--shift", type=int, default=DEFAULTS["shift"], show_default=True, metavar="N",
               help="Shift augmentation: translate by up to N pixels (each way, both axes).")
 @click.option("--shift-padding", type=click.Choice(CHOICES["shift_padding"]), default=DEFAULTS["shift_padding"],

@@ -38,7 +38,7 @@ import numpy as np
 
 from streamnn.data.readers import RowReader, open_rows
 from streamnn.data.readers.base import page_aligned
-from streamnn.data.transforms import flip_images, shift_images
+from streamnn.data.transforms import erase_images, flip_images, shift_images
 from streamnn.errors import StreamnnError
 
 
@@ -128,6 +128,9 @@ class BatchMaker:
         if L._mean32 is not None:
             out -= L._mean32
             out *= L._inv32
+        if aug.erase:  # after standardization: erased pixels are 0 in the model input
+            erase_images(out.reshape(b, *L.image_shape),
+                         aug.erasures(L.seed, epoch, k, L.global_batch_size(k), L.image_shape, L.rank, L.world_size))
         return out.T, self.targets(rows)
 
     def targets(self, rows: np.ndarray) -> np.ndarray:

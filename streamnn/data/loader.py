@@ -14,9 +14,10 @@ Usage::
   each chunk read once per epoch; a batch's class mix varies more).
 * Sharding: ``batch_size`` is the *global* batch; rank r of ``world_size`` W yields every W-th row
   of it, ``batch[r::W]``; every rank has the same number of batches, no row padded or repeated.
-* Batches: X ``(D, b)`` float32 in [0, 1] (``stored * scale``), augmented (``augment``: "flip",
-  "shift", "flip,shift"; draws a pure function of (seed, epoch, global batch, row)) and
-  standardized with the store's ``/stats`` by :mod:`streamnn.data.transforms`; Y ``(1, b)``
+* Batches: X ``(D, b)`` float32 in [0, 1] (``stored * scale``), augmented (``augment``: any of
+  "flip", "shift", "erase[=P]" joined by commas; draws a pure function of (seed, epoch, global
+  batch, row)) and standardized with the store's ``/stats`` by :mod:`streamnn.data.transforms`
+  (erased rectangles are set to 0 after standardization); Y ``(1, b)``
   float32 0/1 for two classes, int64 labels for more, ``(K, b)`` float32 with ``one_hot``.
   A yielded batch is safe to keep (its buffer is reused only once nothing references it);
   ``reuse_buffers=True``: X is valid until the batch two after it is requested. :mod:`.epoch`

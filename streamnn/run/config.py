@@ -8,11 +8,10 @@ process; :mod:`streamnn.run.trainer` runs it.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "dropout": 0.0,
     "standardize": False,
-    "augment": None,             # None | "flip" | "shift" | "flip,shift"
+    "augment": None,             # None | any of "flip", "shift", "erase=P" joined by commas (streamnn.data.transforms)
     "shift": 4,                  # shift augmentation: up to this many pixels
     "shift_padding": "reflect",  # shift augmentation: "reflect" | "zero"
     "val_fraction": 0.0,         # seeded, stratified part of the training split used for selection
@@ -131,6 +130,11 @@ def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
         need(cfg["kernel"] <= 2 * min(h, w) - 1, f"kernel {cfg['kernel']} is wider than the {h}x{w} images")
         need(min(h, w) >= 2 ** len(cfg["conv"]), f"{len(cfg['conv'])} conv blocks halve {h}x{w} images below one "
                                                  "pixel: give fewer --conv entries")
+    # augment: its canonical text (Augment.option; that of earlier runs, "flip", "shift", "flip,shift", unchanged)
+    augment = Augment.parse(None if cfg["augment"] is None else str(cfg["augment"]))
+    need(not augment.shift or "shift=" not in str(cfg["augment"]), "give the shift's size and padding with --shift "
+         f"and --shift-padding, not in --augment {cfg['augment']!r}")
+    cfg["augment"] = augment.option
     cfg["shift"] = _integer(cfg["shift"], "shift")
     if "shift" in (cfg["augment"] or ""):
         need(1 <= cfg["shift"] < min(h, w), f"shift must be from 1 to {min(h, w) - 1} pixels on {h}x{w} images, "
@@ -403,17 +407,9 @@ MODEL_SPECIFIC: frozenset[str] = frozenset().union(*MODEL_OPTIONS.values())
 assert set(MODEL_OPTIONS) == set(MODELS) and MODEL_SPECIFIC <= set(DEFAULTS)
 
 
-def _augment_choices() -> tuple[str | None, ...]:
-    """None (no augmentation) and every combination of the augmentations :class:`Augment` runs (its fields
-    but ``padding``, the shift's setting), in its order: flip, shift, "flip,shift"."""
-    kinds = [f.name for f in fields(Augment) if f.name != "padding"]
-    combos = [",".join(c) for n in range(1, len(kinds) + 1) for c in itertools.combinations(kinds, n)]
-    return (None, *combos)
-
-
 #: The choices :func:`resolve_config` checks, each from the registry that implements it (the CLI offers
 #: the same; ``activation``, from :data:`streamnn.nn.functional.ACTIVATIONS`, is checked by the model).
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model": tuple(MODELS), "optimizer": tuple(OPTIMIZERS), "lr_schedule": tuple(FORMULAS),
-    "dtype": tuple(COMPUTE_DTYPES), "order": tuple(ORDERS), "augment": _augment_choices(),
+    "dtype": tuple(COMPUTE_DTYPES), "order": tuple(ORDERS),
     "shift_padding": tuple(PADDINGS), "reader": tuple(READERS), "head": tuple(models.HEADS), "conv_algo": ALGOS}

@@ -6,7 +6,7 @@ Only this package imports torch (the optional extra ``streamnn[torch]``); the co
   batch_size=None, num_workers=N)``, or better :meth:`StoreBatches.dataloader`, which also tracks
   the position for :meth:`~StoreBatches.state_dict` and hands batches over cheaply. The batches
   are the :class:`~streamnn.data.loader.Loader`'s: global batch k of an epoch is the same rows,
-  flips and shifts as in a NumPy run with the same seed; rank r of W holds its interleaved share
+  flips, shifts and erased rectangles as in a NumPy run with the same seed; rank r of W holds its interleaved share
   ``batch[r::W]`` (:mod:`streamnn.data.order`), and DataLoader worker w of N makes the rank's
   batches k = position + w, position + w + N, ..., which DataLoader's round robin hands out in
   order k = position, position + 1, ... So every row comes once per epoch, nothing is repeated,
@@ -41,7 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from streamnn.data.loader import Loader
 from streamnn.data.store import open_store
-from streamnn.data.transforms import DEFAULT_SHIFT, flip_images, shift_images
+from streamnn.data.transforms import DEFAULT_SHIFT, erase_images, flip_images, shift_images
 from streamnn.errors import StreamnnError
 from streamnn.torch.dataset import StoreDataset
 from streamnn.torch.images import CHANNELS, LAYOUTS, Images, choice, empty, to_uint8
@@ -244,6 +244,9 @@ class StoreBatches(IterableDataset):
             if images.dtype == np.uint8:
                 src = to_uint8(src)  # (a uint8 store's own bytes)
         self.images.arrange(src, images[:b], self._scale32, self._stage("order", src.shape, src.dtype.str))
+        if array is not None and L._augment.erase:  # (the Loader's batches are erased already)
+            erase_images(images[:b], L._augment.erasures(L.seed, epoch, k, L.global_batch_size(k), L.image_shape,
+                                                         L.rank, L.world_size), self.images.layout == "NCHW")
         return b, total
 
     def batch(self, epoch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
