@@ -185,6 +185,25 @@ def test_the_ring_lends_slots_only_while_unreferenced_and_falls_back_when_all_ar
         assert not ring.lent
 
 
+def test_in_place_batches_reuse_a_buffer_only_once_nothing_references_it(store):
+    path, _, _ = store
+    kw = dict(batch_size=4, seed=7, augment="flip")
+    ds = StoreBatches(path, "train", layout="NHWC", channels="BGR", **kw)  # the Loader's pixels, unturned
+    with Loader(path, "train", **kw) as L:
+        want = [[X.copy() for X, _ in L] for _ in range(2)]
+    kept = list(ds)  # every batch kept: the buffers, then fresh tensors, none overwritten
+    assert len({x.data_ptr() for x, _ in kept}) == len(kept) == 13
+    assert all(np.array_equal(as_loader_x(x), w) for (x, _), w in zip(kept, want[0]))
+    view = kept[0][0][1:]
+    del kept
+    seen = []
+    for x, _ in ds:  # dropped as they come: a few buffers serve the epoch (not the one still viewed)
+        seen.append((x.data_ptr(), as_loader_x(x).copy()))
+    assert all(np.array_equal(got, w) for (_, got), w in zip(seen, want[1]))
+    ptrs = {p for p, _ in seen}
+    assert len(ptrs) <= 3 and view.data_ptr() - view.element_size() * view[0].numel() not in ptrs
+
+
 def test_persistent_workers_of_a_plain_dataloader_follow_set_epoch_and_refuse_other_settings(store):
     path, px, _ = store
     kw = dict(batch_size=8, seed=3, layout="NHWC", channels="BGR")

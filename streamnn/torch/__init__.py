@@ -45,7 +45,7 @@ from streamnn.data.transforms import DEFAULT_SHIFT, erase_images, flip_images, s
 from streamnn.errors import StreamnnError
 from streamnn.torch.dataset import StoreDataset
 from streamnn.torch.images import CHANNELS, LAYOUTS, Images, choice, empty, to_uint8
-from streamnn.torch.ring import Counted, Ring
+from streamnn.torch.ring import Counted, Ring, Slots
 
 __all__ = ["StoreBatches", "StoreDataset", "LAYOUTS", "CHANNELS", "LAST", "IGNORE_INDEX"]
 
@@ -54,6 +54,8 @@ __all__ = ["StoreBatches", "StoreDataset", "LAYOUTS", "CHANNELS", "LAST", "IGNOR
 LAST = ("keep", "drop", "pad")
 #: The label of padded rows (``last="pad"``): ``torch.nn.CrossEntropyLoss``'s default ignore_index.
 IGNORE_INDEX = -100
+#: Image buffers reused by a process that iterates in place (:class:`~streamnn.torch.ring.Slots`).
+IN_PLACE_SLOTS = 4
 _ORDER_SETTINGS = ("seed", "order", "augment", "shuffle", "drop_last", "block_rows", "window_blocks")
 
 
@@ -112,6 +114,7 @@ class StoreBatches(IterableDataset):
         self._control = torch.zeros(3, dtype=torch.int64).share_memory_()
         self._settings = 0
         self._ring: Ring | None = None
+        self._pool: Slots | None = None
         self._scratch: dict[str, np.ndarray] = {}
         self._counting = False  # dataloader() counts the batches itself
         #: In a DataLoader worker: (epoch, last batch made, workers), and where to resume (epoch, batch).
@@ -129,7 +132,7 @@ class StoreBatches(IterableDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_loader"], state["_scratch"] = None, {}  # the worker opens the store itself
+        state["_loader"], state["_scratch"], state["_pool"] = None, {}, None  # the worker opens the store itself
         return state
 
     def __len__(self) -> int:
@@ -253,10 +256,17 @@ class StoreBatches(IterableDataset):
         """This rank's share of global batch ``k`` of ``epoch``: (images, int64 labels)."""
         L = self._engine()
         total = L.local_batch_size if self.last == "pad" else len(L.batch_rows(epoch, k))
-        out = empty((total, *self.images.memory), getattr(torch, self.images.dtype))
+        kept = self._slots().take(total) if get_worker_info() is None else None
+        out = empty((total, *self.images.memory), getattr(torch, self.images.dtype)) if kept is None else None
         labels = empty((total,), torch.int64)
-        self._produce(epoch, k, out.numpy(), labels.numpy())
-        return self.images.view(out), labels
+        self._produce(epoch, k, out.numpy() if kept is None else kept, labels.numpy())
+        return self.images.view(torch.from_numpy(kept) if kept is not None else out), labels
+
+    def _slots(self) -> Slots:
+        """This process's :class:`Slots` (made on first use; a forked child makes its own)."""
+        if self._pool is None or self._pool.pid != os.getpid():
+            self._pool = Slots(IN_PLACE_SLOTS, self.local_batch_size, self.images.memory, self.images.dtype)
+        return self._pool
 
     def dataloader(self, **kwargs: Any) -> Counted:
         """``DataLoader(self, batch_size=None, **kwargs)`` that counts the batches the caller takes, so

@@ -86,10 +86,9 @@ class Images:
             pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB, dst=work.reshape(b * h * w, 1, c))
         flat = dst.view()
         flat.shape = pixels.shape  # (an error, never a silent copy, if dst is not contiguous)
-        if times:
-            np.multiply(pixels, scale, out=flat, casting="unsafe")
-        else:
-            np.copyto(flat, pixels, casting="unsafe")
+        np.copyto(flat, pixels, casting="unsafe")
+        if times:  # in place, after the cast: a mixed-type multiply casts through small buffers (1.2x slower)
+            np.multiply(flat, scale, out=flat)
 
     def view(self, out: torch.Tensor) -> torch.Tensor:
         """The tensor the user gets from one in memory order (channels_last: the NCHW view)."""
