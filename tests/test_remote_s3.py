@@ -53,7 +53,7 @@ def test_s3_errors_are_one_line_and_name_no_endpoint_or_secret(s3env, uploaded, 
         open_store(bad)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     monkeypatch.setattr("streamnn.data.remote.objects.REUSE_SECONDS", 0.0)  # ask the server again
-    with pytest.raises(StreamnnError, match="refused") as denied:
+    with pytest.raises(StreamnnError, match="access denied .S3 SignatureDoesNotMatch, HTTP 403.") as denied:
         open_store(uploaded[1])
     for err in (info.value, denied.value):
         text = str(err)
