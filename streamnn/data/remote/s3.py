@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import functools
 import hashlib
 import logging
 import os
@@ -166,6 +167,7 @@ def s3_policy() -> Policy:
     return policy
 
 
+@functools.lru_cache(maxsize=256)
 def _as_botocore(modified: str | None) -> str | None:
     """Last-Modified as botocore's client gave it (``2024-01-01 00:00:00+00:00``): the local
     cache's keys made before stay valid."""
@@ -192,7 +194,7 @@ class S3Object(HttpObject):
             raise StreamnnError("an S3 URL must be s3://BUCKET/KEY", url)
         self.bucket, self.key = bucket, key
         self.account = account(url)
-        self._where = ("", "", "")  # region, origin, path
+        self._where: tuple[str, str, str] = ("", "", "")  # region, origin, path
         RemoteObject.__init__(self, url, policy or s3_policy(), reuse)
 
     def _located(self) -> tuple[str, str, str]:
