@@ -201,6 +201,14 @@ def test_no_credentials_is_one_line(mock, monkeypatch):
     assert mock.seen == []
 
 
+def test_s3_keeps_more_requests_in_flight_than_http_unless_told(mock, monkeypatch):
+    from streamnn.data.remote.objects import Policy
+    monkeypatch.delenv("STREAMNN_REMOTE_THREADS")
+    assert open_object("s3://bkt/k.h5").policy.threads == s3.S3_THREADS > Policy.from_env().threads
+    monkeypatch.setenv("STREAMNN_REMOTE_THREADS", "5")
+    assert open_object("s3://bkt/k.h5").policy.threads == 5
+
+
 def test_the_endpoint_and_region_come_from_the_aws_configuration(mock, monkeypatch, tmp_path):
     assert s3.locate("my-bucket", "a b/\u00e9~.h5", "eu-west-3", "") == (
         "https://my-bucket.s3.eu-west-3.amazonaws.com", "/a%20b/%C3%A9~.h5")

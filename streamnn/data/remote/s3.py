@@ -52,8 +52,10 @@ except ImportError:  # pragma: no cover - the optional extra
     botocore = None
 
 #: Requests in flight for S3 unless ``STREAMNN_REMOTE_THREADS`` says otherwise: S3 answers one
-#: byte range per request, so a batch of random rows is one request per row.
-S3_THREADS = 32
+#: byte range per request, so a shuffled epoch is one request per row, at most threads / round
+#: trip rows per second (docs/remote.md, "Speed": at 60 ms, 64 doubles 32's rows/s; 128 adds
+#: nothing on 2 cores).
+S3_THREADS = 64
 #: S3's error codes worth a retry, whatever the status.
 TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
                    "ThrottlingException"}

@@ -10,7 +10,9 @@ process opens (the loader's reader reuses the connections its store was opened w
 lazily: never shared across a fork). Credentials in the URL (``user:password@``) are refused:
 they would end up in run folders. ``https://`` certificates are verified against the system's
 CA certificates, or the bundle named by ``SSL_CERT_FILE`` (``SSL_CERT_DIR``); a certificate that
-does not verify is a one-line error at once, not retried.
+does not verify is a one-line error at once, not retried. The S3 backend (:mod:`.s3`) is this
+class with each request signed and S3's answers read (:meth:`HttpObject._send`,
+:meth:`HttpObject._error_code`, :meth:`HttpObject._refused`).
 """
 from __future__ import annotations
 
