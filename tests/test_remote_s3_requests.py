@@ -10,6 +10,7 @@ import datetime
 import email.utils
 import http.server
 import logging
+import os
 import threading
 import time
 
@@ -22,8 +23,8 @@ from streamnn import StreamnnError, open_store
 from streamnn.data.remote import open_object, s3
 from streamnn.data.remote.objects import HEAD_BYTES, TAIL_BYTES
 
-from servers import Nginx, answer_ranges, make_certificate
-from test_loader import make_store
+from servers import answer_ranges
+from test_remote_tls import https  # noqa: F401 - nginx over HTTPS with a CA made by the test
 
 KEY, SECRET, TOKEN = "AKIDMOCKKEY", "mock/secret+KEY", "mock-session-token"
 CONTENT = np.random.default_rng(3).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
@@ -250,23 +251,19 @@ def test_last_modified_reads_as_botocore_read_it(when):
 
 
 # -- HTTPS: AWS_CA_BUNDLE ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def https(tmp_path_factory):
-    certs = tmp_path_factory.mktemp("certs")
-    ca, cert, key = make_certificate(certs)
-    other_ca, _, _ = make_certificate(certs, "other")
-    root = tmp_path_factory.mktemp("www-s3")
-    (root / "bkt").mkdir()
-    make_store(root / "bkt" / "t.h5", 30, "uint8")
-    server = Nginx(root, tmp_path_factory.mktemp("nginx-s3"), tls=(cert, key))  # serves /bkt/t.h5 as S3 path-style
-    yield server, root / "bkt" / "t.h5", ca, other_ca
-    server.close()
+def as_bucket(https) -> str:
+    """The endpoint of the HTTPS server of test_remote_tls, its store also at /bkt/t.h5 (S3's path-style)."""
+    server, path = https[:2]
+    (path.parent / "bkt").mkdir(exist_ok=True)
+    if not (path.parent / "bkt" / "t.h5").exists():
+        os.link(path, path.parent / "bkt" / "t.h5")
+    return server.url("").rstrip("/")
 
 
 @pytest.mark.parametrize("trust", ["AWS_CA_BUNDLE", "SSL_CERT_FILE"])
 def test_an_https_endpoint_is_trusted_by_aws_ca_bundle_or_as_http(mock, https, monkeypatch, trust):
-    server, path, ca, other_ca = https
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.url("").rstrip("/"))
+    _, path, ca, other_ca = https
+    monkeypatch.setenv("AWS_ENDPOINT_URL", as_bucket(https))
     monkeypatch.setenv("SSL_CERT_FILE", str(other_ca))
     monkeypatch.setenv(trust, str(ca))
     with open_store("s3://bkt/t.h5") as remote, open_store(path) as local:
@@ -274,8 +271,8 @@ def test_an_https_endpoint_is_trusted_by_aws_ca_bundle_or_as_http(mock, https, m
 
 
 def test_an_https_certificate_that_does_not_verify_names_aws_ca_bundle(mock, https, monkeypatch):
-    server, _, _, other_ca = https
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.url("").rstrip("/"))
+    other_ca = https[3]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", as_bucket(https))
     monkeypatch.setenv("AWS_CA_BUNDLE", str(other_ca))
     start = time.monotonic()
     with pytest.raises(StreamnnError, match=r"^s3://bkt/t.h5: the server's TLS certificate does not verify .*"
