@@ -190,7 +190,7 @@ class S3Object(HttpObject):
 
     def __init__(self, url: str, policy: Policy | None = None, reuse: bool = False) -> None:
         if botocore is None:
-            raise need_extra(url, "botocore")
+            raise need_extra(url, "botocore and urllib3")
         bucket, _, key = url[5:].partition("/")
         if not bucket or not key:
             raise StreamnnError("an S3 URL must be s3://BUCKET/KEY", url)
