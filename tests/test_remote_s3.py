@@ -53,7 +53,7 @@ def test_s3_errors_are_one_line_and_name_no_endpoint_or_secret(s3env, uploaded, 
         open_store(bad)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     monkeypatch.setattr("streamnn.data.remote.objects.REUSE_SECONDS", 0.0)  # ask the server again
-    with pytest.raises(StreamnnError, match="refused") as denied:
+    with pytest.raises(StreamnnError, match="access denied .S3 SignatureDoesNotMatch, HTTP 403.") as denied:
         open_store(uploaded[1])
     for err in (info.value, denied.value):
         text = str(err)
@@ -89,3 +89,11 @@ def test_a_sharded_store_in_s3_is_read_by_the_key_of_its_index(s3env, seaweed, t
         assert remote.fingerprint == local.fingerprint and remote.paths("train") == local.paths("train")
     with Loader(index, "train", batch_size=4, seed=1) as A, Loader(url, "train", batch_size=4, seed=1) as B:
         assert all(np.array_equal(a[0], b[0]) for a, b in zip(A, B, strict=True))
+
+
+def test_a_key_with_spaces_and_non_ascii_characters_is_read(s3env, seaweed, uploaded):
+    path, _ = uploaded
+    url = seaweed.upload(path, "stores/a cat/caf\u00e9 +~%1.h5")  # each segment URI-encoded, as SigV4 signs it
+    with open_store(path) as local, open_store(url) as remote:
+        assert remote.fingerprint == local.fingerprint
+        assert np.array_equal(remote.dataset("train")[:], local.dataset("train")[:])

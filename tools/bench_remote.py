@@ -224,7 +224,10 @@ def serve_delayed(root: str, port: int, delay_ms: float, multi: bool) -> None:
                 except OSError:  # a whole file not wanted: the client closed the connection
                     self.close_connection = True
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = 1024  # connections opened at once (STREAMNN_REMOTE_THREADS=64+) are not dropped
+
+    server = Server(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     server.serve_forever()
 

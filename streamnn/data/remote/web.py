@@ -10,7 +10,9 @@ process opens (the loader's reader reuses the connections its store was opened w
 lazily: never shared across a fork). Credentials in the URL (``user:password@``) are refused:
 they would end up in run folders. ``https://`` certificates are verified against the system's
 CA certificates, or the bundle named by ``SSL_CERT_FILE`` (``SSL_CERT_DIR``); a certificate that
-does not verify is a one-line error at once, not retried.
+does not verify is a one-line error at once, not retried. The S3 backend (:mod:`.s3`) is this
+class with each request signed and S3's answers read (:meth:`HttpObject._send`,
+:meth:`HttpObject._error_code`, :meth:`HttpObject._refused`).
 """
 from __future__ import annotations
 
@@ -34,23 +36,25 @@ def need_extra(url: str, module: str) -> StreamnnError:
     return StreamnnError(f"reading a store from a URL needs {module}: pip install 'streamnn[remote]'", url)
 
 
-_POOLS: dict[tuple[int, float, int, str, str], urllib3.PoolManager] = {}
+_POOLS: dict[tuple[int, float, int, str, str, str], urllib3.PoolManager] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def pool_manager(policy: Policy) -> urllib3.PoolManager:
+def pool_manager(policy: Policy, ca_certs: str = "") -> urllib3.PoolManager:
     """The process's pool manager for ``policy``'s timeout and connections and the certificates
-    trusted (made on first use: another ``SSL_CERT_FILE`` makes new connections)."""
+    trusted (made on first use: another ``SSL_CERT_FILE``, or CA bundle ``ca_certs``, makes new
+    connections)."""
     key = (os.getpid(), policy.timeout, policy.threads, os.environ.get("SSL_CERT_FILE", ""),
-           os.environ.get("SSL_CERT_DIR", ""))
+           os.environ.get("SSL_CERT_DIR", ""), ca_certs)
     with _POOLS_LOCK:
         manager = _POOLS.get(key)
         if manager is None:
             if any(k[0] != key[0] for k in _POOLS):  # inherited through a fork: not ours
                 _POOLS.clear()
             t = policy.timeout
+            trust = {"ca_certs": ca_certs} if ca_certs else {}
             manager = _POOLS[key] = urllib3.PoolManager(num_pools=8, maxsize=policy.threads + FILL_THREADS, block=False,
-                                                        retries=False, timeout=urllib3.Timeout(connect=t, read=t))
+                                                        retries=False, timeout=urllib3.Timeout(connect=t, read=t), **trust)
         return manager
 
 
@@ -69,37 +73,58 @@ class HttpObject(RemoteObject):
             raise StreamnnError("not a valid URL (no host)", url)
         super().__init__(url, policy, reuse)
 
-    def _request(self, spans: str, many: bool = False, whole: int = 0) -> urllib3.BaseHTTPResponse:
+    #: The variable that names the CA bundle to trust (said when a certificate does not verify).
+    ca_variable = "SSL_CERT_FILE"
+    #: Whether requests for the object's bytes carry ``If-Match`` with the ETag seen at open.
+    if_match = False
+
+    def _send(self, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+        """One GET of the object with ``headers``, its body not read (raises urllib3's errors)."""
+        return pool_manager(self.policy).request("GET", self.url, preload_content=False, redirect=False, headers=headers)
+
+    def _request(self, spans: str, many: bool = False, whole: int = 0, match: bool = False) -> urllib3.BaseHTTPResponse:
         """The answer (206) to a GET of the byte ranges ``spans`` ("a-b,c-d"); another status is
         raised as what it means (``many``: a 200 is :class:`NoMultiRange`, unless the whole
-        object follows and is at most ``whole`` bytes: then that answer)."""
+        object follows and is at most ``whole`` bytes: then that answer; ``match``: with
+        ``If-Match`` where the backend sends it)."""
+        headers = {"Range": f"bytes={spans}", "Accept-Encoding": "identity"}
+        if match and self.if_match and self.version.etag:
+            headers["If-Match"] = self.version.etag
         try:
-            resp = pool_manager(self.policy).request(
-                "GET", self.url, preload_content=False, redirect=False,
-                headers={"Range": f"bytes={spans}", "Accept-Encoding": "identity"})
+            resp = self._send(headers)
         except urllib3.exceptions.SSLError as exc:
-            raise self.fail(_tls_reason(exc)) from None
+            raise self.fail(_tls_reason(exc, self.ca_variable)) from None
         except urllib3.exceptions.HTTPError as exc:
             raise Transient(_reason(exc)) from None
         status = resp.status
         if status == 206 or (status == 200 and many and 0 < int(resp.headers.get("Content-Length") or 0) <= whole):
             return resp
-        if status == 200:  # the whole object follows: not read, the connection is dropped
+        code = self._error_code(resp)
+        if many and status in (200, 416):  # the whole object, or several ranges refused
+            raise NoMultiRange
+        raise self._refused(status, code)
+
+    def _error_code(self, resp: urllib3.BaseHTTPResponse) -> str:
+        """Drop an answer that is not the bytes asked for (a 200's whole object unread: its
+        connection is closed) and say what its body names as the error ("": nothing)."""
+        if resp.status == 200:
             resp.close()
         else:
             resp.drain_conn()
         resp.release_conn()
-        if many and status in (200, 416):  # the whole object, or several ranges refused
-            raise NoMultiRange
+        return ""
+
+    def _refused(self, status: int, code: str) -> Exception:
+        """What an answer with ``status`` (not 206) means: :class:`Transient`, or a one-line error."""
         if status in (408, 429) or status >= 500:
-            raise Transient(f"the server answered HTTP {status}")
+            return Transient(f"the server answered HTTP {status}")
         if status == 200:
-            raise self.fail("the server ignores byte ranges (answered 200 to a Range request): it cannot "
-                            "serve a store to stream")
+            return self.fail("the server ignores byte ranges (answered 200 to a Range request): it cannot "
+                             "serve a store to stream")
         if status in (412, 416):
-            raise self.changed(f"HTTP {status} to a range inside the object")
+            return self.changed(f"HTTP {status} to a range inside the object")
         what = {404: "no such object", 401: "access denied", 403: "access denied"}.get(status, "refused")
-        raise self.fail(f"{what} (HTTP {status})")
+        return self.fail(f"{what} (HTTP {status})")
 
     #: Not known until a request for several ranges was answered (see :meth:`_get_many`).
     multi: bool | None = None
@@ -160,20 +185,35 @@ class HttpObject(RemoteObject):
                 return self._open_many(deadline)
             except NoMultiRange:
                 self.multi = False
-        resp = self._request(f"0-{HEAD_BYTES - 1}")
+        version, _, head = self._head(deadline)
+        return version, head, None
+
+    def _head(self, deadline: float) -> tuple[Version, tuple[int, int, int], bytes]:
+        """The object's first ``HEAD_BYTES`` by one ranged GET: its version, span and bytes."""
+        version, span, head = self._read_span(f"0-{HEAD_BYTES - 1}", deadline)
+        if span[0] != 0 or span[1] != min(HEAD_BYTES, span[2]) - 1:
+            raise self.fail(f"the server sent bytes {span} for the range 0-{HEAD_BYTES - 1}")
+        return version, span, head
+
+    def _read_span(self, spans: str, deadline: float) -> tuple[Version, tuple[int, int, int], bytes]:
+        """One byte range (``a-b``, or ``-n``: the last n bytes) read whole: the answer's version,
+        its ``Content-Range`` and the bytes."""
+        resp = self._request(spans)
+        ok = False
         try:
             version, span = self._version(resp)
-            if span is None or span[0] != 0 or span[1] != min(HEAD_BYTES, span[2]) - 1:
+            if span is None:
                 raise self.fail("the server's answer to a Range request has no usable Content-Range")
-            head = memoryview(bytearray(span[1] + 1))
-            self.fill([head], resp.readinto, deadline)
+            data = memoryview(bytearray(span[1] - span[0] + 1))
+            self.fill([data], resp.readinto, deadline)
+            ok = True
         except urllib3.exceptions.HTTPError as exc:
             raise Transient(_reason(exc)) from None
         except OSError as exc:
             raise Transient(f"{exc.__class__.__name__}: {exc}") from None
         finally:
-            resp.release_conn()
-        return version, bytes(head), None
+            _release(resp, ok)
+        return version, span, bytes(data)
 
     def _open_many(self, deadline: float) -> tuple[Version, bytes, tuple[int, bytes] | None]:
         """The first ``HEAD_BYTES`` and the last ``TAIL_BYTES`` in one request (where the store's
@@ -209,7 +249,7 @@ class HttpObject(RemoteObject):
 
     def _get(self, offset: int, size: int, sinks: Sequence[memoryview], deadline: float) -> None:
         last = offset + size - 1
-        resp = self._request(f"{offset}-{last}")
+        resp = self._request(f"{offset}-{last}", match=True)
         ok = False
         try:
             version, span = self._version(resp)
@@ -223,11 +263,14 @@ class HttpObject(RemoteObject):
         except OSError as exc:
             raise Transient(f"{exc.__class__.__name__}: {exc}") from None
         finally:
-            if ok:
-                resp.release_conn()
-            else:  # a half-read response: its connection cannot be reused
-                resp.close()
-                resp.release_conn()
+            _release(resp, ok)
+
+
+def _release(resp: urllib3.BaseHTTPResponse, whole: bool) -> None:
+    """Give a response's connection back to the pool (closed first unless its body was read ``whole``)."""
+    if not whole:  # a half-read response: its connection cannot be reused
+        resp.close()
+    resp.release_conn()
 
 
 def _parts(body: bytes, boundary: bytes) -> list[tuple[int, int, int, memoryview]]:
@@ -253,14 +296,14 @@ def _parts(body: bytes, boundary: bytes) -> list[tuple[int, int, int, memoryview
         pos = start + span[1] - span[0] + 1
 
 
-def _tls_reason(exc: BaseException) -> str:
+def _tls_reason(exc: BaseException, variable: str = "SSL_CERT_FILE") -> str:
     """Why the TLS handshake failed, in one line (OpenSSL's verify message when there is one)."""
     text = " ".join(str(exc).split())
     for marker in ("certificate verify failed: ", "CERTIFICATE_VERIFY_FAILED"):
         if marker in text:
             detail = text.split(marker, 1)[1].split(" (_ssl")[0].strip(" ]()'\"")
             return (f"the server's TLS certificate does not verify ({detail or 'certificate verify failed'}): "
-                    f"trust its CA with SSL_CERT_FILE=CA.pem")
+                    f"trust its CA with {variable}=CA.pem")
     return f"the TLS connection failed ({text[:120]})"
 
 
