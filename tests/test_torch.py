@@ -7,7 +7,6 @@ import pickle
 import socket
 import subprocess
 import sys
-import threading
 from collections import Counter
 
 import numpy as np
@@ -203,38 +202,6 @@ def test_in_place_batches_reuse_a_buffer_only_once_nothing_references_it(store):
     assert all(np.array_equal(got, w) for (_, got), w in zip(seen, want[1]))
     ptrs = {p for p, _ in seen}
     assert len(ptrs) <= 3 and view.data_ptr() - view.element_size() * view[0].numel() not in ptrs
-
-
-@pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("world", [1, 2])
-def test_batches_made_ahead_in_threads_are_the_callers_own(store, threads, world):
-    path, _, _ = store
-    kw = dict(batch_size=6, seed=5, augment="flip,shift=1/zero,erase", world_size=world, rank=world - 1)
-    ahead, alone = StoreBatches(path, "train", threads=threads, **kw), StoreBatches(path, "train", threads=0, **kw)
-    assert ahead._ahead_ok() and not alone._ahead_ok()
-    for epoch in range(2):  # kept batches stay intact while later ones are made ahead
-        got, want = list(ahead), list(alone)
-        assert len(got) == len(want) == 9 and ahead.epoch == alone.epoch == epoch + 1
-        assert all(torch.equal(x, w[0]) and torch.equal(y, w[1]) for (x, y), w in zip(got, want))
-
-
-def test_a_loop_left_early_ends_its_threads_and_the_next_one_goes_on(store):
-    path, _, _ = store
-    ds, ref = StoreBatches(path, "train", batch_size=4, seed=7), StoreBatches(path, "train", batch_size=4, seed=7,
-                                                                             threads=0)
-    want = [x for x, _ in ref]
-    loop = iter(ds)
-    first = [next(loop)[0] for _ in range(3)]
-    loop.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith("streamnn-batches")]
-    rest = [x for x, _ in ds]  # from batch 3 on: the position counts what was taken
-    assert all(torch.equal(a, b) for a, b in zip(first + rest, want)) and len(first + rest) == len(want)
-
-
-@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
-def test_threads_must_be_a_whole_number(store, bad):
-    with pytest.raises(StreamnnError, match="threads must be"):
-        StoreBatches(store[0], "train", threads=bad)
 
 
 def test_persistent_workers_of_a_plain_dataloader_follow_set_epoch_and_refuse_other_settings(store):

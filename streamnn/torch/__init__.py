@@ -17,11 +17,6 @@ Only this package imports torch (the optional extra ``streamnn[torch]``); the co
   shared-memory slots made once (:mod:`streamnn.torch.ring`): the tensors you get are the slots
   themselves, reused only once nothing references them; not a fresh shared tensor per batch
   (what a plain DataLoader does, 5-10x slower on 2 cores).
-* In the process (no workers), batches of a uint8 store read from its memory map are made
-  ahead by ``threads`` threads (batch k by thread k mod threads, ``threads`` batches ahead: the
-  gather, the turn to NCHW / RGB and the scaling release the GIL), into image buffers reused
-  once nothing references their batch (:class:`~streamnn.torch.ring.Slots`); other stores make
-  each batch in the caller's thread.
 * :class:`StoreDataset` (:mod:`streamnn.torch.dataset`): map-style (``__len__``,
   ``__getitem__``, the batched ``__getitems__`` that DataLoader calls, reading a batch's rows in
   one call of the store's reader), for a ``DistributedSampler`` of your own.
@@ -35,12 +30,9 @@ workers) keeps only its settings, its position and the shared blocks.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
-from collections import deque
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -63,7 +55,7 @@ LAST = ("keep", "drop", "pad")
 #: The label of padded rows (``last="pad"``): ``torch.nn.CrossEntropyLoss``'s default ignore_index.
 IGNORE_INDEX = -100
 #: Image buffers reused by a process that iterates in place (:class:`~streamnn.torch.ring.Slots`).
-IN_PLACE_SLOTS = 6
+IN_PLACE_SLOTS = 4
 _ORDER_SETTINGS = ("seed", "order", "augment", "shuffle", "drop_last", "block_rows", "window_blocks")
 
 
@@ -95,12 +87,8 @@ class StoreBatches(IterableDataset):
                  seed: int = 0, last: str = "keep", order: str = "exact", augment: str | None = None,
                  shift: int = DEFAULT_SHIFT, shift_padding: str = "reflect", standardize: bool = False,
                  layout: str = "NCHW", channels: str = "RGB", dtype: Any = "float32", rank: int | None = None,
-                 world_size: int | None = None, subset: Any = None, reader: str = "auto", threads: int = 2) -> None:
+                 world_size: int | None = None, subset: Any = None, reader: str = "auto") -> None:
         super().__init__()
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-            raise StreamnnError(f"threads must be a whole number >= 0, not {threads!r}")
-        #: Threads that make batches ahead when iterated in the process (0 or 1: none).
-        self.threads = threads
         self.last = choice(last, LAST, "last-batch policy")
         rank, world_size = _rank_world(rank, world_size)
         self._kwargs = dict(batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=self.last == "drop",
@@ -202,37 +190,12 @@ class StoreBatches(IterableDataset):
 
     def _here(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, _ = self._start()
-        for batch in self._made_ahead() if self._ahead_ok() else self.shard(0, 1):
+        for batch in self.shard(0, 1):
             if not self._counting:
                 self.position += 1
             yield batch
         if not self._counting and self.epoch == epoch and self.position >= len(self):
             self.epoch, self.position = epoch + 1, 0
-
-    def _ahead_ok(self) -> bool:
-        """Whether batches may be made ahead in threads: the stored bytes, memory-mapped."""
-        return self.threads > 1 and self._raw and self._resume is None and self._engine()._batches().reader.mode == "memmap"
-
-    def _made_ahead(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The rest of the epoch (as :meth:`shard` ``(0, 1)``), batch k made by thread k mod
-        ``threads`` with buffers of its own, ``threads`` batches ahead of the caller."""
-        epoch, start = self._start(move=False)
-        n, ks = self.threads, iter(range(start, len(self)))
-        makers = [ThreadPoolExecutor(1, thread_name_prefix="streamnn-batches") for _ in range(n)]
-        pending: deque = deque()
-        try:
-            for k in itertools.islice(ks, n):
-                pending.append(makers[k % n].submit(self._batch, epoch, k, str(k % n)))
-            while pending:
-                batch = pending.popleft().result()
-                for k in itertools.islice(ks, 1):
-                    pending.append(makers[k % n].submit(self._batch, epoch, k, str(k % n)))
-                yield batch
-        finally:  # a loop left early: what is made ahead is dropped, the threads end
-            for future in pending:
-                future.cancel()
-            for maker in makers:
-                maker.shutdown(wait=True)
 
     def _to_ring(self, worker: int, workers: int, loop: int, epoch: int, start: int) -> Iterator[Any]:
         """Worker ``worker``'s batches of the rest of ``epoch``: each into a free slot of the ring,
@@ -256,10 +219,9 @@ class StoreBatches(IterableDataset):
             buf = self._scratch[name] = np.empty(n, dtype)
         return buf[:n].reshape(shape)
 
-    def _produce(self, epoch: int, k: int, images: np.ndarray, labels: np.ndarray, part: str = "") -> tuple[int, int]:
+    def _produce(self, epoch: int, k: int, images: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
         """This rank's share of global batch ``k`` of ``epoch`` into ``images`` (b, *memory) and
-        ``labels``, padded rows zero / IGNORE_INDEX; returns (rows, rows with padding). ``part``
-        names the scratch buffers used (one set per thread that makes batches)."""
+        ``labels``, padded rows zero / IGNORE_INDEX; returns (rows, rows with padding)."""
         L = self._engine()
         rows = L.batch_rows(epoch, k)
         b = len(rows)
@@ -270,7 +232,7 @@ class StoreBatches(IterableDataset):
         maker = L._batches()
         array = getattr(maker.reader, "array", None) if self._raw and maker.reader.mode == "memmap" else None
         if array is not None:  # the stored bytes, gathered and augmented as they are
-            src = self._stage("gather" + part, (b, *L.image_shape), "uint8")
+            src = self._stage("gather", (b, *L.image_shape), "uint8")
             maker.reader.check()  # as the reader does: a truncated store is an error, not a SIGBUS
             np.take(array, rows, axis=0, out=src.reshape(b, L.n_features))
             maker.reader.check(path=False)
@@ -280,11 +242,11 @@ class StoreBatches(IterableDataset):
             if aug.shift:
                 shift_images(src, aug.shifts(L.seed, epoch, k, gb, *where), aug.shift, aug.padding)
         else:  # the Loader's own batch (any reader), back to the stored bytes if they travel
-            X, _ = maker.produce(epoch, k, self._stage("gather" + part, (b, L.n_features), "float32"))
+            X, _ = maker.produce(epoch, k, self._stage("gather", (b, L.n_features), "float32"))
             src = X.T.reshape(b, *L.image_shape)
             if images.dtype == np.uint8:
                 src = to_uint8(src)  # (a uint8 store's own bytes)
-        self.images.arrange(src, images[:b], self._scale32, self._stage("order" + part, src.shape, src.dtype.str))
+        self.images.arrange(src, images[:b], self._scale32, self._stage("order", src.shape, src.dtype.str))
         if array is not None and L._augment.erase:  # (the Loader's batches are erased already)
             erase_images(images[:b], L._augment.erasures(L.seed, epoch, k, L.global_batch_size(k), L.image_shape,
                                                          L.rank, L.world_size), self.images.layout == "NCHW")
@@ -292,15 +254,12 @@ class StoreBatches(IterableDataset):
 
     def batch(self, epoch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of global batch ``k`` of ``epoch``: (images, int64 labels)."""
-        return self._batch(epoch, k)
-
-    def _batch(self, epoch: int, k: int, part: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         L = self._engine()
         total = L.local_batch_size if self.last == "pad" else len(L.batch_rows(epoch, k))
         kept = self._slots().take(total) if get_worker_info() is None else None
         out = empty((total, *self.images.memory), getattr(torch, self.images.dtype)) if kept is None else None
         labels = empty((total,), torch.int64)
-        self._produce(epoch, k, out.numpy() if kept is None else kept, labels.numpy(), part)
+        self._produce(epoch, k, out.numpy() if kept is None else kept, labels.numpy())
         return self.images.view(torch.from_numpy(kept) if kept is not None else out), labels
 
     def _slots(self) -> Slots:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import os
-import threading
 import weakref
 from typing import Any
 
@@ -107,19 +106,17 @@ class Slots:
         self.pid = os.getpid()
         self.buffers = [np.empty((rows, *memory), dtype) for _ in range(count)]
         self.busy = [False] * count
-        self._lock = threading.Lock()  # taken by the threads that make batches
 
     def take(self, rows: int) -> np.ndarray | None:
         """A free buffer's first ``rows`` images, busy until the array (or a tensor over it) is gone;
         None when every buffer is in use (the caller keeps them)."""
-        with self._lock:
-            i = next((i for i, busy in enumerate(self.busy) if not busy), None)
-            if i is None:
-                return None
-            self.busy[i] = True
-        array = self.buffers[i][:rows]
-        weakref.finalize(array, self.busy.__setitem__, i, False)
-        return array
+        for i, busy in enumerate(self.busy):
+            if not busy:
+                self.busy[i] = True
+                array = self.buffers[i][:rows]
+                weakref.finalize(array, self.busy.__setitem__, i, False)
+                return array
+        return None
 
 
 class Counted:
