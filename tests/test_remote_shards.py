@@ -7,9 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from imagetree import make_tree
 from streamnn import StreamnnError, open_store
+from streamnn.cli.info import main as info_main
 from streamnn.data.format import shard_folder
 from streamnn.data.loader import Loader
 from streamnn.pack import pack
@@ -55,7 +57,11 @@ def test_a_sharded_store_by_url_is_the_one_file_store(nginx, src, one_file, k): 
             assert b.paths(s) == a.paths(s) and np.array_equal(b.labels(s), a.labels(s))
             assert np.array_equal(b.read_rows(s, rows[::-1]), a.read_rows(s, rows[::-1]))
         assert all(np.array_equal(x, y) for x, y in zip(a.stats(), b.stats()))
-        b.verify()
+        assert b.shards == [nginx.url(f"k{k}/s.h5.shards/{p.name}") for p in sorted(shard_folder(local).iterdir())]
+        b.verify()  # the view's fingerprint, then every shard's, each read by its URL
+    info = CliRunner().invoke(info_main, [url])
+    assert info.exit_code == 0, info.output
+    assert f"shards       {k} files in {nginx.url(f'k{k}/s.h5.shards')}/" in info.output
     for split, kw in (("train", dict(order="exact", augment="flip")), ("test", dict(shuffle=False)),
                       ("train", dict(order="block", block_rows=3, world_size=2, rank=1))):
         with Loader(one_file, split, batch_size=4, seed=2, **kw) as A, Loader(url, split, batch_size=4, seed=2, **kw) as B:

@@ -238,12 +238,15 @@ class Store:
         if not self.splits:
             raise c.fail("store has no split")
         #: Shard files of a sharded store (its index: "Sharded stores" in docs/format.md), checked
-        #: before anything is read through its virtual datasets.
-        self.shards: list[Path] = []
+        #: before anything is read through its virtual datasets; read by URL, the shards' URLs
+        #: (checked when the index was opened, :mod:`streamnn.data.remote.shards`).
+        self.shards: list[Path | str] = []
         if "shards" in self._file.attrs:
             if is_url(self.path):
                 raise c.fail("a sharded store cannot be read from a URL yet (serve a one-file store)")
-            self.shards = check_index(self._file, self.path, self._file.attrs["shards"])
+            self.shards = list(check_index(self._file, self.path, self._file.attrs["shards"]))
+        elif is_url(self.path):
+            self.shards = [o.url for o in getattr(self._file._streamnn_source.obj, "shards", ())]
         self._counts = {name: self._check_split(c, name) for name in self.splits}
         recorded = c.json_object("counts")
         if recorded != self._counts:
