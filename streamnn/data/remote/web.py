@@ -16,9 +16,10 @@ class with each request signed and S3's answers read (:meth:`HttpObject._send`,
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
 from streamnn.data.remote.cache import FILL_THREADS
@@ -199,20 +200,12 @@ class HttpObject(RemoteObject):
         """One byte range (``a-b``, or ``-n``: the last n bytes) read whole: the answer's version,
         its ``Content-Range`` and the bytes."""
         resp = self._request(spans)
-        ok = False
-        try:
+        with _reading(resp):
             version, span = self._version(resp)
             if span is None:
                 raise self.fail("the server's answer to a Range request has no usable Content-Range")
             data = memoryview(bytearray(span[1] - span[0] + 1))
             self.fill([data], resp.readinto, deadline)
-            ok = True
-        except urllib3.exceptions.HTTPError as exc:
-            raise Transient(_reason(exc)) from None
-        except OSError as exc:
-            raise Transient(f"{exc.__class__.__name__}: {exc}") from None
-        finally:
-            _release(resp, ok)
         return version, span, bytes(data)
 
     def _open_many(self, deadline: float) -> tuple[Version, bytes, tuple[int, bytes] | None]:
@@ -250,27 +243,30 @@ class HttpObject(RemoteObject):
     def _get(self, offset: int, size: int, sinks: Sequence[memoryview], deadline: float) -> None:
         last = offset + size - 1
         resp = self._request(f"{offset}-{last}", match=True)
-        ok = False
-        try:
+        with _reading(resp):
             version, span = self._version(resp)
             self.validate(version)
             if span is None or span[:2] != (offset, last):
                 raise self.fail(f"the server sent bytes {span} for the range {offset}-{last}")
             self.fill(sinks, resp.readinto, deadline)
-            ok = True
-        except urllib3.exceptions.HTTPError as exc:
-            raise Transient(_reason(exc)) from None
-        except OSError as exc:
-            raise Transient(f"{exc.__class__.__name__}: {exc}") from None
-        finally:
-            _release(resp, ok)
 
 
-def _release(resp: urllib3.BaseHTTPResponse, whole: bool) -> None:
-    """Give a response's connection back to the pool (closed first unless its body was read ``whole``)."""
-    if not whole:  # a half-read response: its connection cannot be reused
-        resp.close()
-    resp.release_conn()
+@contextlib.contextmanager
+def _reading(resp: urllib3.BaseHTTPResponse) -> Iterator[None]:
+    """Reading a response's body: a failed connection is :class:`Transient`; afterwards the
+    connection goes back to the pool, closed first unless the body was read whole."""
+    whole = False
+    try:
+        yield
+        whole = True
+    except urllib3.exceptions.HTTPError as exc:
+        raise Transient(_reason(exc)) from None
+    except OSError as exc:
+        raise Transient(f"{exc.__class__.__name__}: {exc}") from None
+    finally:
+        if not whole:  # a half-read response: its connection cannot be reused
+            resp.close()
+        resp.release_conn()
 
 
 def _parts(body: bytes, boundary: bytes) -> list[tuple[int, int, int, memoryview]]:
