@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from streamnn.cli.eval import main as eval_main
+from streamnn.cli.pack import main as pack_main
 from streamnn.cli.predict import main as predict_main
 from streamnn.cli.train import main as train_main
+from streamnn.data.format import COMPRESSIONS, STORE_DTYPES
 from streamnn.data.loader import Loader
 from streamnn.data.order import ORDERS
 from streamnn.data.readers import READERS
@@ -39,6 +41,8 @@ REGISTRIES = {
     ("streamnn-train", "head"): HEADS,
     ("streamnn-eval", "tta"): TTA,
     ("streamnn-predict", "tta"): TTA,
+    ("streamnn-pack", "dtype"): STORE_DTYPES,
+    ("streamnn-pack", "compression"): [c or "none" for c in COMPRESSIONS],  # None is written "none"
 }
 
 
@@ -46,7 +50,7 @@ def cli_choices() -> dict[tuple[str, str], list[str]]:
     """Every click.Choice option of the commands, by (command, parameter name)."""
     out = {}
     for name, command in (("streamnn-train", train_main), ("streamnn-eval", eval_main),
-                          ("streamnn-predict", predict_main)):
+                          ("streamnn-predict", predict_main), ("streamnn-pack", pack_main)):
         for param in command.params:
             if isinstance(param.type, click.Choice):
                 out[name, param.name] = list(param.type.choices)

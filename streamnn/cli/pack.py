@@ -11,6 +11,7 @@ import time
 
 import click
 
+from streamnn.data.format import COMPRESSIONS, STORE_DTYPES
 from streamnn.dist import world
 from streamnn.pack.decode import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS
 from streamnn.pack.job import pack
@@ -108,9 +109,10 @@ def _byte_size(text: str) -> int:
 @click.option("--classes", default=None,
               help="Comma-separated class names, in label order (label i = i-th name); other class "
                    "folders are left out. Default: all class folders, sorted by name.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "uint8"]), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(list(STORE_DTYPES)), default="float32", show_default=True,
               help="Stored type: float32/float16 hold pixel/255 in [0, 1]; uint8 holds raw pixels (4x smaller).")
-@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True,
+@click.option("--compression", type=click.Choice([c or "none" for c in COMPRESSIONS]), default="none",
+              show_default=True,
               help="HDF5 compression of X. none keeps X contiguous (fastest random reads).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the row order (each split is shuffled; same seed, same store).")
