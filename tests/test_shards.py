@@ -1,7 +1,6 @@
 """Sharded stores: the same store whatever K (--shards and mpiexec), integrity, failures, leftovers."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -17,6 +16,7 @@ import pytest
 
 from blocking import BLOCKER, start_blocked
 from imagetree import make_tree
+from mpi import require_mpi, run_mpmd
 from streamnn import StreamnnError, open_store
 from streamnn.atomic import TMP_PREFIX
 from streamnn.data.loader import Loader
@@ -32,9 +32,6 @@ OPTIONS = {"size": (6, 8), "workers": 1, "seed": 4}
 PACK = [sys.executable, "-m", "streamnn.cli.pack"]
 INFO = [sys.executable, "-m", "streamnn.cli.info"]
 
-HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and shutil.which("mpiexec") is not None
-needs_mpi = pytest.mark.skipif(not HAVE_MPI and not os.environ.get("CI"),
-                               reason="mpi4py and mpiexec are not installed (pip install '.[mpi]'); CI runs these")
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +193,8 @@ def test_shard_folder_must_be_a_plain_folder_outside_src(src, tmp_path):
 
 
 def _mpiexec(n: int, *args: str) -> list[str]:
-    return ["mpiexec", "-n", str(n), sys.executable, "-m", "streamnn.cli.pack", *args]
+    """``mpiexec -n n streamnn-pack args...`` (skips, or fails in CI, without MPI)."""
+    return [require_mpi(), "-n", str(n), sys.executable, "-m", "streamnn.cli.pack", *args]
 
 
 @pytest.fixture(autouse=True)
@@ -205,7 +203,6 @@ def _private_tmpdir(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
 
 
-@needs_mpi
 def test_mpiexec_two_ranks_write_the_same_store(src, one_file, tmp_path):
     out = tmp_path / "s.h5"
     proc = subprocess.run(_mpiexec(2, str(src), "-o", str(out), "--size", "6x8", "--seed", "4"),
@@ -218,7 +215,6 @@ def test_mpiexec_two_ranks_write_the_same_store(src, one_file, tmp_path):
         assert s.command.startswith("mpiexec -n 2 streamnn-pack")
 
 
-@needs_mpi
 def test_mpiexec_error_found_by_rank_0_is_reported_once(tmp_path):
     proc = subprocess.run(_mpiexec(2, str(tmp_path / "nowhere"), "-o", str(tmp_path / "s.h5")),
                           capture_output=True, text=True, timeout=120)
@@ -227,7 +223,6 @@ def test_mpiexec_error_found_by_rank_0_is_reported_once(tmp_path):
         f"Error: {tmp_path / 'nowhere'}: no such folder"], proc.stderr
 
 
-@needs_mpi
 def test_mpiexec_failing_rank_fails_the_command_with_one_error(src, tmp_path):
     proc = subprocess.run(_mpiexec(2, str(src), "-o", str(tmp_path / "s.h5"), "--size", "6x8",
                                    "--max-skip-fraction", "0"), capture_output=True, text=True, timeout=120)
@@ -255,7 +250,6 @@ def _rank_pid(root: int, rank: int) -> int:
     raise AssertionError(f"rank {rank} not found")
 
 
-@needs_mpi
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc (Linux)")
 def test_killed_rank_fails_the_command_and_leaves_no_index(src, one_file, tmp_path):
     out = tmp_path / "s.h5"
@@ -278,7 +272,6 @@ def test_killed_rank_fails_the_command_and_leaves_no_index(src, one_file, tmp_pa
     assert_same_store(one_file, out)
 
 
-@needs_mpi
 @pytest.mark.parametrize("fault", ["STREAMNN_TEST_BLOCK_ON", "STREAMNN_TEST_EXIT_ON"])
 def test_a_hung_or_leaving_rank_ends_the_job_after_the_timeout(src, one_file, tmp_path, fault):
     """Rank 1 hangs in decoding, or leaves without a word: rank 0 gives up waiting for it after
@@ -298,7 +291,6 @@ def test_a_hung_or_leaving_rank_ends_the_job_after_the_timeout(src, one_file, tm
     assert not out.exists()
 
 
-@needs_mpi
 def test_ctrl_c_stops_every_rank(src, one_file, tmp_path):
     out = tmp_path / "s.h5"
     with open_store(one_file) as s:
@@ -313,10 +305,7 @@ def test_ctrl_c_stops_every_rank(src, one_file, tmp_path):
     assert not out.exists() and not list(shard_folder(out).glob("part-*"))
 
 
-@needs_mpi
 def test_mpiexec_ranks_given_other_options_stop_before_anything_is_written(src, tmp_path):
-    from mpi import run_mpmd
-
     out = tmp_path / "s.h5"
     pack_cmd = [sys.executable, "-m", "streamnn.cli.pack", str(src), "-o", str(out)]
     result, _ = run_mpmd([[*pack_cmd, "--size", "6x8"], [*pack_cmd, "--size", "8"]], timeout=120)
