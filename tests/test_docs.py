@@ -58,6 +58,12 @@ def test_cited_names_exist(page):
     assert not missing, f"{page.name} cites names that do not exist: {missing}"
 
 
+def test_readme_maps_every_page_of_docs():
+    section = (ROOT / "README.md").read_text().partition("## Documentation")[2].partition("\n## ")[0]
+    mapped = set(re.findall(r"\]\(docs/([\w.-]+\.md)\)", section))
+    assert mapped == {p.name for p in (ROOT / "docs").glob("*.md")}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_no_development_history(page):
     text = page.read_text()
