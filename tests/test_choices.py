@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import click
 import numpy as np
@@ -62,6 +63,12 @@ def test_cli_choices_are_the_registries_keys():
     assert set(choices) == set(REGISTRIES)
     for key, registry in REGISTRIES.items():
         assert choices[key] == list(registry), key
+
+
+def test_augment_help_names_every_kind():
+    """--augment takes a list (not a click.Choice): its help must name every kind the parser accepts."""
+    (param,) = [p for p in train_main.params if p.name == "augment"]
+    assert all(re.search(rf"\b{kind}\b", param.help) for kind in KINDS), param.help
 
 
 def test_config_choices_are_the_registries_keys():
