@@ -16,6 +16,7 @@ import pytest
 from imagetree import bad_files, encode, make_tree, pil_bytes, smooth_image
 from streamnn import StreamnnError, open_store
 from streamnn.atomic import TMP_PREFIX
+from streamnn.data.writer import StoreWriter
 from streamnn.pack.job import RunningMoments, pack
 from streamnn.pack.pool import Decoder
 from streamnn.pack.scan import natural_key, scan_source
@@ -133,6 +134,18 @@ def test_compression_is_optional(kaggle, tmp_path):
         assert f["train/X"].compression == "lzf"
     with open_store(tmp_path / "c.h5") as s:
         assert s.n_rows("train") == 13
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(dtype="int8"), "unknown dtype 'int8' (choose from float32, float16, uint8)"),
+    (dict(compression="zstd"), "unknown compression 'zstd' (choose from None, lzf, gzip)")])
+def test_unknown_dtype_or_compression_is_refused_before_anything_is_written(kaggle, tmp_path, options, message):
+    for write in (lambda: pack(kaggle[0], tmp_path / "s.h5", size=8, workers=1, **options),
+                  lambda: StoreWriter(tmp_path / "s.h5", class_names=["a"], image_shape=(2, 2, 3), **options)):
+        with pytest.raises(StreamnnError) as info:
+            write()
+        assert str(info.value) == message
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_natural_sort_and_per_class(tmp_path):

@@ -25,6 +25,15 @@ from streamnn.h5write import checked_flush, close_hard, failure_text, flush_clos
 from streamnn.paths import path_text
 from streamnn.version import __version__
 
+
+def check_storage(dtype: str, compression: str | None) -> None:
+    """Raise unless ``dtype`` is a stored pixel type and ``compression`` an X compression of the format."""
+    if dtype not in STORE_DTYPES:
+        raise StreamnnError(f"unknown dtype {dtype!r} (choose from {', '.join(STORE_DTYPES)})")
+    if compression not in COMPRESSIONS:
+        raise StreamnnError(f"unknown compression {compression!r} (choose from {', '.join(map(str, COMPRESSIONS))})")
+
+
 class StoreWriter:
     """Writes a store split by split into a temporary file; :meth:`commit` renames it into place.
 
@@ -44,10 +53,7 @@ class StoreWriter:
     def __init__(self, path: str | os.PathLike, *, class_names: Sequence[str], image_shape: Sequence[int],
                  dtype: str = "float32", compression: str | None = None, channel_order: str = "BGR",
                  command: str = "", options: dict[str, Any] | None = None) -> None:
-        if dtype not in STORE_DTYPES:
-            raise StreamnnError(f"unknown dtype {dtype!r} (choose from {', '.join(STORE_DTYPES)})")
-        if compression not in COMPRESSIONS:
-            raise StreamnnError(f"unknown compression {compression!r} (choose lzf or gzip)")
+        check_storage(dtype, compression)
         self.path = Path(path)
         self.class_names = list(class_names)
         self.image_shape = tuple(int(s) for s in image_shape)

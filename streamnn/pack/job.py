@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from streamnn.data.format import COMPRESSIONS, STORE_DTYPES
-from streamnn.data.writer import StoreWriter
+from streamnn.data.writer import StoreWriter, check_storage
 from streamnn.errors import StreamnnError
 from streamnn.pack.decode import (DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_PIXELS, decode_kwargs, decode_options, parse_size,
                                   signals_deferred)
@@ -373,10 +372,7 @@ def _check_classes(plan: SourcePlan, classes: Sequence[str] | None, src: str | o
 
 def _check_arguments(dtype: str, compression: str | None, per_class: int | None, max_skip_fraction: float,
                      max_pixels: int, max_file_size: int) -> None:
-    if dtype not in STORE_DTYPES:
-        raise StreamnnError(f"unknown dtype {dtype!r} (choose from {', '.join(STORE_DTYPES)})")
-    if compression not in COMPRESSIONS:
-        raise StreamnnError(f"unknown compression {compression!r} (choose lzf or gzip)")
+    check_storage(dtype, compression)
     if per_class is not None and per_class < 1:
         raise StreamnnError(f"per_class must be at least 1, not {per_class}")
     if not 0.0 <= max_skip_fraction <= 1.0:
