@@ -121,6 +121,39 @@ def test_out_of_range_options_are_refused(store, tmp_path, args, fragment):
     _error(CliRunner().invoke(train_main, [str(store), "--out", str(tmp_path / "run"), *args, "-q"]), fragment)
 
 
+@pytest.mark.parametrize("augment", [[], ["--augment", "none"], ["--augment", "flip"], ["--augment", "erase=0.5"]])
+@pytest.mark.parametrize("args, named", [
+    (["--shift", "100"], "--shift applies"),  # not even checked against the image size: it would change nothing
+    (["--shift", "2"], "--shift applies"),
+    (["--shift-padding", "zero"], "--shift-padding applies"),
+    (["--shift", "2", "--shift-padding", "zero"], "--shift and --shift-padding apply"),
+])
+def test_shift_options_without_the_shift_augmentation_are_refused(store, tmp_path, augment, args, named):
+    out = tmp_path / "run"
+    line = _error(CliRunner().invoke(train_main, [str(store), "--out", str(out), *augment, *args, *QUICK]),
+                  named, "add shift to --augment")
+    assert not out.exists(), line
+
+
+def test_shift_options_with_the_shift_augmentation_are_recorded(store, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(train_main, [str(store), "--out", str(out), "--augment", "flip,shift", "--shift", "2",
+                                        "--shift-padding", "zero", *QUICK])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["augment"], saved["shift"], saved["shift_padding"]) == ("flip,shift", 2, "zero")
+    _error(CliRunner().invoke(train_main, ["--resume", "--out", str(out), "--augment", "flip", "--shift", "2",
+                                           "--epochs", "2", "-q"]), "--shift applies", "--augment flip")
+
+
+def test_resuming_a_run_without_shifts_with_a_shift_option_names_it(store, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(train_main, [str(store), "--out", str(out), "--augment", "flip", *QUICK])
+    assert r.exit_code == 0, r.output
+    _error(CliRunner().invoke(train_main, ["--resume", "--out", str(out), "--shift", "2", "--epochs", "2", "-q"]),
+           "--shift applies", "--augment flip")
+
+
 def test_a_batch_beyond_memory_is_refused_with_the_split_size(tmp_path):
     rows = make_store(tmp_path / "s.h5")
     line = _error(CliRunner().invoke(train_main, [str(rows), "--out", str(tmp_path / "run"), "--batch-size",
