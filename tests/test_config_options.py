@@ -169,6 +169,50 @@ def test_a_batch_size_beyond_the_rows_but_in_memory_trains(tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_the_budget_counts_the_copies_a_checkpoint_takes(store, tmp_path, monkeypatch):
+    """Room for the arrays of the training steps but not for a checkpoint's copies next to them (saved,
+    or loaded on --resume) is refused up front; room for both trains and resumes."""
+    from streamnn.run import budget
+
+    with open_store(store) as s:
+        params = budget.dense_parameter_count([s.n_features, 1000, 1])
+    args = [str(store), "--hidden", "1000", *QUICK]
+    monkeypatch.setattr(budget, "available_memory", lambda: params * 4 * (budget.TRAINING_COPIES + 3))
+    _error(CliRunner().invoke(train_main, [*args, "--out", str(tmp_path / "refused")]), "50,001 parameters")
+    assert not (tmp_path / "refused" / "checkpoint-latest.h5").exists()
+    monkeypatch.setattr(budget, "available_memory",
+                        lambda: params * 4 * (budget.TRAINING_COPIES + budget.CHECKPOINT_COPIES + 1))
+    r = CliRunner().invoke(train_main, [*args, "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(train_main, ["--resume", "--out", str(tmp_path / "run"), "--epochs", "2", "-q"])
+    assert r.exit_code == 0, r.output
+
+
+def test_an_allocation_that_fails_all_the_same_is_one_line(store, tmp_path, monkeypatch):
+    """A MemoryError the budget did not foresee (here at the first checkpoint) is an ``Error: out of
+    memory`` line, with no temporary file left; reading a checkpoint that does not fit is not called corrupt."""
+    from streamnn.run import checkpoint, trainer
+
+    def short(**kwargs):
+        raise MemoryError("Unable to allocate 128. MiB for an array with shape (4096, 8192) and data type float32")
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "run_content", short)
+        line = _error(CliRunner().invoke(train_main, [str(store), "--out", str(out), "--hidden", "4", *QUICK]),
+                      "Error: out of memory: Unable to allocate 128. MiB", "ulimit -v")
+    assert not [p for p in out.iterdir() if p.name.endswith(".h5") or p.name.startswith(".streamnn-tmp")], line
+    r = CliRunner().invoke(train_main, [str(store), "--out", str(out), "--hidden", "4", "--force", *QUICK])
+    assert r.exit_code == 0, r.output
+
+    def no_room(group, max_bytes):
+        raise MemoryError()
+
+    monkeypatch.setattr(checkpoint, "_read_group", no_room)
+    _error(CliRunner().invoke(train_main, ["--resume", "--out", str(out), "--epochs", "2", "-q"]),
+           "checkpoint-latest.h5: checkpoint does not fit in the memory available")
+
+
 _RLIMIT_CHILD = """
 import resource, sys
 from streamnn.cli.train import main

@@ -27,7 +27,8 @@ from streamnn.nn.network import COMPUTE_DTYPES
 from streamnn.optim.optimizers import OPTIMIZERS
 from streamnn.optim.schedules import FORMULAS
 from streamnn.threads import check_threads
-from streamnn.run.budget import INFERENCE_COPIES, TRAINING_COPIES, check_fits, conv_parameter_count, dense_parameter_count
+from streamnn.run.budget import (CHECKPOINT_COPIES, INFERENCE_COPIES, TRAINING_COPIES, check_fits,
+                                 conv_parameter_count, dense_parameter_count)
 
 DEFAULTS: dict[str, Any] = {
     "store": None,               # path of the HDF5 store
@@ -308,9 +309,10 @@ def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_model_size(cfg: dict[str, Any], store: Any) -> None:
-    """Refuse, before allocating, a model whose parameters and buffers exceed the memory available."""
+    """Refuse, before allocating, a model whose parameters and buffers exceed the memory available
+    (with the copies its checkpoints take)."""
     count, what = MODELS[cfg["model"]].size(cfg, store)
-    check_fits(count, np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES, what)
+    check_fits(count, np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES + CHECKPOINT_COPIES, what)
 
 
 #: Keys newer than release 0.1.0, with the value that means what runs saved without them did: a run's
