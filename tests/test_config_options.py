@@ -121,6 +121,39 @@ def test_out_of_range_options_are_refused(store, tmp_path, args, fragment):
     _error(CliRunner().invoke(train_main, [str(store), "--out", str(tmp_path / "run"), *args, "-q"]), fragment)
 
 
+@pytest.mark.parametrize("augment", [[], ["--augment", "none"], ["--augment", "flip"], ["--augment", "erase=0.5"]])
+@pytest.mark.parametrize("args, named", [
+    (["--shift", "100"], "--shift applies"),  # not even checked against the image size: it would change nothing
+    (["--shift", "2"], "--shift applies"),
+    (["--shift-padding", "zero"], "--shift-padding applies"),
+    (["--shift", "2", "--shift-padding", "zero"], "--shift and --shift-padding apply"),
+])
+def test_shift_options_without_the_shift_augmentation_are_refused(store, tmp_path, augment, args, named):
+    out = tmp_path / "run"
+    line = _error(CliRunner().invoke(train_main, [str(store), "--out", str(out), *augment, *args, *QUICK]),
+                  named, "add shift to --augment")
+    assert not out.exists(), line
+
+
+def test_shift_options_with_the_shift_augmentation_are_recorded(store, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(train_main, [str(store), "--out", str(out), "--augment", "flip,shift", "--shift", "2",
+                                        "--shift-padding", "zero", *QUICK])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["augment"], saved["shift"], saved["shift_padding"]) == ("flip,shift", 2, "zero")
+    _error(CliRunner().invoke(train_main, ["--resume", "--out", str(out), "--augment", "flip", "--shift", "2",
+                                           "--epochs", "2", "-q"]), "--shift applies", "--augment flip")
+
+
+def test_resuming_a_run_without_shifts_with_a_shift_option_names_it(store, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(train_main, [str(store), "--out", str(out), "--augment", "flip", *QUICK])
+    assert r.exit_code == 0, r.output
+    _error(CliRunner().invoke(train_main, ["--resume", "--out", str(out), "--shift", "2", "--epochs", "2", "-q"]),
+           "--shift applies", "--augment flip")
+
+
 def test_a_batch_beyond_memory_is_refused_with_the_split_size(tmp_path):
     rows = make_store(tmp_path / "s.h5")
     line = _error(CliRunner().invoke(train_main, [str(rows), "--out", str(tmp_path / "run"), "--batch-size",
@@ -134,6 +167,50 @@ def test_a_batch_size_beyond_the_rows_but_in_memory_trains(tmp_path):
     r = CliRunner().invoke(train_main, [str(rows), "--out", str(tmp_path / "run"), "--batch-size", "1000",
                                         "--epochs", "1", "-q"])
     assert r.exit_code == 0, r.output
+
+
+def test_the_budget_counts_the_copies_a_checkpoint_takes(store, tmp_path, monkeypatch):
+    """Room for the arrays of the training steps but not for a checkpoint's copies next to them (saved,
+    or loaded on --resume) is refused up front; room for both trains and resumes."""
+    from streamnn.run import budget
+
+    with open_store(store) as s:
+        params = budget.dense_parameter_count([s.n_features, 1000, 1])
+    args = [str(store), "--hidden", "1000", *QUICK]
+    monkeypatch.setattr(budget, "available_memory", lambda: params * 4 * (budget.TRAINING_COPIES + 3))
+    _error(CliRunner().invoke(train_main, [*args, "--out", str(tmp_path / "refused")]), "50,001 parameters")
+    assert not (tmp_path / "refused" / "checkpoint-latest.h5").exists()
+    monkeypatch.setattr(budget, "available_memory",
+                        lambda: params * 4 * (budget.TRAINING_COPIES + budget.CHECKPOINT_COPIES + 1))
+    r = CliRunner().invoke(train_main, [*args, "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(train_main, ["--resume", "--out", str(tmp_path / "run"), "--epochs", "2", "-q"])
+    assert r.exit_code == 0, r.output
+
+
+def test_an_allocation_that_fails_all_the_same_is_one_line(store, tmp_path, monkeypatch):
+    """A MemoryError the budget did not foresee (here at the first checkpoint) is an ``Error: out of
+    memory`` line, with no temporary file left; reading a checkpoint that does not fit is not called corrupt."""
+    from streamnn.run import checkpoint, trainer
+
+    def short(**kwargs):
+        raise MemoryError("Unable to allocate 128. MiB for an array with shape (4096, 8192) and data type float32")
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "run_content", short)
+        line = _error(CliRunner().invoke(train_main, [str(store), "--out", str(out), "--hidden", "4", *QUICK]),
+                      "Error: out of memory: Unable to allocate 128. MiB", "ulimit -v")
+    assert not [p for p in out.iterdir() if p.name.endswith(".h5") or p.name.startswith(".streamnn-tmp")], line
+    r = CliRunner().invoke(train_main, [str(store), "--out", str(out), "--hidden", "4", "--force", *QUICK])
+    assert r.exit_code == 0, r.output
+
+    def no_room(group, max_bytes):
+        raise MemoryError()
+
+    monkeypatch.setattr(checkpoint, "_read_group", no_room)
+    _error(CliRunner().invoke(train_main, ["--resume", "--out", str(out), "--epochs", "2", "-q"]),
+           "checkpoint-latest.h5: checkpoint does not fit in the memory available")
 
 
 _RLIMIT_CHILD = """

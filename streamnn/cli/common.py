@@ -9,6 +9,8 @@ raised                                     printed                              
 :class:`~streamnn.errors.StreamnnError`    ``Error: <its one-line message>``     1
 :class:`OSError` (disk full, read-only,    ``Error: <path>: <strerror>``         1
 name too long, permission denied, ...)
+:class:`MemoryError` (an allocation       ``Error: out of memory: ...``         1
+beyond the memory budget's estimate)
 :class:`KeyboardInterrupt` (Ctrl-C)        ``Error: interrupted`` (+ what was    130
                                            kept, when the command says)
 :class:`Terminated` (SIGTERM, raised by    the same                              143
@@ -161,6 +163,13 @@ def os_error_message(exc: OSError) -> str:
     return f"{where}: {what}"
 
 
+def memory_error_message(exc: MemoryError) -> str:
+    """What an allocation that failed (beyond the memory budget's estimate) tells the user."""
+    what = str(exc).strip().rstrip(".") or "an allocation failed"
+    return (f"out of memory: {what} (more than the memory available, or than ulimit -v leaves: use a smaller "
+            "model or batch size)")
+
+
 @contextlib.contextmanager
 def user_errors(interrupted: str | Callable[[], str] = "interrupted", *, ranks: bool = False) -> Iterator[None]:
     """Turn streamnn errors, OS errors and Ctrl-C raised inside into ``Error: ...`` and an exit status
@@ -191,6 +200,8 @@ def user_errors(interrupted: str | Callable[[], str] = "interrupted", *, ranks: 
         report(str(exc))
     except OSError as exc:
         report(os_error_message(exc))
+    except MemoryError as exc:
+        report(memory_error_message(exc))
     except Terminated:
         stopped(143)
     except KeyboardInterrupt:

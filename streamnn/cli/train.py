@@ -17,7 +17,8 @@ from streamnn.paths import path_text
 from streamnn.run.console import doubtful_result
 from streamnn.run.folder import BEST, LATEST, STEPS_CSV, RunDir
 from streamnn.nn.functional import ACTIVATIONS
-from streamnn.run.config import CHOICES, DEFAULTS, LATER_KEYS, RESUMABLE, applicable, check_applicable, resolve_config
+from streamnn.run.config import (CHOICES, DEFAULTS, LATER_KEYS, RESUMABLE, applicable, check_applicable,
+                                 check_shift_applies, resolve_config)
 from streamnn.run.stop import TrainingInterrupted
 from streamnn.run.trainer import Trainer
 from streamnn.cli.common import CONTEXT_SETTINGS, Command, cache_options, rank_fail, threads_option, user_errors
@@ -163,6 +164,7 @@ def main(ctx: click.Context, store: str | None, out: str | None, force: bool, re
                 trainer = agreed(comm, lambda: _resume(out, store, given, quiet or comm.rank > 0, progress, comm))
             else:
                 agreed(comm, lambda: check_applicable(config["model"], given))
+                agreed(comm, lambda: check_shift_applies(config["augment"], given))
                 _agree_before_writing(comm, config, store, force)
                 agreed(comm, lambda: _prepare_new(RunDir(out), force, comm.rank))
                 new = applicable({**config, "store": store}, config["model"])
@@ -229,6 +231,7 @@ def _resume(out: str, store: str | None, given: dict[str, Any], quiet: bool, pro
         raise StreamnnError(f"nothing to resume: no {LATEST} here", path_text(out))
     saved = {**LATER_KEYS, **load_run_config(path)}  # keys newer than the run: what runs without them did
     check_applicable(given.get("model", saved.get("model", DEFAULTS["model"])), given)
+    check_shift_applies(given.get("augment", saved.get("augment")), given)
     if not isinstance(saved.get("store"), str):
         raise StreamnnError("checkpoint configuration names no store path", path_text(path))
     if store is None and not Path(saved["store"]).is_file():

@@ -6,8 +6,11 @@ holds ``n_out * (n_in + 1)`` parameters; a ``k x k`` convolution of ``c_in`` to 
 BatchNorm), each conv block's 2x2 pooling halves height and width (rounding down), and the head
 feeds the dense layers ``H W C`` features (flatten) or ``C`` (global average pooling, gap). Training
 keeps about :data:`TRAINING_COPIES` arrays of that size (parameters, gradients, the weight-decay
-buffer, up to two optimizer moments, one scratch buffer), inference about :data:`INFERENCE_COPIES`
-(parameters and gradients). A configuration whose arrays exceed the memory the system reports as
+buffer, up to two optimizer moments, one scratch buffer) for its steps, and
+:data:`CHECKPOINT_COPIES` more while a checkpoint is saved (copies of the parameters and the two
+moments) or loaded on ``--resume`` (those read from the file, and the model and optimizer being
+restored next to the ones built first); inference about :data:`INFERENCE_COPIES` (parameters and
+gradients). A configuration whose arrays exceed the memory the system reports as
 available (``MemAvailable`` of ``/proc/meminfo``, else the physical memory, and never more than the
 address space ``RLIMIT_AS`` (``ulimit -v``) leaves this process) is a one-line error naming the
 size, instead of a ``MemoryError`` or an exhausted machine later. Batches are checked the same way.
@@ -21,6 +24,7 @@ from typing import Any
 from streamnn.errors import StreamnnError
 
 TRAINING_COPIES = 6
+CHECKPOINT_COPIES = 6
 INFERENCE_COPIES = 2
 
 

@@ -114,7 +114,7 @@ def _feed(h: Any, content: Mapping[str, Any], prefix: str) -> None:
             arr = np.ascontiguousarray(value)
             little = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
             h.update(f"array\0{little.dtype.str}\0{list(arr.shape)}\0".encode())
-            h.update(little.tobytes())
+            h.update(little)  # its buffer, not a copy (C-contiguous)
         elif isinstance(value, list):
             h.update(b"strs\0" + "\0".join(value).encode() + f"\0{len(value)}\0".encode())
         elif isinstance(value, float):
@@ -255,7 +255,10 @@ def load_checkpoint(path: str | os.PathLike) -> Content:
             computed = digest(content)
     except StreamnnError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, MemoryError) as exc:
+    except MemoryError as exc:  # its arrays are bounded by the file's size: a real shortage, not corruption
+        raise StreamnnError(f"checkpoint does not fit in the memory available ({str(exc).strip() or 'MemoryError'})",
+                            where) from None
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
         raise StreamnnError(f"checkpoint is corrupt or truncated ({exc.__class__.__name__}: "
                             f"{' '.join(str(exc).split())[:120]})", where) from None
     if computed != head["sha256"]:

@@ -27,7 +27,8 @@ from streamnn.nn.network import COMPUTE_DTYPES
 from streamnn.optim.optimizers import OPTIMIZERS
 from streamnn.optim.schedules import FORMULAS
 from streamnn.threads import check_threads
-from streamnn.run.budget import INFERENCE_COPIES, TRAINING_COPIES, check_fits, conv_parameter_count, dense_parameter_count
+from streamnn.run.budget import (CHECKPOINT_COPIES, INFERENCE_COPIES, TRAINING_COPIES, check_fits,
+                                 conv_parameter_count, dense_parameter_count)
 
 DEFAULTS: dict[str, Any] = {
     "store": None,               # path of the HDF5 store
@@ -248,6 +249,28 @@ def check_applicable(model: str, given: Any) -> None:
                             f"{'it' if len(foreign) == 1 else 'them'}")
 
 
+#: Options that only tune the shift augmentation: given without it, they would change nothing.
+SHIFT_OPTIONS = ("shift", "shift_padding")
+
+
+def check_shift_applies(augment: Any, given: Any) -> None:
+    """Refuse ``--shift`` / ``--shift-padding`` (configuration keys in ``given``) for a run whose
+    augmentation ``augment`` has no shift, naming them (a bad ``augment`` is left to
+    :func:`resolve_config` to report)."""
+    options = [k for k in SHIFT_OPTIONS if k in given]
+    if not options:
+        return
+    try:
+        shifts = Augment.parse(None if augment is None else str(augment)).shift > 0
+    except StreamnnError:
+        return
+    if not shifts:
+        names = " and ".join("--" + k.replace("_", "-") for k in options)
+        raise StreamnnError(f"{names} {'applies' if len(options) == 1 else 'apply'} only to the shift augmentation, "
+                            f"which --augment {augment or 'none'} does not include: add shift to --augment, or drop "
+                            f"{'it' if len(options) == 1 else 'them'}")
+
+
 def check_batch_size(cfg: dict[str, Any], store: Any) -> None:
     """Refuse, before allocating, batch buffers that exceed the memory available. The loader sizes its
     buffers by the batch size asked for, so a batch size far beyond the split's rows is refused
@@ -286,9 +309,10 @@ def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_model_size(cfg: dict[str, Any], store: Any) -> None:
-    """Refuse, before allocating, a model whose parameters and buffers exceed the memory available."""
+    """Refuse, before allocating, a model whose parameters and buffers exceed the memory available
+    (with the copies its checkpoints take)."""
     count, what = MODELS[cfg["model"]].size(cfg, store)
-    check_fits(count, np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES, what)
+    check_fits(count, np.dtype(cfg["dtype"]).itemsize, TRAINING_COPIES + CHECKPOINT_COPIES, what)
 
 
 #: Keys newer than release 0.1.0, with the value that means what runs saved without them did: a run's
