@@ -22,6 +22,9 @@ A number (``threads=2``, ``--threads 2``) is used as given. The count goes to on
   blocks are combined in a fixed order), and a thread that waits for a CPU holds up only the
   blocks it took: the others take the rest.
 
+OpenCV (the loader's uint8-to-float32 conversion, the adapters' channel turns) is set to one
+thread: it runs in the loader's thread, never in a pool of OpenCV's on the CPUs counted above.
+
 Why the loader's CPU. Training reads, augments and standardizes the next batch in the loader's
 thread (or its pread threads) while the model computes. On 2 CPUs, 2 BLAS threads then share
 the machine with that thread and with anything else running; OpenBLAS's threads wait for each
@@ -145,10 +148,13 @@ def use_threads(threads: Any = AUTO, *, model: Any = None, **kwargs: Any) -> str
     """Set the threads :func:`choose_threads` gives for ``model``: worker threads and one BLAS thread
     when it computes in blocks (:func:`computes_in_blocks`), else BLAS threads (and one worker);
     returns a line saying so."""
+    import cv2
+
     n = choose_threads(threads, **kwargs)
     blocks = computes_in_blocks(model)
     set_blas_threads(1 if blocks else n)
     set_workers(n if blocks else 1)
+    cv2.setNumThreads(1)
     what = "worker thread" if blocks else "BLAS thread"
     return f"{n} {what}{'s' if n > 1 else ''} (--threads {threads})"
 

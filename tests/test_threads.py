@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+import cv2
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, strategies as st
@@ -143,7 +144,8 @@ def test_a_forked_child_runs_blocks_without_its_parents_threads():
 
 
 def test_use_threads_gives_a_blocked_model_worker_threads_and_one_blas_thread():
-    before = threads.blas_threads()
+    before, cv_before = threads.blas_threads(), cv2.getNumThreads()
+    cv2.setNumThreads(2)
     blocked, plain = ConvNet((8, 8, 1), [2], [2], 2, conv_algo="blocked"), ConvNet((8, 8, 1), [2], [2], 2)
     try:
         assert threads.use_threads(2, model=blocked) == "2 worker threads (--threads 2)"
@@ -152,7 +154,9 @@ def test_use_threads_gives_a_blocked_model_worker_threads_and_one_blas_thread():
         assert threads.workers() == 1 and threads.blas_threads() in (2, None)
         assert threads.use_threads(3, world_size=2, model=blocked).startswith("3 worker")  # a number is kept
         assert threads.use_threads("auto", world_size=2, model=blocked) == "1 worker thread (--threads auto)"
+        assert cv2.getNumThreads() == 1  # OpenCV's pool takes none of the counted CPUs
     finally:
+        cv2.setNumThreads(cv_before)
         threads.set_workers(1)
         if before is not None:
             threads.set_blas_threads(before)

@@ -18,6 +18,7 @@ import numpy as np
 
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
+from streamnn.data.readers.base import normalize_into
 from streamnn.data.remote import is_url, location
 from streamnn.data.format import (CHANNEL_ORDERS, FORMAT, FORMAT_VERSION, RESERVED_GROUPS, STORE_DTYPES, as_text,
                                   check_index, fingerprint, x_layout)
@@ -359,12 +360,7 @@ class Store:
     # -- data -----------------------------------------------------------------------------
     def normalize(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Stored rows to normalized float32 in [0, 1] (``out`` may be reused)."""
-        if out is None:
-            out = np.empty(rows.shape, np.float32)
-        np.copyto(out, rows, casting="unsafe")
-        if self.scale != 1.0:
-            out *= np.float32(self.scale)
-        return out
+        return normalize_into(rows, np.empty(rows.shape, np.float32) if out is None else out, np.float32(self.scale))
 
     def read_rows(self, split: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Normalized float32 rows (B, D) at ``indices`` (any order, repeats allowed)."""
