@@ -113,6 +113,7 @@ class StoreBatches(IterableDataset):
         self._raw = stored == "uint8" and exact and not standardize
         #: Shared with the workers: epoch, position, settings version (load_state_dict changes it).
         self._control = torch.zeros(3, dtype=torch.int64).share_memory_()
+        self._ctl = self._control.numpy()  # the same memory, read and written at NumPy's cost (not torch's 3 us)
         self._settings = 0
         self._ring: Ring | None = None
         self._pool: Slots | None = None
@@ -136,7 +137,11 @@ class StoreBatches(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_loader"], state["_scratch"], state["_pool"] = None, {}, None  # the worker opens the store itself
+        del state["_ctl"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _ctl=state["_control"].numpy())
 
     def __len__(self) -> int:
         """Batches per epoch on every rank (global batches; the same whatever the number of workers)."""
@@ -148,8 +153,8 @@ class StoreBatches(IterableDataset):
         return self._engine().local_batch_size
 
     #: The stream's position: the epoch, and the global batches of it handed out (shared memory).
-    epoch = property(lambda self: int(self._control[0]), lambda self, v: self._control.__setitem__(0, int(v)))
-    position = property(lambda self: int(self._control[1]), lambda self, v: self._control.__setitem__(1, int(v)))
+    epoch = property(lambda self: int(self._ctl[0]), lambda self, v: self._ctl.__setitem__(0, int(v)))
+    position = property(lambda self: int(self._ctl[1]), lambda self, v: self._ctl.__setitem__(1, int(v)))
 
     def set_epoch(self, epoch: int) -> None:
         """Iterate ``epoch`` next, from its start (unless the stream is already in that epoch)."""
@@ -183,7 +188,7 @@ class StoreBatches(IterableDataset):
         info = get_worker_info()
         if info is None:
             return self._here()
-        if self._settings != int(self._control[2]):  # raised on the first batch: DataLoader passes it on
+        if self._settings != int(self._ctl[2]):  # raised on the first batch: DataLoader passes it on
             return _failing(StreamnnError("load_state_dict changed the stream's order settings after the "
                                           "DataLoader's workers started: make a new DataLoader (dataloader() "
                                           "does it by itself)"))
@@ -313,8 +318,8 @@ class StoreBatches(IterableDataset):
             self._resume = (int(state["epoch"]), int(state.get("worker_next", L.position + info.id)))
             return
         if before != [getattr(L, k) for k in _ORDER_SETTINGS]:  # workers made before cannot go on
-            self._settings = int(self._control[2]) + 1
-            self._control[2] = self._settings
+            self._settings = int(self._ctl[2]) + 1
+            self._ctl[2] = self._settings
         self.epoch, self.position = L.epoch, L.position
 
 
