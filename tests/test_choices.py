@@ -22,7 +22,8 @@ from streamnn.nn.models import HEADS, DeepNetwork
 from streamnn.nn.network import COMPUTE_DTYPES
 from streamnn.optim.optimizers import OPTIMIZERS, make_optimizer
 from streamnn.optim.schedules import FORMULAS, make_schedule
-from streamnn.run.config import CHOICES, DEFAULTS, MODELS, SCHEDULE_DEFAULTS, build_model
+from streamnn.run.config import CHOICES, DEFAULTS, SCHEDULE_DEFAULTS, build_model
+from streamnn.run.modelkinds import MODELS
 from streamnn.run.predict import TTA
 from test_train import make_store
 

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from streamnn.cli.train import main as train_main
 from streamnn.data.store import open_store
-from streamnn.run.config import DEFAULTS, MODEL_OPTIONS, MODEL_SPECIFIC, MODELS, resolve_config
+from streamnn.run.config import DEFAULTS, resolve_config
+from streamnn.run.modelkinds import MODEL_OPTIONS, MODEL_SPECIFIC, MODELS
 from tinystore import make_store
 
 QUICK = ["--epochs", "1", "--batch-size", "4", "-q", "--no-progress"]

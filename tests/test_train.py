@@ -18,7 +18,7 @@ from streamnn import StoreWriter, StreamnnError
 from streamnn.atomic import TMP_PREFIX
 from streamnn.run.checkpoint import differences, digest, get, load_checkpoint, save_checkpoint
 from streamnn.cli.train import main as train_main
-from streamnn.run.config import split_validation
+from streamnn.run.selection import split_validation
 from streamnn.run.folder import BEST, LATEST, LOCK_FILE, run_lock
 from streamnn.run.stop import TrainingInterrupted
 from streamnn.run.trainer import Trainer

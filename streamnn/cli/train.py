@@ -17,8 +17,8 @@ from streamnn.paths import path_text
 from streamnn.run.console import doubtful_result
 from streamnn.run.folder import BEST, LATEST, STEPS_CSV, RunDir
 from streamnn.nn.functional import ACTIVATIONS
-from streamnn.run.config import (CHOICES, DEFAULTS, LATER_KEYS, RESUMABLE, applicable, check_applicable,
-                                 check_shift_applies, resolve_config)
+from streamnn.run.config import CHOICES, DEFAULTS, LATER_KEYS, RESUMABLE, check_shift_applies, resolve_config
+from streamnn.run.modelkinds import applicable, check_applicable
 from streamnn.run.stop import TrainingInterrupted
 from streamnn.run.trainer import Trainer
 from streamnn.cli.common import CONTEXT_SETTINGS, Command, cache_options, rank_fail, threads_option, user_errors

@@ -2,16 +2,15 @@
 
 A run is a *configuration* (a JSON-able dict: :data:`DEFAULTS` completed and checked by
 :func:`resolve_config` against the store it trains on) plus an output folder. The same
-configuration builds the same model (:func:`build_model`, seeded by :func:`derive_seed`) and
-the same validation split (:func:`split_validation`) on every rank and in every resumed
-process; :mod:`streamnn.run.trainer` runs it.
+configuration builds the same model (:func:`build_model`, seeded by :func:`derive_seed`; the
+``--model`` kinds are :mod:`streamnn.run.modelkinds`) and the same validation split
+(:func:`streamnn.run.selection.split_validation`) on every rank and in every resumed process;
+:mod:`streamnn.run.trainer` runs it.
 """
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,8 +26,8 @@ from streamnn.nn.network import COMPUTE_DTYPES
 from streamnn.optim.optimizers import OPTIMIZERS
 from streamnn.optim.schedules import FORMULAS
 from streamnn.threads import check_threads
-from streamnn.run.budget import (CHECKPOINT_COPIES, INFERENCE_COPIES, TRAINING_COPIES, check_fits,
-                                 conv_parameter_count, dense_parameter_count)
+from streamnn.run.budget import CHECKPOINT_COPIES, INFERENCE_COPIES, TRAINING_COPIES, check_fits
+from streamnn.run.modelkinds import MODEL_OPTIONS, MODEL_SPECIFIC, MODELS, applicable
 
 DEFAULTS: dict[str, Any] = {
     "store": None,               # path of the HDF5 store
@@ -96,11 +95,12 @@ def derive_seed(seed: int, purpose: str) -> int:
 def resolve_config(user: dict[str, Any], store: Any) -> dict[str, Any]:
     """Complete and validate a configuration against an open store; raises StreamnnError.
 
-    The model's options (:data:`MODEL_OPTIONS`) are filled in and checked only for the model they
-    apply to: the configuration of a new run holds no option of another model type. A key of
-    another model's option that ``user`` holds (a configuration saved by an earlier streamnn
-    held every key) is kept as it is, unused, so that an old run resumes bit for bit; the
-    command line refuses such an option when it is given (:func:`check_applicable`)."""
+    The model's options (:data:`streamnn.run.modelkinds.MODEL_OPTIONS`) are filled in and checked
+    only for the model they apply to: the configuration of a new run holds no option of another
+    model type. A key of another model's option that ``user`` holds (a configuration saved by an
+    earlier streamnn held every key) is kept as it is, unused, so that an old run resumes bit for
+    bit; the command line refuses such an option when it is given
+    (:func:`streamnn.run.modelkinds.check_applicable`)."""
     unknown = set(user) - set(DEFAULTS)
     if unknown:
         raise StreamnnError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
@@ -229,25 +229,6 @@ def _number(value: Any, what: str) -> float:
     return float(value)
 
 
-def applicable(config: dict[str, Any], model: str) -> dict[str, Any]:
-    """``config`` without the options of other model types (:data:`MODEL_OPTIONS`)."""
-    foreign = MODEL_SPECIFIC - MODEL_OPTIONS[model]
-    return {k: v for k, v in config.items() if k not in foreign}
-
-
-def check_applicable(model: str, given: Any) -> None:
-    """Refuse options (configuration keys) given for a model they do not apply to, naming them (an
-    unknown ``model`` is left to :func:`resolve_config` to report)."""
-    if not isinstance(model, str) or model not in MODEL_OPTIONS:
-        return
-    foreign = sorted(set(given) & (MODEL_SPECIFIC - MODEL_OPTIONS[model]))
-    if foreign:
-        names = ", ".join("--" + k.replace("_", "-") for k in foreign)
-        users = sorted({m for k in foreign for m in MODELS if k in MODEL_OPTIONS[m]})
-        raise StreamnnError(f"{names} {'does' if len(foreign) == 1 else 'do'} not apply to --model {model} "
-                            f"(only to {', '.join('--model ' + m for m in users)}): drop "
-                            f"{'it' if len(foreign) == 1 else 'them'}")
-
 
 #: Options that only tune the shift augmentation: given without it, they would change nothing.
 SHIFT_OPTIONS = ("shift", "shift_padding")
@@ -331,39 +312,6 @@ def run_settings(cfg: dict[str, Any]) -> str | int:
     return cfg.pop("threads")
 
 
-def early_stopped(trainer: Any) -> bool:
-    """Whether ``early_stop`` epochs have passed since a trainer's best selection accuracy (and say so)."""
-    cfg, epoch, best_epoch, say = trainer.config, trainer.epoch, trainer.best_epoch, trainer.say
-    n = cfg.get("early_stop", 0)
-    if not n or epoch - best_epoch < n or epoch >= cfg["epochs"]:
-        return False
-    say(f"early stop: no better {selection_split(cfg)} accuracy in the {epoch - best_epoch} epochs since epoch "
-        f"{best_epoch} (--early-stop {n}); resume with a larger --early-stop to train on")
-    return True
-
-
-def selection_split(cfg: dict[str, Any]) -> str:
-    """Which accuracy selects checkpoint-best.h5: "val", "eval" or "train"."""
-    return "val" if cfg["val_fraction"] > 0 else "eval" if cfg["eval_split"] else "train"
-
-
-def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified split of row indices into (train, val), each sorted."""
-    rng = np.random.Generator(np.random.PCG64(derive_seed(seed, "split")))
-    val = []
-    for k in np.unique(labels):
-        rows = np.flatnonzero(labels == k)
-        n_val = int(round(fraction * len(rows)))
-        val.append(rng.permutation(rows)[:n_val])
-    val_rows = np.sort(np.concatenate(val)) if val else np.empty(0, np.int64)
-    train_rows = np.setdiff1d(np.arange(len(labels)), val_rows)
-    if len(val_rows) == 0 or len(train_rows) == 0:
-        raise StreamnnError(f"val-fraction {fraction} leaves {len(train_rows)} training and {len(val_rows)} "
-                            "validation rows")
-    return train_rows.astype(np.int64), val_rows.astype(np.int64)
-
-
-# -- components --------------------------------------------------------------------------------
 def build_model(cfg: dict[str, Any], n_features: int, n_classes: int,
                 image_shape: tuple[int, ...] | None = None) -> models.Network:
     """A fresh model for the configuration (binary: one sigmoid output; else softmax)."""
@@ -373,67 +321,10 @@ def build_model(cfg: dict[str, Any], n_features: int, n_classes: int,
     return model
 
 
-@dataclass(frozen=True)
-class ModelKind:
-    """A ``--model`` choice: its builder, and its parameter count (with a description) for a store."""
-
-    build: Callable[[dict[str, Any], int, int, Any, Any, int], models.Network]
-    size: Callable[[dict[str, Any], Any], tuple[int, str]]
-
-
-def _outputs(n_classes: int) -> int:
-    return 1 if n_classes == 2 else n_classes
-
-
-def _logistic(cfg: dict[str, Any], n_features: int, n_classes: int, image_shape: Any, dtype: Any,
-              seed: int) -> models.Network:
-    return models.LogisticRegression(n_features, dtype=dtype, weight_decay=cfg["weight_decay"], seed=seed)
-
-
-def _mlp(cfg: dict[str, Any], n_features: int, n_classes: int, image_shape: Any, dtype: Any,
-         seed: int) -> models.Network:
-    sizes = [n_features, *cfg["hidden"], _outputs(n_classes)]
-    activations = [cfg["activation"]] * len(cfg["hidden"]) + ["sigmoid" if n_classes == 2 else "softmax"]
-    return models.DeepNetwork(sizes, activations, dtype=dtype, weight_decay=cfg["weight_decay"],
-                              dropout=cfg["dropout"], seed=seed)
-
-
-def _cnn(cfg: dict[str, Any], n_features: int, n_classes: int, image_shape: Any, dtype: Any,
-         seed: int) -> models.Network:
-    return models.ConvNet(image_shape, cfg["conv"], cfg["hidden"], n_classes, kernel=cfg["kernel"],
-                          batch_norm=cfg["batch_norm"], dtype=dtype, weight_decay=cfg["weight_decay"],
-                          dropout=cfg["dropout"], seed=seed, conv_bias=cfg.get("conv_bias", True),
-                          head=cfg.get("head", "flatten"), conv_algo=cfg.get("conv_algo", "im2col"))
-
-
-def _dense_size(cfg: dict[str, Any], store: Any) -> tuple[int, str]:
-    sizes = [store.n_features, *(cfg["hidden"] if cfg["model"] == "mlp" else []), _outputs(store.n_classes)]
-    return dense_parameter_count(sizes), f"the {cfg['model']} model {sizes}"
-
-
-def _cnn_size(cfg: dict[str, Any], store: Any) -> tuple[int, str]:
-    count = conv_parameter_count(store.image_shape, cfg["conv"], cfg["hidden"], store.n_classes, cfg["kernel"],
-                                 cfg["batch_norm"], cfg.get("conv_bias", True), cfg.get("head", "flatten"))
-    return count, f"the cnn model (conv {cfg['conv']}, {cfg.get('head', 'flatten')}, hidden {cfg['hidden']})"
-
-
-#: The ``--model`` choices, each with the builder of its model.
-MODELS: dict[str, ModelKind] = {"logistic": ModelKind(_logistic, _dense_size), "mlp": ModelKind(_mlp, _dense_size),
-                                "cnn": ModelKind(_cnn, _cnn_size)}
-#: Which model options (configuration keys) apply to which model; every other key applies to all.
-#: :func:`resolve_config` fills in and checks only these, and the command line refuses the others.
-MODEL_OPTIONS: dict[str, frozenset[str]] = {
-    "logistic": frozenset(),
-    "mlp": frozenset({"hidden", "activation", "dropout"}),
-    "cnn": frozenset({"hidden", "dropout", "conv", "kernel", "batch_norm", "head"}),
-}
-MODEL_SPECIFIC: frozenset[str] = frozenset().union(*MODEL_OPTIONS.values())
-assert set(MODEL_OPTIONS) == set(MODELS) and MODEL_SPECIFIC <= set(DEFAULTS)
-
-
 #: The choices :func:`resolve_config` checks, each from the registry that implements it (the CLI offers
 #: the same; ``activation``, from :data:`streamnn.nn.functional.ACTIVATIONS`, is checked by the model).
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model": tuple(MODELS), "optimizer": tuple(OPTIMIZERS), "lr_schedule": tuple(FORMULAS),
     "dtype": tuple(COMPUTE_DTYPES), "order": tuple(ORDERS),
     "shift_padding": tuple(PADDINGS), "reader": tuple(READERS), "head": tuple(models.HEADS), "conv_algo": ALGOS}
+assert MODEL_SPECIFIC <= set(DEFAULTS)

@@ -32,13 +32,13 @@ from streamnn.dist import AgreedError, Comm, SingleComm, agree, agreed, part
 from streamnn.errors import StreamnnError
 from streamnn.paths import path_text
 from streamnn.run.checkpoint import digest, load_checkpoint, save_checkpoint
-from streamnn.run.config import (LATER_KEYS, RESUMABLE, build_model, derive_seed, early_stopped, resolve_config,
-                                 run_settings, selection_split, split_validation)
+from streamnn.run.config import LATER_KEYS, RESUMABLE, build_model, derive_seed, resolve_config, run_settings
 from streamnn.run.console import Console
 from streamnn.run.evaluate import EvaluationStopped, evaluate_split, store_identity
 from streamnn.run.folder import BEST, CONFIG_FORMAT, HISTORY_COLUMNS, LATEST, RunDir
 from streamnn.run.metrics import Metrics
 from streamnn.run.predict import model_dtype
+from streamnn.run.selection import early_stopped, selection_split, split_validation
 from streamnn.run.state import RunData, read_config, read_data, restore, run_content
 from streamnn.run.stop import AgreedStop, StopAgreement, TrainingInterrupted, agreed_signal
 from streamnn.run.writer import writer_for
