@@ -7,50 +7,10 @@ Usage::
     blob = comm.broadcast_bytes(blob if comm.rank == 0 else b"")
     reports = comm.gather_bytes(report)  # every rank's bytes, on rank 0
 
-Engine. MPI through ``mpi4py`` (``pip install 'streamnn[mpi]'``: mpi4py and the MPICH wheel,
-which brings ``mpiexec``), the way Horovod uses it: every rank holds the whole model and the
-gradients are summed with an allreduce. Only mpi4py's *uppercase* buffer calls are used
-(``Iallreduce`` on NumPy arrays, ``Ibcast`` / ``Igatherv`` of ``uint8`` arrays for bytes): the
-lowercase ones pickle, and nothing received may execute code. Training and packing
-(:mod:`streamnn.pack.sharded`) share these communicators.
-
-Which run is distributed. The launcher says so in the environment: MPICH's hydra and Intel MPI
-set ``PMI_SIZE`` / ``PMI_RANK``, Open MPI ``OMPI_COMM_WORLD_SIZE`` / ``OMPI_COMM_WORLD_RANK``,
-MVAPICH ``MV2_COMM_WORLD_SIZE`` / ``MV2_COMM_WORLD_RANK`` (Slurm's ``srun --mpi=pmi2`` sets the
-``PMI_*`` ones). A world of K > 1 ranks imports mpi4py (only then); the plain
-command, and ``mpiexec -n 1``, is one process and needs no MPI. Under a K > 1 launcher without
-mpi4py, :func:`world` raises one line saying how to install it (the CLIs print it on rank 0
-only), before anything trains. If mpi4py's MPI reports another world size than the launcher's
-environment (mpi4py built for another MPI than the ``mpiexec`` used), every rank would train
-alone into the same folder: that is an error too.
-
-Faults (measured with the MPICH 5.0 wheel, 2 ranks, `tests/test_dist.py`). A rank killed by a
-signal (SIGKILL, the OOM killer) ends the whole job within a second: hydra kills the other
-ranks and exits with the dead rank's status. But a rank that *leaves* while the others wait in
-a collective (an exception, ``sys.exit``) hangs the job for ever: its ``MPI_Finalize`` and
-their allreduce wait for each other. So:
-
-* a rank that leaves with an error ends the job (:func:`leave`: ``MPI_Abort``), unless the
-  error is an :class:`AgreedError`, raised by every rank at the same point (a setup step
-  checked with :func:`agreed`, or a decision taken from reduced numbers): then one rank
-  reports it (rank 0 when it has it, else the rank that has it, naming itself) and
-  every rank exits normally. The CLIs' one error boundary,
-  :func:`streamnn.cli.common.user_errors`, applies this;
-* before they compute, the ranks check that they run the same thing (:func:`agree`: the
-  resolved configuration and the store's fingerprint, compared by digest), so a rank started
-  with other arguments or another store stops the job with one line instead of training or
-  evaluating something else;
-* every collective here is non-blocking and polled against a deadline (``timeout`` seconds,
-  default :data:`TIMEOUT` or ``$STREAMNN_MPI_TIMEOUT``): a rank whose peers stop answering
-  (stopped, hung, on a lost machine) aborts the job with a message instead of waiting for ever.
-  Polling spins for the first :data:`SPIN_SECONDS` (a small reduction completes in
-  microseconds), then sleeps :data:`POLL_SECONDS` between tests: MPICH only progresses a
-  non-blocking collective inside calls, and measured on 12.6 MB (2 ranks, shared memory) tests
-  100 us apart complete it as fast as spinning or the blocking call, without taking the core
-  from a rank that is still computing. After :data:`IDLE_SECONDS` (a rank waiting for another
-  that is still working, e.g. decoding its share of a pack) it sleeps :data:`IDLE_POLL_SECONDS`,
-  so a waiting rank does not take CPU from the ones it waits for. A signal (Ctrl-C, SIGTERM) is
-  acted on between polls.
+Only mpi4py's buffer calls are used (the lowercase ones pickle). Every collective is
+non-blocking and polled against a deadline (:data:`TIMEOUT`), and a rank that leaves with an
+error aborts the job (:func:`leave`) unless every rank raised it (:class:`AgreedError`). The
+design (launchers, faults, polling) is in docs/distributed.md, "How the communicator works".
 """
 from __future__ import annotations
 
@@ -71,6 +31,8 @@ from streamnn.errors import StreamnnError
 T = TypeVar("T")
 #: Seconds a collective may wait for the other ranks before the job is aborted.
 TIMEOUT = 300.0
+#: Polling a collective: spin this long, then test every POLL_SECONDS; once a wait has lasted
+#: IDLE_SECONDS, every IDLE_POLL_SECONDS (docs/distributed.md, "Polling").
 SPIN_SECONDS = 0.001
 POLL_SECONDS = 1e-4
 IDLE_SECONDS = 1.0
