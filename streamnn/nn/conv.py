@@ -14,37 +14,26 @@ W), weights ``W`` (k, k, C, F) and bias ``b`` (F,)::
     dcols = dY2 @ W2^T;        dXp[:, s*y + i, s*x + j, :] += dcols[:, y, x, i, j, :]
                                (k*k shifted, strided slice-adds; never np.add.at)
 
-Buffers. The padded input, the column matrix and the output are preallocated for the
-largest batch seen and reused (``out=``) across steps; the backward pass writes the input
-gradient columns over the column buffer (it is no longer needed once dW is computed).
-So a layer's output and gradients are valid until its next forward: a model forwards in
-train mode, then backwards, then steps (an eval-mode forward in between would overwrite
-the cache of a conv net; :class:`~streamnn.nn.network.Network` then refuses the backward).
+Kernels (``algo``, recorded in a model's config; a layer or model saved without it is ``"im2col"``):
 
-Kernels (``algo``; the choice changes the last bits of the numbers, so a model records it in
-its config, and a layer or model saved without it is ``"im2col"``):
-
-* ``"im2col"`` (0.1.0, the default): the above over the whole batch, one product each.
-* ``"blocked"`` (new CNN training runs): the same sums over blocks of about ``BLOCK_ROWS``
-  output pixels (:func:`blocks`: groups of whole images, or bands of rows of one larger image),
-  so that a block's columns stay in the CPU's cache (the products then run at the speed of
-  the CPU rather than of memory); the blocks run on the worker threads of
-  :func:`streamnn.threads.run_blocks`. The columns are not kept: the backward pass copies them
-  again from the padded input (a copy in cache costs less than a trip to memory), and the
-  column matrix ends with a column of ones when the layer has a bias, whose weight row is
-  ``b``, so the products add ``b`` and sum ``db``. Per block ``blk``::
+* ``"im2col"``: the above over the whole batch, one product each.
+* ``"blocked"``: the same sums over blocks of about ``BLOCK_ROWS`` output pixels (:func:`blocks`)
+  on the worker threads of :func:`streamnn.threads.run_blocks`; the column matrix ends with a
+  column of ones when the layer has a bias, whose weight row is ``b``. Per block ``blk``::
 
       Y_blk = [cols_blk, 1] @ [W2; b]        [dW; db] = sum over blk of [cols_blk, 1]^T @ dY_blk
 
-  (the partial sums added in block order: the same numbers at any worker count), and for a
-  stride-1 convolution the input gradient as a "full" convolution of the zero-padded output
-  gradient with the flipped kernel, in blocks of input rows: one product, no scattered adds
-  (``q = k - 1 - p``)::
+  (the partial sums added in block order), and for a stride-1 convolution the input gradient as
+  a "full" convolution of the zero-padded output gradient with the flipped kernel, in blocks of
+  input rows (``q = k - 1 - p``)::
 
       dYq = dY zero-padded by q;   Wf[i, j, f, c] = W[k-1-i, k-1-j, c, f]
       dX_blk = im2col(dYq)_blk @ Wf.reshape(k*k*F, C)
 
   (a stride-2 convolution scatters each block of whole images' ``dY @ W2^T`` as above).
+
+Buffers are reused across steps: a layer's output and gradients are valid until its next
+forward. Why the kernels and buffers are built so: docs/performance.md, "The CNN step".
 
 Initialization: He, ``N(0, 2 / (k*k*C))``, biases zero (draws as in :mod:`.dense`).
 ``bias=False`` drops ``b`` (for a convolution followed by a batch norm: the norm subtracts the
