@@ -1,12 +1,11 @@
 """The streamnn HDF5 store: open, check and read (:class:`Store`).
 
 The format is docs/format.md (its constants: :mod:`streamnn.data.format`). :class:`Store` opens and validates
-a file; :class:`~streamnn.data.writer.StoreWriter` writes one.
+a file (with :class:`~streamnn.data.checker.Checker`); :class:`~streamnn.data.writer.StoreWriter` writes one.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,23 +21,13 @@ from streamnn.data.readers.base import normalize_into
 from streamnn.data.remote import is_url, location
 from streamnn.data.format import (CHANNEL_ORDERS, FORMAT, FORMAT_VERSION, RESERVED_GROUPS, STORE_DTYPES, as_text,
                                   check_index, fingerprint, x_layout)
-
-
-def _valid_text(value: Any) -> bool:
-    """False for a str holding bytes that were not UTF-8 (h5py hands them over as surrogates)."""
-    if not isinstance(value, str):
-        return True
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+from streamnn.data.checker import Checker, is_int, shown, valid_text
 
 
 def _printable(value: Any) -> str:
     """A stored path or reason as text; a damaged one (not UTF-8) in the lossless escaped form."""
     text = as_text(value)
-    return text if _valid_text(text) else path_text(text.encode("utf-8", "surrogateescape"))
+    return text if valid_text(text) else path_text(text.encode("utf-8", "surrogateescape"))
 
 
 READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError)
@@ -77,87 +66,6 @@ def checked_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], path: str 
         yield X, Y
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-class _Checker:
-    """Validation of one open store file against the format; every failure names the file."""
-
-    def __init__(self, f: h5py.File, path: Path) -> None:
-        self.f, self.path = f, path
-
-    def fail(self, message: str) -> StreamnnError:
-        return StreamnnError(message, path_text(self.path))
-
-    def attr(self, name: str, required: bool = True) -> Any:
-        if name not in self.f.attrs:
-            if required:
-                raise self.fail(f"store attribute {name!r} is missing")
-            return None
-        value = self.f.attrs[name]
-        if isinstance(value, np.ndarray) and value.dtype.kind in "OSU":
-            value = np.array([as_text(v) for v in value.ravel()], dtype=object).reshape(value.shape)
-        value = as_text(value)
-        texts = value.ravel() if isinstance(value, np.ndarray) and value.dtype == object else [value]
-        if not all(_valid_text(t) for t in texts):
-            raise self.fail(f"store attribute {name!r} is not valid UTF-8 text (damaged?)")
-        return value
-
-    def text(self, name: str, required: bool = True, choices: Sequence[str] | None = None) -> str | None:
-        value = self.attr(name, required)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise self.fail(f"store attribute {name!r} must be a string, not {_shown(value)}")
-        if choices is not None and value not in choices:
-            raise self.fail(f"store attribute {name!r} is {value!r}, expected one of {', '.join(choices)}")
-        return value
-
-    def json_object(self, name: str) -> dict[str, Any]:
-        text = self.text(name)
-        try:
-            value = json.loads(text)  # type: ignore[arg-type]
-        except ValueError:
-            value = None
-        if not isinstance(value, dict):
-            raise self.fail(f"store attribute {name!r} must be a JSON object")
-        return value
-
-    def group(self, name: str, parent: h5py.Group | None = None) -> h5py.Group:
-        parent = self.f if parent is None else parent
-        item = parent.get(name)
-        if not isinstance(item, h5py.Group):
-            where = name if parent is self.f else f"{parent.name.lstrip('/')}/{name}"
-            raise self.fail(f"member {where!r} must be a group, " + ("it is missing" if item is None else
-                                                                      "not a dataset"))
-        return item
-
-    def dataset(self, group: h5py.Group, name: str, ndim: int) -> h5py.Dataset:
-        item = group.get(name)
-        where = f"{group.name.lstrip('/')}/{name}"
-        if not isinstance(item, h5py.Dataset):
-            raise self.fail(f"member {where!r} must be a dataset, " + ("it is missing" if item is None else
-                                                                        "not a group"))
-        if item.ndim != ndim:
-            raise self.fail(f"dataset {where!r} must have {ndim} dimension(s), it has shape {item.shape}")
-        return item
-
-    def strings(self, group: h5py.Group, name: str, n: int | None = None) -> h5py.Dataset:
-        d = self.dataset(group, name, 1)
-        where = f"{group.name.lstrip('/')}/{name}"
-        if h5py.check_string_dtype(d.dtype) is None:
-            raise self.fail(f"dataset {where!r} must hold strings, not {d.dtype}")
-        if n is not None and d.shape[0] != n:
-            raise self.fail(f"dataset {where!r} has {d.shape[0]} entries, expected {n}")
-        return d
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, np.ndarray):
-        return f"an array {value.dtype} {value.shape}"
-    return f"{type(value).__name__} {str(value)[:40]!r}"
-
 
 class Store:
     """A validated, read-only streamnn store. Use as a context manager or call :meth:`close`.
@@ -189,24 +97,24 @@ class Store:
             raise
 
     def _read_metadata(self) -> None:
-        c = _Checker(self._file, self.path)
+        c = Checker(self._file, self.path)
         if c.attr("format", required=False) != FORMAT:
             raise c.fail("not a streamnn store (no 'format = streamnn-store' attribute)")
         version = c.attr("format_version")
-        if not _is_int(version) or int(version) != FORMAT_VERSION:
+        if not is_int(version) or int(version) != FORMAT_VERSION:
             raise c.fail(f"store format version {version!r} is not supported (this streamnn reads version "
                          f"{FORMAT_VERSION})")
         names = c.attr("class_names")
         if (not isinstance(names, np.ndarray) or names.ndim != 1 or len(names) < 1
                 or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names)):
             raise c.fail(f"store attribute 'class_names' must be a list of distinct non-empty strings, "
-                         f"not {_shown(names)}")
+                         f"not {shown(names)}")
         self.class_names = [str(n) for n in names]
         shape = c.attr("image_shape")
         if (not isinstance(shape, np.ndarray) or shape.shape != (3,) or shape.dtype.kind not in "iu"
                 or not (shape > 0).all() or int(np.prod(shape.astype(object))) > 1 << 31):
             raise c.fail(f"store attribute 'image_shape' must be three positive integers (H, W, C), "
-                         f"not {_shown(shape)}")
+                         f"not {shown(shape)}")
         self.image_shape = tuple(int(s) for s in shape)
         self.channel_order = c.text("channel_order", choices=CHANNEL_ORDERS)
         if self.image_shape[2] != (1 if self.channel_order == "GRAY" else 3):
@@ -218,14 +126,14 @@ class Store:
         if (not isinstance(scale, (float, np.floating, int, np.integer)) or isinstance(scale, (bool, np.bool_))
                 or not math.isfinite(float(scale)) or not math.isclose(float(scale), expected, rel_tol=1e-6)):
             raise c.fail(f"store attribute 'scale' must be {expected:.6g} for a {self.dtype} store, "
-                         f"not {_shown(scale)}")
+                         f"not {shown(scale)}")
         self.scale = float(scale)
         self.fingerprint = c.text("fingerprint")
         if len(self.fingerprint) != 64 or set(self.fingerprint) - set("0123456789abcdef"):
             raise c.fail("store attribute 'fingerprint' must be 64 hex digits (sha256)")
         alignment = c.attr("x_alignment", required=False)
-        if alignment is not None and (not _is_int(alignment) or alignment < 1 or alignment & (alignment - 1)):
-            raise c.fail(f"store attribute 'x_alignment' must be a power of two, not {_shown(alignment)}")
+        if alignment is not None and (not is_int(alignment) or alignment < 1 or alignment & (alignment - 1)):
+            raise c.fail(f"store attribute 'x_alignment' must be a power of two, not {shown(alignment)}")
         #: The alignment new stores are written with (bytes; None: a store written before it).
         self.x_alignment = None if alignment is None else int(alignment)
         self.options = c.json_object("options") if "options" in self._file.attrs else {}
@@ -257,7 +165,7 @@ class Store:
             g = c.group("skipped")
             c.strings(g, "reasons", c.strings(g, "paths").shape[0])
 
-    def _check_split(self, c: _Checker, name: str) -> dict[str, int]:
+    def _check_split(self, c: Checker, name: str) -> dict[str, int]:
         group = c.group(name)
         X = c.dataset(group, "X", 2)
         n = X.shape[0]
@@ -278,7 +186,7 @@ class Store:
         counts = np.bincount(labels.astype(np.int64), minlength=self.n_classes)
         return {cls: int(k) for cls, k in zip(self.class_names, counts)}
 
-    def _check_stats(self, c: _Checker) -> None:
+    def _check_stats(self, c: Checker) -> None:
         if "stats" not in self._file:
             return
         g = c.group("stats")
