@@ -23,7 +23,8 @@ A number (``threads=2``, ``--threads 2``) is used as given. The count goes to on
   blocks it took: the others take the rest.
 
 OpenCV (the loader's uint8-to-float32 conversion, the adapters' channel turns) is set to one
-thread: it runs in the loader's thread, never in a pool of OpenCV's on the CPUs counted above.
+thread: it runs in the loader's thread, never in a pool of OpenCV's on the CPUs counted above
+(never called in a forked child: OpenCV's pool, remade there, waits for the parent's threads).
 
 Why the loader's CPU. Training reads, augments and standardizes the next batch in the loader's
 thread (or its pread threads) while the model computes. On 2 CPUs, 2 BLAS threads then share

@@ -35,7 +35,6 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -126,8 +125,6 @@ class StoreBatches(IterableDataset):
     # -- the engine: a Loader of this process ------------------------------------------------------
     def _engine(self) -> Loader:
         if self._loader is None or self._pid != os.getpid():
-            if get_worker_info() is not None:  # as torch's own threads in a worker: one of OpenCV's
-                cv2.setNumThreads(1)
             L = Loader(*self._where, **self._kwargs)
             if self._state is not None:
                 L.load_state_dict(self._state)
