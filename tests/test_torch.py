@@ -163,16 +163,21 @@ def test_real_workers_two_epochs_and_resume_with_other_workers(store):
         ds.dataloader(num_workers=1, in_order=False)
 
 
-def test_the_ring_lends_slots_only_while_unreferenced_and_falls_back_when_all_are_held(store):
+@pytest.mark.parametrize("batch_size, group", [(4, 1), (2, 2)])
+def test_the_ring_lends_slots_only_while_unreferenced_and_falls_back_when_all_are_held(store, monkeypatch,
+                                                                                      batch_size, group):
     path, px, _ = store
-    kw = dict(batch_size=4, seed=7, augment="flip,shift=1/zero")  # uint8 store: batches made from its bytes
-    want = list(StoreBatches(path, "train", **kw))  # in this process (13 batches, NCHW RGB float32)
+    monkeypatch.setattr("streamnn.torch.ring.MAX_GROUP", group)  # batches per DataLoader item
+    kw = dict(batch_size=batch_size, seed=7, augment="flip,shift=1/zero")  # uint8 store: made from its bytes
+    want = list(StoreBatches(path, "train", **kw))  # in this process (13 or 25 batches, NCHW RGB float32)
     ds = StoreBatches(path, "train", **kw)
-    dl = ds.dataloader(num_workers=2, prefetch_factor=1)  # 4 slots a worker: keeping all 13 exhausts them
+    dl = ds.dataloader(num_workers=2, prefetch_factor=1)  # 2 x group + 3 slots a worker: keeping all exhausts them
     kept = list(dl)
-    assert len(kept) == 13 and all(torch.equal(x, w[0]) and torch.equal(y, w[1]) for (x, y), (w) in zip(kept, want))
+    assert len(kept) == len(want) and all(torch.equal(x, w[0]) and torch.equal(y, w[1])
+                                          for (x, y), w in zip(kept, want))
     ring = dl.ring
-    assert len(ring.lent) == 8 and (ring.state == 1).all()  # every slot lent: the rest came as fresh tensors
+    assert ring.group == group and ring.slots == 2 * group + 3 and 2 * ring.slots < len(want)
+    assert len(ring.lent) == 2 * ring.slots and (ring.state == 1).all()  # all lent: the rest came as fresh tensors
     view = kept[0][0][1:]  # a view keeps its slot lent
     del kept
     assert ring.lent == {(0, 0)}
@@ -368,3 +373,43 @@ def test_a_stateful_dataloader_resumes_exactly_mid_epoch_with_the_same_or_anothe
             assert (ds.epoch, ds.position) == (0, 5)
             again = StatefulDataLoader(ds, batch_size=None, num_workers=then)
         assert got + [row_ids(as_loader_x(x), px) for x, _ in again] == want, (workers, then)
+
+
+OPENCV_WORKERS = """
+import sys
+import cv2, numpy as np, torch
+from streamnn.torch import StoreBatches
+
+class Probe(StoreBatches):
+    def _to_ring(self, worker, *args):
+        self.seen[worker] = cv2.getNumThreads()  # the worker's OpenCV threads as it makes batches
+        yield from super()._to_ring(worker, *args)
+
+if __name__ == "__main__":
+    path, method, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    cv2.setNumThreads(2)
+    big = np.zeros((3000, 3000), np.uint8)
+    cv2.multiply(big, 1.0, scale=0.5, dtype=cv2.CV_32F)  # OpenCV's pool has run in this process
+    ds = Probe(path, "train", batch_size=4, seed=5, augment="flip")
+    ds.seen = torch.zeros(workers, dtype=torch.int64).share_memory_()
+    want = [x.clone() for x, _ in StoreBatches(path, "train", batch_size=4, seed=5, augment="flip")]
+    got = list(ds.dataloader(num_workers=workers, multiprocessing_context=method))
+    assert len(got) == len(want) and all(torch.equal(x, w) for (x, _), w in zip(got, want))
+    print(ds.seen.tolist(), cv2.getNumThreads())
+"""
+
+
+@pytest.mark.parametrize("method, workers", [("fork", 2), ("spawn", 1)])
+def test_dataloader_workers_run_opencv_on_one_thread_and_never_hang(store, tmp_path, method, workers):
+    """Workers forked after OpenCV's pool ran in the parent (resizing the pool there hangs) or
+    spawned: each makes its batches on one OpenCV thread, and the parent keeps its own setting."""
+    path, _, _ = store
+    script = tmp_path / "probe.py"
+    script.write_text(OPENCV_WORKERS)
+    try:
+        run = subprocess.run([sys.executable, str(script), str(path), method, str(workers)], capture_output=True,
+                             text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the DataLoader's {method} workers hung")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[0] == f"{[1] * workers} 2"

@@ -42,6 +42,24 @@ from streamnn.data.transforms import erase_images, flip_images, shift_images
 from streamnn.errors import StreamnnError
 
 
+class Takes:
+    """The batches of an epoch that a consumer takes, for reading ahead: runs of ``run`` consecutive
+    batches every ``step`` batches, from batch ``first`` of the current epoch and from batch
+    ``again`` of each later one. A DataLoader worker w of N taking groups of G: ``run`` G, ``step``
+    N x G, ``again`` w x G. The default takes every batch."""
+
+    def __init__(self, first: int = 0, run: int = 1, step: int = 1, again: int = 0) -> None:
+        self.first, self.run, self.step, self.again = int(first), max(1, int(run)), max(1, int(step)), int(again)
+
+    def next(self, k: int, later: bool = False) -> int:
+        """The first batch >= ``k`` taken (of the current epoch, or of a ``later`` one)."""
+        d = k - (self.again if later else self.first)
+        if d < 0:
+            return k - d
+        r = d % self.step
+        return k if r < self.run else k + self.step - r
+
+
 def _ema(old: float | None, new: float, alpha: float = 0.2) -> float:
     return new if old is None else old + alpha * (new - old)
 
@@ -170,17 +188,20 @@ class BatchMaker:
             self._discard(key)
 
     def _ahead(self, epoch: int, k: int, count: int) -> list[tuple[int, int]]:
-        """The keys of the next ``count`` batches from (epoch, k), crossing into later epochs;
-        every ``loader.batch_step``-th batch (a consumer that takes every N-th, e.g. a DataLoader worker)."""
-        nb, step = len(self.loader), self.loader.batch_step
-        keys = []
+        """The keys of the next ``count`` batches from (epoch, k) that the consumer takes
+        (``loader.takes``: every batch, or a DataLoader worker's share), crossing into later epochs."""
+        nb, takes = len(self.loader), self.loader.takes
+        keys: list[tuple[int, int]] = []
+        later, found = False, True
         while len(keys) < count and nb:
+            k = takes.next(k, later)
             if k >= nb:
-                epoch, k = epoch + 1, k % step
-                if k >= nb:
-                    break
+                if later and not found:
+                    break  # the consumer takes nothing of a later epoch
+                epoch, k, later, found = epoch + 1, 0, True, False
+                continue
             keys.append((epoch, k))
-            k += step
+            k, found = k + 1, True
         return keys
 
     def _use_thread(self) -> bool:

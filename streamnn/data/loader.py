@@ -45,7 +45,7 @@ import numpy as np
 from streamnn.errors import StreamnnError
 from streamnn.data.order import ORDERS, batch_span, batches_consumed, block_order, epoch_order, n_batches, samples_consumed, \
     share, share_size
-from streamnn.data.epoch import BatchMaker, epoch_batches
+from streamnn.data.epoch import BatchMaker, Takes, epoch_batches
 from streamnn.data.readers import READERS
 from streamnn.data.remote import is_url
 from streamnn.data.store import open_store
@@ -119,8 +119,8 @@ class Loader:
         self.window_blocks = _int(window_blocks, "window_blocks", 1)
         #: "auto" (thread only while the caller works between batches), "thread" or "inline".
         self.prefetch_policy = PREFETCH_POLICY
-        #: The consumer asks for every ``batch_step``-th batch (a DataLoader worker of N: N): what to read ahead.
-        self.batch_step = 1
+        #: The batches the consumer takes (every one, or a DataLoader worker's share): what to read ahead.
+        self.takes = Takes()
         #: False (safe): a yielded X is never overwritten while referenced. True: X is valid until the
         #: batch two after it is requested (a loop that drops each batch; no copy of a lent buffer).
         self.reuse_buffers = bool(reuse_buffers)

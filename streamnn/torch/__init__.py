@@ -16,7 +16,8 @@ Only this package imports torch (the optional extra ``streamnn[torch]``); the co
 * Hand-over: :meth:`StoreBatches.dataloader` with workers passes batches through a pool of
   shared-memory slots made once (:mod:`streamnn.torch.ring`): the tensors you get are the slots
   themselves, reused only once nothing references them; not a fresh shared tensor per batch
-  (what a plain DataLoader does, 5-10x slower on 2 cores).
+  (what a plain DataLoader does, 5-10x slower on 2 cores). Worker w of N then makes groups of G
+  consecutive batches (from position + wG, every NG), one DataLoader item each, in order.
 * :class:`StoreDataset` (:mod:`streamnn.torch.dataset`): map-style (``__len__``,
   ``__getitem__``, the batched ``__getitems__`` that DataLoader calls, reading a batch's rows in
   one call of the store's reader), for a ``DistributedSampler`` of your own.
@@ -35,10 +36,12 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from streamnn.data.epoch import Takes
 from streamnn.data.loader import Loader
 from streamnn.data.store import open_store
 from streamnn.data.transforms import DEFAULT_SHIFT, erase_images, flip_images, shift_images
@@ -118,6 +121,7 @@ class StoreBatches(IterableDataset):
         self._pool: Slots | None = None
         self._scratch: dict[str, np.ndarray] = {}
         self._counting = False  # dataloader() counts the batches itself
+        self._fresh_workers = False  # dataloader()'s workers start a new interpreter (spawn, forkserver)
         #: In a DataLoader worker: (epoch, last batch made, workers), and where to resume (epoch, batch).
         self._made: tuple[int, int, int] | None = None
         self._resume: tuple[int, int] | None = None
@@ -175,7 +179,7 @@ class StoreBatches(IterableDataset):
         epoch, start = self._start(move=False)
         epoch, first = self._resume if self._resume is not None else (epoch, start + worker)
         self._resume = None
-        L.batch_step = num_workers
+        L.takes = Takes(first, 1, num_workers, again=worker)
         for k in range(first, len(L), num_workers):
             batch = self.batch(epoch, k)
             self._made = (epoch, k, num_workers)  # this worker's place (its state_dict)
@@ -191,6 +195,8 @@ class StoreBatches(IterableDataset):
                                           "does it by itself)"))
         if self._ring is None:
             return self.shard(info.id, info.num_workers)
+        if self._fresh_workers:  # (spawned: OpenCV's pool never started here; forked ones inherit one thread)
+            cv2.setNumThreads(1)
         return self._to_ring(info.id, info.num_workers, *(int(v) for v in self._ring.loop))
 
     def _here(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -202,19 +208,24 @@ class StoreBatches(IterableDataset):
         if not self._counting and self.epoch == epoch and self.position >= len(self):
             self.epoch, self.position = epoch + 1, 0
 
-    def _to_ring(self, worker: int, workers: int, loop: int, epoch: int, start: int) -> Iterator[Any]:
-        """Worker ``worker``'s batches of the rest of ``epoch``: each into a free slot of the ring,
-        yielding (worker, slot, rows, loop), or as fresh tensors when every slot is in use."""
+    def _to_ring(self, worker: int, workers: int, loop: int, epoch: int, start: int) -> Iterator[list[Any]]:
+        """Worker ``worker``'s groups of the rest of ``epoch`` (:class:`~streamnn.torch.ring.Ring`):
+        each batch into a free slot of the ring, as (worker, slot, rows, loop), or as fresh tensors
+        when every slot is in use."""
         ring, L = self._ring, self._engine()
         assert ring is not None
-        L.batch_step = workers
-        for k in range(start + worker, len(L), workers):
-            slot = ring.claim(worker)
-            if slot is None:
-                yield self.batch(epoch, k)
-            else:
-                _, total = self._produce(epoch, k, ring.images[worker, slot], ring.labels[worker, slot])
-                yield worker, slot, total, loop
+        g, nb = ring.group, len(L)
+        L.takes = Takes(start + worker * g, g, workers * g, again=worker * g)
+        for first in range(start + worker * g, nb, workers * g):
+            group: list[Any] = []
+            for k in range(first, min(first + g, nb)):
+                slot = ring.claim(worker)
+                if slot is None:
+                    group.append(self.batch(epoch, k))
+                else:
+                    _, total = self._produce(epoch, k, ring.images[worker, slot], ring.labels[worker, slot])
+                    group.append((worker, slot, total, loop))
+            yield group
 
     def _stage(self, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         """This process's scratch buffer ``name``, grown on demand."""

@@ -12,6 +12,12 @@ reference on the array the tensor holds). So a batch is never overwritten while 
 references it, like a fresh tensor. A worker that finds no free slot (the caller keeps many
 batches) sends that batch as fresh tensors instead: slower, never blocked.
 
+Batches travel in groups: DataLoader costs about 0.1 ms of the main process's CPU per item
+(index and result queues, pickled messages, a feeder thread each way), as much as making a third
+of a batch of 64 64x64x3 images. So each item is a group of G consecutive batches (:data:`GROUP_BYTES`):
+worker w of N makes batches start + wG ... start + wG + G - 1, then the same N x G further on, and
+DataLoader's round robin over the workers hands the groups out in order.
+
 Slot states live in the pool's head, written by one side at a time: the worker marks a free
 slot busy and fills it; the main process marks it free once the batch it lent is gone, and at
 the start of each loop frees every slot it does not lend (batches of an abandoned loop still in
@@ -20,10 +26,16 @@ number, epoch and first batch, which workers read when they start the loop.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
+import multiprocessing
 import os
 import weakref
+from collections.abc import Iterator
 from typing import Any
+
+import cv2
 
 import numpy as np
 import torch
@@ -32,14 +44,21 @@ from torch.utils.data import DataLoader
 from streamnn.torch.images import shared
 
 FREE, BUSY = 0, 1
+#: Batches per DataLoader item: as many as fit in GROUP_BYTES of images, at most MAX_GROUP. Each
+#: item costs DataLoader about 0.1 ms of the main process's CPU (its queues, pickling, a feeder
+#: thread), a third of making a batch of 64 64x64x3 images.
+GROUP_BYTES, MAX_GROUP = 8 << 20, 8
 
 
 class Ring:
     """``slots`` batch slots for each of ``workers`` DataLoader workers in shared memory: ``rows``
-    images of shape ``memory`` and dtype ``dtype``, and their int64 labels."""
+    images of shape ``memory`` and dtype ``dtype``, and their int64 labels. Workers hand batches
+    over in groups of ``group`` consecutive ones (one DataLoader item each)."""
 
-    def __init__(self, workers: int, slots: int, rows: int, memory: tuple[int, ...], dtype: str) -> None:
+    def __init__(self, workers: int, slots: int, rows: int, memory: tuple[int, ...], dtype: str,
+                 group: int = 1) -> None:
         self.workers, self.slots, self.rows, self.memory, self.dtype = workers, slots, rows, memory, dtype
+        self.group = group
         self._image = rows * int(np.prod(memory)) * np.dtype(dtype).itemsize
         self._slot = -(-(self._image + 8 * rows) // 64) * 64
         self._head = -(-8 * (3 + workers * slots) // 64) * 64
@@ -144,9 +163,12 @@ class Counted:
                 kw.setdefault("collate_fn", as_is)  # slot numbers or tensors: nothing to convert
                 kw.setdefault("persistent_workers", True)
                 clone = copy_of(ds)
-                slots = int(kw.get("prefetch_factor") or 2) + 3  # in flight, and held by the caller
+                clone._fresh_workers = start_method(kw.get("multiprocessing_context")) != "fork"
+                memory = ds.local_batch_size * math.prod(ds.images.memory) * np.dtype(ds.images.dtype).itemsize
+                group = max(1, min(MAX_GROUP, GROUP_BYTES // max(memory, 1)))
+                slots = (int(kw.get("prefetch_factor") or 2) + 1) * group + 3  # in flight, and held by the caller
                 clone._ring = self.ring = Ring(self.workers, slots, ds.local_batch_size, ds.images.memory,
-                                               ds.images.dtype)
+                                               ds.images.dtype, group)
                 ds = clone
             self.loader, self._settings = DataLoader(ds, batch_size=None, **kw), self.batches._settings
         return self.loader
@@ -173,14 +195,42 @@ class Counted:
             ring.begin(epoch, start)
         ds._counting = True
         try:
-            for item in loader:  # workers read the loop's epoch and first batch from the ring
-                batch = self.take(item) if ring is not None else item
-                ds.position += 1
-                yield batch
+            with one_opencv_thread(ring is not None):  # what workers forked now inherit
+                items = iter(loader)
+            for item in items:  # workers read the loop's epoch and first batch from the ring
+                for batch in (map(self.take, item) if ring is not None else (item,)):
+                    ds.position += 1
+                    yield batch
         finally:
             ds._counting = False
         if ds.epoch == epoch and ds.position >= len(ds):
             ds.epoch, ds.position = epoch + 1, 0
+
+
+@contextlib.contextmanager
+def one_opencv_thread(when: bool = True) -> Iterator[None]:
+    """OpenCV at one thread inside the block (then as before) ``when`` asked: DataLoader workers
+    forked in it inherit that. A worker is one thread of work: OpenCV's default pool in each
+    (a thread per core, spinning between jobs) would take the cores that the other workers and
+    the main process share, and a forked child must not resize the pool it inherits
+    (``cv2.setNumThreads`` there waits for threads the child does not have: it hangs). Measured
+    on 2 cores, 2 workers: 0.61-0.71x the NumPy loader's samples/s with the default pool, 0.9-1.0x
+    with one thread (``python tools/bench_torch.py``)."""
+    before = cv2.getNumThreads() if when else 0
+    if when:
+        cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        if when:
+            cv2.setNumThreads(before)
+
+
+def start_method(context: Any) -> str:
+    """How DataLoader starts its workers with ``multiprocessing_context=context``."""
+    if context is None:
+        return multiprocessing.get_start_method()
+    return context if isinstance(context, str) else context.get_start_method()
 
 
 def as_is(item: Any) -> Any:
