@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from streamnn.data.conventions import chosen, to_uint8
 from streamnn.data.loader import Loader
 from streamnn.data.readers import open_rows
 from streamnn.data.store import open_store
@@ -39,16 +40,7 @@ def _convert(rows: np.ndarray, shape: tuple[int, ...], channels: str, dtype: str
         imgs = imgs[..., ::-1]
     if dtype == "float32":
         return np.ascontiguousarray(imgs, np.float32)
-    return np.clip(np.rint(imgs * np.float32(255)), 0, 255).astype(np.uint8)
-
-
-def _check(channels: str, dtype: Any) -> tuple[str, str]:
-    if channels not in ("RGB", "BGR"):
-        raise StreamnnError(f"unknown channels {channels!r} (choose RGB, BGR)")
-    name = np.dtype(dtype).name
-    if name not in ("float32", "uint8"):
-        raise StreamnnError(f"dtype must be float32 or uint8, got {dtype!r}")
-    return channels, name
+    return to_uint8(np.array(imgs, np.float32)).astype(np.uint8)
 
 
 class StoreSource:
@@ -57,7 +49,7 @@ class StoreSource:
     def __init__(self, store: str | os.PathLike, split: str, *, process_index: int = 0, process_count: int = 1,
                  channels: str = "RGB", dtype: Any = "float32", reader: str = "auto") -> None:
         self.path, self.split, self.reader_choice = os.fspath(store), str(split), reader
-        self.channels, self.dtype = _check(channels, dtype)
+        self.channels, self.dtype = chosen(channels, dtype)
         if not 0 <= int(process_index) < int(process_count):
             raise StreamnnError(f"process_index {process_index} is not in 0..{int(process_count) - 1}")
         self.process_index, self.process_count = int(process_index), int(process_count)
@@ -119,9 +111,7 @@ class HostBatches:
     def __init__(self, store: str | os.PathLike, split: str, batch_size: int, *, process_index: int = 0,
                  process_count: int = 1, channels: str = "RGB", dtype: Any = "float32", drop_last: bool = False,
                  **loader_kwargs: Any) -> None:
-        self.channels, self.dtype = _check(channels, dtype)
-        if self.dtype == "uint8" and loader_kwargs.get("standardize"):
-            raise StreamnnError("standardized images are not uint8: use dtype float32 with standardize")
+        self.channels, self.dtype = chosen(channels, dtype, bool(loader_kwargs.get("standardize")))
         self.loader = Loader(store, split, batch_size, rank=process_index, world_size=process_count,
                              drop_last=drop_last, reuse_buffers=True, **loader_kwargs)
         self.rows = self.loader.local_batch_size  # every batch's rows (padded)
