@@ -4,8 +4,9 @@ Nothing here imports JAX or Grain: the protocols need neither (usage: docs/frame
 
 * :class:`StoreSource`: Grain's ``RandomAccessDataSource`` protocol (``__len__``,
   ``__getitem__`` of one record, picklable: only its settings travel, each process opens the
-  store itself). ``process_index`` / ``process_count`` shard it by process: process p holds the
-  stored rows p, p + P, p + 2P, ... A record is ``{"image": (H, W, C), "label": int32}``.
+  store itself; ``close()`` closes this process's reader). ``process_index`` / ``process_count``
+  shard it by process: process p holds the stored rows p, p + P, p + 2P, ... A record is
+  ``{"image": (H, W, C), "label": int32}``.
 * :class:`HostBatches`: the :class:`~streamnn.data.loader.Loader`'s global batches (its exact
   seeded orders, flips, shifts and erasures), process p of P taking its interleaved share, every batch
   padded to the same shape ``ceil(B / P)`` rows with a boolean ``mask`` (False on padded rows), so
@@ -24,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from streamnn.data.conventions import chosen, to_uint8
 from streamnn.data.loader import Loader
-from streamnn.data.readers import open_rows
-from streamnn.data.store import open_store
+from streamnn.data.rows import SplitRows
 from streamnn.errors import StreamnnError
 
 __all__ = ["StoreSource", "HostBatches"]
@@ -39,38 +40,29 @@ def _convert(rows: np.ndarray, shape: tuple[int, ...], channels: str, dtype: str
         imgs = imgs[..., ::-1]
     if dtype == "float32":
         return np.ascontiguousarray(imgs, np.float32)
-    return np.clip(np.rint(imgs * np.float32(255)), 0, 255).astype(np.uint8)
+    return to_uint8(np.array(imgs, np.float32)).astype(np.uint8)
 
 
-def _check(channels: str, dtype: Any) -> tuple[str, str]:
-    if channels not in ("RGB", "BGR"):
-        raise StreamnnError(f"unknown channels {channels!r} (choose RGB, BGR)")
-    name = np.dtype(dtype).name
-    if name not in ("float32", "uint8"):
-        raise StreamnnError(f"dtype must be float32 or uint8, got {dtype!r}")
-    return channels, name
-
-
-class StoreSource:
+class StoreSource(SplitRows):
     """Records of one split (process ``process_index``'s share of its rows), random access."""
+
+    label_dtype = np.int32
 
     def __init__(self, store: str | os.PathLike, split: str, *, process_index: int = 0, process_count: int = 1,
                  channels: str = "RGB", dtype: Any = "float32", reader: str = "auto") -> None:
-        self.path, self.split, self.reader_choice = os.fspath(store), str(split), reader
-        self.channels, self.dtype = _check(channels, dtype)
+        self.channels, self.dtype = chosen(channels, dtype)
         if not 0 <= int(process_index) < int(process_count):
             raise StreamnnError(f"process_index {process_index} is not in 0..{int(process_count) - 1}")
         self.process_index, self.process_count = int(process_index), int(process_count)
-        with open_store(self.path) as s:
-            s.dataset(self.split)
-            self.fingerprint, self.class_names = s.fingerprint, list(s.class_names)
-            self.image_shape, self.split_rows = tuple(s.image_shape), s.n_rows(self.split)
-        self._reader: Any = None
-        self._labels: np.ndarray | None = None
-        self._pid = 0
+        super().__init__(store, split, reader=reader)
+
+    @property
+    def split_rows(self) -> int:
+        """The split's stored rows (all processes' records)."""
+        return self.n_rows
 
     def __len__(self) -> int:
-        return len(range(self.process_index, self.split_rows, self.process_count))
+        return len(range(self.process_index, self.n_rows, self.process_count))
 
     def stored_row(self, index: int) -> int:
         """The stored row number of record ``index`` of this process's share."""
@@ -79,29 +71,13 @@ class StoreSource:
             raise IndexError(f"record {index} out of range 0..{len(self) - 1}")
         return self.process_index + i * self.process_count
 
-    def _open(self) -> None:
-        if self._reader is None or self._pid != os.getpid():
-            self._reader = open_rows(self.path, self.split, fingerprint=self.fingerprint, reader=self.reader_choice)
-            with open_store(self.path) as s:
-                self._labels = s.labels(self.split).astype(np.int32)
-            self._pid = os.getpid()
-
     def __getitems__(self, indices: Any) -> list[dict[str, Any]]:
-        rows = np.array([self.stored_row(i) for i in indices], np.int64)
-        self._open()
-        buf = np.empty((len(rows), self._reader.n_features), np.float32)
-        got = self._reader.read(rows, buf)
-        images = _convert(got, self.image_shape, self.channels, self.dtype)
-        labels = self._labels[rows]  # type: ignore[index]
-        return [{"image": images[j], "label": labels[j]} for j in range(len(rows))]
+        rows, labels = self.read([self.stored_row(i) for i in indices])
+        images = _convert(rows, self.image_shape, self.channels, self.dtype)
+        return [{"image": images[j], "label": labels[j]} for j in range(len(images))]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_reader"], state["_labels"] = None, None
-        return state
 
     def __repr__(self) -> str:
         return (f"StoreSource({self.path!r}, {self.split!r}, process {self.process_index} of "
@@ -119,9 +95,7 @@ class HostBatches:
     def __init__(self, store: str | os.PathLike, split: str, batch_size: int, *, process_index: int = 0,
                  process_count: int = 1, channels: str = "RGB", dtype: Any = "float32", drop_last: bool = False,
                  **loader_kwargs: Any) -> None:
-        self.channels, self.dtype = _check(channels, dtype)
-        if self.dtype == "uint8" and loader_kwargs.get("standardize"):
-            raise StreamnnError("standardized images are not uint8: use dtype float32 with standardize")
+        self.channels, self.dtype = chosen(channels, dtype, bool(loader_kwargs.get("standardize")))
         self.loader = Loader(store, split, batch_size, rank=process_index, world_size=process_count,
                              drop_last=drop_last, reuse_buffers=True, **loader_kwargs)
         self.rows = self.loader.local_batch_size  # every batch's rows (padded)

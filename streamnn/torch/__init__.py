@@ -41,13 +41,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from streamnn.data.conventions import CHANNELS, choice, to_uint8
 from streamnn.data.epoch import Takes
 from streamnn.data.loader import Loader
 from streamnn.data.store import open_store
 from streamnn.data.transforms import DEFAULT_SHIFT, erase_images, flip_images, shift_images
 from streamnn.errors import StreamnnError
 from streamnn.torch.dataset import StoreDataset
-from streamnn.torch.images import CHANNELS, LAYOUTS, Images, choice, empty, to_uint8
+from streamnn.torch.images import LAYOUTS, Images, empty
 from streamnn.torch.ring import Counted, Ring, Slots
 
 __all__ = ["StoreBatches", "StoreDataset", "LAYOUTS", "CHANNELS", "LAST", "IGNORE_INDEX"]
@@ -103,9 +104,7 @@ class StoreBatches(IterableDataset):
         self._loader: Loader | None = None
         self._pid = 0
         L = self._engine()  # validates the store and the settings now, in the caller's process
-        self.images = Images(L.image_shape, layout, channels, dtype)
-        if standardize and self.images.dtype == "uint8":
-            raise StreamnnError("standardized images are not uint8: use dtype float32 with standardize")
+        self.images = Images(L.image_shape, layout, channels, dtype, standardize)
         self.class_names, self.rank, self.world_size = L.class_names, L.rank, L.world_size
         with open_store(self._where[0]) as s:
             stored, self._scale32 = s.dtype, np.float32(s.scale)

@@ -2,7 +2,8 @@
 
 ``layout``: "NCHW" (b, C, H, W), "NHWC" (b, H, W, C), or "channels_last" (NCHW shape in NHWC
 memory, no transposing copy); ``channels``: "RGB" (the store keeps BGR, as OpenCV decodes) or
-"BGR"; ``dtype``: float32 (normalized) or uint8 (``round(255 x)``, a uint8 store's own bytes).
+"BGR"; ``dtype``: float32 (normalized) or uint8 (``round(255 x)``, a uint8 store's own bytes): the
+conventions all adapters share (:mod:`streamnn.data.conventions`).
 """
 from __future__ import annotations
 
@@ -13,17 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from streamnn.data.conventions import choice, chosen, to_uint8
 from streamnn.data.readers.base import normalize_into
-from streamnn.errors import StreamnnError
 
 LAYOUTS = ("NCHW", "NHWC", "channels_last")
-CHANNELS = ("RGB", "BGR")
-
-
-def choice(value: Any, choices: tuple[str, ...], name: str) -> str:
-    if value not in choices:
-        raise StreamnnError(f"unknown {name} {value!r} (choose {', '.join(choices)})")
-    return str(value)
 
 
 def shared(nbytes: int) -> torch.Tensor:
@@ -41,23 +35,14 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(max(size, 1)), 0, shape)
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Normalized float32 pixels -> ``round(255 x)`` clipped to 0..255, in place (still float32)."""
-    np.multiply(x, np.float32(255), out=x)
-    return np.clip(np.rint(x, out=x), 0, 255, out=x)
-
-
 class Images:
     """The conventions chosen: (b, H, W, C) BGR images -> (b, C, H, W) or (b, H, W, C), RGB or BGR."""
 
-    def __init__(self, image_shape: tuple[int, ...], layout: str, channels: str, dtype: Any) -> None:
+    def __init__(self, image_shape: tuple[int, ...], layout: str, channels: str, dtype: Any,
+                 standardize: bool = False) -> None:
         self.shape = tuple(int(s) for s in image_shape)
         self.layout = choice(layout, LAYOUTS, "layout")
-        self.channels = choice(channels, CHANNELS, "channels")
-        name = str(dtype).removeprefix("torch.")
-        if name not in ("float32", "uint8"):
-            raise StreamnnError(f"dtype must be float32 or uint8, got {dtype!r}")
-        self.dtype = name
+        self.channels, self.dtype = chosen(channels, dtype, standardize)
         h, w, c = self.shape
         #: One image's shape in memory (channels_last: NHWC memory, seen through an NCHW view).
         self.memory = (c, h, w) if self.layout == "NCHW" else (h, w, c)
