@@ -36,7 +36,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import cv2
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -195,7 +194,7 @@ class Counted:
             ring.begin(epoch, start)
         ds._counting = True
         try:
-            with one_opencv_thread(ring is not None):  # what workers forked now inherit
+            with one_opencv_thread() if ring is not None else contextlib.nullcontext():  # forked workers inherit it
                 items = iter(loader)
             for item in items:  # workers read the loop's epoch and first batch from the ring
                 for batch in (map(self.take, item) if ring is not None else (item,)):
@@ -208,23 +207,21 @@ class Counted:
 
 
 @contextlib.contextmanager
-def one_opencv_thread(when: bool = True) -> Iterator[None]:
-    """OpenCV at one thread inside the block (then as before) ``when`` asked: DataLoader workers
-    forked in it inherit that. A worker is one thread of work: OpenCV's default pool in each
+def one_opencv_thread() -> Iterator[None]:
+    """OpenCV at one thread inside the block, then as before: DataLoader workers forked in it
+    inherit that. A worker is one thread of work: OpenCV's default pool in each
     (a thread per core, spinning between jobs) would take the cores that the other workers and
     the main process share, and a forked child must not resize the pool it inherits
     (``cv2.setNumThreads`` there waits for threads the child does not have: it hangs). Measured
     on 2 cores, 2 workers, NCHW RGB float32 batches of 64 64x64x3 images in groups of 8, timed as
     ``tools/bench_torch.py`` does: 0.61-0.71x the NumPy loader's samples/s with OpenCV's default
     pool in each worker, 0.82-1.00x with one thread."""
-    before = cv2.getNumThreads() if when else 0
-    if when:
-        cv2.setNumThreads(1)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
     try:
         yield
     finally:
-        if when:
-            cv2.setNumThreads(before)
+        cv2.setNumThreads(before)
 
 
 def start_method(context: Any) -> str:
