@@ -168,8 +168,8 @@ def test_the_ring_lends_slots_only_while_unreferenced_and_falls_back_when_all_ar
                                                                                       batch_size, group):
     path, px, _ = store
     monkeypatch.setattr("streamnn.torch.ring.MAX_GROUP", group)  # batches per DataLoader item
-    kw = dict(batch_size=batch_size, seed=7, augment="flip,shift=1/zero")  # uint8 store: made from its bytes
-    want = list(StoreBatches(path, "train", **kw))  # in this process (13 or 25 batches, NCHW RGB float32)
+    kw = dict(batch_size=batch_size, seed=7, augment="flip,shift=1/zero", dtype=torch.uint8)  # lent as they are
+    want = list(StoreBatches(path, "train", **kw))  # in this process (13 or 25 batches, NCHW RGB uint8)
     ds = StoreBatches(path, "train", **kw)
     dl = ds.dataloader(num_workers=2, prefetch_factor=1)  # 2 x group + 3 slots a worker: keeping all exhausts them
     kept = list(dl)
@@ -188,6 +188,26 @@ def test_the_ring_lends_slots_only_while_unreferenced_and_falls_back_when_all_ar
         ref.set_epoch(epoch)
         assert all(torch.equal(x, w[0]) for (x, _), w in zip(dl, ref)) and ds.epoch == epoch + 1
         assert not ring.lent
+
+
+@pytest.mark.parametrize("last", ["keep", "pad"])
+def test_float_batches_of_a_uint8_store_travel_as_bytes_and_are_scaled_by_the_caller(store, last):
+    """Workers hand over the stored bytes (augmented, erased); the main process scales them into
+    buffers of its own, reused only once nothing references a batch: the same tensors as in one
+    process, kept batches intact, every slot free once a batch is taken."""
+    path, _, _ = store
+    kw = dict(batch_size=4, seed=7, augment="flip,shift=1/zero,erase=0.9", last=last)
+    want = list(StoreBatches(path, "train", **kw))
+    ds = StoreBatches(path, "train", **kw)
+    dl = ds.dataloader(num_workers=2)
+    kept = list(dl)  # all kept: four buffers of this process, then fresh arrays
+    assert dl.ring.dtype == "uint8" and not dl.ring.lent and (dl.ring.state == 0).all()
+    assert len(kept) == len(want) and all(x.dtype == torch.float32 and torch.equal(x, w[0]) and torch.equal(y, w[1])
+                                          for (x, y), w in zip(kept, want))
+    assert len({x.data_ptr() for x, _ in kept}) == len(kept)
+    ref = StoreBatches(path, "train", **kw)
+    ref.set_epoch(1)
+    assert all(torch.equal(x, w[0]) for (x, _), w in zip(dl, ref))  # dropped as they come
 
 
 def test_in_place_batches_reuse_a_buffer_only_once_nothing_references_it(store):

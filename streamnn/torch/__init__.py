@@ -44,6 +44,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from streamnn.data.conventions import CHANNELS, choice, to_uint8
 from streamnn.data.epoch import Takes
 from streamnn.data.loader import Loader
+from streamnn.data.readers.base import normalize_into
 from streamnn.data.store import open_store
 from streamnn.data.transforms import DEFAULT_SHIFT, erase_images, flip_images, shift_images
 from streamnn.errors import StreamnnError
@@ -276,6 +277,21 @@ class StoreBatches(IterableDataset):
         labels = empty((total,), torch.int64)
         self._produce(epoch, k, out.numpy() if kept is None else kept, labels.numpy())
         return self.images.view(torch.from_numpy(kept) if kept is not None else out), labels
+
+    @property
+    def _travels(self) -> str:
+        """The dtype of the images workers hand over: the stored bytes when the batches are made of
+        them (the main process scales them, :meth:`scaled`), else the images' own."""
+        return "uint8" if self._raw else self.images.dtype
+
+    def scaled(self, raw: np.ndarray) -> torch.Tensor:
+        """Images of stored bytes ``raw`` (b, *memory) as the batch's float32 tensor, into one of this
+        process's buffers (:class:`Slots`): the Loader's arithmetic, ``float32(byte) * scale``.
+        (Erasing, the last step of a batch made of bytes, sets bytes to 0: the same as after.)"""
+        out = self._slots().take(len(raw))
+        out = np.empty(raw.shape, np.float32) if out is None else out
+        normalize_into(raw, out, self._scale32)
+        return self.images.view(torch.from_numpy(out))
 
     def _slots(self) -> Slots:
         """This process's :class:`Slots` (made on first use; a forked child makes its own)."""

@@ -163,11 +163,11 @@ class Counted:
                 kw.setdefault("persistent_workers", True)
                 clone = copy_of(ds)
                 clone._fresh_workers = start_method(kw.get("multiprocessing_context")) != "fork"
-                memory = ds.local_batch_size * math.prod(ds.images.memory) * np.dtype(ds.images.dtype).itemsize
+                memory = ds.local_batch_size * math.prod(ds.images.memory) * np.dtype(ds._travels).itemsize
                 group = max(1, min(MAX_GROUP, GROUP_BYTES // max(memory, 1)))
                 slots = (int(kw.get("prefetch_factor") or 2) + 1) * group + 3  # in flight, and held by the caller
                 clone._ring = self.ring = Ring(self.workers, slots, ds.local_batch_size, ds.images.memory,
-                                               ds.images.dtype, group)
+                                               ds._travels, group)
                 ds = clone
             self.loader, self._settings = DataLoader(ds, batch_size=None, **kw), self.batches._settings
         return self.loader
@@ -180,8 +180,12 @@ class Counted:
             images, labels = item
         else:
             worker, slot, rows, _ = (int(v) for v in item)
-            images = self.batches.images.view(ring.lend(worker, slot, rows))
             labels = torch.from_numpy(ring.labels[worker, slot, :rows].copy())
+            if ring.dtype == self.batches.images.dtype:
+                images = self.batches.images.view(ring.lend(worker, slot, rows))
+            else:  # stored bytes, scaled here into a buffer of this process: the slot is free at once
+                images = self.batches.scaled(ring.images[worker, slot, :rows])
+                ring.state[worker, slot] = FREE
         if self.pin:
             images, labels = images.pin_memory(), labels.pin_memory()
         return images, labels
