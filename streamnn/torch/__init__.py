@@ -18,6 +18,9 @@ Only this package imports torch (the optional extra ``streamnn[torch]``); the co
   themselves, reused only once nothing references them; not a fresh shared tensor per batch
   (what a plain DataLoader does, 5-10x slower on 2 cores). Worker w of N then makes groups of G
   consecutive batches (from position + wG, every NG), one DataLoader item each, in order.
+  Float32 batches of a uint8 store travel as the stored bytes (gathered, augmented, turned,
+  erased: erasing sets 0, which scaling keeps) and the main process scales them into its own
+  reused buffers (:meth:`StoreBatches.scaled`): a quarter of the shared memory written and read.
 * :class:`StoreDataset` (:mod:`streamnn.torch.dataset`): map-style (``__len__``,
   ``__getitem__``, the batched ``__getitems__`` that DataLoader calls, reading a batch's rows in
   one call of the store's reader), for a ``DistributedSampler`` of your own.

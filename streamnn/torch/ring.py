@@ -8,7 +8,8 @@ socket for each of the images and the labels. Measured on 2 busy cores, that cap
 made once, before the workers start: it writes a batch into a free slot and sends only integers
 (worker, slot, rows, loop); the main process hands out the slot itself as the image tensor (no
 copy; the labels are copied) and frees the slot when the last reference to it is gone (a weak
-reference on the array the tensor holds). So a batch is never overwritten while anything
+reference on the array the tensor holds), or, when the slots hold a uint8 store's bytes for
+float32 batches, scales them into a buffer of its own and frees the slot at once. So a batch is never overwritten while anything
 references it, like a fresh tensor. A worker that finds no free slot (the caller keeps many
 batches) sends that batch as fresh tensors instead: slower, never blocked.
 
