@@ -20,7 +20,7 @@ Only this package imports torch (the optional extra ``streamnn[torch]``); the co
   consecutive batches (from position + wG, every NG), one DataLoader item each, in order.
   Float32 batches of a uint8 store travel as the stored bytes (gathered, augmented, turned,
   erased: erasing sets 0, which scaling keeps) and the main process scales them into its own
-  reused buffers (:meth:`StoreBatches.scaled`): a quarter of the shared memory written and read.
+  reused buffers (:meth:`StoreBatches._scaled`): a quarter of the shared memory written and read.
 * :class:`StoreDataset` (:mod:`streamnn.torch.dataset`): map-style (``__len__``,
   ``__getitem__``, the batched ``__getitems__`` that DataLoader calls, reading a batch's rows in
   one call of the store's reader), for a ``DistributedSampler`` of your own.
@@ -198,8 +198,8 @@ class StoreBatches(IterableDataset):
                                           "does it by itself)"))
         if self._ring is None:
             return self.shard(info.id, info.num_workers)
-        if self._fresh_workers:  # (spawned: OpenCV's pool never started here; forked ones inherit one thread)
-            cv2.setNumThreads(1)
+        if self._fresh_workers and cv2.getNumThreads() != 1:  # spawned: OpenCV's pool never ran here
+            cv2.setNumThreads(1)  # (forked workers inherit one thread: dataloader() sets it around the fork)
         return self._to_ring(info.id, info.num_workers, *(int(v) for v in self._ring.loop))
 
     def _here(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -284,10 +284,10 @@ class StoreBatches(IterableDataset):
     @property
     def _travels(self) -> str:
         """The dtype of the images workers hand over: the stored bytes when the batches are made of
-        them (the main process scales them, :meth:`scaled`), else the images' own."""
+        them (the main process scales them, :meth:`_scaled`), else the images' own."""
         return "uint8" if self._raw else self.images.dtype
 
-    def scaled(self, raw: np.ndarray) -> torch.Tensor:
+    def _scaled(self, raw: np.ndarray) -> torch.Tensor:
         """Images of stored bytes ``raw`` (b, *memory) as the batch's float32 tensor, into one of this
         process's buffers (:class:`Slots`): the Loader's arithmetic, ``float32(byte) * scale``.
         (Erasing, the last step of a batch made of bytes, sets bytes to 0: the same as after.)"""

@@ -185,7 +185,7 @@ class Counted:
             if ring.dtype == self.batches.images.dtype:
                 images = self.batches.images.view(ring.lend(worker, slot, rows))
             else:  # stored bytes, scaled here into a buffer of this process: the slot is free at once
-                images = self.batches.scaled(ring.images[worker, slot, :rows])
+                images = self.batches._scaled(ring.images[worker, slot, :rows])
                 ring.state[worker, slot] = FREE
         if self.pin:
             images, labels = images.pin_memory(), labels.pin_memory()
